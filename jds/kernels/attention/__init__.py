@@ -1,0 +1,62 @@
+"""Attention dispatch: the one function every model calls.
+
+``dot_product_attention`` picks an implementation by backend. Today that is XLA's
+``jax.nn.dot_product_attention`` everywhere (it handles grouped-query attention natively and
+lets XLA fuse); the kernels issue adds Pallas (GPU/TPU) and cuDNN entries behind the same
+signature. ``attention_reference`` is the spec each entry is tested against.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from jds.kernels.attention.reference import attention_reference
+
+
+def dot_product_attention(
+    q_BTNH: jax.Array,
+    k_BSKH: jax.Array,
+    v_BSKH: jax.Array,
+    *,
+    causal: bool = True,
+    segment_ids: jax.Array | None = None,
+    sm_scale: float | None = None,
+) -> jax.Array:
+    """Attention with ``[batch, seq, heads, head_dim]`` layout and GQA support.
+
+    Args:
+      q_BTNH: queries; ``heads`` must be a multiple of ``kv_heads``.
+      k_BSKH: keys ``[batch, seq_kv, kv_heads, head_dim]``.
+      v_BSKH: values, same shape as keys.
+      causal: causal mask (aligned at the end when ``seq_q < seq_kv``).
+      segment_ids: optional ``[batch, seq]`` packing ids (needs ``seq_q == seq_kv``).
+      sm_scale: softmax scale; default ``head_dim ** -0.5``.
+
+    Returns:
+      ``[batch, seq_q, heads, head_dim]`` in q's dtype.
+
+    Raises:
+      ValueError: on mismatched shapes.
+    """
+    if q_BTNH.ndim != 4 or k_BSKH.ndim != 4 or v_BSKH.shape != k_BSKH.shape:
+        raise ValueError(
+            f"attention expects q [B,T,N,H] and k, v [B,S,K,H]; got {q_BTNH.shape}, "
+            f"{k_BSKH.shape}, {v_BSKH.shape}"
+        )
+    if q_BTNH.shape[2] % k_BSKH.shape[2]:
+        raise ValueError(
+            f"heads ({q_BTNH.shape[2]}) must be a multiple of kv_heads ({k_BSKH.shape[2]})"
+        )
+    T, S = q_BTNH.shape[1], k_BSKH.shape[1]
+    if segment_ids is not None or (causal and T != S):
+        # XLA's entry has no end-aligned causal mask nor segment ids: use the reference
+        # formulation (also plain XLA ops, fused by the compiler).
+        return attention_reference(
+            q_BTNH, k_BSKH, v_BSKH, causal=causal, segment_ids=segment_ids, sm_scale=sm_scale
+        )
+    return jax.nn.dot_product_attention(
+        q_BTNH, k_BSKH, v_BSKH, scale=sm_scale, is_causal=causal, implementation="xla"
+    )
+
+
+__all__ = ["attention_reference", "dot_product_attention"]
