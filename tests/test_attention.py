@@ -48,7 +48,8 @@ def test_segment_ids_and_grads_match_reference():
     out = dot_product_attention(q, k, v, segment_ids=seg)
     np.testing.assert_allclose(out, naive(q, k, v, True, np.asarray(seg)), atol=2e-5)
     f = lambda fn: jax.grad(lambda q, k, v: (fn(q, k, v, causal=True) ** 2).sum(), (0, 1, 2))
-    for a, b in zip(f(dot_product_attention)(q, k, v), f(attention_reference)(q, k, v)):
+    got, want = f(dot_product_attention)(q, k, v), f(attention_reference)(q, k, v)
+    for a, b in zip(got, want, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-4)
 
 

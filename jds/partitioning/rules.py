@@ -97,7 +97,8 @@ def logical_to_spec(
                     f"{what}: dimension {i} ({name}, size {shape[i]}) does not divide over "
                     f"mesh axes {mesh_axes} (size {n}); change the mesh or the rules"
                 )
-        entries.append(None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+        entry = None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes
+        entries.append(entry)
     return PartitionSpec(*entries)
 
 

@@ -4,11 +4,16 @@
 ``jax.nn.dot_product_attention`` everywhere (it handles grouped-query attention natively and
 lets XLA fuse); the kernels issue adds Pallas (GPU/TPU) and cuDNN entries behind the same
 signature. ``attention_reference`` is the spec each entry is tested against.
+
+On the CPU backend, float16 attention is computed in float32 and cast back: XLA:CPU cannot
+lower the fp16 x fp16 -> fp32 dots of its backward pass ("precision F16_F16_F32 is not
+supported"), and CPUs have no fast fp16 arithmetic to lose anyway.
 """
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from jds.kernels.attention.reference import attention_reference
 
@@ -47,6 +52,12 @@ def dot_product_attention(
         raise ValueError(
             f"heads ({q_BTNH.shape[2]}) must be a multiple of kv_heads ({k_BSKH.shape[2]})"
         )
+    if q_BTNH.dtype == jnp.float16 and jax.default_backend() == "cpu":
+        f32 = [x.astype(jnp.float32) for x in (q_BTNH, k_BSKH, v_BSKH)]
+        out = dot_product_attention(
+            *f32, causal=causal, segment_ids=segment_ids, sm_scale=sm_scale
+        )
+        return out.astype(jnp.float16)
     T, S = q_BTNH.shape[1], k_BSKH.shape[1]
     if segment_ids is not None or (causal and T != S):
         # XLA's entry has no end-aligned causal mask nor segment ids: use the reference

@@ -1,0 +1,245 @@
+"""GPT-2 as a Flax NNX module: ``GPT2Config``, the per-layer ``gpt2_block`` and ``GPT2``.
+
+Same layout as ``llama.py``: layer weights stacked on a leading ``layers`` dimension and run
+with ``lax.scan``, optionally rematerialised. Hugging Face's fused ``c_attn`` ``[D, 3D]`` is
+stored split into ``wq``/``wk``/``wv`` ``[L, D, N, H]`` so the heads axis can be sharded;
+the output embedding is always tied to ``wte`` (as ``GPT2LMHeadModel``).
+
+Numerics follow Hugging Face ``GPT2LMHeadModel`` (``scale_attn_weights=True``, no
+per-layer-index scaling): compute in the parameters' dtype, LayerNorm and softmax in fp32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jds.kernels.attention import dot_product_attention
+from jds.models.layers import (
+    check_inputs,
+    check_remat,
+    const_param,
+    normal_param,
+    positions_from_segments,
+    scan_layers,
+    stacked_params,
+)
+from jds.partitioning.rules import constrain
+
+BTD = ("batch", "seq", "embed")
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu_new": partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": partial(jax.nn.gelu, approximate=True),
+    "gelu_fast": partial(jax.nn.gelu, approximate=True),
+    "gelu": partial(jax.nn.gelu, approximate=False),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT2Config:
+    """Shape and numerics of a GPT-2 model (field names follow Hugging Face).
+
+    Attributes:
+      n_inner: MLP width; ``None`` means ``4 * n_embd``.
+      activation_function: one of ``ACTIVATIONS``.
+      remat: the default ``model.remat`` (``"none" | "full" | "dots"``).
+    """
+
+    vocab_size: int
+    n_positions: int
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_inner: int | None = None
+    layer_norm_epsilon: float = 1e-5
+    activation_function: str = "gelu_new"
+    initializer_range: float = 0.02
+    remat: str = "none"
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"GPT2Config.{name} must be > 0; got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(
+                f"GPT2Config: n_embd ({self.n_embd}) must divide by n_head ({self.n_head})"
+            )
+        if self.activation_function not in ACTIVATIONS:
+            raise ValueError(
+                f"GPT2Config.activation_function {self.activation_function!r} is not supported; "
+                f"use one of {sorted(ACTIVATIONS)}"
+            )
+        check_remat(self.remat)
+
+    @property
+    def inner_size(self) -> int:
+        """The resolved MLP width ``F``."""
+        return self.n_inner or 4 * self.n_embd
+
+    @property
+    def max_positions(self) -> int:
+        """Longest sequence the model accepts (the learned position table's size)."""
+        return self.n_positions
+
+
+def layer_norm(x_BTD: jax.Array, scale_D: jax.Array, bias_D: jax.Array, eps: float) -> jax.Array:
+    """LayerNorm in fp32, returned in the input dtype."""
+    x32 = x_BTD.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps)
+    return (y * scale_D.astype(jnp.float32) + bias_D.astype(jnp.float32)).astype(x_BTD.dtype)
+
+
+def gpt2_block(
+    p: dict[str, jax.Array],
+    x_BTD: jax.Array,
+    segment_ids_BT: jax.Array | None,
+    cfg: GPT2Config,
+) -> jax.Array:
+    """One GPT-2 layer: pre-LayerNorm attention and MLP, both residual.
+
+    Args:
+      p: one layer's weights (no ``layers`` dimension): ``ln_1_scale, ln_1_bias [D]``,
+        ``wq, wk, wv [D, N, H]``, ``bq, bk, bv [N, H]``, ``wo [N, H, D]``, ``bo [D]``,
+        ``ln_2_scale, ln_2_bias [D]``, ``w_fc [D, F]``, ``b_fc [F]``, ``w_proj [F, D]``,
+        ``b_proj [D]``.
+      x_BTD: the residual stream.
+      segment_ids_BT: packing ids or ``None``.
+      cfg: the model config.
+
+    Returns:
+      The updated residual stream ``x_BTD``.
+    """
+    eps = cfg.layer_norm_epsilon
+    h_BTD = layer_norm(x_BTD, p["ln_1_scale"], p["ln_1_bias"], eps)
+    q_BTNH = jnp.einsum("BTD,DNH->BTNH", h_BTD, p["wq"]) + p["bq"]
+    k_BTKH = jnp.einsum("BTD,DKH->BTKH", h_BTD, p["wk"]) + p["bk"]
+    v_BTKH = jnp.einsum("BTD,DKH->BTKH", h_BTD, p["wv"]) + p["bv"]
+    q_BTNH = constrain(q_BTNH, ("batch", "seq", "heads", "head_dim"))
+    k_BTKH = constrain(k_BTKH, ("batch", "seq", "kv_heads", "head_dim"))
+    v_BTKH = constrain(v_BTKH, ("batch", "seq", "kv_heads", "head_dim"))
+    o_BTNH = dot_product_attention(q_BTNH, k_BTKH, v_BTKH, causal=True, segment_ids=segment_ids_BT)
+    attn_BTD = jnp.einsum("BTNH,NHD->BTD", o_BTNH, p["wo"]) + p["bo"]
+    x_BTD = constrain(x_BTD + attn_BTD, BTD)
+
+    h_BTD = layer_norm(x_BTD, p["ln_2_scale"], p["ln_2_bias"], eps)
+    fc_BTF = jnp.einsum("BTD,DF->BTF", h_BTD, p["w_fc"]) + p["b_fc"]
+    act_BTF = constrain(ACTIVATIONS[cfg.activation_function](fc_BTF), ("batch", "seq", "mlp"))
+    out_BTD = jnp.einsum("BTF,FD->BTD", act_BTF, p["w_proj"]) + p["b_proj"]
+    return constrain(x_BTD + out_BTD, BTD)
+
+
+class GPT2Layers(nnx.Module):
+    """The GPT-2 layers' weights, stacked: every parameter has a leading ``layers`` dim."""
+
+    def __init__(self, cfg: GPT2Config, *, rngs: nnx.Rngs, param_dtype: Any) -> None:
+        L, D, F = cfg.n_layer, cfg.n_embd, cfg.inner_size
+        N = cfg.n_head
+        H = D // N
+        std, dt = cfg.initializer_range, param_dtype
+        # HF scales the residual output projections (both c_proj) by 1/sqrt(2 * n_layer).
+        proj_std = std / math.sqrt(2 * L)
+        self.ln_1_scale = const_param((L, D), ("layers", "embed"), 1.0, dt)
+        self.ln_1_bias = const_param((L, D), ("layers", "embed"), 0.0, dt)
+        self.wq = normal_param(
+            rngs, (L, D, N, H), ("layers", "embed", "heads", "head_dim"), std, dt
+        )
+        self.wk = normal_param(
+            rngs, (L, D, N, H), ("layers", "embed", "kv_heads", "head_dim"), std, dt
+        )
+        self.wv = normal_param(
+            rngs, (L, D, N, H), ("layers", "embed", "kv_heads", "head_dim"), std, dt
+        )
+        self.bq = const_param((L, N, H), ("layers", "heads", "head_dim"), 0.0, dt)
+        self.bk = const_param((L, N, H), ("layers", "kv_heads", "head_dim"), 0.0, dt)
+        self.bv = const_param((L, N, H), ("layers", "kv_heads", "head_dim"), 0.0, dt)
+        self.wo = normal_param(
+            rngs, (L, N, H, D), ("layers", "heads", "head_dim", "embed"), proj_std, dt
+        )
+        self.bo = const_param((L, D), ("layers", "embed"), 0.0, dt)
+        self.ln_2_scale = const_param((L, D), ("layers", "embed"), 1.0, dt)
+        self.ln_2_bias = const_param((L, D), ("layers", "embed"), 0.0, dt)
+        self.w_fc = normal_param(rngs, (L, D, F), ("layers", "embed", "mlp"), std, dt)
+        self.b_fc = const_param((L, F), ("layers", "mlp"), 0.0, dt)
+        self.w_proj = normal_param(rngs, (L, F, D), ("layers", "mlp", "embed"), proj_std, dt)
+        self.b_proj = const_param((L, D), ("layers", "embed"), 0.0, dt)
+
+
+class GPT2(nnx.Module):
+    """GPT-2 causal language model with tied input/output embeddings.
+
+    Attributes:
+      config: the ``GPT2Config``.
+      remat: ``"none" | "full" | "dots"``; may be set before ``nnx.split``.
+      wte: ``[V, D]`` token embedding (also the output projection).
+      wpe: ``[P, D]`` learned positions (first axis unnamed: replicated under any rules).
+      layers: ``GPT2Layers``. ln_f_scale, ln_f_bias: ``[D]``.
+    """
+
+    def __init__(
+        self, config: GPT2Config, *, rngs: nnx.Rngs, param_dtype: Any = jnp.float32
+    ) -> None:
+        cfg = config
+        self.config = cfg
+        self.remat = cfg.remat
+        std, D = cfg.initializer_range, cfg.n_embd
+        self.wte = normal_param(rngs, (cfg.vocab_size, D), ("vocab", "embed"), std, param_dtype)
+        self.wpe = normal_param(rngs, (cfg.n_positions, D), (None, "embed"), std, param_dtype)
+        self.layers = GPT2Layers(cfg, rngs=rngs, param_dtype=param_dtype)
+        self.ln_f_scale = const_param((D,), ("embed",), 1.0, param_dtype)
+        self.ln_f_bias = const_param((D,), ("embed",), 0.0, param_dtype)
+
+    def __call__(
+        self,
+        input_ids_BT: jax.Array,
+        *,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+    ) -> jax.Array:
+        """Logits for every position.
+
+        Args:
+          input_ids_BT: int ``[B, T]`` token ids in ``[0, vocab_size)``, ``T <= n_positions``.
+          segment_ids: optional ``[B, T]`` packing ids: tokens attend within their segment,
+            and positions restart at each segment start.
+          positions: optional ``[B, T]`` explicit positions (overrides the above).
+
+        Returns:
+          ``logits_BTV`` in the parameters' dtype.
+
+        Raises:
+          ValueError: bad shapes, too long a sequence, or (concrete ids) ids out of range.
+        """
+        cfg = self.config
+        check_remat(self.remat)
+        check_inputs(
+            input_ids_BT, segment_ids, vocab_size=cfg.vocab_size, max_positions=cfg.max_positions
+        )
+        B, T = input_ids_BT.shape
+        if positions is None:
+            positions = positions_from_segments(segment_ids, B, T)
+        wte_VD = self.wte[...]
+        x_BTD = jnp.take(wte_VD, input_ids_BT, axis=0) + jnp.take(self.wpe[...], positions, axis=0)
+        x_BTD = constrain(x_BTD, BTD)
+        block = partial(gpt2_block, cfg=cfg)
+        x_BTD = scan_layers(
+            block, stacked_params(self.layers), x_BTD, segment_ids, remat=self.remat
+        )
+        h_BTD = layer_norm(x_BTD, self.ln_f_scale[...], self.ln_f_bias[...], cfg.layer_norm_epsilon)
+        logits_BTV = jnp.einsum("BTD,VD->BTV", h_BTD, wte_VD)
+        return constrain(logits_BTV, ("batch", "seq", "vocab"))
+
+
+__all__ = ["ACTIVATIONS", "GPT2", "GPT2Config", "GPT2Layers", "gpt2_block", "layer_norm"]
