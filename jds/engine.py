@@ -1,0 +1,398 @@
+"""TrainEngine: wiring only — mesh, shardings, compiled steps, batches, checkpoints.
+
+``jds.initialize(model=..., config=...)`` returns a ``TrainEngine``. The engine:
+
+1. loads the config (a DeepSpeed ``ds_config.json`` path, a dict, or ``jds.Config``),
+2. builds the mesh (``jds.partitioning.mesh``; default: every device data parallel),
+3. resolves the batch triad against the data-parallel size (DeepSpeed's rules),
+4. derives every array's ``NamedSharding`` from the parameters' logical axes and the rules,
+5. materialises the state directly sharded — a model given as a preset name or a factory
+   is built inside ``jax.jit(out_shardings=...)`` so no parameter exists whole on one
+   device; a concrete ``nnx.Module`` is placed with ``device_put``,
+6. jits ``train_step`` / ``eval_step`` once, with explicit shardings and the state donated.
+
+All numerics live in ``train_step.py`` (pure functions) and ``precision.py``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jds.checkpoint.orbax import Checkpointer
+from jds.config import Config, ConfigError, OptimizerConfig
+from jds.optim import build_optimizer, build_schedule
+from jds.partitioning.mesh import data_parallel_size, make_mesh
+from jds.partitioning.rules import DEFAULT_RULES, Rules, logical_to_spec, tree_shardings, use_rules
+from jds.precision import LossScaleConfig, cast_tree, init_loss_scale, policy_for
+from jds.state import TrainState
+from jds.train_step import StepConfig, make_eval_step, make_train_step
+
+PyTree = Any
+ModelLike = nnx.Module | str | Callable[[], nnx.Module]
+
+
+def _build_abstract(
+    model: ModelLike,
+) -> tuple[nnx.GraphDef, nnx.State, Callable | None, Any]:
+    """Split ``model`` into (graphdef, state, factory or None, model config).
+
+    The state is concrete for a given module and abstract (shapes only) for a preset name or
+    factory, which the engine then materialises sharded.
+    """
+    if isinstance(model, nnx.Module):
+        graphdef, state = nnx.split(model)
+        return graphdef, state, None, model.config
+    if isinstance(model, str):
+        from jds import models
+
+        name = model
+        factory = lambda: models.build(name)  # noqa: E731
+    elif callable(model):
+        factory = model
+    else:
+        raise TypeError(
+            f"model must be an nnx.Module, a preset name or a factory; got {type(model)!r}"
+        )
+    abstract_model = nnx.eval_shape(factory)
+    graphdef, state = nnx.split(abstract_model)
+    return graphdef, state, factory, abstract_model.config
+
+
+class TrainEngine:
+    """A sharded training run: state, compiled steps and checkpointing.
+
+    Attributes:
+      config: the validated ``jds.Config``.
+      mesh: the device mesh.
+      batch: the resolved ``BatchSizes``.
+      state: the ``TrainState`` (every persistent array).
+      model_config: the model's own config (``LlamaConfig`` / ``GPT2Config``).
+    """
+
+    def __init__(
+        self,
+        model: ModelLike,
+        config: str | os.PathLike | Mapping | Config | None = None,
+        *,
+        devices: Sequence[jax.Device] | None = None,
+        rules: Rules = DEFAULT_RULES,
+    ) -> None:
+        self.config = Config.load(config)
+        cfg = self.config
+        self.mesh: Mesh = make_mesh(cfg.mesh.model_dump(), devices)
+        self.rules = rules
+        self.batch = cfg.resolve_batch(data_parallel_size(self.mesh))
+        self.policy = policy_for(cfg.precision)
+
+        if isinstance(model, nnx.Module) and cfg.train.remat != "none":
+            model.remat = cfg.train.remat
+        self.graphdef, abstract, factory, self.model_config = _build_abstract(model)
+        self.vocab_size = int(self.model_config.vocab_size)
+
+        self.param_shardings = nnx.to_pure_dict(tree_shardings(abstract, self.mesh, rules))
+        self._replicated = NamedSharding(self.mesh, PartitionSpec())
+
+        # No optimizer section: AdamW at DeepSpeed's FusedAdam defaults (where DeepSpeed would
+        # want a client optimizer passed to deepspeed.initialize).
+        opt = cfg.optimizer or OptimizerConfig.model_validate({"type": "adamw"})
+        opt_type, opt_params = opt.type, opt.params.model_dump()
+        base_lr = float(opt_params["lr"])
+        sched = cfg.scheduler
+        self.schedule = build_schedule(
+            None if sched is None else sched.type,
+            {} if sched is None else sched.params.model_dump(),
+            base_lr=base_lr,
+        )
+        self.tx = build_optimizer(opt_type, opt_params, self.schedule)
+        self.loss_scale_cfg = (
+            LossScaleConfig.from_fp16_config(cfg.fp16) if cfg.precision == "fp16" else None
+        )
+
+        fp32_params = self._materialise(abstract, factory)
+        self.state_shardings = self._state_shardings(fp32_params)
+        self.state: TrainState = jax.jit(self._init_state, out_shardings=self.state_shardings)(
+            fp32_params
+        )
+        del fp32_params
+
+        step_cfg = StepConfig(
+            gradient_accumulation_steps=self.batch.gradient_accumulation_steps,
+            gradient_clipping=float(cfg.gradient_clipping),
+            compute_dtype=self.policy.compute_dtype,
+            loss_scale=self.loss_scale_cfg,
+        )
+        apply_fn = self._apply_fn()
+        self.batch_sharding = NamedSharding(
+            self.mesh, logical_to_spec((None, "batch", "seq"), rules)
+        )
+        self._train_step = jax.jit(
+            make_train_step(apply_fn, self.tx, self.schedule, step_cfg),
+            in_shardings=(self.state_shardings, self.batch_sharding),
+            out_shardings=(self.state_shardings, self._replicated),
+            donate_argnums=(0,),
+        )
+        self._eval_step = jax.jit(
+            make_eval_step(apply_fn),
+            in_shardings=(self.state_shardings.params, self.batch_sharding),
+            out_shardings=self._replicated,
+        )
+        self._checkpointers: dict[str, Checkpointer] = {}
+        self.client_state: dict[str, Any] = {}
+
+    # ----------------------------------------------------------------------------- set-up
+    def _apply_fn(self) -> Callable[[PyTree, jax.Array], jax.Array]:
+        graphdef = self.graphdef
+        return lambda params, ids_BT: nnx.merge(graphdef, params)(ids_BT)
+
+    def _materialise(self, abstract: nnx.State, factory: Callable | None) -> PyTree:
+        """fp32 parameters, placed with their shardings (never whole on one device)."""
+        if factory is None:
+            pure = nnx.to_pure_dict(abstract)
+            pure = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), pure)
+            return jax.device_put(pure, self.param_shardings)
+
+        def init():
+            params = nnx.to_pure_dict(nnx.split(factory())[1])
+            return jax.tree.map(lambda x: x.astype(jnp.float32), params)
+
+        with use_rules(self.mesh, self.rules):
+            return jax.jit(init, out_shardings=self.param_shardings)()
+
+    def _init_state(self, fp32_params: PyTree) -> TrainState:
+        mixed = self.policy.compute_dtype != jnp.float32
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=cast_tree(fp32_params, self.policy.compute_dtype) if mixed else fp32_params,
+            master=fp32_params if mixed else None,
+            opt_state=self.tx.init(fp32_params),
+            loss_scale=init_loss_scale(self.loss_scale_cfg),
+            skipped=jnp.zeros((), jnp.int32),
+            rng=jax.random.key_data(jax.random.key(self.config.seed)),
+        )
+
+    def _state_shardings(self, fp32_params: PyTree) -> TrainState:
+        abstract = jax.eval_shape(self._init_state, fp32_params)
+        rep = self._replicated
+        opt_sh = optax.tree_map_params(
+            self.tx,
+            lambda _, sh: sh,
+            abstract.opt_state,
+            self.param_shardings,
+            transform_non_params=lambda _: rep,
+        )
+        return TrainState(
+            step=rep,
+            params=self.param_shardings,
+            master=None if abstract.master is None else self.param_shardings,
+            opt_state=opt_sh,
+            loss_scale=jax.tree.map(lambda _: rep, abstract.loss_scale),
+            skipped=rep,
+            rng=rep,
+        )
+
+    # ----------------------------------------------------------------------------- batches
+    def shard_batch(self, batch: Mapping[str, Any], *, micro_batches: int | None = None) -> dict:
+        """Validate a host batch and place it ``[micro_batches, micro_global, seq]`` sharded.
+
+        Args:
+          batch: ``{"input_ids": [global_batch, seq]}`` (optionally ``labels``), array-like.
+          micro_batches: leading split; default ``gradient_accumulation_steps``.
+
+        Raises:
+          ValueError: missing ``input_ids``, wrong rank, a batch size that does not match
+            ``train_batch_size`` (training) or divide over the data-parallel devices, or
+            token ids outside ``[0, vocab_size)``.
+        """
+        if "input_ids" not in batch:
+            raise ValueError(f"batch needs 'input_ids'; got keys {sorted(batch)}")
+        a = micro_batches or self.batch.gradient_accumulation_steps
+        out = {}
+        for key in ("input_ids", "labels"):
+            if key not in batch:
+                continue
+            x = np.asarray(batch[key])
+            if x.ndim != 2 or not np.issubdtype(x.dtype, np.integer):
+                raise ValueError(f"batch['{key}'] must be an int array [batch, seq]; got "
+                                 f"{x.dtype} {x.shape}")
+            if key == "input_ids":
+                lo, hi = int(x.min()), int(x.max())
+                if lo < 0 or hi >= self.vocab_size:
+                    raise ValueError(
+                        f"batch['input_ids'] holds ids in [{lo}, {hi}] but the model's "
+                        f"vocab_size is {self.vocab_size}; check the tokenizer or the model"
+                    )
+            dp = data_parallel_size(self.mesh)
+            if x.shape[0] % (a * dp):
+                raise ValueError(
+                    f"batch of {x.shape[0]} rows does not split into {a} micro-batches over "
+                    f"{dp} data-parallel devices; use a multiple of {a * dp}"
+                )
+            out[key] = jax.device_put(
+                x.astype(np.int32).reshape(a, x.shape[0] // a, x.shape[1]), self.batch_sharding
+            )
+        return out
+
+    # ----------------------------------------------------------------------------- steps
+    def train_batch(self, batch: Mapping[str, Any], *, sync: bool = True) -> dict:
+        """One optimizer step over the global batch (gradient accumulation included).
+
+        Args:
+          batch: ``{"input_ids": [train_batch_size, seq]}`` (optionally ``labels``).
+          sync: return Python floats (waits for the device); ``False`` returns device
+            scalars so a loop can fetch them one step late.
+
+        Returns:
+          ``loss``, ``grad_norm``, ``lr``, ``loss_scale``, ``skipped``, ``tokens``.
+        """
+        rows = np.shape(batch["input_ids"])[0] if "input_ids" in batch else None
+        if rows is not None and rows != self.batch.train_batch_size:
+            raise ValueError(
+                f"train_batch got {rows} rows but train_batch_size is "
+                f"{self.batch.train_batch_size} (= micro {self.batch.micro_batch_per_device} x "
+                f"accumulation {self.batch.gradient_accumulation_steps} x data-parallel "
+                f"{self.batch.dp_size})"
+            )
+        placed = self.shard_batch(batch)
+        with use_rules(self.mesh, self.rules):
+            self.state, metrics = self._train_step(self.state, placed)
+        if not sync:
+            return metrics
+        self.check_loss_scale()
+        return _to_floats(metrics)
+
+    def check_loss_scale(self) -> None:
+        """Raise as DeepSpeed does when an fp16 overflow arrives at the minimum loss scale.
+
+        A jitted step cannot raise, so the step counts such overflows in the state and the
+        host checks here (``train_batch`` does on every synchronous call).
+
+        Raises:
+          FloatingPointError: the dynamic loss scale hit ``fp16.min_loss_scale`` and still
+            overflowed; lower ``min_loss_scale`` or check the model/data for inf/NaN.
+        """
+        ls = self.loss_scale_cfg
+        if ls is None or not ls.dynamic or not ls.raise_error_at_min_scale:
+            return
+        if int(self.state.loss_scale.min_scale_overflows) > 0:
+            raise FloatingPointError(
+                f"fp16 gradients overflowed at the minimum loss scale ({ls.min_scale}); "
+                "lower fp16.min_loss_scale, use bf16, or check the data and model for inf/NaN"
+            )
+
+    def eval_batch(self, batch: Mapping[str, Any]) -> dict:
+        """Loss over ``batch`` without an update. Any row count that divides over devices."""
+        n = np.shape(batch["input_ids"])[0]
+        dp = data_parallel_size(self.mesh)
+        micro = max(1, n // max(self.batch.micro_batch_global, dp))
+        while n % (micro * dp):
+            micro -= 1
+        placed = self.shard_batch(batch, micro_batches=max(micro, 1))
+        with use_rules(self.mesh, self.rules):
+            return _to_floats(self._eval_step(self.state.params, placed))
+
+    def lower_train_step(self, seq_len: int) -> jax.stages.Lowered:
+        """Lower the train step for a ``[train_batch_size, seq_len]`` batch (HLO, memory)."""
+        a = self.batch.gradient_accumulation_steps
+        shape = (a, self.batch.train_batch_size // a, seq_len)
+        spec = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.batch_sharding)
+        with use_rules(self.mesh, self.rules):
+            return self._train_step.lower(self.state, {"input_ids": spec})
+
+    @property
+    def model(self) -> nnx.Module:
+        """The model with the current weights (fp32), e.g. for ``jds.models.generate``."""
+        return nnx.merge(self.graphdef, self.state.fp32_params)
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def _checkpointer(self, save_dir: str | os.PathLike) -> Checkpointer:
+        key = os.fspath(os.path.abspath(save_dir))
+        if key not in self._checkpointers:
+            self._checkpointers[key] = Checkpointer(
+                key, max_to_keep=self.config.train.keep_checkpoints
+            )
+        return self._checkpointers[key]
+
+    def save_checkpoint(
+        self,
+        save_dir: str | os.PathLike,
+        tag: int | None = None,
+        client_state: Mapping[str, Any] | None = None,
+    ) -> int:
+        """Save the full train state (async, atomic) under ``save_dir/<step>``.
+
+        Args:
+          save_dir: checkpoint root directory.
+          tag: integer step label; default the current step.
+          client_state: JSON-able extras (e.g. the data loader's ``state_dict()``).
+
+        Returns:
+          The step label written.
+        """
+        step = int(self.state.step) if tag is None else int(tag)
+        meta = {"config": self.config.to_dict(), "client_state": dict(client_state or {})}
+        self._checkpointer(save_dir).save(step, self.state, meta)
+        return step
+
+    def load_checkpoint(self, load_dir: str | os.PathLike, tag: int | None = None) -> dict:
+        """Restore the train state (re-sharded onto this engine's layout).
+
+        Args:
+          load_dir: checkpoint root directory.
+          tag: step label; default the newest.
+
+        Returns:
+          The ``client_state`` saved with it.
+        """
+        state, meta = self._checkpointer(load_dir).restore(
+            tag, self.state, self.state_shardings
+        )
+        self.state = state
+        self.client_state = meta.get("client_state", {})
+        return self.client_state
+
+    def wait_for_checkpoints(self) -> None:
+        """Block until every async save has finished."""
+        for c in self._checkpointers.values():
+            c.wait()
+
+    def close(self) -> None:
+        """Finish pending saves and release checkpoint managers."""
+        for c in self._checkpointers.values():
+            c.close()
+        self._checkpointers.clear()
+
+
+def _to_floats(metrics: Mapping[str, jax.Array]) -> dict[str, float]:
+    return {k: float(v) for k, v in jax.device_get(dict(metrics)).items()}
+
+
+def initialize(
+    model: ModelLike,
+    config: str | os.PathLike | Mapping | Config | None = None,
+    *,
+    devices: Sequence[jax.Device] | None = None,
+) -> TrainEngine:
+    """Create a ``TrainEngine`` (DeepSpeed's ``deepspeed.initialize``).
+
+    Args:
+      model: an ``nnx.Module``, a preset name (``"llama-tiny"``) or a zero-argument factory
+        (built abstractly, then materialised sharded).
+      config: ``ds_config.json`` path, dict, or ``jds.Config``; None = defaults.
+      devices: devices for the mesh; default all.
+
+    Raises:
+      ConfigError: invalid config or a batch triad that does not fit the devices.
+    """
+    return TrainEngine(model, config, devices=devices)
+
+
+__all__ = ["ConfigError", "TrainEngine", "initialize"]
