@@ -1,0 +1,222 @@
+"""The ``jds train`` loop as a library function: data, engine, logging, eval, checkpoints.
+
+``run(config, out_dir)`` trains ``config.train.model`` (a preset or a Hugging Face
+directory) on ``config.train.data`` (default: the embedded byte-level corpus), and writes
+into ``out_dir``:
+
+- ``metrics.jsonl``: one JSON object per logged step (``step``, ``loss``, ``lr``,
+  ``grad_norm``, ``loss_scale``, ``skipped``, ``tokens_per_s``, ``mfu``; eval rows add
+  ``val_loss``);
+- TensorBoard event files (``tensorboardX``) under ``out_dir/tb``;
+- Orbax checkpoints under ``out_dir/checkpoints`` every ``save_interval`` steps and at the
+  end, with the data loader's position so ``resume=True`` continues with the next batch;
+- ``config.json`` (the resolved config) and ``sample.txt`` (text generated at the end).
+
+Metrics are fetched one step late so the host never stalls the device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from jds.config import Config
+from jds.data import BatchLoader, embedded_corpus, eval_batches, load_tokens, unigram_entropy
+from jds.engine import TrainEngine
+from jds.profiling.flops import mfu as mfu_of
+
+SAMPLE_PROMPT = "def "
+
+
+@dataclass
+class RunSummary:
+    """What a training run measured (also written to ``out_dir/summary.json``)."""
+
+    steps: int
+    train_loss: float
+    val_loss: float
+    unigram_baseline: float
+    tokens_per_s: float
+    mfu: float
+    seconds: float
+    out_dir: str
+    sample: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _load_data(cfg: Config) -> tuple[np.ndarray, np.ndarray]:
+    if cfg.train.data is None:
+        return embedded_corpus()
+    tokens = load_tokens(cfg.train.data)
+    n_val = max(len(tokens) // 20, cfg.train.seq_len * 2)
+    if n_val * 2 >= len(tokens):
+        raise ValueError(
+            f"train.data={cfg.train.data!r} has {len(tokens)} tokens: too few to hold out a "
+            f"validation split at seq_len {cfg.train.seq_len}; give more data"
+        )
+    return tokens[:-n_val], tokens[-n_val:]  # views: a memmap stays memory-mapped
+
+
+def _model_arg(name: str):
+    """A Hugging Face directory is loaded; anything else is a registry preset name."""
+    if os.path.isdir(name):
+        from jds.models import from_pretrained
+
+        return from_pretrained(name)
+    return name
+
+
+class _Logger:
+    """metrics.jsonl + TensorBoard, both flushed as they go."""
+
+    def __init__(self, out: Path) -> None:
+        from tensorboardX import SummaryWriter
+
+        self._jsonl = open(out / "metrics.jsonl", "a", encoding="utf-8")
+        self._tb = SummaryWriter(logdir=str(out / "tb"))
+
+    def log(self, row: dict[str, Any]) -> None:
+        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.flush()
+        for k, v in row.items():
+            if k != "step" and isinstance(v, int | float):
+                self._tb.add_scalar(k, v, row["step"])
+
+    def close(self) -> None:
+        self._jsonl.close()
+        self._tb.close()
+
+
+def run(config: Config, out_dir: str | os.PathLike, *, resume: bool = False,
+        progress: bool = True) -> RunSummary:
+    """Train per ``config`` and write logs, checkpoints and a sample into ``out_dir``.
+
+    Args:
+      config: the validated config (``config.train`` holds the loop settings).
+      out_dir: run directory (created).
+      resume: continue from the newest checkpoint in ``out_dir/checkpoints``.
+      progress: show a progress bar.
+
+    Returns:
+      A ``RunSummary``.
+
+    Raises:
+      FileNotFoundError: ``resume`` with no checkpoint in ``out_dir``.
+    """
+    t_start = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tc = config.train
+    ckpt_dir = out / "checkpoints"
+
+    train_tokens, val_tokens = _load_data(config)
+    engine = TrainEngine(_model_arg(tc.model), config)
+    vocab = engine.vocab_size
+    loader = BatchLoader(train_tokens, global_batch=engine.batch.train_batch_size,
+                         seq_len=tc.seq_len, seed=config.seed, vocab_size=vocab)
+    saved_step = None  # the step whose checkpoint is on disk already (never written twice)
+    if resume:
+        client = engine.load_checkpoint(ckpt_dir)
+        loader.load_state_dict(client["data"])
+        saved_step = int(engine.state.step)
+    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    val = eval_batches(val_tokens, batch=max(engine.batch.micro_batch_global, 8),
+                       seq_len=tc.seq_len, num_batches=tc.eval_batches)
+    baseline = unigram_entropy(train_tokens, vocab)
+
+    def evaluate() -> float:
+        losses = [engine.eval_batch({"input_ids": b}) for b in val]
+        tokens = sum(x["tokens"] for x in losses)
+        return float(sum(x["loss"] * x["tokens"] for x in losses) / tokens)
+
+    logger = _Logger(out)
+    start = int(engine.state.step)
+    tokens_per_step = engine.batch.train_batch_size * tc.seq_len
+    n_dev = engine.mesh.size
+    bar = tqdm(total=tc.steps, initial=start, disable=not progress, desc="train", unit="step")
+    pending: tuple[int, dict] | None = None
+    last = {"loss": float("nan")}
+    t_mark, steps_since, timed_tps = None, 0, float("nan")
+    val_loss = float("nan")
+    print_every = max(1, config.steps_per_print)
+
+    def flush(step: int, metrics: dict) -> None:
+        nonlocal last, t_mark, steps_since, timed_tps
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        last = m
+        if step % print_every and step != tc.steps:
+            return
+        engine.check_loss_scale()
+        now = time.perf_counter()
+        if t_mark is not None and steps_since:
+            timed_tps = steps_since * tokens_per_step / (now - t_mark)
+        t_mark, steps_since = now, 0
+        util = mfu_of(timed_tps, engine.model_config, tc.seq_len, n_dev)
+        row = {"step": step, **{k: m[k] for k in ("loss", "lr", "grad_norm", "loss_scale",
+                                                  "skipped")},
+               "tokens_per_s": timed_tps, "mfu": util}
+        logger.log(row)
+        bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{timed_tps:,.0f}",
+                        mfu=f"{100 * util:.1f}%")
+
+    try:
+        for step in range(start + 1, tc.steps + 1):
+            metrics = engine.train_batch({"input_ids": loader.next()}, sync=False)
+            if pending is not None:
+                flush(*pending)
+            elif t_mark is None:
+                jax.block_until_ready(metrics)  # first step: compile; start the clock after it
+                t_mark = time.perf_counter()
+            steps_since += 1
+            pending = (step, metrics)
+            bar.update(1)
+            if tc.eval_interval and step % tc.eval_interval == 0 and step != tc.steps:
+                val_loss = evaluate()
+                logger.log({"step": step, "val_loss": val_loss})
+            if tc.save_interval and step % tc.save_interval == 0:
+                engine.save_checkpoint(ckpt_dir, client_state={"data": loader.state_dict()})
+                saved_step = step
+        if pending is not None:
+            flush(*pending)
+        bar.close()
+        val_loss = evaluate()
+        final_step = int(engine.state.step)
+        logger.log({"step": final_step, "val_loss": val_loss, "unigram_baseline": baseline})
+        if final_step != saved_step:
+            engine.save_checkpoint(ckpt_dir, client_state={"data": loader.state_dict()})
+        sample = _sample(engine, tc.sample_tokens, config.seed)
+        (out / "sample.txt").write_text(sample, encoding="utf-8")
+        engine.wait_for_checkpoints()
+    finally:
+        logger.close()
+        engine.close()
+    seconds = time.perf_counter() - t_start
+    summary = RunSummary(
+        steps=final_step, train_loss=last["loss"], val_loss=val_loss, unigram_baseline=baseline,
+        tokens_per_s=timed_tps, mfu=mfu_of(timed_tps, engine.model_config, tc.seq_len, n_dev),
+        seconds=seconds, out_dir=str(out), sample=sample,
+    )
+    (out / "summary.json").write_text(json.dumps(summary.__dict__, indent=2))
+    return summary
+
+
+def _sample(engine: TrainEngine, n_tokens: int, seed: int) -> str:
+    """Generate ``n_tokens`` bytes from ``SAMPLE_PROMPT`` (byte-level models only)."""
+    if n_tokens <= 0 or engine.vocab_size != 256:
+        return ""
+    from jds.models import generate
+
+    prompt = list(SAMPLE_PROMPT.encode())
+    mc = engine.model_config
+    max_pos = getattr(mc, "max_position_embeddings", None) or mc.n_positions
+    max_new = min(n_tokens, max_pos - len(prompt))
+    ids = generate(engine.model, prompt, max_new, temperature=0.8, top_k=40, seed=seed)
+    return bytes(prompt + list(ids)).decode("utf-8", errors="replace")
