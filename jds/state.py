@@ -18,7 +18,6 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from flax import struct
 
 from jds.precision import LossScaleState
@@ -48,7 +47,3 @@ class TrainState:
         """Optimizer updates actually applied (the LR schedule's count)."""
         return self.step - self.skipped
 
-
-def tree_bytes(tree: PyTree) -> int:
-    """Total bytes of the array leaves of ``tree`` (global, not per device)."""
-    return int(sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
