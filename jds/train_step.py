@@ -11,6 +11,12 @@ Semantics follow DeepSpeed's engine:
   from tokens <= t, over every valid target of the *global* batch (labels of -100 are
   ignored). With unpadded batches this equals DeepSpeed's average of per-micro-batch means.
 - Gradient accumulation is a ``lax.scan`` over micro-batches, accumulating fp32 gradients.
+  Under data parallelism each device accumulates its own shard's gradients and they are
+  all-reduced once per step, after the scan, as DeepSpeed's engine does at the accumulation
+  boundary. Left to itself XLA's partitioner would all-reduce inside the scan, once per
+  micro-batch; ``_local_grads`` prevents that by giving the accumulator a leading
+  data-parallel axis (a ``vmap`` over per-device batch slices with ``spmd_axis_name``), so
+  nothing is reduced until the final sum.
 - Gradients are unscaled, their global norm measured, and clipped as DeepSpeed's
   ``clip_grad_norm_`` does: ``g *= max_norm / (norm + 1e-6)`` when that factor is < 1.
 - A step whose gradients are not finite is skipped (params, master weights and optimizer
@@ -27,9 +33,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
-from jds.partitioning.rules import constrain
+from jds.partitioning.rules import active_rules, constrain, use_rules
 from jds.precision import LossScaleConfig, all_finite, cast_tree, update_loss_scale
 from jds.state import TrainState
 
@@ -94,6 +102,57 @@ def clip_by_global_norm_ds(grads: PyTree, max_norm: float) -> tuple[PyTree, jax.
     return jax.tree.map(lambda g: g * factor.astype(g.dtype), grads), norm
 
 
+def _data_axes() -> tuple[tuple[str, ...], int]:
+    """Mesh axes the batch is split over (size > 1) and their product, from the active rules."""
+    active = active_rules()
+    if active is None:
+        return (), 1
+    mesh, rules = active
+    axes = tuple(a for a in rules.get("batch", ()) if mesh.shape[a] > 1)
+    return axes, int(np.prod([mesh.shape[a] for a in axes], dtype=np.int64))
+
+
+def _local_grads(
+    grad_fn: Callable, params: PyTree, ids_ABT: jax.Array, labels_ABT: jax.Array,
+    axes: tuple[str, ...], n: int,
+) -> tuple[PyTree, jax.Array]:
+    """Sum of gradients and of cross-entropy over micro-batches, reduced once at the end.
+
+    Each of the ``n`` data-parallel shards gets its own parameter copy (a broadcast, sharded
+    on ``axes``: no communication) and batch slice; ``vmap(..., spmd_axis_name=axes)`` keeps
+    the per-shard gradients apart, so the scan's accumulator stays device-local and the
+    final ``sum`` over the shard axis is the step's only gradient all-reduce.
+    """
+    mesh, rules = active_rules()
+    local_rules = {**rules, "batch": ()}  # the shard axis carries the batch's mesh axes
+    A, B, T = ids_ABT.shape
+    lead = NamedSharding(mesh, PartitionSpec(None, axes))
+
+    def split(x_ABT):
+        return jax.lax.with_sharding_constraint(x_ABT.reshape(A, n, B // n, T), lead)
+
+    def per_shard(p):
+        spec = PartitionSpec(axes, *([PartitionSpec.UNCONSTRAINED] * p.ndim))
+        return jax.lax.with_sharding_constraint(
+            jnp.broadcast_to(p, (n, *p.shape)), NamedSharding(mesh, spec))
+
+    params_N = jax.tree.map(per_shard, params)
+    vgrad = jax.vmap(grad_fn, spmd_axis_name=axes)
+
+    def micro(carry, mb):
+        grads_acc, ce_acc = carry
+        with use_rules(mesh, local_rules):
+            (_, ce_N), g = vgrad(params_N, mb[0], mb[1])
+        grads_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads_acc, g)
+        return (grads_acc, ce_acc + ce_N), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params_N)
+    (grads_N, ce_N), _ = jax.lax.scan(
+        micro, (zeros, jnp.zeros((n,), jnp.float32)), (split(ids_ABT), split(labels_ABT))
+    )
+    return jax.tree.map(lambda g: g.sum(0), grads_N), ce_N.sum()
+
+
 def _select(pred: jax.Array, new: PyTree, old: PyTree) -> PyTree:
     return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
 
@@ -142,10 +201,14 @@ def make_train_step(
             grads_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads_acc, g)
             return (grads_acc, ce_acc + ce_sum), None
 
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-        (grads, ce_total), _ = jax.lax.scan(
-            micro, (zeros, jnp.zeros((), jnp.float32)), (ids_ABT, labels_ABT)
-        )
+        axes, n = _data_axes()
+        if n > 1 and ids_ABT.shape[0] > 1:
+            grads, ce_total = _local_grads(grad_fn, state.params, ids_ABT, labels_ABT, axes, n)
+        else:  # one micro-batch or one shard: XLA's single reduction is already the minimum
+            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+            (grads, ce_total), _ = jax.lax.scan(
+                micro, (zeros, jnp.zeros((), jnp.float32)), (ids_ABT, labels_ABT)
+            )
         grads = jax.tree.map(lambda g: g / scale, grads)
         finite = all_finite(grads)
         grads, grad_norm = clip_by_global_norm_ds(grads, cfg.gradient_clipping)

@@ -112,6 +112,11 @@ def use_rules(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Iterator[None]:
         _ACTIVE.reset(token)
 
 
+def active_rules() -> tuple[Mesh, Rules] | None:
+    """The ``(mesh, rules)`` made active by ``use_rules``, or None outside one."""
+    return _ACTIVE.get()
+
+
 def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
     """``with_sharding_constraint`` by logical names; identity when no rules are active.
 
@@ -174,6 +179,7 @@ __all__ = [
     "AXIS_LETTERS",
     "DEFAULT_RULES",
     "Rules",
+    "active_rules",
     "constrain",
     "logical_to_spec",
     "tree_logical_axes",
