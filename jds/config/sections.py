@@ -36,6 +36,10 @@ class ConfigWarning(UserWarning):
     """A config key that jds ignores: unknown, not implemented yet, or an unresolved "auto"."""
 
 
+# Raised and warned from here, but part of jds.config's public face: name them so there.
+ConfigError.__module__ = ConfigWarning.__module__ = "jds.config"
+
+
 def _number(v: Any) -> Any:
     if isinstance(v, bool) or not isinstance(v, int | float):
         raise ValueError("must be a number")
