@@ -202,7 +202,7 @@ def make_train_step(
             return (grads_acc, ce_acc + ce_sum), None
 
         axes, n = _data_axes()
-        if n > 1 and ids_ABT.shape[0] > 1:
+        if n > 1 and ids_ABT.shape[0] > 1:  # several shards and micro-batches: reduce once
             grads, ce_total = _local_grads(grad_fn, state.params, ids_ABT, labels_ABT, axes, n)
         else:  # one micro-batch or one shard: XLA's single reduction is already the minimum
             zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)

@@ -215,8 +215,6 @@ def _sample(engine: TrainEngine, n_tokens: int, seed: int) -> str:
     from jds.models import generate
 
     prompt = list(SAMPLE_PROMPT.encode())
-    mc = engine.model_config
-    max_pos = getattr(mc, "max_position_embeddings", None) or mc.n_positions
-    max_new = min(n_tokens, max_pos - len(prompt))
-    ids = generate(engine.model, prompt, max_new, temperature=0.8, top_k=40, seed=seed)
+    # generate() itself stops at the model's maximum positions
+    ids = generate(engine.model, prompt, n_tokens, temperature=0.8, top_k=40, seed=seed)
     return bytes(prompt + list(ids)).decode("utf-8", errors="replace")
