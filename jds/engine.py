@@ -5,7 +5,9 @@
 1. loads the config (a DeepSpeed ``ds_config.json`` path, a dict, or ``jds.Config``),
 2. builds the mesh (``jds.partitioning.mesh``; default: every device data parallel),
 3. resolves the batch triad against the data-parallel size (DeepSpeed's rules),
-4. derives every array's ``NamedSharding`` from the parameters' logical axes and the rules,
+4. derives every array's ``NamedSharding`` from the parameters' logical axes, the rules
+   (tensor parallelism) and the ZeRO layout (``jds.partitioning.zero``: which of params,
+   gradients and optimizer state are sharded over which data-parallel axes),
 5. materialises the state directly sharded — a model given as a preset name or a factory
    is built inside ``jax.jit(out_shardings=...)`` so no parameter exists whole on one
    device; a concrete ``nnx.Module`` is placed with ``device_put``,
@@ -16,8 +18,9 @@ All numerics live in ``train_step.py`` (pure functions) and ``precision.py``.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -32,6 +35,7 @@ from jds.config import Config, ConfigError, OptimizerConfig
 from jds.optim import build_optimizer, build_schedule
 from jds.partitioning.mesh import data_parallel_size, make_mesh
 from jds.partitioning.rules import DEFAULT_RULES, Rules, logical_to_spec, tree_shardings, use_rules
+from jds.partitioning.zero import layout_from_config, make_plan, subgroup_size, use_layout
 from jds.precision import LossScaleConfig, cast_tree, init_loss_scale, policy_for
 from jds.state import TrainState
 from jds.train_step import StepConfig, make_eval_step, make_train_step
@@ -41,14 +45,17 @@ ModelLike = nnx.Module | str | Callable[[], nnx.Module]
 
 
 def _build_abstract(
-    model: ModelLike,
+    model: ModelLike, remat: str = "none"
 ) -> tuple[nnx.GraphDef, nnx.State, Callable | None, Any]:
     """Split ``model`` into (graphdef, state, factory or None, model config).
 
     The state is concrete for a given module and abstract (shapes only) for a preset name or
-    factory, which the engine then materialises sharded.
+    factory, which the engine then materialises sharded. A ``remat`` other than "none" (the
+    config's ``activation_checkpointing`` / ``train.remat``) replaces the model's own.
     """
     if isinstance(model, nnx.Module):
+        if remat != "none":
+            model.remat = remat
         graphdef, state = nnx.split(model)
         return graphdef, state, None, model.config
     if isinstance(model, str):
@@ -63,8 +70,40 @@ def _build_abstract(
             f"model must be an nnx.Module, a preset name or a factory; got {type(model)!r}"
         )
     abstract_model = nnx.eval_shape(factory)
+    if remat != "none":
+        abstract_model.remat = remat
     graphdef, state = nnx.split(abstract_model)
     return graphdef, state, factory, abstract_model.config
+
+
+def _mesh_sizes(cfg: Config, n_devices: int) -> dict[str, Any]:
+    """The config's mesh sizes, with ``fsdp`` sized for hpZ / MiCS / a partition size.
+
+    A ZeRO sub-group (``zero_hpz_partition_size``, ``mics_shard_size``, or a partition size
+    smaller than the data-parallel group) is the mesh's ``fsdp`` axis. When the config
+    leaves ``mesh.fsdp`` at 1 it is set to the sub-group size here, taking that factor
+    from ``mesh.data``.
+
+    Raises:
+      ConfigError: naming the key, when ``mesh.fsdp`` is set to another size or the
+        sub-group does not divide ``mesh.data`` or the devices.
+    """
+    sizes = cfg.mesh.model_dump()
+    k, key = subgroup_size(cfg.zero_optimization)
+    if k <= 1 or sizes["fsdp"] == k:
+        return sizes
+    where = f"zero_optimization.{key}={k}"
+    if sizes["fsdp"] != 1:
+        raise ConfigError(f"{where} shards within groups of {k} devices but mesh.fsdp is "
+                          f"{sizes['fsdp']}; set mesh.fsdp to {k} (or leave it out)")
+    data = n_devices if sizes["data"] == -1 else sizes["data"]
+    if data % k:
+        raise ConfigError(f"{where} shards within groups of {k} devices, which does not divide "
+                          f"the {data} data-parallel devices; use a divisor of {data}")
+    sizes["fsdp"] = k
+    if sizes["data"] != -1:
+        sizes["data"] //= k
+    return sizes
 
 
 class TrainEngine:
@@ -76,6 +115,12 @@ class TrainEngine:
       batch: the resolved ``BatchSizes``.
       state: the ``TrainState`` (every persistent array).
       model_config: the model's own config (``LlamaConfig`` / ``GPT2Config``).
+      zero_layout, zero: the ZeRO layout and its per-parameter specs (``ZeroPlan``).
+
+    With ``shapes_only=True`` nothing is materialised: ``state`` holds
+    ``jax.ShapeDtypeStruct`` leaves with their shardings, and ``lower_train_step`` compiles
+    the real step ahead of time (``jds estimate`` reads its memory from there); training
+    calls raise.
     """
 
     def __init__(
@@ -85,20 +130,29 @@ class TrainEngine:
         *,
         devices: Sequence[jax.Device] | None = None,
         rules: Rules = DEFAULT_RULES,
+        shapes_only: bool = False,
     ) -> None:
         self.config = Config.load(config)
         cfg = self.config
-        self.mesh: Mesh = make_mesh(cfg.mesh.model_dump(), devices)
+        self.shapes_only = shapes_only
+        n_devices = len(devices) if devices is not None else jax.device_count()
+        self.mesh: Mesh = make_mesh(_mesh_sizes(cfg, n_devices), devices)
         self.rules = rules
+        try:
+            self.zero_layout = layout_from_config(cfg.zero_optimization, self.mesh.shape)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         self.batch = cfg.resolve_batch(data_parallel_size(self.mesh))
         self.policy = policy_for(cfg.precision)
 
-        if isinstance(model, nnx.Module) and cfg.train.remat != "none":
-            model.remat = cfg.train.remat
-        self.graphdef, abstract, factory, self.model_config = _build_abstract(model)
+        self.graphdef, abstract, factory, self.model_config = _build_abstract(model, cfg.remat)
         self.vocab_size = int(self.model_config.vocab_size)
 
-        self.param_shardings = nnx.to_pure_dict(tree_shardings(abstract, self.mesh, rules))
+        tree_shardings(abstract, self.mesh, rules)  # strict rules check, errors name the param
+        self.zero = make_plan(abstract, self.mesh, rules, self.zero_layout)
+        self.param_shardings = self.zero.shardings(self.mesh, "params")
+        self.master_shardings = self.zero.shardings(self.mesh, "optimizer")
+        self.grad_shardings = self.zero.shardings(self.mesh, "grads")
         self._replicated = NamedSharding(self.mesh, PartitionSpec())
 
         # No optimizer section: AdamW at DeepSpeed's FusedAdam defaults (where DeepSpeed would
@@ -117,18 +171,30 @@ class TrainEngine:
             LossScaleConfig.from_fp16_config(cfg.fp16) if cfg.precision == "fp16" else None
         )
 
-        fp32_params = self._materialise(abstract, factory)
-        self.state_shardings = self._state_shardings(fp32_params)
-        self.state: TrainState = jax.jit(self._init_state, out_shardings=self.state_shardings)(
-            fp32_params
-        )
-        del fp32_params
+        if shapes_only:  # shapes and shardings only: for AOT compilation (jds estimate)
+            fp32_abstract = jax.tree.map(
+                lambda v, sh: jax.ShapeDtypeStruct(v.shape, jnp.float32, sharding=sh),
+                nnx.to_pure_dict(abstract), self.master_shardings,
+            )
+            self.state_shardings = self._state_shardings(fp32_abstract)
+            self.state = jax.tree.map(
+                lambda v, sh: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh),
+                jax.eval_shape(self._init_state, fp32_abstract), self.state_shardings,
+            )
+        else:
+            fp32_params = self._materialise(abstract, factory)
+            self.state_shardings = self._state_shardings(fp32_params)
+            self.state: TrainState = jax.jit(
+                self._init_state, out_shardings=self.state_shardings
+            )(fp32_params)
+            del fp32_params
 
         step_cfg = StepConfig(
             gradient_accumulation_steps=self.batch.gradient_accumulation_steps,
             gradient_clipping=float(cfg.gradient_clipping),
             compute_dtype=self.policy.compute_dtype,
             loss_scale=self.loss_scale_cfg,
+            zero=self.zero,
         )
         apply_fn = self._apply_fn()
         self.batch_sharding = NamedSharding(
@@ -142,30 +208,43 @@ class TrainEngine:
         )
         self._eval_step = jax.jit(
             make_eval_step(apply_fn),
-            in_shardings=(self.state_shardings.params, self.batch_sharding),
+            in_shardings=(self.param_shardings, self.batch_sharding),
             out_shardings=self._replicated,
         )
         self._checkpointers: dict[str, Checkpointer] = {}
         self.client_state: dict[str, Any] = {}
 
     # ----------------------------------------------------------------------------- set-up
+    def _need_arrays(self, what: str) -> None:
+        if self.shapes_only:
+            raise RuntimeError(
+                f"{what} needs real arrays, but this engine was built with shapes_only=True "
+                "(for AOT compilation and memory estimates); build it without shapes_only"
+            )
+
+    @contextlib.contextmanager
+    def _tracing(self) -> Iterator[None]:
+        """The rules and ZeRO layout the model and step read while being traced."""
+        with use_rules(self.mesh, self.rules), use_layout(self.zero_layout):
+            yield
+
     def _apply_fn(self) -> Callable[[PyTree, jax.Array], jax.Array]:
         graphdef = self.graphdef
         return lambda params, ids_BT: nnx.merge(graphdef, params)(ids_BT)
 
     def _materialise(self, abstract: nnx.State, factory: Callable | None) -> PyTree:
-        """fp32 parameters, placed with their shardings (never whole on one device)."""
+        """fp32 parameters, placed as the master weights are (never whole on one device)."""
         if factory is None:
             pure = nnx.to_pure_dict(abstract)
             pure = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), pure)
-            return jax.device_put(pure, self.param_shardings)
+            return jax.device_put(pure, self.master_shardings)
 
         def init():
             params = nnx.to_pure_dict(nnx.split(factory())[1])
             return jax.tree.map(lambda x: x.astype(jnp.float32), params)
 
-        with use_rules(self.mesh, self.rules):
-            return jax.jit(init, out_shardings=self.param_shardings)()
+        with self._tracing():
+            return jax.jit(init, out_shardings=self.master_shardings)()
 
     def _init_state(self, fp32_params: PyTree) -> TrainState:
         mixed = self.policy.compute_dtype != jnp.float32
@@ -186,13 +265,13 @@ class TrainEngine:
             self.tx,
             lambda _, sh: sh,
             abstract.opt_state,
-            self.param_shardings,
+            self.master_shardings,
             transform_non_params=lambda _: rep,
         )
         return TrainState(
             step=rep,
             params=self.param_shardings,
-            master=None if abstract.master is None else self.param_shardings,
+            master=None if abstract.master is None else self.master_shardings,
             opt_state=opt_sh,
             loss_scale=jax.tree.map(lambda _: rep, abstract.loss_scale),
             skipped=rep,
@@ -253,6 +332,7 @@ class TrainEngine:
         Returns:
           ``loss``, ``grad_norm``, ``lr``, ``loss_scale``, ``skipped``, ``tokens``.
         """
+        self._need_arrays("train_batch")
         rows = np.shape(batch["input_ids"])[0] if "input_ids" in batch else None
         if rows is not None and rows != self.batch.train_batch_size:
             raise ValueError(
@@ -262,7 +342,7 @@ class TrainEngine:
                 f"{self.batch.dp_size})"
             )
         placed = self.shard_batch(batch)
-        with use_rules(self.mesh, self.rules):
+        with self._tracing():
             self.state, metrics = self._train_step(self.state, placed)
         if not sync:
             return metrics
@@ -290,13 +370,14 @@ class TrainEngine:
 
     def eval_batch(self, batch: Mapping[str, Any]) -> dict:
         """Loss over ``batch`` without an update. Any row count that divides over devices."""
+        self._need_arrays("eval_batch")
         n = np.shape(batch["input_ids"])[0]
         dp = data_parallel_size(self.mesh)
         micro = max(1, n // max(self.batch.micro_batch_global, dp))
         while n % (micro * dp):
             micro -= 1
         placed = self.shard_batch(batch, micro_batches=max(micro, 1))
-        with use_rules(self.mesh, self.rules):
+        with self._tracing():
             return _to_floats(self._eval_step(self.state.params, placed))
 
     def lower_train_step(self, seq_len: int) -> jax.stages.Lowered:
@@ -304,7 +385,7 @@ class TrainEngine:
         a = self.batch.gradient_accumulation_steps
         shape = (a, self.batch.train_batch_size // a, seq_len)
         spec = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.batch_sharding)
-        with use_rules(self.mesh, self.rules):
+        with self._tracing():
             return self._train_step.lower(self.state, {"input_ids": spec})
 
     @property
@@ -337,6 +418,7 @@ class TrainEngine:
         Returns:
           The step label written.
         """
+        self._need_arrays("save_checkpoint")
         step = int(self.state.step) if tag is None else int(tag)
         meta = {"config": self.config.to_dict(), "client_state": dict(client_state or {})}
         self._checkpointer(save_dir).save(step, self.state, meta)
@@ -352,6 +434,7 @@ class TrainEngine:
         Returns:
           The ``client_state`` saved with it.
         """
+        self._need_arrays("load_checkpoint")
         state, meta = self._checkpointer(load_dir).restore(
             tag, self.state, self.state_shardings
         )

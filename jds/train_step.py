@@ -10,13 +10,24 @@ Semantics follow DeepSpeed's engine:
 - The loss is the Hugging Face causal-LM loss: mean cross-entropy of predicting token t+1
   from tokens <= t, over every valid target of the *global* batch (labels of -100 are
   ignored). With unpadded batches this equals DeepSpeed's average of per-micro-batch means.
-- Gradient accumulation is a ``lax.scan`` over micro-batches, accumulating fp32 gradients.
-  Under data parallelism each device accumulates its own shard's gradients and they are
-  all-reduced once per step, after the scan, as DeepSpeed's engine does at the accumulation
-  boundary. Left to itself XLA's partitioner would all-reduce inside the scan, once per
-  micro-batch; ``_local_grads`` prevents that by giving the accumulator a leading
-  data-parallel axis (a ``vmap`` over per-device batch slices with ``spmd_axis_name``), so
-  nothing is reduced until the final sum.
+- Gradient accumulation is a ``lax.scan`` over micro-batches, accumulating fp32 gradients
+  (fp32 even under bf16/fp16: DeepSpeed's bf16 optimizer keeps fp32 gradient partitions
+  too; the ZeRO table's 2 bytes/param of fp16 gradients is the fp16 optimizer's figure).
+  Where the data-parallel reduction happens follows DeepSpeed's ZeRO stage (``StepConfig.zero``):
+
+  - stage 0/1 (gradients replicated): each device accumulates its own shard's gradients
+    and they are all-reduced once per step, after the scan, as DeepSpeed's engine does at
+    the accumulation boundary. Left to itself XLA's partitioner would all-reduce inside
+    the scan, once per micro-batch; ``_local_grads`` prevents that by keeping a leading
+    data-parallel axis on the per-shard gradients (a ``vmap`` over per-device batch slices
+    with ``spmd_axis_name``), so nothing is reduced until the final sum.
+  - stage 2 (gradients sharded): every micro-batch's gradients are reduce-scattered
+    (``_reduce_scatter``, an explicit ``psum_scatter``) into a sharded accumulator, so no
+    device holds a full fp32 accumulation buffer.
+  - stage 3 (parameters sharded too): the model gathers each layer's weights inside its
+    layer scan (``jds.partitioning.zero.gather_param``), whose gradient is constrained
+    back to the sharded layout, so XLA reduces each layer's gradients in the backward scan
+    straight into the sharded accumulator.
 - Gradients are unscaled, their global norm measured, and clipped as DeepSpeed's
   ``clip_grad_norm_`` does: ``g *= max_norm / (norm + 1e-6)`` when that factor is < 1.
 - A step whose gradients are not finite is skipped (params, master weights and optimizer
@@ -38,6 +49,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jds.partitioning.rules import active_rules, constrain, use_rules
+from jds.partitioning.zero import ZeroPlan
 from jds.precision import LossScaleConfig, all_finite, cast_tree, update_loss_scale
 from jds.state import TrainState
 
@@ -81,12 +93,15 @@ class StepConfig:
       gradient_clipping: max global gradient norm; 0 disables clipping.
       compute_dtype: dtype of ``state.params`` (the compute copy).
       loss_scale: fp16 loss scaling config, or None (fp32/bf16).
+      zero: the ZeRO plan (per-parameter specs of params, gradients, optimizer state);
+        None = everything replicated over the data-parallel group.
     """
 
     gradient_accumulation_steps: int = 1
     gradient_clipping: float = 0.0
     compute_dtype: Any = jnp.float32
     loss_scale: LossScaleConfig | None = None
+    zero: ZeroPlan | None = None
 
 
 def clip_by_global_norm_ds(grads: PyTree, max_norm: float) -> tuple[PyTree, jax.Array]:
@@ -95,7 +110,7 @@ def clip_by_global_norm_ds(grads: PyTree, max_norm: float) -> tuple[PyTree, jax.
     Returns:
       ``(clipped grads, pre-clip global norm)``.
     """
-    norm = optax.global_norm(grads)
+    norm = optax.tree.norm(grads)
     if max_norm <= 0:
         return grads, norm
     factor = jnp.minimum(1.0, max_norm / (norm + 1e-6))
@@ -112,45 +127,105 @@ def _data_axes() -> tuple[tuple[str, ...], int]:
     return axes, int(np.prod([mesh.shape[a] for a in axes], dtype=np.int64))
 
 
+def _reduce_scatter(grads_N: PyTree, plan: ZeroPlan, axes: tuple[str, ...]) -> PyTree:
+    """Sum per-shard gradients ``[n, ...]`` over the data-parallel shards, each device
+    keeping only its ZeRO slice: one explicit ``psum_scatter`` per parameter.
+
+    Written as a ``shard_map`` rather than left to XLA: on CPU XLA lowers a sharded sum to
+    an all-reduce followed by a slice, moving ``Nd`` times the bytes a reduce-scatter does
+    (GPU and TPU compilers fuse it back; the CPU one does not). Dimensions split by tensor
+    parallelism stay split (the map is over every mesh axis). Axes in ``axes`` that are not
+    ZeRO axes for gradients (MiCS: the groups' replicas) are summed with a ``psum`` first.
+    """
+    mesh, _ = active_rules()
+    gaxes = plan.layout.grads
+    if not set(gaxes) <= set(axes):
+        raise ValueError(
+            f"gradients are sharded over {gaxes} but the batch is split over {axes}; the "
+            "'batch' rule must cover every ZeRO axis"
+        )
+    rest = tuple(a for a in axes if a not in gaxes)
+    leaves, treedef = jax.tree.flatten(grads_N)
+    is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
+    base = jax.tree.leaves(plan.base, is_leaf=is_spec)
+    out = jax.tree.leaves(plan.grads, is_leaf=is_spec)
+    dims = jax.tree.leaves(plan.dims)
+
+    def local(*gs):
+        res = []
+        for g, dim in zip(gs, dims, strict=True):
+            g = g[0].astype(jnp.float32)
+            if dim < 0 or not gaxes:
+                res.append(jax.lax.psum(g, axes))
+                continue
+            if rest:
+                g = jax.lax.psum(g, rest)
+            res.append(jax.lax.psum_scatter(g, gaxes, scatter_dimension=dim, tiled=True))
+        return tuple(res)
+
+    in_specs = tuple(PartitionSpec(axes, *b) for b in base)
+    reduced = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=tuple(out))(*leaves)
+    return jax.tree.unflatten(treedef, list(reduced))
+
+
 def _local_grads(
     grad_fn: Callable, params: PyTree, ids_ABT: jax.Array, labels_ABT: jax.Array,
-    axes: tuple[str, ...], n: int,
+    axes: tuple[str, ...], n: int, plan: ZeroPlan | None,
 ) -> tuple[PyTree, jax.Array]:
-    """Sum of gradients and of cross-entropy over micro-batches, reduced once at the end.
+    """Sum of gradients and of cross-entropy over micro-batches, with the data-parallel
+    reduction placed where DeepSpeed places it.
 
-    Each of the ``n`` data-parallel shards gets its own parameter copy (a broadcast, sharded
-    on ``axes``: no communication) and batch slice; ``vmap(..., spmd_axis_name=axes)`` keeps
-    the per-shard gradients apart, so the scan's accumulator stays device-local and the
-    final ``sum`` over the shard axis is the step's only gradient all-reduce.
+    Each of the ``n`` data-parallel shards gets its batch slice and ``vmap(...,
+    spmd_axis_name=axes)`` keeps the per-shard gradients apart (``[n, ...]``, sharded on
+    ``axes``: device-local), so XLA's partitioner has nothing to all-reduce on its own.
+
+    - Gradients replicated (ZeRO 0/1): the scan accumulates the per-shard gradients and the
+      final ``sum`` over the shard axis is the step's only gradient all-reduce.
+    - Gradients sharded (ZeRO 2, or a gradient partition size): every micro-batch's
+      gradients are reduce-scattered into a sharded fp32 accumulator, as ZeRO-2 does, so no
+      device ever holds a full-size accumulation buffer.
     """
     mesh, rules = active_rules()
     local_rules = {**rules, "batch": ()}  # the shard axis carries the batch's mesh axes
     A, B, T = ids_ABT.shape
     lead = NamedSharding(mesh, PartitionSpec(None, axes))
+    scatter = plan is not None and bool(plan.layout.grads)
 
     def split(x_ABT):
         return jax.lax.with_sharding_constraint(x_ABT.reshape(A, n, B // n, T), lead)
 
-    def per_shard(p):
-        spec = PartitionSpec(axes, *([PartitionSpec.UNCONSTRAINED] * p.ndim))
-        return jax.lax.with_sharding_constraint(
-            jnp.broadcast_to(p, (n, *p.shape)), NamedSharding(mesh, spec))
-
-    params_N = jax.tree.map(per_shard, params)
-    vgrad = jax.vmap(grad_fn, spmd_axis_name=axes)
+    vgrad = jax.vmap(grad_fn, in_axes=(None, 0, 0), spmd_axis_name=axes)
 
     def micro(carry, mb):
         grads_acc, ce_acc = carry
         with use_rules(mesh, local_rules):
-            (_, ce_N), g = vgrad(params_N, mb[0], mb[1])
+            (_, ce_N), g_N = vgrad(params, mb[0], mb[1])
+        if scatter:
+            with use_rules(mesh, rules):
+                g = _reduce_scatter(g_N, plan, axes)
+        else:
+            g = g_N
         grads_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads_acc, g)
         return (grads_acc, ce_acc + ce_N), None
 
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params_N)
-    (grads_N, ce_N), _ = jax.lax.scan(
+    if scatter:
+        zeros = _zeros_like(params, plan.shardings(mesh, "grads"))
+    else:
+        zeros = jax.tree.map(lambda p: jnp.zeros((n, *p.shape), jnp.float32), params)
+    (grads, ce_N), _ = jax.lax.scan(
         micro, (zeros, jnp.zeros((n,), jnp.float32)), (split(ids_ABT), split(labels_ABT))
     )
-    return jax.tree.map(lambda g: g.sum(0), grads_N), ce_N.sum()
+    if not scatter:
+        grads = jax.tree.map(lambda g: g.sum(0), grads)
+    return grads, ce_N.sum()
+
+
+def _zeros_like(params: PyTree, shardings: PyTree | None) -> PyTree:
+    """fp32 zeros shaped like ``params``, laid out as ``shardings`` when given."""
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    if shardings is None:
+        return zeros
+    return jax.lax.with_sharding_constraint(zeros, shardings)
 
 
 def _select(pred: jax.Array, new: PyTree, old: PyTree) -> PyTree:
@@ -193,19 +268,35 @@ def make_train_step(
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-        def micro(carry, mb):
-            grads_acc, ce_acc = carry
-            ids_BT = constrain(mb[0], ("batch", "seq"))
-            labels_BT = constrain(mb[1], ("batch", "seq"))
-            (_, ce_sum), g = grad_fn(state.params, ids_BT, labels_BT)
-            grads_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads_acc, g)
-            return (grads_acc, ce_acc + ce_sum), None
-
         axes, n = _data_axes()
-        if n > 1 and ids_ABT.shape[0] > 1:  # several shards and micro-batches: reduce once
-            grads, ce_total = _local_grads(grad_fn, state.params, ids_ABT, labels_ABT, axes, n)
-        else:  # one micro-batch or one shard: XLA's single reduction is already the minimum
-            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+        plan = cfg.zero
+        sharded_params = plan is not None and bool(plan.layout.params)
+        sharded_grads = plan is not None and bool(plan.layout.grads)
+        if n > 1 and not sharded_params and (sharded_grads or ids_ABT.shape[0] > 1):
+            grads, ce_total = _local_grads(
+                grad_fn, state.params, ids_ABT, labels_ABT, axes, n, plan
+            )
+        else:
+            # One shard, one micro-batch of replicated gradients (XLA's single all-reduce is
+            # the minimum), or ZeRO-3: parameters are gathered layer by layer inside the
+            # model's scan and XLA reduce-scatters each layer's gradients in the backward
+            # scan, straight into the sharded accumulator.
+            grad_sh = None
+            if plan is not None and sharded_grads and active_rules() is not None:
+                grad_sh = plan.shardings(active_rules()[0], "grads")
+            zeros = _zeros_like(state.params, grad_sh)
+
+            def micro(carry, mb):
+                grads_acc, ce_acc = carry
+                ids_BT = constrain(mb[0], ("batch", "seq"))
+                labels_BT = constrain(mb[1], ("batch", "seq"))
+                (_, ce_sum), g = grad_fn(state.params, ids_BT, labels_BT)
+                g = jax.tree.map(lambda b: b.astype(jnp.float32), g)
+                if grad_sh is not None:
+                    g = jax.lax.with_sharding_constraint(g, grad_sh)
+                grads_acc = jax.tree.map(jnp.add, grads_acc, g)
+                return (grads_acc, ce_acc + ce_sum), None
+
             (grads, ce_total), _ = jax.lax.scan(
                 micro, (zeros, jnp.zeros((), jnp.float32)), (ids_ABT, labels_ABT)
             )

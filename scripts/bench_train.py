@@ -4,11 +4,20 @@ The baseline, measured in the same run on the same devices, model, batch and opt
 the shortest correct JAX training step a user would write: ``jax.jit`` of
 ``value_and_grad`` of the mean causal-LM cross-entropy and ``optax.adamw``, batch sharded
 over every device, parameters replicated. The difference is what jds's engine costs (or
-saves): loss-scale bookkeeping, DeepSpeed clipping, the micro-batch scan, metrics.
+saves): loss-scale bookkeeping, DeepSpeed clipping, the micro-batch scan, metrics, and the
+layout chosen with ``--zero-stage`` / ``--mesh`` / ``--remat`` (the baseline always runs
+plain data parallel without remat).
+
+FLOP convention (MFU): ``6 N + 12 L H S`` per token, with ``N`` the non-embedding
+parameters plus the output projection, ``L`` layers, ``H`` hidden size, ``S`` sequence
+length (``jds.profiling.flops.train_flops_per_token``); recomputation under remat is not
+counted as useful work.
 
 Prints one JSON object per result line::
 
     python scripts/bench_train.py --model llama-tiny --batch 32 --seq 128 --steps 20
+    python scripts/bench_train.py --model llama-1b --batch 8 --seq 2048 --precision bf16 \
+        --zero-stage 3 --remat dots
 """
 
 from __future__ import annotations
@@ -39,13 +48,20 @@ def _time(step_fn, n_steps: int) -> float:
     return (time.perf_counter() - t0) / n_steps
 
 
-def bench_jds(model_name: str, batch: int, seq: int, steps: int, precision: str) -> float:
+def bench_jds(
+    model_name: str, batch: int, seq: int, steps: int, precision: str, layout: dict | None = None
+) -> float:
+    layout = layout or {}
     config = {
         "train_batch_size": batch,
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.1}},
         "gradient_clipping": 1.0,
         "bf16": {"enabled": precision == "bf16"},
+        "zero_optimization": {"stage": layout.get("zero_stage", 0)},
+        "mesh": layout.get("mesh", {}),
     }
+    if layout.get("remat", "none") != "none":
+        config["activation_checkpointing"] = {"policy": layout["remat"]}
     engine = jds.initialize(model=model_name, config=config)
     vocab = engine.vocab_size
     ids = np.random.default_rng(0).integers(0, vocab, (batch, seq), dtype=np.int32)
@@ -94,16 +110,30 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=0)
+    ap.add_argument("--mesh", default="", help="jds mesh sizes, e.g. 'data=4,tensor=2'")
+    ap.add_argument("--remat", choices=["none", "full", "dots", "offload"], default="none")
+    ap.add_argument("--skip-baseline", action="store_true", help="jds only (e.g. a model "
+                    "whose replicated baseline would not fit in memory)")
     a = ap.parse_args()
+    mesh = {k: int(v) for k, v in (kv.split("=") for kv in a.mesh.split(",") if kv)}
+    layout = {"zero_stage": a.zero_stage, "mesh": mesh, "remat": a.remat}
     dev = jax.devices()[0]
     cfg = nnx.eval_shape(lambda: jds.models.build(a.model)).config  # shapes only
-    for name, fn in (("baseline_jax_optax", bench_baseline), ("jds_engine", bench_jds)):
-        s = fn(a.model, a.batch, a.seq, a.steps, a.precision)
+    runs = [("jds_engine", lambda: bench_jds(a.model, a.batch, a.seq, a.steps, a.precision,
+                                             layout))]
+    if not a.skip_baseline:
+        runs.insert(0, ("baseline_jax_optax",
+                        lambda: bench_baseline(a.model, a.batch, a.seq, a.steps, a.precision)))
+    for name, fn in runs:
+        s = fn()
         tps = a.batch * a.seq / s
         row = {
             "bench": "train_step", "impl": name, "device": f"{dev.platform}:{dev.device_kind}",
             "n_devices": jax.device_count(), "model": a.model, "batch": a.batch, "seq": a.seq,
             "precision": a.precision, "s_per_step": s, "tokens_per_s": tps,
+            "layout": layout if name == "jds_engine" else {"zero_stage": 0, "mesh": {},
+                                                           "remat": "none"},
             "flops_per_token": train_flops_per_token(cfg, a.seq),
             "mfu": mfu(tps, cfg, a.seq, jax.device_count()),
         }

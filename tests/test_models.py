@@ -13,6 +13,7 @@ from flax import nnx
 
 import jds.models as M
 from jds.models.gpt2 import gpt2_block, layer_norm
+from jds.models.layers import offload_unsupported_reason
 from jds.models.llama import llama_block, rms_norm
 from jds.partitioning.axes import LOGICAL_AXES
 from jds.partitioning.mesh import make_mesh
@@ -149,7 +150,9 @@ def test_preset_parameter_counts(name):
 def test_remat_variants_give_identical_logits_and_grads(kind):
     x = ids()
     results = {}
-    for remat in M.REMAT_MODES:
+    # "offload" raises where the backend has no host memory space (CPU); tests/test_remat.py
+    # checks it there through its jaxpr, with the backend check bypassed.
+    for remat in [m for m in M.REMAT_MODES if m != "offload" or not offload_unsupported_reason()]:
         model = small(kind)
         model.remat = remat
         graphdef, params = params_of(model)
@@ -162,7 +165,8 @@ def test_remat_variants_give_identical_logits_and_grads(kind):
         results[remat] = (logits, grads)
     ref_logits, ref_grads = results["none"]
     assert float(jnp.abs(jax.tree.leaves(ref_grads)[0]).max()) > 0
-    for remat in ("full", "dots"):
+    assert {"full", "dots"} <= set(results)
+    for remat in set(results) - {"none"}:
         logits, grads = results[remat]
         np.testing.assert_allclose(logits, ref_logits, atol=1e-6, rtol=1e-6)
         for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):

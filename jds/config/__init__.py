@@ -43,6 +43,7 @@ from pydantic import (
 from jds.config.sections import (
     OPTIMIZER_PARAMS,
     SCHEDULER_PARAMS,
+    ActivationCheckpointingConfig,
     AdamParams,
     BF16Config,
     ConfigError,
@@ -67,13 +68,12 @@ from jds.config.sections import (
 )
 
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
-_ZERO_NOTE = ("accepted; sharded states arrive with the ZeRO issue, this run keeps the stage-0 "
-              "layout")
+_OFFLOAD_NOTE = ("host offload is not in jds yet; states stay in device memory, sharded by "
+                 "the ZeRO stage")
 # DeepSpeed keys jds accepts but does not act on yet. Top-level keys are reported unless
 # off (false, null, {}, {"enabled": false}, or DeepSpeed's default in _DS_DEFAULTS); dotted
 # keys inside modelled sections unless at their default (offload sections: device "none").
 NOT_IMPLEMENTED: dict[str, str] = {
-    "activation_checkpointing": "use train.remat ('full' or 'dots')",
     "flops_profiler": "jds.profiling reports FLOPs and MFU",
     "comms_logger": "XLA inserts the collectives; read them from the compiled HLO",
     "wandb": "jds train writes TensorBoard and JSONL logs", "tensorboard": "DeepSpeed's monitor",
@@ -104,16 +104,14 @@ NOT_IMPLEMENTED: dict[str, str] = {
     "dataloader_drop_last": "the jds loader yields whole global batches",
     "managed_gradient_accumulation": "jds accumulates inside the compiled step",
     "weight_quantization": "compression is not in jds yet", "vocabulary_size": "the model sets it",
-    "zero_optimization.stage": _ZERO_NOTE,
-    "zero_optimization.offload_optimizer": _ZERO_NOTE,
-    "zero_optimization.offload_param": _ZERO_NOTE,
-    "zero_optimization.cpu_offload": _ZERO_NOTE, "zero_optimization.cpu_offload_param": _ZERO_NOTE,
-    "zero_optimization.zero_hpz_partition_size": "ZeRO++ hierarchical partitioning: not yet",
+    "zero_optimization.offload_optimizer": _OFFLOAD_NOTE,
+    "zero_optimization.offload_param": _OFFLOAD_NOTE,
+    "zero_optimization.cpu_offload": _OFFLOAD_NOTE,
+    "zero_optimization.cpu_offload_param": _OFFLOAD_NOTE,
     "zero_optimization.zero_quantized_weights": "ZeRO++ quantized collectives: not yet",
     "zero_optimization.zero_quantized_nontrainable_weights": "ZeRO++ quantized weights: not yet",
     "zero_optimization.zero_quantized_gradients": "ZeRO++ quantized collectives: not yet",
-    "zero_optimization.mics_shard_size": "MiCS: not in jds (removed from DeepSpeed 0.19)",
-    "zero_optimization.mics_hierarchical_params_gather": "MiCS: not in jds",
+    "zero_optimization.mics_hierarchical_params_gather": "XLA schedules the MiCS gathers",
     "zero_optimization.zeropp_loco_param": "LoCo-ZeRO++: not in jds", "zero_optimization.zenflow":
     "ZenFlow: not in jds", "fp16.fp16_master_weights_and_grads": "jds keeps fp32 master weights",
     "bf16.bf16_master_weights_and_grads": "jds keeps fp32 master weights",
@@ -127,7 +125,9 @@ _DS_DEFAULTS: dict[str, Any] = {
 # optimizer.params), so the output also loads in DeepSpeed 0.19, which rejects the removed MiCS
 # keys, a deprecated key beside its replacement, and unknown keyword arguments to FusedAdam.
 _DUMP_OMIT: dict[str, Any] = {"mics_shard_size": -1, "mics_hierarchical_params_gather": False,
-                              "stage3_gather_fp16_weights_on_model_save": False}
+                              "stage3_gather_fp16_weights_on_model_save": False,
+                              "param_partition_size": None, "grad_partition_size": None,
+                              "optimizer_partition_size": None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -281,6 +281,8 @@ class Config(BaseModel):
     seed: Int = Field(42, description="Seed for initialisation, dropout and data order.")
     mesh: MeshConfig = Field(default_factory=MeshConfig, description="Device-mesh axis sizes.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="The jds train loop.")
+    activation_checkpointing: ActivationCheckpointingConfig | None = Field(
+        None, description="Layer remat (see Config.remat); null = train.remat decides.")
 
     def __init__(self, **data: Any) -> None:
         try:
@@ -352,6 +354,16 @@ class Config(BaseModel):
                           ConfigWarning, stacklevel=level)
         return cfg
 
+    @model_validator(mode="after")
+    def _remat_agrees(self) -> Config:
+        section = self.activation_checkpointing
+        if section is not None and self.train.remat != "none" and section.mode != self.train.remat:
+            raise ConfigError(
+                f'train.remat="{self.train.remat}" and activation_checkpointing (remat '
+                f'"{section.mode}") disagree; keep one of them, or set '
+                f'activation_checkpointing.policy to "{self.train.remat}"')
+        return self
+
     @classmethod
     def load(cls, src: str | os.PathLike | Mapping | Config | None) -> Config:
         """Load and validate a config.
@@ -390,9 +402,26 @@ class Config(BaseModel):
         """The compute precision: "fp16", "bf16" or "fp32"."""
         return "fp16" if self.fp16.enabled else "bf16" if self.bf16.enabled else "fp32"
 
+    @property
+    def remat(self) -> str:
+        """The layer remat mode for the model, one of ``jds.models.REMAT_MODES``.
+
+        ``activation_checkpointing``, when present, decides (``.mode``: its ``policy``, else
+        "offload" with ``cpu_checkpointing``, else "full"); otherwise ``train.remat``. The
+        two may both be given only when they agree (``train.remat`` "none" is its default
+        and yields to the section).
+        """
+        section = self.activation_checkpointing
+        return self.train.remat if section is None else section.mode
+
     def to_dict(self) -> dict:
         """A JSON-able dict that ``Config.load`` turns back into an equal ``Config``."""
         out = self.model_dump(mode="json")
+        # DeepSpeed reads a null section as a dict and fails; absent means the same to both.
+        if out["activation_checkpointing"] is None:
+            del out["activation_checkpointing"]
+        elif out["activation_checkpointing"]["policy"] is None:
+            del out["activation_checkpointing"]["policy"]
         zero = out["zero_optimization"]
         for key, default in _DUMP_OMIT.items():
             if zero.get(key) == default:
@@ -474,7 +503,8 @@ DEFAULT_TRAIN: dict[str, Any] = {
 
 __all__ = [
     "BATCH_KEYS", "DEFAULT_TRAIN", "NOT_IMPLEMENTED", "OPTIMIZER_PARAMS", "SCHEDULER_PARAMS",
-    "AdamParams", "BF16Config", "BatchSizes", "Config", "ConfigError", "ConfigWarning",
+    "ActivationCheckpointingConfig", "AdamParams", "BF16Config", "BatchSizes", "Config",
+    "ConfigError", "ConfigWarning",
     "FP16Config", "LRRangeTestParams", "LambParams", "LionParams", "MeshConfig",
     "OffloadOptimizerConfig", "OffloadParamConfig", "OneCycleParams", "OptimizerConfig",
     "SchedulerConfig", "TrainConfig", "WarmupCosineLRParams", "WarmupDecayLRParams",

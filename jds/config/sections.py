@@ -186,7 +186,11 @@ _ZERO_TUNING: dict[str, tuple[Any, Any]] = {
 
 class _ZeroSection(_Section):
     """DeepSpeed's ``zero_optimization`` section. Every DeepSpeed key is accepted and
-    type-checked; what jds does with the stage is the engine's business (``NOT_IMPLEMENTED``)."""
+    type-checked. jds acts on ``stage``, ``zero_hpz_partition_size`` and ``mics_shard_size``
+    (``jds/partitioning/zero.py``) and adds ``param_partition_size``, ``grad_partition_size``
+    and ``optimizer_partition_size`` (a sharding factor per state); the other keys tune
+    DeepSpeed's own buffers and are no-ops here (``NOT_IMPLEMENTED`` lists the ones a user
+    would miss)."""
 
     _ALIASES: ClassVar[dict[str, str]] = {k.removeprefix("stage3_"): k for k in _ZERO_TUNING
                                           if k.startswith("stage3_")}
@@ -207,6 +211,14 @@ class _ZeroSection(_Section):
     mics_hierarchical_params_gather: Bool = Field(False, description="MiCS (removed).")
     zeropp_loco_param: dict[str, Any] | None = Field(None, description="LoCo-ZeRO++ (removed).")
     zenflow: dict[str, Any] | None = Field(None, description="DeepSpeed ZenFlow section.")
+    param_partition_size: Int | None = Field(
+        None, ge=1, description="jds: devices the parameters are sharded over (1, mesh.fsdp or "
+        "the data-parallel size); null = from the stage.")
+    grad_partition_size: Int | None = Field(
+        None, ge=1, description="jds: devices the gradients are sharded over; null = stage.")
+    optimizer_partition_size: Int | None = Field(
+        None, ge=1, description="jds: devices the fp32 master weights and optimizer state are "
+        "sharded over; null = from the stage.")
 
     @model_validator(mode="after")
     def _deepspeed_rules(self) -> _ZeroSection:
@@ -434,18 +446,30 @@ class SchedulerConfig(_Section):
 
 
 class MeshConfig(_Section):
-    """jds's ``mesh`` section: device-mesh axis sizes; one axis may be -1 (the rest)."""
+    """jds's ``mesh`` section: device-mesh axis sizes; one axis may be -1 (the rest).
+
+    Sizes are totals over all devices. ``dcn`` spreads axes over slices or hosts joined by
+    the slow data-centre network (see ``jds.partitioning.mesh``); it is left out of
+    ``model_dump()`` while every axis stays within one slice.
+    """
+
+    _AXES: ClassVar[tuple[str, ...]] = ("data", "fsdp", "tensor", "stage")
 
     data: Int = Field(-1, description="Pure data parallel; -1 = remaining devices.")
     fsdp: Int = Field(1, description="Data parallel with sharded states (ZeRO axis).")
     tensor: Int = Field(1, description="Tensor parallel (Megatron-style).")
     stage: Int = Field(1, description="Pipeline stages.")
+    dcn: dict[str, Int] = Field(
+        default_factory=dict, exclude_if=lambda d: all(n == 1 for n in d.values()),
+        description='Slices (TPU) or hosts (GPU/CPU) each axis spans over the data-centre '
+        'network, e.g. {"data": 2}; unset axes are 1. Must divide the axis size; the product '
+        "must equal the number of slices/hosts. Put data here, keep fsdp/tensor in a slice.")
 
     @model_validator(mode="after")
     def _one_fill(self) -> MeshConfig:
-        sizes = self.model_dump()
         if "data" not in self.model_fields_set and -1 in (self.fsdp, self.tensor, self.stage):
-            self.data = sizes["data"] = 1  # another axis takes the rest; data keeps 1
+            self.data = 1  # another axis takes the rest; data keeps 1
+        sizes = {a: getattr(self, a) for a in self._AXES}
         for axis, n in sizes.items():
             if n == 0 or n < -1:
                 raise ConfigError(f"mesh.{axis}={n}: must be a positive size or -1 (fill)")
@@ -453,6 +477,17 @@ class MeshConfig(_Section):
         if len(fill) > 1:
             raise ConfigError(f"mesh: {', '.join(f'mesh.{a}' for a in fill)} are all -1; only "
                               "one axis may take the remaining devices")
+        for axis, n in self.dcn.items():
+            if axis not in sizes:
+                raise ConfigError(f"mesh.dcn.{axis}: unknown axis; allowed: "
+                                  f"{', '.join(self._AXES)}")
+            if n < 1:
+                raise ConfigError(f"mesh.dcn.{axis}={n}: must be a positive number of slices "
+                                  "(or hosts) the axis spans; 1 = within one slice")
+            if sizes[axis] != -1 and sizes[axis] % n:
+                raise ConfigError(f"mesh.dcn.{axis}={n} does not divide mesh.{axis}="
+                                  f"{sizes[axis]}; make mesh.{axis} a multiple of {n} (each "
+                                  "slice holds an equal share) or change mesh.dcn")
         return self
 
 
@@ -473,3 +508,83 @@ class TrainConfig(_Section):
     sample_tokens: Int = Field(200, ge=0, description="Tokens sampled at the end; 0 = none.")
 
 
+
+
+RematPolicy = Literal["none", "full", "dots", "offload"]
+
+
+class ActivationCheckpointingConfig(_Section):
+    """DeepSpeed's ``activation_checkpointing`` section, mapped to jds's layer remat modes.
+
+    DeepSpeed checkpoints what the model hands to ``deepspeed.checkpointing.checkpoint``;
+    in jds every model runs its layers through one ``lax.scan`` (``jds.models.layers``),
+    and that scan body — one transformer layer — is the checkpoint boundary. So the section
+    being present switches rematerialisation on; ``mode`` is the resolved
+    ``jds.models.REMAT_MODES`` entry, which ``Config.remat`` hands to the engine:
+
+    - ``policy`` given: that mode (``"none"`` turns the section off explicitly).
+    - else ``cpu_checkpointing: true``: ``"offload"``, the matmul outputs kept in pinned
+      host memory (GPU/TPU only; the model raises on CPU). DeepSpeed moves each layer's
+      input to the CPU and recomputes the layer; jds keeps the layer inputs on device and
+      moves the larger matmul outputs instead, so no matmul is recomputed.
+    - else ``"full"``: only each layer's input is saved, as DeepSpeed does.
+
+    The other keys are DeepSpeed's, with its defaults, type-checked and checked as
+    ``deepspeed.checkpointing.configure`` checks them (contiguous buffers need
+    ``partition_activations`` and ``number_checkpoints``):
+
+    - ``partition_activations``: DeepSpeed splits each saved layer input over the
+      model-parallel ranks. In jds saved activations follow the sharding rules: the batch is
+      split over the data-parallel axes, and the matmul outputs that ``"dots"`` and
+      ``"offload"`` save are split over ``tensor`` with their heads/mlp dimensions. The
+      layer inputs ``[B, T, D]`` are not split over ``tensor`` under the default rules
+      (``seq`` and ``embed`` map to no mesh axis). Accepted; no further effect.
+    - ``contiguous_memory_optimization``, ``number_checkpoints``: a preallocated buffer
+      against fragmentation. XLA assigns every buffer at compile time; no effect.
+    - ``synchronize_checkpoint_boundary``, ``profile``: device syncs and timers around each
+      checkpoint. The step is one compiled program; profile it with ``jds.profiling`` or
+      the XLA profiler. No effect.
+    """
+
+    partition_activations: Bool = Field(
+        False, description="DeepSpeed: split saved layer inputs over model-parallel ranks. jds: "
+        "saved activations follow the sharding rules; no further effect.")
+    contiguous_memory_optimization: Bool = Field(
+        False, description="DeepSpeed: copy checkpoints into one buffer (needs "
+        "partition_activations and number_checkpoints). No effect: XLA plans buffers.")
+    cpu_checkpointing: Bool = Field(
+        False, description="Keep saved activations in host memory: selects policy 'offload' "
+        "(GPU/TPU only).")
+    number_checkpoints: Int | None = Field(
+        None, ge=1, description="DeepSpeed: checkpoints in the contiguous buffer. No effect.")
+    synchronize_checkpoint_boundary: Bool = Field(
+        False, description="DeepSpeed: device sync around each checkpoint. No effect.")
+    profile: Bool = Field(False, description="DeepSpeed: time each checkpoint. No effect; use "
+                          "jds.profiling.")
+    policy: RematPolicy | None = Field(
+        None, description="jds: the remat mode (none, full, dots, offload); null = 'offload' "
+        "with cpu_checkpointing, else 'full'.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ActivationCheckpointingConfig:
+        key = "activation_checkpointing"
+        if self.contiguous_memory_optimization and not self.partition_activations:
+            raise ConfigError(f"{key}.contiguous_memory_optimization=true needs "
+                              f"{key}.partition_activations=true, as in DeepSpeed; set both or "
+                              "drop contiguous_memory_optimization (it has no effect in jds)")
+        if self.contiguous_memory_optimization and self.number_checkpoints is None:
+            raise ConfigError(f"{key}.contiguous_memory_optimization=true needs "
+                              f"{key}.number_checkpoints, as in DeepSpeed; set it or drop "
+                              "contiguous_memory_optimization (it has no effect in jds)")
+        if self.cpu_checkpointing and self.policy not in (None, "offload"):
+            raise ConfigError(f'{key}.cpu_checkpointing=true asks for policy "offload" but '
+                              f'{key}.policy="{self.policy}"; drop one of the two keys')
+        return self
+
+    @property
+    def mode(self) -> str:
+        """The resolved remat mode: ``policy``, else "offload" with ``cpu_checkpointing``,
+        else "full"."""
+        if self.policy is not None:
+            return self.policy
+        return "offload" if self.cpu_checkpointing else "full"

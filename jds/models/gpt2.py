@@ -29,9 +29,11 @@ from jds.models.layers import (
     normal_param,
     positions_from_segments,
     scan_layers,
+    stacked_axes,
     stacked_params,
 )
 from jds.partitioning.rules import constrain
+from jds.partitioning.zero import gather_param
 
 BTD = ("batch", "seq", "embed")
 
@@ -230,12 +232,14 @@ class GPT2(nnx.Module):
         B, T = input_ids_BT.shape
         if positions is None:
             positions = positions_from_segments(segment_ids, B, T)
-        wte_VD = self.wte[...]
-        x_BTD = jnp.take(wte_VD, input_ids_BT, axis=0) + jnp.take(self.wpe[...], positions, axis=0)
+        wte_VD = gather_param(self.wte[...], ("vocab", "embed"))  # gathered here under ZeRO-3
+        wpe_PD = gather_param(self.wpe[...], (None, "embed"))
+        x_BTD = jnp.take(wte_VD, input_ids_BT, axis=0) + jnp.take(wpe_PD, positions, axis=0)
         x_BTD = constrain(x_BTD, BTD)
         block = partial(gpt2_block, cfg=cfg)
         x_BTD = scan_layers(
-            block, stacked_params(self.layers), x_BTD, segment_ids, remat=self.remat
+            block, stacked_params(self.layers), x_BTD, segment_ids, remat=self.remat,
+            axes=stacked_axes(self.layers),
         )
         h_BTD = layer_norm(x_BTD, self.ln_f_scale[...], self.ln_f_bias[...], cfg.layer_norm_epsilon)
         logits_BTV = jnp.einsum("BTD,VD->BTV", h_BTD, wte_VD)

@@ -14,6 +14,18 @@ Rematerialisation policies (``model.remat``):
   scores and probabilities, whose einsums carry batch dimensions and are ``O(B*N*T*T)``.
   ``dots_saveable`` would also save those ``T*T`` tensors, which is exactly the memory that
   remat is meant to free at long sequence lengths, so it is not used.
+- ``"offload"``: ``jax.checkpoint_policies.offload_dot_with_no_batch_dims``. The same matmul
+  outputs as ``"dots"`` are kept, but in the host's pinned memory instead of the
+  accelerator's: device memory holds what ``"full"`` holds (each layer's input), and the
+  backward pass copies the matmul outputs back instead of recomputing them. It needs an
+  accelerator with a ``pinned_host`` memory space (GPU, TPU). On CPU the host-placement
+  annotations are dropped when lowering, so the mode would silently be ``"dots"``;
+  ``remat_wrap`` raises instead. DeepSpeed's ``cpu_checkpointing`` maps here (see
+  ``jds.config.ActivationCheckpointingConfig``); unlike DeepSpeed, which moves the layer
+  inputs to the CPU and recomputes every layer, jds keeps the layer inputs on device and
+  moves the larger matmul outputs, so that the backward pass recomputes no matmul.
+
+Every mode computes the same numbers; they trade memory for recomputation or transfers.
 """
 
 from __future__ import annotations
@@ -26,7 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-REMAT_MODES: tuple[str, ...] = ("none", "full", "dots")
+from jds.partitioning.zero import GATHERED, gather_param, params_sharded
+
+REMAT_MODES: tuple[str, ...] = ("none", "full", "dots", "offload")
 
 
 def normal_param(
@@ -53,10 +67,69 @@ def stacked_params(module: nnx.Module) -> dict[str, jax.Array]:
     return {k: v[...] for k, v in vars(module).items() if isinstance(v, nnx.Param)}
 
 
+def stacked_axes(module: nnx.Module) -> dict[str, tuple[str | None, ...]]:
+    """Logical axes of one layer's weights (the ``layers`` axis dropped), by attribute name."""
+    return {
+        k: tuple(v.get_metadata()["axes"])[1:]
+        for k, v in vars(module).items()
+        if isinstance(v, nnx.Param)
+    }
+
+
+def gather_layer(p: dict[str, jax.Array], axes: dict[str, tuple[str | None, ...]]) -> dict:
+    """Constrain one layer's weights to their compute layout (the rules' tensor-parallel
+    spec, nothing over the data-parallel axes).
+
+    Under ZeRO-3 the stacked weights are sharded over the data-parallel group; this is
+    where XLA all-gathers them, one layer at a time inside the scan (and, transposed in
+    the backward pass, reduce-scatters that layer's gradients). Elsewhere it is a no-op.
+    """
+    return {k: gather_param(v, axes[k]) for k, v in p.items()}
+
+
 def check_remat(remat: str) -> None:
     """Raise ``ValueError`` unless ``remat`` is one of ``REMAT_MODES``."""
     if remat not in REMAT_MODES:
         raise ValueError(f"remat must be one of {list(REMAT_MODES)}; got {remat!r}")
+
+
+def offload_unsupported_reason(device: jax.Device | None = None) -> str | None:
+    """Why ``remat="offload"`` cannot run on ``device``, or ``None`` when it can.
+
+    Args:
+      device: the device to check; default the first device of the default backend, the
+        one ``jax.jit`` compiles for.
+
+    Returns:
+      ``None`` on a GPU or TPU that exposes ``pinned_host`` memory; otherwise the reason.
+    """
+    device = jax.devices()[0] if device is None else device
+    if device.platform == "cpu":
+        return ("on CPU the activations already live in host memory and XLA drops the "
+                "offload annotations, so 'offload' would silently act as 'dots'")
+    try:
+        kinds = sorted({m.kind for m in device.addressable_memories()})
+    except (AttributeError, NotImplementedError, RuntimeError) as e:
+        return f"{device.platform} device {device.id} does not list its memory spaces ({e})"
+    if "pinned_host" not in kinds:
+        return (f"{device.platform} device {device.id} has no 'pinned_host' memory space "
+                f"(it has {kinds})")
+    return None
+
+
+def remat_policy(remat: str) -> Callable | None:
+    """The ``jax.checkpoint`` policy of a mode of ``REMAT_MODES`` (``None`` for ``"none"``).
+
+    Only maps names to policies: ``remat_wrap`` also checks that ``"offload"`` can run.
+    """
+    check_remat(remat)
+    policies = jax.checkpoint_policies
+    return {
+        "none": None,
+        "full": policies.nothing_saveable,
+        "dots": policies.checkpoint_dots_with_no_batch_dims,
+        "offload": policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
+    }[remat]
 
 
 def remat_wrap(fn: Callable, remat: str) -> Callable:
@@ -64,15 +137,20 @@ def remat_wrap(fn: Callable, remat: str) -> Callable:
 
     ``prevent_cse=False`` because the function always runs inside ``lax.scan``, which
     already stops XLA from merging the recomputation back into the forward pass.
+
+    Raises:
+      ValueError: ``remat`` is not in ``REMAT_MODES``, or it is ``"offload"`` and the
+        default backend has no separate host memory (``offload_unsupported_reason``).
     """
-    check_remat(remat)
-    if remat == "none":
+    policy = remat_policy(remat)
+    if policy is None:
         return fn
-    policy = (
-        jax.checkpoint_policies.nothing_saveable
-        if remat == "full"
-        else jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
-    )
+    if remat == "offload" and (why := offload_unsupported_reason()) is not None:
+        raise ValueError(
+            f"remat='offload' (activation_checkpointing.cpu_checkpointing or .policy) needs a "
+            f"GPU or TPU with pinned host memory: {why}. Use 'full' (least device memory) or "
+            "'dots' (activation_checkpointing.policy, or train.remat) on this backend"
+        )
     return jax.checkpoint(fn, policy=policy, prevent_cse=False)
 
 
@@ -82,6 +160,7 @@ def scan_layers(
     x: jax.Array,
     *args: Any,
     remat: str = "none",
+    axes: dict[str, tuple[str | None, ...]] | None = None,
 ) -> jax.Array:
     """Run ``x = block_fn(params_l, x, *args)`` for every layer ``l`` with ``lax.scan``.
 
@@ -92,12 +171,29 @@ def scan_layers(
       params_L: weights with a leading ``layers`` dimension.
       x: the residual stream, e.g. ``x_BTD``.
       *args: per-call inputs shared by every layer (positions, segment ids).
-      remat: ``"none" | "full" | "dots"`` (see the module docstring).
+      remat: a mode of ``REMAT_MODES`` (see the module docstring).
+      axes: logical axes of one layer's weights (``stacked_axes``); when given, each
+        layer's weights are gathered to their compute layout inside the scan
+        (``gather_layer``), which is how ZeRO-3 never holds the whole model at once.
 
     Returns:
       The residual stream after the last layer.
     """
-    fn = remat_wrap(block_fn, remat)
+    def layer(p: dict[str, jax.Array], carry: jax.Array, *a: Any) -> jax.Array:
+        if axes is not None:  # gathered inside the checkpoint: re-gathered in backward
+            p = gather_layer(p, axes)
+        return block_fn(p, carry, *a)
+
+    if remat == "none" and axes is not None and params_sharded():
+        # ZeRO-3 without remat: keep every activation, but not the gathered weights (that
+        # would stack an unsharded copy of the whole model for the backward pass); the
+        # backward scan gathers each layer again, as DeepSpeed's ZeRO-3 does.
+        fn = jax.checkpoint(
+            layer, policy=jax.checkpoint_policies.save_anything_except_these_names(GATHERED),
+            prevent_cse=False,
+        )
+    else:
+        fn = remat_wrap(layer, remat)
 
     def body(carry: jax.Array, p: dict[str, jax.Array]) -> tuple[jax.Array, None]:
         return fn(p, carry, *args), None
@@ -168,8 +264,12 @@ __all__ = [
     "check_remat",
     "const_param",
     "normal_param",
+    "offload_unsupported_reason",
     "positions_from_segments",
+    "remat_policy",
     "remat_wrap",
     "scan_layers",
+    "stacked_axes",
     "stacked_params",
+    "gather_layer",
 ]

@@ -33,9 +33,11 @@ from jds.models.layers import (
     normal_param,
     positions_from_segments,
     scan_layers,
+    stacked_axes,
     stacked_params,
 )
 from jds.partitioning.rules import constrain
+from jds.partitioning.zero import gather_param
 
 BTD = ("batch", "seq", "embed")
 BTNH = ("batch", "seq", "heads", "head_dim")
@@ -332,17 +334,19 @@ class Llama(nnx.Module):
         B, T = input_ids_BT.shape
         if positions is None:
             positions = positions_from_segments(segment_ids, B, T)
-        embed_VD = self.embed_tokens[...]
+        embed_VD = gather_param(self.embed_tokens[...], ("vocab", "embed"))  # gathered (ZeRO-3)
         x_BTD = constrain(jnp.take(embed_VD, input_ids_BT, axis=0), BTD)
         block = partial(llama_block, cfg=cfg)
         x_BTD = scan_layers(
-            block, stacked_params(self.layers), x_BTD, positions, segment_ids, remat=self.remat
+            block, stacked_params(self.layers), x_BTD, positions, segment_ids, remat=self.remat,
+            axes=stacked_axes(self.layers),
         )
         h_BTD = rms_norm(x_BTD, self.norm[...], cfg.rms_norm_eps)
         if self.lm_head is None:
             logits_BTV = jnp.einsum("BTD,VD->BTV", h_BTD, embed_VD)
         else:
-            logits_BTV = jnp.einsum("BTD,DV->BTV", h_BTD, self.lm_head[...])
+            head_DV = gather_param(self.lm_head[...], ("embed", "vocab"))
+            logits_BTV = jnp.einsum("BTD,DV->BTV", h_BTD, head_DV)
         return constrain(logits_BTV, ("batch", "seq", "vocab"))
 
 

@@ -10,6 +10,7 @@ from jds.partitioning.rules import (
     tree_shardings,
     use_rules,
 )
+from jds.partitioning.zero import ZeroLayout, ZeroPlan, layout_from_config, make_plan
 
 __all__ = [
     "AXIS_LETTERS",
@@ -17,10 +18,14 @@ __all__ = [
     "LOGICAL_AXES",
     "MESH_AXES",
     "Rules",
+    "ZeroLayout",
+    "ZeroPlan",
     "constrain",
     "data_parallel_size",
+    "layout_from_config",
     "logical_to_spec",
     "make_mesh",
+    "make_plan",
     "tree_shardings",
     "use_rules",
 ]

@@ -1,0 +1,379 @@
+"""ZeRO as shardings: which mesh axes split the parameters, gradients and optimizer state.
+
+DeepSpeed's ZeRO partitions model states over the data-parallel group by hand-written
+bucketing and communication. In jds each stage is a choice of ``NamedSharding`` per state;
+XLA inserts the all-gathers, and the gradient reduction is a reduce-scatter
+(``train_step.py``). With ``Nd`` the data-parallel size (mesh axes ``fsdp`` x ``data``):
+
+======  =====================  ========================  ====================
+stage   params (compute copy)  fp32 master + optimizer   gradients
+======  =====================  ========================  ====================
+0       replicated             replicated                all-reduced
+1       replicated             sharded over Nd           all-reduced
+2       replicated             sharded over Nd           reduce-scattered
+3       sharded, gathered      sharded over Nd           reduce-scattered
+        per layer in the scan
+======  =====================  ========================  ====================
+
+Beyond DeepSpeed's single group, each of the three states may be sharded over a different
+group (``ZeroLayout``): the whole data-parallel group (``fsdp`` x ``data``), only the
+``fsdp`` axis (a sub-group, e.g. one node), or nothing (replicated). That covers
+
+- ZeRO++ hpZ (``zero_hpz_partition_size=k``): stage 3 parameters sharded within groups of
+  ``k`` (the ``fsdp`` axis) so the per-layer all-gathers stay inside a node, optimizer state
+  and gradients over the whole group;
+- MiCS (``mics_shard_size=m``): every sharded state within groups of ``m``, replicated
+  across groups (gradients all-reduced across groups);
+- separate sharding factors per state (``param_partition_size``, ``grad_partition_size``,
+  ``optimizer_partition_size``; asked for in DeepSpeed issue 5178).
+
+The sub-group is the mesh's ``fsdp`` axis; the engine sizes it from these keys when the
+config's ``mesh`` section leaves it at 1. Sharded states use the axis order
+``("fsdp", "data")`` so that an ``fsdp``-only shard is a contiguous union of whole-group
+shards: going from the optimizer's layout to hpZ's parameter layout is an all-gather over
+``data`` alone.
+
+Which dimension is split: the largest dimension of the parameter that is not the
+``layers`` axis (sharding the layer stack would hand whole layers to single devices, not
+ZeRO) and not already split by the rules (tensor parallel), that divides by the group size.
+If none divides cleanly, a dimension already split by tensor parallelism is split further
+when its size allows; otherwise the parameter stays replicated over the group and
+``jds explain`` shows it. (DeepSpeed pads flat buffers instead; for the shapes of real
+models every weight matrix divides, and only tiny vectors such as biases could remain.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import functools
+import math
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import jax
+from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jds.partitioning.rules import Rules, active_rules, logical_to_spec, tree_logical_axes
+
+ZERO_AXES: tuple[str, ...] = ("fsdp", "data")
+SUBGROUP_AXES: tuple[str, ...] = ("fsdp",)
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class ZeroLayout:
+    """The mesh axes each model state is sharded over (``()`` = replicated).
+
+    Attributes:
+      stage: the ZeRO stage this layout came from (0-3), for reports.
+      params: axes of the compute copy of the parameters (stage 3).
+      grads: axes of the gradient accumulation buffer (stage >= 2).
+      optimizer: axes of the fp32 master weights and optimizer state (stage >= 1).
+    """
+
+    stage: int = 0
+    params: tuple[str, ...] = ()
+    grads: tuple[str, ...] = ()
+    optimizer: tuple[str, ...] = ()
+
+    def describe(self, mesh: Mesh) -> dict[str, int]:
+        """Sharding factor (group size) of each state on ``mesh``."""
+        return {
+            k: math.prod(mesh.shape[a] for a in getattr(self, k))
+            for k in ("params", "grads", "optimizer")
+        }
+
+
+def _axes_for_size(size: int, key: str, mesh_shape: Mapping[str, int]) -> tuple[str, ...]:
+    """Mesh axes giving a sharding factor of ``size`` (1, the fsdp size, or all of Nd)."""
+    nd = mesh_shape["fsdp"] * mesh_shape["data"]
+    if size == 1:
+        return ()
+    if size == nd:
+        return ZERO_AXES
+    if size == mesh_shape["fsdp"]:
+        return SUBGROUP_AXES
+    raise ValueError(
+        f"zero_optimization.{key}={size}: a sharding factor must be 1, the data-parallel "
+        f"size ({nd}) or the mesh's fsdp size ({mesh_shape['fsdp']}); set mesh.fsdp to "
+        f"{size} to shard within groups of {size}"
+    )
+
+
+def subgroup_size(zero: Any) -> tuple[int, str | None]:
+    """The sub-group size the ZeRO config asks for (hpZ, MiCS or a partition size) and the
+    key that asks for it; ``(1, None)`` when none does.
+
+    The engine uses it to size the mesh's ``fsdp`` axis when the config leaves it at 1.
+    """
+    asks = [
+        ("zero_hpz_partition_size", zero.zero_hpz_partition_size),
+        ("mics_shard_size", zero.mics_shard_size),
+        *((k, getattr(zero, k, None)) for k in PARTITION_KEYS),
+    ]
+    asks = [(int(v), k) for k, v in asks if v is not None and int(v) > 1]
+    return min(asks) if asks else (1, None)
+
+
+PARTITION_KEYS: tuple[str, ...] = (
+    "param_partition_size",
+    "grad_partition_size",
+    "optimizer_partition_size",
+)
+
+
+def layout_from_config(zero: Any, mesh_shape: Mapping[str, int]) -> ZeroLayout:
+    """The ``ZeroLayout`` for a ``zero_optimization`` config section on a mesh.
+
+    Args:
+      zero: the config's ``ZeroConfig`` (stage, hpZ, MiCS and partition-size keys).
+      mesh_shape: mesh axis sizes (``mesh.shape``).
+
+    Raises:
+      ValueError: naming the key, when hpZ or MiCS is set without a stage that shards
+        what they shard, or a size does not match the mesh.
+    """
+    stage = int(zero.stage)
+    nd = mesh_shape["fsdp"] * mesh_shape["data"]
+    full = ZERO_AXES if nd > 1 else ()
+    params = full if stage >= 3 else ()
+    grads = full if stage >= 2 else ()
+    optimizer = full if stage >= 1 else ()
+
+    hpz = int(zero.zero_hpz_partition_size)
+    if hpz > 1:
+        if stage != 3:
+            raise ValueError(
+                f"zero_optimization.zero_hpz_partition_size={hpz} shards parameters, which "
+                f"needs stage 3 (got stage {stage}); set zero_optimization.stage to 3"
+            )
+        params = _axes_for_size(hpz, "zero_hpz_partition_size", mesh_shape)
+    mics = int(zero.mics_shard_size)
+    if mics > 0:
+        if stage == 0:
+            raise ValueError(
+                f"zero_optimization.mics_shard_size={mics} needs a ZeRO stage >= 1 (it "
+                "limits the group sharded states are split over); set zero_optimization.stage"
+            )
+        sub = _axes_for_size(mics, "mics_shard_size", mesh_shape)
+        params, grads, optimizer = (sub if axes else () for axes in (params, grads, optimizer))
+    explicit = {k: getattr(zero, k, None) for k in PARTITION_KEYS}
+    if explicit["param_partition_size"] is not None:
+        params = _axes_for_size(int(explicit["param_partition_size"]),
+                                "param_partition_size", mesh_shape)
+    if explicit["grad_partition_size"] is not None:
+        grads = _axes_for_size(int(explicit["grad_partition_size"]),
+                               "grad_partition_size", mesh_shape)
+    if explicit["optimizer_partition_size"] is not None:
+        optimizer = _axes_for_size(int(explicit["optimizer_partition_size"]),
+                                   "optimizer_partition_size", mesh_shape)
+    drop = {a for a in ZERO_AXES if mesh_shape[a] == 1}  # size-1 axes: keep specs readable
+    params, grads, optimizer = (tuple(a for a in ax if a not in drop)
+                                for ax in (params, grads, optimizer))
+    return ZeroLayout(stage=stage, params=params, grads=grads, optimizer=optimizer)
+
+
+def _entry_axes(entry: Any) -> tuple[str, ...]:
+    if entry is None:
+        return ()
+    return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def zero_dim(
+    shape: tuple[int, ...],
+    logical: tuple[str | None, ...],
+    base: PartitionSpec,
+    mesh_shape: Mapping[str, int],
+    group: int,
+) -> int | None:
+    """The dimension ZeRO splits over a group of ``group`` devices, or None (replicated).
+
+    See the module docstring for the order of preference.
+    """
+    if group <= 1:
+        return None
+    entries = list(base) + [None] * (len(shape) - len(base))
+    free = [i for i, (n, e) in enumerate(zip(logical, entries, strict=True))
+            if n != "layers" and e is None and shape[i] % group == 0]
+    if free:
+        return max(free, key=lambda i: (shape[i], -i))
+    split = [i for i, (n, e) in enumerate(zip(logical, entries, strict=True))
+             if n != "layers" and e is not None
+             and shape[i] % (group * math.prod(mesh_shape[a] for a in _entry_axes(e))) == 0]
+    if split:
+        return max(split, key=lambda i: (shape[i], -i))
+    return None
+
+
+def add_axes(
+    base: PartitionSpec, ndim: int, dim: int | None, axes: tuple[str, ...]
+) -> PartitionSpec:
+    """``base`` with ``axes`` appended (minor) on dimension ``dim``."""
+    entries = list(base) + [None] * (ndim - len(base))
+    if dim is None or not axes:
+        return PartitionSpec(*entries)
+    new = _entry_axes(entries[dim]) + tuple(axes)
+    entries[dim] = new[0] if len(new) == 1 else new
+    return PartitionSpec(*entries)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Leaf:
+    axes: tuple[str | None, ...]
+    shape: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class ZeroPlan:
+    """Per-parameter specs of one layout on one mesh (pytrees shaped like the params).
+
+    Attributes:
+      layout: the ``ZeroLayout``.
+      base: the rules' spec of each parameter (tensor parallel only): the layout the model
+        computes with, i.e. what a stage-3 parameter is gathered to inside the layer scan.
+      dims: the dimension ZeRO splits per parameter (-1: kept replicated over the group).
+      params, grads, optimizer: the ``PartitionSpec`` of each state.
+    """
+
+    layout: ZeroLayout
+    base: PyTree
+    dims: PyTree
+    params: PyTree
+    grads: PyTree
+    optimizer: PyTree
+
+    def shardings(self, mesh: Mesh, which: str) -> PyTree:
+        """``NamedSharding`` tree of ``which`` (``"base" | "params" | "grads" | "optimizer"``)."""
+        return jax.tree.map(lambda s: NamedSharding(mesh, s), getattr(self, which),
+                            is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def make_plan(abstract_state: Any, mesh: Mesh, rules: Rules, layout: ZeroLayout) -> ZeroPlan:
+    """Specs of every parameter under ``layout``.
+
+    Args:
+      abstract_state: an ``nnx.State`` whose Variables carry ``axes`` metadata.
+      mesh: the device mesh.
+      rules: logical -> mesh rules (tensor parallelism).
+      layout: which states are sharded over which axes.
+
+    Returns:
+      A ``ZeroPlan`` whose trees are pure dicts (``nnx.to_pure_dict`` structure).
+    """
+    from flax import nnx
+
+    tree_logical_axes(abstract_state)  # a clear error for a parameter without axes=
+    pure = nnx.to_pure_dict(jax.tree.map(
+        lambda v: _Leaf(tuple(v.get_metadata()["axes"]), tuple(v.shape)), abstract_state,
+        is_leaf=lambda x: isinstance(x, nnx.Variable)))
+    is_leaf = lambda x: isinstance(x, _Leaf)  # noqa: E731
+    paths, treedef = jax.tree_util.tree_flatten_with_path(pure, is_leaf=is_leaf)
+    groups = {k: math.prod(mesh.shape[a] for a in getattr(layout, k))
+              for k in ("params", "grads", "optimizer")}
+    group = max(groups.values())
+    out: dict[str, list] = {k: [] for k in ("base", "dims", "params", "grads", "optimizer")}
+    for path, leaf in paths:
+        axes, shape = leaf.axes, leaf.shape
+        name = "/".join(str(getattr(p, "key", p)) for p in path)
+        base = logical_to_spec(axes, rules, mesh=mesh, shape=shape, what=name)
+        # one dimension for every state, chosen for the largest group, so going from one
+        # state's layout to another's is a gather along that dimension only
+        dim = zero_dim(shape, axes, base, mesh.shape, group)
+        out["base"].append(PartitionSpec(*(list(base) + [None] * (len(shape) - len(base)))))
+        out["dims"].append(-1 if dim is None else dim)
+        for k in ("params", "grads", "optimizer"):
+            out[k].append(add_axes(base, len(shape), dim, getattr(layout, k)))
+    trees = {k: jax.tree_util.tree_unflatten(treedef, v) for k, v in out.items()}
+    return ZeroPlan(layout=layout, **trees)
+
+
+_ACTIVE_LAYOUT: contextvars.ContextVar[ZeroLayout | None] = contextvars.ContextVar(
+    "jds_zero_layout", default=None
+)
+
+
+@contextlib.contextmanager
+def use_layout(layout: ZeroLayout | None) -> Iterator[None]:
+    """Make ``layout`` the ZeRO layout ``gather_param`` sees inside the block (trace time)."""
+    token = _ACTIVE_LAYOUT.set(layout)
+    try:
+        yield
+    finally:
+        _ACTIVE_LAYOUT.reset(token)
+
+
+GATHERED = "zero_gathered"  # checkpoint name of a ZeRO-3 parameter gathered for compute
+
+
+def params_sharded() -> bool:
+    """Whether the active ZeRO layout shards parameters (ZeRO-3), at trace time."""
+    layout = _ACTIVE_LAYOUT.get()
+    return layout is not None and bool(layout.params) and active_rules() is not None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _gather(x: jax.Array, gathered: NamedSharding, sharded: NamedSharding) -> jax.Array:
+    return jax.lax.with_sharding_constraint(x, gathered)
+
+
+def _gather_fwd(x, gathered, sharded):
+    return jax.lax.with_sharding_constraint(x, gathered), None
+
+
+def _gather_bwd(gathered, sharded, _, ct):
+    return (jax.lax.with_sharding_constraint(ct, sharded),)
+
+
+_gather.defvjp(_gather_fwd, _gather_bwd)
+
+
+def gather_param(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+    """A parameter at its point of use: gathered to its compute layout (the rules' spec).
+
+    Under ZeRO-3 (parameters sharded) this is the per-layer all-gather, and its gradient
+    is constrained straight back to the ZeRO gradient layout, so the backward scan emits
+    one reduce-scatter per layer and stacks only gradient *shards* — never a full-size
+    gradient of the layer stack. Without ZeRO-3 it is ``constrain`` (a no-op for a
+    parameter already in its compute layout); outside ``use_rules`` it returns ``x``.
+
+    Args:
+      x: the parameter (one layer's slice inside the scan, or a whole embedding).
+      axes: its logical axes (without ``layers``).
+    """
+    active = active_rules()
+    if active is None:
+        return x
+    mesh, rules = active
+    base = logical_to_spec(axes, rules, mesh=mesh, shape=tuple(x.shape), what=f"param {axes}")
+    layout = _ACTIVE_LAYOUT.get()
+    if layout is None or not layout.params:
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, base))
+    group = max(math.prod(mesh.shape[a] for a in getattr(layout, k))
+                for k in ("params", "grads", "optimizer"))
+    dim = zero_dim(tuple(x.shape), axes, base, mesh.shape, group)
+    grad_spec = add_axes(base, x.ndim, dim, layout.grads)
+    return checkpoint_name(
+        _gather(x, NamedSharding(mesh, base), NamedSharding(mesh, grad_spec)), GATHERED
+    )
+
+
+__all__ = [
+    "PARTITION_KEYS",
+    "SUBGROUP_AXES",
+    "ZERO_AXES",
+    "ZeroLayout",
+    "ZeroPlan",
+    "GATHERED",
+    "add_axes",
+    "gather_param",
+    "layout_from_config",
+    "make_plan",
+    "params_sharded",
+    "subgroup_size",
+    "use_layout",
+    "zero_dim",
+]
