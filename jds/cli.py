@@ -3,14 +3,26 @@
 ``jds train`` with no arguments trains the ``llama-tiny`` preset on the embedded byte-level
 corpus (``jds.trainer.run``); ``--config`` takes a DeepSpeed-style ``ds_config.json`` (its
 ``train`` section, or the flags, choose model, steps and data).
+
+``jds estimate`` and ``jds explain`` (``jds.profiling.memory_report``) compile for N
+simulated CPU devices, which JAX can only be given before its first use in a process: a
+fresh ``jds`` process sets them up before importing JAX; called from Python with JAX already
+running and too few CPU devices, the command re-runs itself in a fresh process.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
+
+# Whether JAX was imported before this module: if not, this process may choose JAX's
+# platform and CPU device count (jds estimate / explain).
+_FRESH_PROCESS = "jax" not in sys.modules
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -44,6 +56,73 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _simulated_devices(args: argparse.Namespace, argv: list[str]) -> list | int:
+    """``args.devices`` simulated CPU devices, or the exit code of a re-run in a fresh process
+    (when JAX already runs here with fewer CPU devices)."""
+    if args.devices < 1:
+        raise ValueError(f"--devices {args.devices}: need at least one device")
+    fresh = _FRESH_PROCESS and "jax" not in sys.modules
+    from jds.profiling.memory_report import (
+        SUBPROCESS_ENV,
+        configure_cpu_devices,
+        cpu_devices,
+        simulated_env,
+    )
+
+    if fresh:
+        configure_cpu_devices(args.devices)
+
+    devices = cpu_devices(args.devices)
+    if devices is not None:
+        return devices
+    if os.environ.get(SUBPROCESS_ENV):
+        # a re-run that still lacks the devices must not re-run again
+        raise RuntimeError(f"jds {args.command}: JAX did not start with the {args.devices} "
+                           "simulated CPU devices asked for (JAX_NUM_CPU_DEVICES)")
+    proc = subprocess.run([sys.executable, "-m", "jds.cli", *argv], capture_output=True,
+                          text=True, env=simulated_env(args.devices))
+    sys.stdout.write(proc.stdout)
+    sys.stderr.write(proc.stderr)
+    return proc.returncode
+
+
+def _explain(args: argparse.Namespace, argv: list[str]) -> int:
+    devices = _simulated_devices(args, argv)
+    if isinstance(devices, int):
+        return devices
+    from jds.profiling import memory_report as mr
+
+    engine = mr.shapes_engine(args.model, args.config, devices, stage=args.stage)
+    report = mr.explain_report(engine, args.model)
+    sys.stdout.write(json.dumps(report) + "\n" if args.json else mr.explain_text(report))
+    return 0
+
+
+def _estimate(args: argparse.Namespace, argv: list[str]) -> int:
+    devices = _simulated_devices(args, argv)
+    if isinstance(devices, int):
+        return devices
+    from jds.profiling import memory_report as mr
+
+    engine = mr.shapes_engine(args.model, args.config, devices, stage=args.stage)
+    seq_len = args.seq_len or engine.config.train.seq_len
+    report = mr.estimate_report(engine, args.model, seq_len, compile=not args.no_compile,
+                                nodes=args.nodes)
+    sys.stdout.write(json.dumps(report) + "\n" if args.json else mr.estimate_text(report))
+    return 0
+
+
+def _layout_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="preset name (jds.models.PRESETS)")
+    p.add_argument("--config", help="ds_config.json-style JSON file (default: bf16, ZeRO off, "
+                   "one sequence per device)")
+    p.add_argument("--devices", type=int, default=8,
+                   help="simulated CPU devices the mesh spans (default 8)")
+    p.add_argument("--stage", type=int, choices=(0, 1, 2, 3),
+                   help="override zero_optimization.stage")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``jds`` argument parser (subcommands)."""
     p = argparse.ArgumentParser(prog="jds", description="DeepSpeed on JAX/XLA")
@@ -57,13 +136,29 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=_train)
+
+    e = sub.add_parser("estimate", help="per-device memory: ZeRO formulas and the compiled step")
+    _layout_args(e)
+    e.add_argument("--seq-len", type=int, help="tokens per sequence (default train.seq_len)")
+    e.add_argument("--nodes", type=int, default=1,
+                   help="nodes the devices span, for DeepSpeed's per-node CPU estimate")
+    e.add_argument("--no-compile", action="store_true",
+                   help="formulas and state shardings only; skip compiling the train step")
+    e.set_defaults(func=_estimate)
+
+    x = sub.add_parser("explain", help="every parameter's sharding and bytes per device")
+    _layout_args(x)
+    x.set_defaults(func=_explain)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``jds`` console script."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:
+        if args.command in ("estimate", "explain"):
+            return args.func(args, argv)
         return args.func(args)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         # Config, data and checkpoint errors are written for people: show them plainly.

@@ -1,11 +1,14 @@
-"""``jds train``: run folder contents, resume continuity, errors for people."""
+"""``jds train``: run folder contents, resume continuity, errors for people; ``jds explain`` and
+``jds estimate``."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from jds.cli import main
+from jds.models import PRESETS
 
 
 def write_config(path, steps, **train):
@@ -106,3 +109,80 @@ def test_batch_that_does_not_divide_devices_is_an_error(tmp_path, capsys):
                  "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "train_batch_size" in err and "12" in err
+
+
+# ------------------------------------------------------------------ jds explain / estimate
+GOLDEN = Path(__file__).parent / "golden" / "sharding"
+
+
+def run_json(capsys, *argv):
+    assert main(list(argv)) == 0, capsys.readouterr().err
+    return json.loads(capsys.readouterr().out)
+
+
+def test_explain_prints_the_golden_table_and_json(capsys):
+    assert main(["explain", "--model", "llama-tiny", "--stage", "3"]) == 0
+    assert capsys.readouterr().out == (GOLDEN / "llama-tiny__zero3-dp8.txt").read_text()
+    rep = run_json(capsys, "explain", "--model", "llama-tiny", "--stage", "3", "--json")
+    wq = next(p for p in rep["params"] if p["path"] == "layers/wq")
+    assert wq["shape"] == [4, 128, 4, 32] and wq["axes"] == ["layers", "embed", "heads",
+                                                             "head_dim"]
+    assert wq["specs"]["params"] == [None, "data", "tensor", None]
+    assert wq["bytes_per_device"] == {"params": 4 * 128 * 4 * 32 * 2 // 8,
+                                      "grads": 4 * 128 * 4 * 32 * 4 // 8,
+                                      "optimizer": 4 * 128 * 4 * 32 * 12 // 8}
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_explain_and_estimate_run_on_every_preset(preset, capsys):
+    rep = run_json(capsys, "explain", "--model", preset, "--stage", "3", "--json")
+    assert rep["model"] == preset and rep["groups"] == {"params": 8, "grads": 8, "optimizer": 8}
+    est = run_json(capsys, "estimate", "--model", preset, "--stage", "3", "--no-compile",
+                   "--json")
+    assert est["num_params"] == rep["num_params"]
+    assert est["compiled"] is None
+    # ZeRO-3 on 8 devices: every state is 1/8 of the whole, as the formula says
+    f = est["formula"]["3"]
+    assert est["state"]["params"] == f["params"] == 2 * rep["num_params"] / 8
+    assert est["state"]["master"] + est["state"]["optimizer"] == f["master"] + f["optimizer"]
+
+
+@pytest.mark.parametrize("preset", ["llama-tiny", "gpt2-tiny"])
+def test_estimate_compiles_the_train_step(preset, capsys):
+    rep = run_json(capsys, "estimate", "--model", preset, "--stage", "2", "--seq-len", "32",
+                   "--json")
+    c, state = rep["compiled"], rep["state"]
+    batch_bytes = 1 * 32 * 4  # one int32 sequence of 32 tokens per device
+    # the arguments are the state and the batch; the whole state is donated (aliased)
+    assert c["state"] == state
+    assert c["argument"] == state["total"] + batch_bytes
+    assert c["alias"] == state["total"]
+    assert c["temp"] > 0 and c["peak"] == c["argument"] + c["temp"] + c["output"] - c["alias"]
+    assert state["params"] + state["master"] + state["optimizer"] == \
+        rep["formula"]["2"]["persistent"]
+
+
+def test_estimate_text_shows_formulas_deepspeed_and_state(capsys):
+    assert main(["estimate", "--model", "llama-tiny", "--no-compile", "--stage", "1"]) == 0
+    out = capsys.readouterr().out
+    for line in ("stage 1 (config)", "DeepSpeed's estimator", "Train state per device",
+                 "skipped (--no-compile)"):
+        assert line in out
+
+
+def test_estimate_reruns_in_a_fresh_process_for_more_devices(capsys):
+    # this process has 8 CPU devices; 16 need a new process (JAX's device count is fixed)
+    rep = run_json(capsys, "estimate", "--model", "llama-tiny", "--devices", "16", "--stage",
+                   "3", "--no-compile", "--json")
+    assert rep["devices"] == 16 and rep["mesh"]["data"] == 16
+    assert rep["state"]["params"] == rep["formula"]["3"]["params"]
+
+
+def test_estimate_layout_errors_are_clear(tmp_path, capsys):
+    cfg = tmp_path / "tp3.json"
+    cfg.write_text(json.dumps({"mesh": {"tensor": 3}}))
+    assert main(["estimate", "--model", "llama-tiny", "--config", str(cfg), "--no-compile"]) == 2
+    err = capsys.readouterr().err
+    assert "mesh" in err and "Traceback" not in err
+    assert main(["estimate", "--model", "llama-tiny", "--nodes", "3", "--no-compile"]) == 2
+    assert "--nodes 3" in capsys.readouterr().err

@@ -1,0 +1,499 @@
+"""Memory and sharding reports: the library behind ``jds estimate`` and ``jds explain``.
+
+Both commands build a ``TrainEngine(..., shapes_only=True)`` for a preset and a config on N
+*simulated CPU devices*: nothing is materialised, only shapes and shardings exist, so a 7B
+model on 64 devices fits a laptop.
+
+- ``explain_report`` lists every parameter: its logical axes and the ``PartitionSpec`` and
+  per-device bytes of its compute copy, its gradient and its optimizer state, read from the
+  engine's ZeRO plan (``engine.zero``), i.e. exactly the layout training would use.
+- ``estimate_report`` puts the formulas of ``jds.partitioning.memory`` (the ZeRO paper's
+  table for stages 0-3 and the config's layout, and DeepSpeed's own estimators) next to the
+  compiled truth: the state's shard bytes and ``memory_analysis()`` of the AOT-compiled
+  train step, activations included.
+
+**Why simulated CPU devices, and how they are obtained.** The compile needs real devices for
+its mesh, N of them, on any machine; XLA's CPU client can pretend to have any number
+(``jax_num_cpu_devices``, the successor of ``XLA_FLAGS=--xla_force_host_platform_device_count``),
+but only before the first JAX backend starts, once per process. The CLI therefore sets it
+when it owns a fresh process (``configure_cpu_devices``: JAX was not imported before the
+CLI). When JAX is
+already running — ``jds.cli.main`` called from Python, e.g. in tests — ``cpu_devices``
+uses the first N of the existing CPU devices if there are enough, and otherwise the CLI
+re-runs the same command in a fresh ``python -m jds.cli`` process. The alternative,
+``jax.sharding.AbstractMesh``, lowers without devices but cannot be compiled, and the
+compiled ``memory_analysis()`` is the point. Memory numbers are the XLA CPU compiler's
+buffer assignment: state and argument bytes are exact for any backend; ``temp`` is close
+to, not equal to, what the GPU or TPU compiler assigns (different fusion decisions).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jds.config import Config
+from jds.engine import TrainEngine
+from jds.partitioning.axes import AXIS_LETTERS
+from jds.partitioning.memory import (
+    CompiledMemory,
+    compiled_memory,
+    deepspeed_estimates,
+    model_states_for_groups,
+    model_states_per_device,
+    shard_bytes,
+    state_memory,
+)
+from jds.partitioning.mesh import data_parallel_size
+
+# Without --config: bf16 mixed precision (the ZeRO table's setting), one sequence per device.
+DEFAULT_CONFIG: dict[str, Any] = {"bf16": {"enabled": True}}
+GRAD_BYTES = 4  # jds accumulates, clips and applies gradients in fp32 (train_step.py)
+SUBPROCESS_ENV = "JDS_SIMULATED_DEVICES"  # set in a re-run process: it must not re-run again
+
+
+# ------------------------------------------------------------------ devices and engine
+def simulated_env(n_devices: int, env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment for a fresh process that compiles for ``n_devices`` simulated CPU devices.
+
+    ``JAX_NUM_CPU_DEVICES`` takes precedence over any ``--xla_force_host_platform_device_count``
+    already in ``XLA_FLAGS`` (the test suite sets 8 there).
+    """
+    out = dict(os.environ if env is None else env)
+    out.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(n_devices),
+               **{SUBPROCESS_ENV: str(n_devices)})
+    return out
+
+
+def configure_cpu_devices(n_devices: int) -> None:
+    """Make this process's JAX a CPU-only backend with ``n_devices`` devices.
+
+    Only possible before JAX's first computation in the process (``jds.cli`` calls it when
+    it imported JAX itself).
+
+    Raises:
+      RuntimeError: JAX's backends already started (use ``cpu_devices`` or a fresh process).
+    """
+    jax.config.update("jax_num_cpu_devices", n_devices)
+    jax.config.update("jax_platforms", "cpu")
+
+
+def cpu_devices(n_devices: int) -> list[jax.Device] | None:
+    """The first ``n_devices`` CPU devices of this process, or None if it has fewer.
+
+    Raises:
+      ValueError: ``n_devices`` below 1.
+    """
+    if n_devices < 1:
+        raise ValueError(f"--devices {n_devices}: need at least one device")
+    try:
+        devices = jax.devices("cpu")
+    except RuntimeError:  # JAX_PLATFORMS excludes the CPU backend
+        return None
+    return list(devices[:n_devices]) if len(devices) >= n_devices else None
+
+
+def load_config(
+    config: str | os.PathLike | Mapping | Config | None, *, stage: int | None = None
+) -> Config:
+    """The config an estimate or explanation runs with.
+
+    ``None`` is ``DEFAULT_CONFIG`` (bf16). ``stage`` replaces ``zero_optimization.stage``.
+    A config without any batch size gets ``train_micro_batch_size_per_gpu=1``.
+
+    Raises:
+      ConfigError: an invalid config or stage.
+    """
+    cfg = Config.load(DEFAULT_CONFIG if config is None else config)
+    data = cfg.to_dict()
+    if stage is not None:
+        data["zero_optimization"] = {**data["zero_optimization"], "stage": stage}
+    if all(data.get(k) in (None, "auto") for k in (
+            "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")):
+        data["train_micro_batch_size_per_gpu"] = 1
+    return Config.load(data)
+
+
+def shapes_engine(
+    model: str,
+    config: str | os.PathLike | Mapping | Config | None,
+    devices: list[jax.Device],
+    *,
+    stage: int | None = None,
+) -> TrainEngine:
+    """A ``TrainEngine`` with shapes and shardings only (nothing materialised).
+
+    Args:
+      model: a preset name (``jds.models.PRESETS``).
+      config: ``ds_config.json`` path, dict or ``Config``; None = ``DEFAULT_CONFIG``.
+      devices: the mesh's devices (``cpu_devices``).
+      stage: replaces ``zero_optimization.stage`` when given.
+    """
+    return TrainEngine(model, load_config(config, stage=stage), devices=devices,
+                       shapes_only=True)
+
+
+# ------------------------------------------------------------------ per-parameter facts
+@dataclasses.dataclass(frozen=True)
+class ParamRow:
+    """One parameter's layout and per-device bytes.
+
+    Attributes:
+      path: ``/``-joined tree path (``layers/wq``).
+      shape: global shape.
+      axes: logical axes.
+      specs: ``PartitionSpec`` of ``params`` (compute copy), ``grads`` and ``optimizer``
+        (fp32 master and optimizer state).
+      nbytes: per-device bytes of ``params``, ``grads`` (fp32) and ``optimizer`` (master
+        plus optimizer state).
+      zero_dim: the dimension ZeRO splits (-1: kept replicated over the ZeRO group).
+    """
+
+    path: str
+    shape: tuple[int, ...]
+    axes: tuple[str | None, ...]
+    specs: dict[str, PartitionSpec]
+    nbytes: dict[str, int]
+    zero_dim: int
+
+
+def _path(keys: tuple) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in keys)
+
+
+def _by_path(tree: Any, is_leaf: Any = None) -> dict[str, Any]:
+    return {_path(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]}
+
+
+def _logical_axes(engine: TrainEngine) -> dict[str, tuple[str | None, ...]]:
+    """Each parameter's logical axes (kept in the graph definition's variable metadata)."""
+    model = nnx.merge(engine.graphdef, engine.state.params)
+    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+    return {k: tuple(v.get_metadata()["axes"])
+            for k, v in _by_path(nnx.state(model), is_leaf=is_var).items()}
+
+
+def _optimizer_bytes(engine: TrainEngine) -> dict[str, int]:
+    """Per-device bytes of the optimizer-state arrays belonging to each parameter."""
+    paths = jax.tree_util.tree_map_with_path(lambda p, _: _path(p), engine.state.params)
+    out: dict[str, int] = {}
+
+    def add(leaf: Any, path: str) -> Any:
+        out[path] = out.get(path, 0) + shard_bytes(leaf)
+        return leaf
+
+    optax.tree_map_params(engine.tx, add, engine.state.opt_state, paths,
+                          transform_non_params=lambda x: x)
+    return out
+
+
+def _is_spec(x: Any) -> bool:
+    return isinstance(x, PartitionSpec)
+
+
+def param_rows(engine: TrainEngine) -> list[ParamRow]:
+    """Every parameter of ``engine``'s model with its specs and per-device bytes."""
+    mesh, zero = engine.mesh, engine.zero
+    axes = _logical_axes(engine)
+    params = _by_path(engine.state.params)
+    master = {} if engine.state.master is None else _by_path(engine.state.master)
+    opt = _optimizer_bytes(engine)
+    specs = {k: _by_path(getattr(zero, k), is_leaf=_is_spec)
+             for k in ("params", "grads", "optimizer")}
+    dims = _by_path(zero.dims)
+    rows = []
+    for path, p in params.items():
+        shape = tuple(p.shape)
+        grad_shard = NamedSharding(mesh, specs["grads"][path]).shard_shape(shape)
+        rows.append(ParamRow(
+            path=path,
+            shape=shape,
+            axes=axes[path],
+            specs={k: specs[k][path] for k in specs},
+            nbytes={
+                "params": shard_bytes(p),
+                "grads": math.prod(grad_shard) * GRAD_BYTES,
+                "optimizer": (shard_bytes(master[path]) if master else 0) + opt.get(path, 0),
+            },
+            zero_dim=int(dims[path]),
+        ))
+    return rows
+
+
+def _header(engine: TrainEngine, model: str) -> dict[str, Any]:
+    layout = engine.zero_layout
+    return {
+        "model": model,
+        "devices": int(engine.mesh.size),
+        "mesh": {k: int(v) for k, v in engine.mesh.shape.items()},
+        "precision": engine.config.precision,
+        "stage": int(layout.stage),
+        "layout": {k: list(getattr(layout, k)) for k in ("params", "grads", "optimizer")},
+        "groups": {k: int(v) for k, v in layout.describe(engine.mesh).items()},
+    }
+
+
+def _spec_dict(spec: PartitionSpec) -> list[Any]:
+    return [e if e is None or isinstance(e, str) else list(e) for e in spec]
+
+
+def explain_report(engine: TrainEngine, model: str) -> dict[str, Any]:
+    """``jds explain`` as data: the set-up, one entry per parameter, totals."""
+    rows = param_rows(engine)
+    totals = {k: sum(r.nbytes[k] for r in rows) for k in ("params", "grads", "optimizer")}
+    sharded = max(engine.zero_layout.describe(engine.mesh).values()) > 1
+    return {
+        **_header(engine, model),
+        "num_params": sum(math.prod(r.shape) for r in rows),
+        "params": [
+            {"path": r.path, "shape": list(r.shape), "axes": list(r.axes),
+             "specs": {k: _spec_dict(v) for k, v in r.specs.items()},
+             "bytes_per_device": r.nbytes, "zero_dim": r.zero_dim}
+            for r in rows
+        ],
+        "bytes_per_device": {**totals, "total": sum(totals.values())},
+        "replicated_over_zero_group": [r.path for r in rows if r.zero_dim < 0] if sharded
+                                      else [],
+    }
+
+
+# ------------------------------------------------------------------ text
+def _spec_text(spec: list[Any]) -> str:
+    """``[None, ["fsdp", "data"], "tensor"]`` -> ``- fsdp+data tensor``."""
+    return " ".join("-" if e is None else e if isinstance(e, str) else "+".join(e)
+                    for e in spec) or "(scalar)"
+
+
+def _axes_text(axes: list[str | None]) -> str:
+    return "".join("_" if a is None else AXIS_LETTERS[a] for a in axes) or "-"
+
+
+def _table(header: list[str], rows: list[list[str]], right: set[int]) -> list[str]:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    out = []
+    for r in [header, *rows]:
+        cells = [c.rjust(w) if i in right else c.ljust(w)
+                 for i, (c, w) in enumerate(zip(r, widths, strict=True))]
+        out.append("  ".join(cells).rstrip())
+    return out
+
+
+def _layout_text(head: Mapping[str, Any]) -> str:
+    parts = []
+    for k in ("params", "grads", "optimizer"):
+        axes = head["layout"][k]
+        parts.append(f"{k} over {'+'.join(axes)} ({head['groups'][k]})" if axes
+                     else f"{k} replicated")
+    return f"ZeRO-{head['stage']}: " + ", ".join(parts)
+
+
+def _setup_line(head: Mapping[str, Any]) -> str:
+    mesh = " ".join(f"{k}={v}" for k, v in head["mesh"].items())
+    return (f"{head['model']} | {head['devices']} devices | mesh {mesh} | {head['precision']} | "
+            + _layout_text(head))
+
+
+def explain_text(report: Mapping[str, Any]) -> str:
+    """``explain_report`` as an aligned table (stable: exact byte counts, no timings)."""
+    header = ["param", "shape", "axes", "params spec", "grads spec", "optimizer spec",
+              "params B", "grads B", "master+opt B"]
+    rows = [[p["path"], "x".join(map(str, p["shape"])), _axes_text(p["axes"]),
+             _spec_text(p["specs"]["params"]), _spec_text(p["specs"]["grads"]),
+             _spec_text(p["specs"]["optimizer"]),
+             *(f"{p['bytes_per_device'][k]:,}" for k in ("params", "grads", "optimizer"))]
+            for p in report["params"]]
+    tot = report["bytes_per_device"]
+    rows.append(["total", f"{report['num_params']:,} params", "", "", "", "",
+                 *(f"{tot[k]:,}" for k in ("params", "grads", "optimizer"))])
+    lines = [_setup_line(report), *_table(header, rows, right={6, 7, 8})]
+    lines.append(f"bytes per device: {tot['total']:,} (grads are fp32 accumulators, live "
+                 "during the step only)")
+    if report["replicated_over_zero_group"]:
+        lines.append("kept replicated over the ZeRO group (no dimension divides): "
+                     + ", ".join(report["replicated_over_zero_group"]))
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------ estimate
+def _largest_layer_params(rows: list[ParamRow]) -> int:
+    """DeepSpeed's ``largest_layer_params``: the largest parameter of one layer (a stacked
+    ``layers`` dimension counts as that many separate layers)."""
+    def per_layer(r: ParamRow) -> int:
+        n = math.prod(r.shape)
+        return n // r.shape[r.axes.index("layers")] if "layers" in r.axes else n
+    return max((per_layer(r) for r in rows), default=0)
+
+
+def _model_parallel_params(engine: TrainEngine) -> int:
+    """Parameters per model-parallel rank: elements of each parameter's shard under the
+    rules alone (tensor parallelism), before ZeRO."""
+    bases = jax.tree.leaves(engine.zero.base, is_leaf=_is_spec)
+    shapes = [tuple(p.shape) for p in jax.tree.leaves(engine.state.params)]
+    return sum(math.prod(NamedSharding(engine.mesh, s).shard_shape(shape))
+               for s, shape in zip(bases, shapes, strict=True))
+
+
+def estimate_report(
+    engine: TrainEngine,
+    model: str,
+    seq_len: int,
+    *,
+    compile: bool = True,
+    nodes: int = 1,
+) -> dict[str, Any]:
+    """``jds estimate`` as data: formulas by stage and for the config's layout, DeepSpeed's
+    estimators, and (``compile=True``) the compiled train step's memory.
+
+    Args:
+      engine: a ``shapes_only`` engine (``shapes_engine``).
+      model: the preset name, for the report.
+      seq_len: tokens per sequence.
+      compile: AOT-compile the train step (seconds); False = formulas only.
+      nodes: nodes the data-parallel devices span, for DeepSpeed's per-node CPU estimate.
+
+    Raises:
+      ValueError: ``nodes`` does not divide the data-parallel size.
+    """
+    dp = data_parallel_size(engine.mesh)
+    if nodes < 1 or dp % nodes:
+        raise ValueError(f"--nodes {nodes} must divide the {dp} data-parallel devices")
+    rows = param_rows(engine)
+    psi = sum(math.prod(r.shape) for r in rows)
+    psi_mp = _model_parallel_params(engine)
+    state = state_memory(engine.state)
+    # bytes of optimizer state per parameter, from the state itself (Adam 8, Lion 4, ...)
+    global_opt = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
+                     for x in jax.tree.leaves(engine.state.opt_state) if len(x.shape) > 0)
+    opt_bytes = round(global_opt / psi) if psi else 0
+    prec = engine.config.precision
+    kw = dict(precision=prec, optimizer_state_bytes=opt_bytes)
+    formula = {str(s): model_states_per_device(psi_mp, s, dp, **kw).as_dict() for s in range(4)}
+    groups = engine.zero_layout.describe(engine.mesh)
+    formula["config"] = model_states_for_groups(psi_mp, groups, **kw).as_dict()
+    largest = _largest_layer_params(rows)
+    batch = engine.batch
+    report: dict[str, Any] = {
+        **_header(engine, model),
+        "seq_len": int(seq_len),
+        "batch": {"train_batch_size": batch.train_batch_size,
+                  "micro_batch_per_device": batch.micro_batch_per_device,
+                  "gradient_accumulation_steps": batch.gradient_accumulation_steps,
+                  "dp_size": dp},
+        "remat": engine.config.remat,
+        "num_params": psi,
+        "params_per_model_parallel_rank": psi_mp,
+        "largest_layer_params": largest,
+        "optimizer_state_bytes_per_param": opt_bytes,
+        "formula": formula,
+        "deepspeed": {"num_gpus_per_node": dp // nodes, "num_nodes": nodes,
+                      "rows": deepspeed_estimates(psi_mp, largest, dp // nodes, nodes)},
+        "state": state,
+        "compiled": None,
+    }
+    if compile:
+        c: CompiledMemory = compiled_memory(engine, seq_len)
+        report["compiled"] = c.as_dict()
+    return report
+
+
+def _b(n: float) -> str:
+    """Bytes for people: binary units, 3 significant digits."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.3g} {unit}" if n / size < 1000 else f"{n / size:,.0f} {unit}"
+    return f"{int(n)} B"
+
+
+def _count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(n)
+
+
+def estimate_text(report: Mapping[str, Any]) -> str:
+    """``estimate_report`` for people: three tables."""
+    r = report
+    bt = r["batch"]
+    lines = [
+        _setup_line(r),
+        f"batch {bt['train_batch_size']} x {r['seq_len']} tokens (micro "
+        f"{bt['micro_batch_per_device']} x accumulation {bt['gradient_accumulation_steps']}"
+        f" x data-parallel {bt['dp_size']}),"
+        f" remat {r['remat']}",
+        f"parameters {_count(r['num_params'])} ({r['num_params']:,}; per model-parallel rank "
+        f"{r['params_per_model_parallel_rank']:,}), largest layer "
+        f"{_count(r['largest_layer_params'])}, optimizer state "
+        f"{r['optimizer_state_bytes_per_param']} B/param",
+        "",
+        f"Model states per device, ZeRO paper formula (Nd = {bt['dp_size']}; gradients at the "
+        "compute dtype's size):",
+    ]
+    keys = ["params", "grads", "master", "optimizer", "persistent", "total"]
+    rows = []
+    for s in ("0", "1", "2", "3", "config"):
+        f = r["formula"][s]
+        if s == "config":
+            name = "config layout"
+        else:
+            name = f"stage {s}" + (" (config)" if int(s) == r["stage"] else "")
+        rows.append([name, *(_b(f[k]) for k in keys)])
+    lines += _table(["", *keys], rows, right=set(range(1, 7)))
+    ds = r["deepspeed"]
+    lines += ["", f"DeepSpeed's estimator ({ds['num_nodes']} node(s) x {ds['num_gpus_per_node']}"
+              " devices; counts fp16 + fp32 gradient partitions and a 1.5x host buffer):"]
+    yn = lambda v: "-" if v is None else "yes" if v else "no"  # noqa: E731
+    lines += _table(
+        ["stage", "offload_optimizer", "offload_param", "zero_init", "per CPU node", "per GPU"],
+        [[str(x["stage"]), yn(x["offload_optimizer"]), yn(x["offload_param"]), yn(x["zero_init"]),
+          _b(x["cpu_bytes"]), _b(x["gpu_bytes"])] for x in ds["rows"]],
+        right={4, 5})
+    st, f = r["state"], r["formula"]["config"]
+    lines += ["", "Train state per device, from the shardings (formula for the config layout):"]
+    lines += _table(
+        ["", "params", "master", "optimizer", "other", "total"],
+        [["state", *(_b(st[k]) for k in ("params", "master", "optimizer", "other", "total"))],
+         ["formula", *(_b(f[k]) for k in ("params", "master", "optimizer")), "",
+          _b(f["persistent"])]],
+        right=set(range(1, 6)))
+    c = r["compiled"]
+    if c is None:
+        lines += ["", "Compiled train step: skipped (--no-compile)"]
+    else:
+        lines += [
+            "",
+            f"Compiled train step per device (XLA CPU, AOT; lowered in {c['lower_s']:.1f} s, "
+            f"compiled in {c['compile_s']:.1f} s):",
+            *_table(["argument", "output", "alias", "temp", "generated code", "host temp"],
+                    [[_b(c[k]) for k in ("argument", "output", "alias", "temp",
+                                         "generated_code", "host_temp")]],
+                    right=set(range(6))),
+            f"peak estimate (argument + temp + output - alias): {_b(c['peak'])}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+__all__ = [
+    "DEFAULT_CONFIG",
+    "ParamRow",
+    "SUBPROCESS_ENV",
+    "configure_cpu_devices",
+    "cpu_devices",
+    "estimate_report",
+    "estimate_text",
+    "explain_report",
+    "explain_text",
+    "load_config",
+    "param_rows",
+    "shapes_engine",
+    "simulated_env",
+]
