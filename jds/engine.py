@@ -34,7 +34,7 @@ from jds.checkpoint.orbax import Checkpointer
 from jds.config import Config, ConfigError, OptimizerConfig
 from jds.optim import build_optimizer, build_schedule
 from jds.partitioning.mesh import data_parallel_size, make_mesh
-from jds.partitioning.rules import DEFAULT_RULES, Rules, logical_to_spec, tree_shardings, use_rules
+from jds.partitioning.rules import DEFAULT_RULES, Rules, logical_to_spec, use_rules
 from jds.partitioning.zero import layout_from_config, make_plan, subgroup_size, use_layout
 from jds.precision import LossScaleConfig, cast_tree, init_loss_scale, policy_for
 from jds.state import TrainState
@@ -148,7 +148,7 @@ class TrainEngine:
         self.graphdef, abstract, factory, self.model_config = _build_abstract(model, cfg.remat)
         self.vocab_size = int(self.model_config.vocab_size)
 
-        tree_shardings(abstract, self.mesh, rules)  # strict rules check, errors name the param
+        # make_plan resolves every parameter through the rules strictly (errors name it)
         self.zero = make_plan(abstract, self.mesh, rules, self.zero_layout)
         self.param_shardings = self.zero.shardings(self.mesh, "params")
         self.master_shardings = self.zero.shardings(self.mesh, "optimizer")

@@ -87,6 +87,12 @@ class ZeroLayout:
             for k in ("params", "grads", "optimizer")
         }
 
+    def group_size(self, mesh_shape: Mapping[str, int]) -> int:
+        """The largest sharding factor: every state splits the same dimension, chosen to
+        divide by this, so moving between two states' layouts gathers along it only."""
+        return max(math.prod(mesh_shape[a] for a in getattr(self, k))
+                   for k in ("params", "grads", "optimizer"))
+
 
 def _axes_for_size(size: int, key: str, mesh_shape: Mapping[str, int]) -> tuple[str, ...]:
     """Mesh axes giving a sharding factor of ``size`` (1, the fsdp size, or all of Nd)."""
@@ -233,6 +239,7 @@ class ZeroPlan:
 
     Attributes:
       layout: the ``ZeroLayout``.
+      axes: each parameter's logical axes (tuples; pass ``is_leaf`` when mapping over them).
       base: the rules' spec of each parameter (tensor parallel only): the layout the model
         computes with, i.e. what a stage-3 parameter is gathered to inside the layer scan.
       dims: the dimension ZeRO splits per parameter (-1: kept replicated over the group).
@@ -240,6 +247,7 @@ class ZeroPlan:
     """
 
     layout: ZeroLayout
+    axes: PyTree
     base: PyTree
     dims: PyTree
     params: PyTree
@@ -272,17 +280,15 @@ def make_plan(abstract_state: Any, mesh: Mesh, rules: Rules, layout: ZeroLayout)
         is_leaf=lambda x: isinstance(x, nnx.Variable)))
     is_leaf = lambda x: isinstance(x, _Leaf)  # noqa: E731
     paths, treedef = jax.tree_util.tree_flatten_with_path(pure, is_leaf=is_leaf)
-    groups = {k: math.prod(mesh.shape[a] for a in getattr(layout, k))
-              for k in ("params", "grads", "optimizer")}
-    group = max(groups.values())
-    out: dict[str, list] = {k: [] for k in ("base", "dims", "params", "grads", "optimizer")}
+    group = layout.group_size(mesh.shape)
+    out: dict[str, list] = {k: [] for k in ("axes", "base", "dims", "params", "grads",
+                                            "optimizer")}
     for path, leaf in paths:
         axes, shape = leaf.axes, leaf.shape
         name = "/".join(str(getattr(p, "key", p)) for p in path)
         base = logical_to_spec(axes, rules, mesh=mesh, shape=shape, what=name)
-        # one dimension for every state, chosen for the largest group, so going from one
-        # state's layout to another's is a gather along that dimension only
         dim = zero_dim(shape, axes, base, mesh.shape, group)
+        out["axes"].append(axes)
         out["base"].append(PartitionSpec(*(list(base) + [None] * (len(shape) - len(base)))))
         out["dims"].append(-1 if dim is None else dim)
         for k in ("params", "grads", "optimizer"):
@@ -352,9 +358,7 @@ def gather_param(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
     layout = _ACTIVE_LAYOUT.get()
     if layout is None or not layout.params:
         return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, base))
-    group = max(math.prod(mesh.shape[a] for a in getattr(layout, k))
-                for k in ("params", "grads", "optimizer"))
-    dim = zero_dim(tuple(x.shape), axes, base, mesh.shape, group)
+    dim = zero_dim(tuple(x.shape), axes, base, mesh.shape, layout.group_size(mesh.shape))
     grad_spec = add_axes(base, x.ndim, dim, layout.grads)
     return checkpoint_name(
         _gather(x, NamedSharding(mesh, base), NamedSharding(mesh, grad_spec)), GATHERED

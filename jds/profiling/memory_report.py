@@ -38,7 +38,6 @@ from typing import Any
 import jax
 import numpy as np
 import optax
-from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jds.config import Config
@@ -174,14 +173,6 @@ def _by_path(tree: Any, is_leaf: Any = None) -> dict[str, Any]:
     return {_path(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]}
 
 
-def _logical_axes(engine: TrainEngine) -> dict[str, tuple[str | None, ...]]:
-    """Each parameter's logical axes (kept in the graph definition's variable metadata)."""
-    model = nnx.merge(engine.graphdef, engine.state.params)
-    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
-    return {k: tuple(v.get_metadata()["axes"])
-            for k, v in _by_path(nnx.state(model), is_leaf=is_var).items()}
-
-
 def _optimizer_bytes(engine: TrainEngine) -> dict[str, int]:
     """Per-device bytes of the optimizer-state arrays belonging to each parameter."""
     paths = jax.tree_util.tree_map_with_path(lambda p, _: _path(p), engine.state.params)
@@ -203,7 +194,7 @@ def _is_spec(x: Any) -> bool:
 def param_rows(engine: TrainEngine) -> list[ParamRow]:
     """Every parameter of ``engine``'s model with its specs and per-device bytes."""
     mesh, zero = engine.mesh, engine.zero
-    axes = _logical_axes(engine)
+    axes = _by_path(zero.axes, is_leaf=lambda x: isinstance(x, tuple))
     params = _by_path(engine.state.params)
     master = {} if engine.state.master is None else _by_path(engine.state.master)
     opt = _optimizer_bytes(engine)
