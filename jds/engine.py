@@ -424,19 +424,30 @@ class TrainEngine:
         self._checkpointer(save_dir).save(step, self.state, meta)
         return step
 
-    def load_checkpoint(self, load_dir: str | os.PathLike, tag: int | None = None) -> dict:
-        """Restore the train state (re-sharded onto this engine's layout).
+    def load_checkpoint(
+        self, load_dir: str | os.PathLike, tag: int | None = None, *, verify: bool = True
+    ) -> dict:
+        """Restore the train state, re-sharded onto this engine's mesh and ZeRO/TP layout.
+
+        The checkpoint may come from any device count, ZeRO stage or tensor-parallel layout.
 
         Args:
           load_dir: checkpoint root directory.
-          tag: step label; default the newest.
+          tag: step label; default the newest intact one (damaged newer steps are skipped
+            with a warning naming the damaged files).
+          verify: check every file against the checkpoint's integrity manifest first.
 
         Returns:
           The ``client_state`` saved with it.
+
+        Raises:
+          FileNotFoundError: no checkpoint, or no step ``tag``.
+          CheckpointCorruptError: the step (every step, when ``tag`` is None) is damaged.
+          ValueError: the checkpoint's arrays do not fit this model (each one named).
         """
         self._need_arrays("load_checkpoint")
         state, meta = self._checkpointer(load_dir).restore(
-            tag, self.state, self.state_shardings
+            tag, self.state, self.state_shardings, verify=verify
         )
         self.state = state
         self.client_state = meta.get("client_state", {})

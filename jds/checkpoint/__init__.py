@@ -1,5 +1,10 @@
-"""Checkpoints: Orbax training checkpoints (and, later, conversion to/from HF and DeepSpeed)."""
+"""Checkpoints: Orbax training checkpoints, and conversion to/from Hugging Face and DeepSpeed."""
 
-from jds.checkpoint.orbax import Checkpointer
+from jds.checkpoint.orbax import (
+    CheckpointCorruptError,
+    Checkpointer,
+    verify_integrity,
+    write_integrity,
+)
 
-__all__ = ["Checkpointer"]
+__all__ = ["CheckpointCorruptError", "Checkpointer", "verify_integrity", "write_integrity"]

@@ -1,19 +1,40 @@
-"""Orbax training checkpoints: async, sharded, atomic, restored onto any layout.
+"""Orbax training checkpoints: async, sharded, atomic, verified, restored onto any layout.
 
 One ``Checkpointer`` per directory wraps ``ocp.CheckpointManager`` (the current ``args``
 API). A step directory holds two items: ``state`` (the ``TrainState`` as a dict of arrays,
 written shard by shard by each process) and ``meta`` (JSON: the resolved config, the data
 loader's position and any client state). Orbax writes into a temporary directory and renames
-it when complete, so a crash mid-save leaves the previous step intact.
+it when complete, so a crash (even SIGKILL) mid-save leaves the previous step intact and the
+half-written one invisible.
+
+**Integrity.** Orbax's OCDBT index is checksummed, but its data files are not: a flipped byte
+in one restores silently as a different weight, and a truncated one fails deep inside
+TensorStore without saying which checkpoint is at fault (both measured). So before Orbax
+renames the temporary directory into place, jds writes ``jds_integrity.json`` into it: the
+size and CRC-32 of every file. A restore checks it first and names each damaged or missing
+file. The manifest is part of the atomic rename, so every committed step has one; a step
+without it (written by something else) is restored with a warning that it is unverified.
+The cost is one extra read of the checkpoint on save (in the background thread) and on
+restore (``verify=False`` skips it).
+
+**Fallback.** ``restore(None, ...)`` tries the newest step first; a damaged step is reported
+with a warning and the next older one is tried (``jds train --resume`` relies on this). An
+explicit step never falls back: its damage is an error.
 
 Restore reads into an abstract target carrying this run's shardings, so a checkpoint
-re-shards onto whatever mesh the restoring engine has. Before reading, the stored shapes and
-dtypes are compared with the target and every mismatching array is named.
+re-shards onto whatever mesh, ZeRO stage or tensor-parallel layout the restoring engine has
+(DeepSpeed's "universal checkpoint" without a conversion step). Before reading, the stored
+shapes and dtypes are compared with the target and every mismatching array is named.
 """
 
 from __future__ import annotations
 
+import glob
+import json
 import os
+import re
+import warnings
+import zlib
 from typing import Any
 
 import jax
@@ -22,6 +43,89 @@ import orbax.checkpoint as ocp
 from jds.state import TrainState
 
 PyTree = Any
+
+INTEGRITY_FILE = "jds_integrity.json"
+# Orbax rewrites these at commit time (after the manifest is written); their damage shows as
+# a JSON error, which restore reports naming the file.
+_UNTRACKED = frozenset({INTEGRITY_FILE, "_CHECKPOINT_METADATA", "commit_success.txt"})
+_TMP_SUFFIX = ".orbax-checkpoint-tmp"
+_CHUNK = 16 * 1024 * 1024
+
+
+class CheckpointCorruptError(ValueError):
+    """A checkpoint step is damaged or incomplete (the message names the files)."""
+
+
+def _crc32(path: str) -> int:
+    crc = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _tracked_files(step_dir: str) -> list[str]:
+    out = []
+    for root, _, files in os.walk(step_dir):
+        for name in files:
+            if name in _UNTRACKED or name.endswith(".tmp"):
+                continue
+            out.append(os.path.relpath(os.path.join(root, name), step_dir))
+    return sorted(out)
+
+
+def write_integrity(step_dir: str | os.PathLike) -> None:
+    """Write ``jds_integrity.json`` (size and CRC-32 of every file) into ``step_dir``.
+
+    The manifest is written to a temporary file, fsynced and renamed, so it is never partial.
+    """
+    step_dir = os.fspath(step_dir)
+    files = {rel: [os.path.getsize(os.path.join(step_dir, rel)),
+                   _crc32(os.path.join(step_dir, rel))] for rel in _tracked_files(step_dir)}
+    tmp = os.path.join(step_dir, INTEGRITY_FILE + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump({"format": 1, "algorithm": "crc32", "files": files}, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, os.path.join(step_dir, INTEGRITY_FILE))
+
+
+def verify_integrity(step_dir: str | os.PathLike) -> bool:
+    """Check ``step_dir`` against its manifest.
+
+    Returns:
+      True if verified, False if the step has no manifest (nothing to check against).
+
+    Raises:
+      CheckpointCorruptError: a file is missing, has another size, or another checksum
+        (every such file named).
+    """
+    step_dir = os.fspath(step_dir)
+    manifest = os.path.join(step_dir, INTEGRITY_FILE)
+    if not os.path.isfile(manifest):
+        return False
+    try:
+        with open(manifest, encoding="utf-8") as fh:
+            files = json.load(fh)["files"]
+    except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
+        raise CheckpointCorruptError(f"{manifest} is damaged ({e})") from e
+    problems = []
+    for rel, (size, crc) in sorted(files.items()):
+        path = os.path.join(step_dir, rel)
+        if not os.path.isfile(path):
+            problems.append(f"{path}: missing")
+            continue
+        actual = os.path.getsize(path)
+        if actual != size:
+            problems.append(f"{path}: {actual} bytes, {size} when saved (truncated or damaged)")
+        elif _crc32(path) != crc:
+            problems.append(f"{path}: contents changed since saving (CRC-32 mismatch)")
+    if problems:
+        raise CheckpointCorruptError(
+            f"checkpoint {step_dir} is damaged ({len(problems)} files):\n  "
+            + "\n  ".join(problems)
+        )
+    return True
 
 
 def _state_to_dict(state: TrainState) -> dict[str, Any]:
@@ -54,22 +158,37 @@ def _path_name(path: tuple) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
 
 
+def _damage_message(step_dir: str, err: BaseException) -> str:
+    """Name the file an Orbax/TensorStore/JSON read error points at, where it says."""
+    text = str(err)
+    m = re.search(r'local file "([^"]+)"', text)
+    where = m.group(1) if m else step_dir
+    first = text.strip().splitlines()[0][:300] if text.strip() else type(err).__name__
+    return f"checkpoint {step_dir} could not be read: {where}: {type(err).__name__}: {first}"
+
+
 class Checkpointer:
     """Save/restore ``TrainState`` + JSON metadata under ``directory/<step>``.
 
     Args:
       directory: checkpoint root (created if missing).
       max_to_keep: keep the newest N steps (None = all).
-      async_save: write in a background thread after the device-to-host copy.
+      async_save: write in a background thread after the device-to-host copy; when False,
+        ``save`` returns once the step is committed.
     """
 
     def __init__(
         self, directory: str | os.PathLike, *, max_to_keep: int | None = 2, async_save: bool = True
     ) -> None:
         self.directory = os.fspath(os.path.abspath(directory))
+        self._async = async_save
+        self._saving_step: int | None = None
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep if max_to_keep and max_to_keep > 0 else None,
-            enable_async_checkpointing=async_save,
+            # Always the async checkpointer: it is the one with a hook between "all files
+            # written" and "renamed into place", where the integrity manifest goes.
+            enable_async_checkpointing=True,
+            async_options=ocp.AsyncOptions(post_finalization_callback=self._write_manifest),
             create=True,
         )
         self._manager = ocp.CheckpointManager(
@@ -81,8 +200,24 @@ class Checkpointer:
             },
         )
 
+    # ------------------------------------------------------------------------------- saving
+    def _write_manifest(self) -> None:
+        """Orbax's post-finalization hook: all files are written, the rename is next."""
+        step = self._saving_step
+        if step is None or jax.process_index() != 0:
+            return
+        pending = glob.glob(os.path.join(glob.escape(self.directory), f"{step}{_TMP_SUFFIX}*"))
+        final = os.path.join(self.directory, str(step))
+        # Atomic-rename filesystems finalize in the temporary directory; commit-file ones
+        # (e.g. object stores mounted locally) write in place.
+        step_dir = pending[0] if len(pending) == 1 else final
+        if os.path.isdir(step_dir):
+            write_integrity(step_dir)
+
     def save(self, step: int, state: TrainState, meta: dict[str, Any]) -> None:
         """Start saving ``state`` and ``meta`` as ``step`` (returns once arrays are copied)."""
+        self._manager.wait_until_finished()  # one save in flight: the hook knows its step
+        self._saving_step = int(step)
         self._manager.save(
             step,
             args=ocp.args.Composite(
@@ -90,6 +225,8 @@ class Checkpointer:
             ),
             force=True,
         )
+        if not self._async:
+            self._manager.wait_until_finished()
 
     def latest_step(self) -> int | None:
         """Newest complete step, or None."""
@@ -97,42 +234,93 @@ class Checkpointer:
 
     def all_steps(self) -> list[int]:
         """Every complete step, oldest first."""
+        self._manager.reload()
         return sorted(self._manager.all_steps())
 
+    def step_dir(self, step: int) -> str:
+        """The directory of a committed ``step``."""
+        return os.path.join(self.directory, str(step))
+
+    # ------------------------------------------------------------------------------ restoring
     def restore(
-        self, step: int | None, like: TrainState, shardings: TrainState
+        self,
+        step: int | None,
+        like: TrainState,
+        shardings: TrainState,
+        *,
+        verify: bool = True,
     ) -> tuple[TrainState, dict[str, Any]]:
-        """Restore ``step`` (default newest) into ``like``'s structure and ``shardings``.
+        """Restore ``step`` (default newest good one) into ``like``'s structure and ``shardings``.
+
+        Args:
+          step: the step to restore; None = the newest step that is intact (damaged newer
+            steps are skipped with a warning).
+          like: a state with this run's structure (arrays or shape/dtype structs).
+          shardings: ``like``-shaped shardings to restore onto.
+          verify: check files against the integrity manifest first.
 
         Raises:
           FileNotFoundError: no checkpoint in the directory, or no such step.
+          CheckpointCorruptError: the step (or, with ``step=None``, every step) is damaged;
+            the message names the files.
           ValueError: the stored arrays do not match this run (each mismatch named).
         """
         self._manager.wait_until_finished()
         steps = self.all_steps()
         if not steps:
             raise FileNotFoundError(f"no checkpoint found in {self.directory}")
-        step = steps[-1] if step is None else int(step)
-        if step not in steps:
+        if step is not None and int(step) not in steps:
             raise FileNotFoundError(
                 f"no checkpoint for step {step} in {self.directory}; available: {steps}"
             )
+        candidates = [int(step)] if step is not None else steps[::-1]
         target = jax.tree.map(
             lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
             _state_to_dict(like),
             _state_to_dict(shardings),
         )
-        self._check_matches(step, target)
-        out = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
-            ),
+        failures = []
+        for s in candidates:
+            try:
+                out = self._restore_one(s, target, verify)
+            except CheckpointCorruptError as e:
+                if step is not None:
+                    raise
+                failures.append(str(e))
+                warnings.warn(f"{e}\nfalling back to an older checkpoint", stacklevel=2)
+                continue
+            return _dict_to_state(dict(out["state"]), like), dict(out["meta"] or {})
+        raise CheckpointCorruptError(
+            f"every checkpoint in {self.directory} is damaged:\n" + "\n".join(failures)
         )
-        return _dict_to_state(dict(out["state"]), like), dict(out["meta"] or {})
 
-    def _check_matches(self, step: int, target: dict[str, Any]) -> None:
-        stored = self._manager.item_metadata(step)["state"]
+    def _restore_one(self, step: int, target: dict[str, Any], verify: bool) -> Any:
+        step_dir = self.step_dir(step)
+        if verify and not verify_integrity(step_dir):
+            warnings.warn(
+                f"checkpoint {step_dir} has no {INTEGRITY_FILE}; restoring it unverified",
+                stacklevel=3,
+            )
+        try:
+            stored = self._manager.item_metadata(step)["state"]
+        except (json.JSONDecodeError, UnicodeDecodeError, ValueError, OSError, KeyError) as e:
+            raise CheckpointCorruptError(_damage_message(step_dir, e)) from e
+        self._check_matches(step, stored, target)
+        try:
+            return self._manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
+                ),
+            )
+        except (json.JSONDecodeError, UnicodeDecodeError, ValueError, OSError) as e:
+            raise CheckpointCorruptError(_damage_message(step_dir, e)) from e
+        except Exception as e:  # TensorStore read errors arrive as a bare Exception
+            if "TensorStore" not in str(e) and "tensorstore" not in str(e):
+                raise
+            raise CheckpointCorruptError(_damage_message(step_dir, e)) from e
+
+    def _check_matches(self, step: int, stored: Any, target: dict[str, Any]) -> None:
         if stored is None:
             return
         flat_t = dict(jax.tree_util.tree_flatten_with_path(target)[0])
