@@ -1,0 +1,1 @@
+"""Checkpoint conversion between jds and other formats (Hugging Face, DeepSpeed)."""
