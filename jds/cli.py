@@ -4,6 +4,9 @@
 corpus (``jds.trainer.run``); ``--config`` takes a DeepSpeed-style ``ds_config.json`` (its
 ``train`` section, or the flags, choose model, steps and data).
 
+``jds convert`` (``jds.checkpoint.convert.api``) moves checkpoints between jds (Orbax),
+Hugging Face and DeepSpeed and prints the size written and the peak RSS it took.
+
 ``jds estimate`` and ``jds explain`` (``jds.profiling.memory_report``) compile for N
 simulated CPU devices, which JAX can only be given before its first use in a process: a
 fresh ``jds`` process sets them up before importing JAX; called from Python with JAX already
@@ -112,6 +115,69 @@ def _estimate(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def _size(text: str) -> int:
+    """``2GB`` / ``500MB`` / ``1000000`` -> bytes."""
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    t = text.strip().upper()
+    for unit, mult in sorted(units.items(), key=lambda kv: -len(kv[0])):
+        if t.endswith(unit):
+            return int(float(t[: -len(unit)]) * mult)
+    return int(t)
+
+
+def _convert(args: argparse.Namespace) -> int:
+    import resource
+
+    from jds.checkpoint.convert import api
+
+    t0 = time.perf_counter()
+    d = args.direction
+    if d == "hf-to-orbax":
+        out = api.hf_to_orbax(args.src, args.out)
+    elif d == "orbax-to-hf":
+        out = api.orbax_to_hf(args.src, args.out, step=args.step, dtype=args.dtype,
+                              max_shard_bytes=_size(args.max_shard_size), model=args.model,
+                              architecture=args.architecture)[0].parent
+    elif d == "orbax-to-safetensors":
+        out = api.orbax_to_safetensors(args.src, args.out, step=args.step, dtype=args.dtype,
+                                       names=args.names, model=args.model)
+    else:
+        if not args.model:
+            raise ValueError("deepspeed-to-orbax needs --model: the transformers model "
+                             "directory (its config.json) or a jds preset the weights fit")
+        out = api.deepspeed_to_orbax(args.src, args.out, model=args.model, tag=args.tag,
+                                     optimizer=args.optimizer, config=args.config)
+    out = Path(out)
+    files = [out] if out.is_file() else [p for p in out.rglob("*") if p.is_file()]
+    size = sum(p.stat().st_size for p in files)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    print(f"jds convert {d}: wrote {out} ({size / 1e6:,.1f} MB) in "
+          f"{time.perf_counter() - t0:.1f} s; peak RSS {rss:,.0f} MiB")
+    return 0
+
+
+_CONVERT_HELP = """\
+directions (every one streams a tensor at a time):
+  hf-to-orbax SRC OUT           Hugging Face dir (config.json + safetensors) -> weights-only
+                                jds checkpoint OUT/0; engine.load_checkpoint trains from it
+  orbax-to-hf SRC OUT           jds checkpoint (root or step dir) -> Hugging Face dir that
+                                transformers loads (sharded above --max-shard-size)
+  orbax-to-safetensors SRC FILE jds checkpoint -> one consolidated .safetensors file
+                                (zero_to_fp32's equivalent), --names jds|hf, --dtype
+  deepspeed-to-orbax SRC OUT    DeepSpeed ZeRO-1/2/3 save_dir (or global_stepN) -> jds
+                                checkpoint; --model gives the transformers config.json dir;
+                                --optimizer maps Adam's moments and the step so the run
+                                continues in jds (jds train --resume / engine.load_checkpoint)
+
+examples:
+  jds convert hf-to-orbax ./Llama-3.2-1B ./ckpt/llama
+  jds convert orbax-to-hf runs/llama-tiny/20261123-101500/checkpoints ./hf-out --dtype bfloat16
+  jds convert orbax-to-safetensors ./ckpt/llama ./llama.safetensors --names hf
+  jds convert deepspeed-to-orbax ./ds_ckpt ./jds_ckpt --model ./hf-model --optimizer \\
+      --config ds_config.json
+"""
+
+
 def _layout_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="preset name (jds.models.PRESETS)")
     p.add_argument("--config", help="ds_config.json-style JSON file (default: bf16, ZeRO off, "
@@ -149,6 +215,31 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("explain", help="every parameter's sharding and bytes per device")
     _layout_args(x)
     x.set_defaults(func=_explain)
+
+    c = sub.add_parser(
+        "convert", help="convert checkpoints: Hugging Face / DeepSpeed <-> jds (Orbax)",
+        description="Convert checkpoints between jds (Orbax), Hugging Face and DeepSpeed.",
+        epilog=_CONVERT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("direction", choices=("hf-to-orbax", "orbax-to-hf", "orbax-to-safetensors",
+                                         "deepspeed-to-orbax"))
+    c.add_argument("src", help="source checkpoint directory")
+    c.add_argument("out", help="output directory (a new file for orbax-to-safetensors)")
+    c.add_argument("--step", type=int, help="jds checkpoint step (default: newest intact)")
+    c.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="dtype written by orbax-to-hf / orbax-to-safetensors")
+    c.add_argument("--max-shard-size", default="2GB",
+                   help="orbax-to-hf: largest safetensors shard (default 2GB)")
+    c.add_argument("--names", default="jds", choices=("jds", "hf"),
+                   help="orbax-to-safetensors: jds (stacked) or Hugging Face tensor names")
+    c.add_argument("--model", help="transformers model dir or jds preset: the architecture "
+                   "(needed by deepspeed-to-orbax; for jds checkpoints without a stored one)")
+    c.add_argument("--architecture", help="orbax-to-hf: HF class, e.g. MistralForCausalLM")
+    c.add_argument("--tag", help="deepspeed-to-orbax: DeepSpeed tag (default: 'latest')")
+    c.add_argument("--optimizer", action="store_true",
+                   help="deepspeed-to-orbax: also map Adam's moments and the step")
+    c.add_argument("--config", help="deepspeed-to-orbax --optimizer: the config the run "
+                   "continues with (default: the one stored in the DeepSpeed checkpoint)")
+    c.set_defaults(func=_convert)
     return p
 
 
@@ -160,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("estimate", "explain"):
             return args.func(args, argv)
         return args.func(args)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
         # Config, data and checkpoint errors are written for people: show them plainly.
         print(f"jds {args.command}: error: {e}", file=sys.stderr)
         return 2

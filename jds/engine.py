@@ -32,6 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jds.checkpoint.orbax import Checkpointer
 from jds.config import Config, ConfigError, OptimizerConfig
+from jds.models.registry import config_to_dict
 from jds.optim import build_optimizer, build_schedule
 from jds.partitioning.mesh import data_parallel_size, make_mesh
 from jds.partitioning.rules import DEFAULT_RULES, Rules, logical_to_spec, use_rules
@@ -155,21 +156,7 @@ class TrainEngine:
         self.grad_shardings = self.zero.shardings(self.mesh, "grads")
         self._replicated = NamedSharding(self.mesh, PartitionSpec())
 
-        # No optimizer section: AdamW at DeepSpeed's FusedAdam defaults (where DeepSpeed would
-        # want a client optimizer passed to deepspeed.initialize).
-        opt = cfg.optimizer or OptimizerConfig.model_validate({"type": "adamw"})
-        opt_type, opt_params = opt.type, opt.params.model_dump()
-        base_lr = float(opt_params["lr"])
-        sched = cfg.scheduler
-        self.schedule = build_schedule(
-            None if sched is None else sched.type,
-            {} if sched is None else sched.params.model_dump(),
-            base_lr=base_lr,
-        )
-        self.tx = build_optimizer(opt_type, opt_params, self.schedule)
-        self.loss_scale_cfg = (
-            LossScaleConfig.from_fp16_config(cfg.fp16) if cfg.precision == "fp16" else None
-        )
+        self.schedule, self.tx, self.loss_scale_cfg = _optimizer_parts(cfg)
 
         if shapes_only:  # shapes and shardings only: for AOT compilation (jds estimate)
             fp32_abstract = jax.tree.map(
@@ -247,16 +234,7 @@ class TrainEngine:
             return jax.jit(init, out_shardings=self.master_shardings)()
 
     def _init_state(self, fp32_params: PyTree) -> TrainState:
-        mixed = self.policy.compute_dtype != jnp.float32
-        return TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=cast_tree(fp32_params, self.policy.compute_dtype) if mixed else fp32_params,
-            master=fp32_params if mixed else None,
-            opt_state=self.tx.init(fp32_params),
-            loss_scale=init_loss_scale(self.loss_scale_cfg),
-            skipped=jnp.zeros((), jnp.int32),
-            rng=jax.random.key_data(jax.random.key(self.config.seed)),
-        )
+        return _init_state(self.config, self.tx, fp32_params)
 
     def _state_shardings(self, fp32_params: PyTree) -> TrainState:
         abstract = jax.eval_shape(self._init_state, fp32_params)
@@ -420,7 +398,12 @@ class TrainEngine:
         """
         self._need_arrays("save_checkpoint")
         step = int(self.state.step) if tag is None else int(tag)
-        meta = {"config": self.config.to_dict(), "client_state": dict(client_state or {})}
+        meta = {
+            "kind": "train_state",
+            "config": self.config.to_dict(),
+            "model": config_to_dict(self.model_config),
+            "client_state": dict(client_state or {}),
+        }
         self._checkpointer(save_dir).save(step, self.state, meta)
         return step
 
@@ -430,6 +413,8 @@ class TrainEngine:
         """Restore the train state, re-sharded onto this engine's mesh and ZeRO/TP layout.
 
         The checkpoint may come from any device count, ZeRO stage or tensor-parallel layout.
+        A weights-only checkpoint (``jds convert hf`` / ``deepspeed`` without the optimizer)
+        loads its fp32 weights and starts a fresh optimizer at step 0.
 
         Args:
           load_dir: checkpoint root directory.
@@ -447,11 +432,15 @@ class TrainEngine:
         """
         self._need_arrays("load_checkpoint")
         state, meta = self._checkpointer(load_dir).restore(
-            tag, self.state, self.state_shardings, verify=verify
+            tag, self.state, self.state_shardings, verify=verify, init=self._init_from_weights
         )
         self.state = state
         self.client_state = meta.get("client_state", {})
         return self.client_state
+
+    def _init_from_weights(self, fp32_params: PyTree) -> TrainState:
+        """A fresh train state (step 0, new optimizer state) around restored fp32 weights."""
+        return jax.jit(self._init_state, out_shardings=self.state_shardings)(fp32_params)
 
     def wait_for_checkpoints(self) -> None:
         """Block until every async save has finished."""
@@ -463,6 +452,59 @@ class TrainEngine:
         for c in self._checkpointers.values():
             c.close()
         self._checkpointers.clear()
+
+
+def _optimizer_parts(cfg: Config) -> tuple[Any, optax.GradientTransformation, Any]:
+    """The config's LR schedule, optax transformation and fp16 loss-scale config."""
+    # No optimizer section: AdamW at DeepSpeed's FusedAdam defaults (where DeepSpeed would
+    # want a client optimizer passed to deepspeed.initialize).
+    opt = cfg.optimizer or OptimizerConfig.model_validate({"type": "adamw"})
+    opt_type, opt_params = opt.type, opt.params.model_dump()
+    sched = cfg.scheduler
+    schedule = build_schedule(
+        None if sched is None else sched.type,
+        {} if sched is None else sched.params.model_dump(),
+        base_lr=float(opt_params["lr"]),
+    )
+    tx = build_optimizer(opt_type, opt_params, schedule)
+    loss_scale = LossScaleConfig.from_fp16_config(cfg.fp16) if cfg.precision == "fp16" else None
+    return schedule, tx, loss_scale
+
+
+def _init_state(
+    cfg: Config, tx: optax.GradientTransformation, fp32_params: PyTree
+) -> TrainState:
+    """A fresh train state around fp32 weights (step 0, new optimizer state)."""
+    compute = policy_for(cfg.precision).compute_dtype
+    mixed = compute != jnp.float32
+    loss_scale = LossScaleConfig.from_fp16_config(cfg.fp16) if cfg.precision == "fp16" else None
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=cast_tree(fp32_params, compute) if mixed else fp32_params,
+        master=fp32_params if mixed else None,
+        opt_state=tx.init(fp32_params),
+        loss_scale=init_loss_scale(loss_scale),
+        skipped=jnp.zeros((), jnp.int32),
+        rng=jax.random.key_data(jax.random.key(cfg.seed)),
+    )
+
+
+def train_state_template(
+    config: str | os.PathLike | Mapping | Config, fp32_params: PyTree
+) -> tuple[TrainState, optax.GradientTransformation, Config]:
+    """The train state's structure for ``config`` (shapes only; no mesh, no devices).
+
+    Args:
+      config: the run's config.
+      fp32_params: the parameter tree (arrays or ``jax.ShapeDtypeStruct``).
+
+    Returns:
+      ``(abstract TrainState, optax transformation, validated Config)``; converters fill a
+      checkpoint to this structure.
+    """
+    cfg = Config.load(config)
+    _, tx, _ = _optimizer_parts(cfg)
+    return jax.eval_shape(lambda p: _init_state(cfg, tx, p), fp32_params), tx, cfg
 
 
 def _to_floats(metrics: Mapping[str, jax.Array]) -> dict[str, float]:

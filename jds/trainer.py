@@ -125,7 +125,10 @@ def run(config: Config, out_dir: str | os.PathLike, *, resume: bool = False,
     saved_step = None  # the step whose checkpoint is on disk already (never written twice)
     if resume:
         client = engine.load_checkpoint(ckpt_dir)
-        loader.load_state_dict(client["data"])
+        if "data" in client:
+            loader.load_state_dict(client["data"])
+        # else: a converted checkpoint (jds convert) has no data position: start the data
+        # from its beginning
         saved_step = int(engine.state.step)
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     val = eval_batches(val_tokens, batch=max(engine.batch.micro_batch_global, 8),

@@ -21,6 +21,14 @@ restore (``verify=False`` skips it).
 with a warning and the next older one is tried (``jds train --resume`` relies on this). An
 explicit step never falls back: its damage is an error.
 
+**Streaming writes.** Converters (``jds convert``) hand ``Checkpointer.save_tree`` a tree of
+``LazyLeaf``: a shape, a dtype and a function that reads one slice along the first axis
+(a layer of a stacked parameter) or the whole leaf. A ``TypeHandler`` registered with Orbax
+for ``LazyLeaf`` writes the slices one at a time into the same TensorStore array Orbax's
+numpy handler would create (same spec, same on-disk format), and leaves are written one
+after another, so host memory holds one slice, not the model. This is Orbax's extension
+point for new leaf types; the write itself goes through Orbax's own spec builder.
+
 Restore reads into an abstract target carrying this run's shardings, so a checkpoint
 re-shards onto whatever mesh, ZeRO stage or tensor-parallel layout the restoring engine has
 (DeepSpeed's "universal checkpoint" without a conversion step). Before reading, the stored
@@ -29,6 +37,8 @@ shapes and dtypes are compared with the target and every mismatching array is na
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import glob
 import json
 import os
@@ -38,7 +48,9 @@ import zlib
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint import type_handlers
 
 from jds.state import TrainState
 
@@ -128,6 +140,93 @@ def verify_integrity(step_dir: str | os.PathLike) -> bool:
     return True
 
 
+# ------------------------------------------------------------------------------ lazy leaves
+@dataclasses.dataclass(frozen=True)
+class LazyLeaf:
+    """A checkpoint leaf produced on demand, one slice of its first axis at a time.
+
+    Attributes:
+      shape: the full shape.
+      dtype: the stored dtype (what ``read`` returns is cast to it).
+      read: ``read(i)`` -> slice ``i`` of the first axis (shape ``shape[1:]``) when
+        ``sliced``, else ``read(None)`` -> the whole array.
+      sliced: write slice by slice (stacked layers) rather than whole.
+    """
+
+    shape: tuple[int, ...]
+    dtype: Any
+    read: Any
+    sliced: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+        object.__setattr__(self, "dtype", np.dtype(self.dtype))
+
+    @property
+    def size(self) -> int:
+        """Number of elements."""
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def ndim(self) -> int:
+        """Number of dimensions."""
+        return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes when materialised."""
+        return self.size * np.dtype(self.dtype).itemsize
+
+    def part(self, i: int | None) -> np.ndarray:
+        """Slice ``i`` (or the whole leaf for ``None``), checked and cast."""
+        want = self.shape[1:] if i is not None else self.shape
+        out = np.asarray(self.read(i), dtype=self.dtype)
+        if out.shape != tuple(want):
+            raise ValueError(f"lazy leaf part {i}: got shape {out.shape}, expected {want}")
+        return out
+
+    def materialise(self) -> np.ndarray:
+        """The whole array (for small leaves and tests)."""
+        if not self.sliced:
+            return self.part(None)
+        return np.stack([self.part(i) for i in range(self.shape[0])]) if self.shape[0] else (
+            np.zeros(self.shape, self.dtype))
+
+
+class _LazyLeafHandler(type_handlers.NumpyHandler):
+    """Orbax ``TypeHandler`` for ``LazyLeaf``: writes slice by slice, one leaf at a time.
+
+    The on-disk array is the one ``NumpyHandler`` writes (its spec builder, typestr
+    ``np.ndarray``), so the result restores like any numpy leaf, into numpy or into sharded
+    ``jax.Array`` targets.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(deepcopy_host_arrays=False)
+        self._lock: asyncio.Lock | None = None
+
+    async def _background_serialize(self, values, infos, args=None):  # noqa: ANN001
+        self._lock = asyncio.Lock()  # Orbax may run each save in a fresh event loop
+        return await super()._background_serialize(values, infos, args)
+
+    async def _open_and_write(self, value: Any, tspec: dict[str, Any], ts_context: Any) -> None:
+        import tensorstore as ts
+
+        if not isinstance(value, LazyLeaf):
+            return await super()._open_and_write(value, tspec, ts_context)
+        async with self._lock:  # one leaf at a time: bounded host memory
+            t = await ts.open(ts.Spec(tspec), create=True, open=True, context=ts_context)
+            if value.sliced:
+                for i in range(value.shape[0]):
+                    await t[i].write(value.part(i))
+            else:
+                await t.write(value.part(None))
+
+
+type_handlers.register_type_handler(LazyLeaf, _LazyLeafHandler(), override=True)
+
+
+# ------------------------------------------------------------------------------ train state
 def _state_to_dict(state: TrainState) -> dict[str, Any]:
     d = {
         "step": state.step,
@@ -195,7 +294,7 @@ class Checkpointer:
             self.directory,
             options=options,
             item_handlers={
-                "state": ocp.StandardCheckpointHandler(),
+                "state": ocp.PyTreeCheckpointHandler(),
                 "meta": ocp.JsonCheckpointHandler(),
             },
         )
@@ -216,12 +315,20 @@ class Checkpointer:
 
     def save(self, step: int, state: TrainState, meta: dict[str, Any]) -> None:
         """Start saving ``state`` and ``meta`` as ``step`` (returns once arrays are copied)."""
+        self.save_tree(step, _state_to_dict(state), meta)
+
+    def save_tree(self, step: int, tree: dict[str, Any], meta: dict[str, Any]) -> None:
+        """Save any tree of arrays and ``LazyLeaf`` as ``step`` (``save`` is this for a state).
+
+        Converters write weights-only checkpoints (``{"params": ...}``) and full train states
+        through this, streaming ``LazyLeaf`` leaves.
+        """
         self._manager.wait_until_finished()  # one save in flight: the hook knows its step
         self._saving_step = int(step)
         self._manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(_state_to_dict(state)), meta=ocp.args.JsonSave(meta)
+                state=ocp.args.PyTreeSave(tree), meta=ocp.args.JsonSave(meta)
             ),
             force=True,
         )
@@ -249,6 +356,7 @@ class Checkpointer:
         shardings: TrainState,
         *,
         verify: bool = True,
+        init: Any = None,
     ) -> tuple[TrainState, dict[str, Any]]:
         """Restore ``step`` (default newest good one) into ``like``'s structure and ``shardings``.
 
@@ -258,6 +366,8 @@ class Checkpointer:
           like: a state with this run's structure (arrays or shape/dtype structs).
           shardings: ``like``-shaped shardings to restore onto.
           verify: check files against the integrity manifest first.
+          init: ``init(fp32_params) -> TrainState`` for weights-only checkpoints (converted
+            ones hold ``{"params"}`` only); without it they are an error.
 
         Raises:
           FileNotFoundError: no checkpoint in the directory, or no such step.
@@ -280,37 +390,61 @@ class Checkpointer:
             _state_to_dict(shardings),
         )
         failures = []
+        fp32 = like.fp32_params
+        fp32_sh = shardings.fp32_params
+        weights_target = {"params": jax.tree.map(
+            lambda x, sh: jax.ShapeDtypeStruct(x.shape, np.float32, sharding=sh), fp32, fp32_sh
+        )}
         for s in candidates:
             try:
-                out = self._restore_one(s, target, verify)
+                stored = self._stored_tree(s, verify)
+                if set(stored or {}) == {"params"}:  # weights only (a converted checkpoint)
+                    if init is None:
+                        raise ValueError(
+                            f"{self.step_dir(s)} holds weights only; restore it with "
+                            "engine.load_checkpoint, which starts a fresh optimizer"
+                        )
+                    out = self._restore_one(s, stored, weights_target)
+                    state = init(out["state"]["params"])
+                else:
+                    out = self._restore_one(s, stored, target)
+                    state = _dict_to_state(dict(out["state"]), like)
             except CheckpointCorruptError as e:
                 if step is not None:
                     raise
                 failures.append(str(e))
                 warnings.warn(f"{e}\nfalling back to an older checkpoint", stacklevel=2)
                 continue
-            return _dict_to_state(dict(out["state"]), like), dict(out["meta"] or {})
+            return state, dict(out["meta"] or {})
         raise CheckpointCorruptError(
             f"every checkpoint in {self.directory} is damaged:\n" + "\n".join(failures)
         )
 
-    def _restore_one(self, step: int, target: dict[str, Any], verify: bool) -> Any:
+    def _stored_tree(self, step: int, verify: bool) -> Any:
+        """Verify ``step`` and return its stored array metadata tree."""
         step_dir = self.step_dir(step)
         if verify and not verify_integrity(step_dir):
             warnings.warn(
                 f"checkpoint {step_dir} has no {INTEGRITY_FILE}; restoring it unverified",
-                stacklevel=3,
+                stacklevel=4,
             )
         try:
-            stored = self._manager.item_metadata(step)["state"]
+            return self._manager.item_metadata(step)["state"]
         except (json.JSONDecodeError, UnicodeDecodeError, ValueError, OSError, KeyError) as e:
             raise CheckpointCorruptError(_damage_message(step_dir, e)) from e
+
+    def _restore_one(self, step: int, stored: Any, target: dict[str, Any]) -> Any:
+        step_dir = self.step_dir(step)
         self._check_matches(step, stored, target)
         try:
             return self._manager.restore(
                 step,
                 args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
+                    state=ocp.args.PyTreeRestore(
+                        item=target,
+                        restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                    ),
+                    meta=ocp.args.JsonRestore(),
                 ),
             )
         except (json.JSONDecodeError, UnicodeDecodeError, ValueError, OSError) as e:

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jds.models.gpt2 import GPT2, GPT2Config
-from jds.models.llama import Llama, LlamaConfig
+from jds.models.llama import Llama, LlamaConfig, RopeScaling
 
 
 def _llama(**kw: Any) -> LlamaConfig:
@@ -106,6 +106,33 @@ def model_class(config: LlamaConfig | GPT2Config) -> type[nnx.Module]:
     return GPT2 if isinstance(config, GPT2Config) else Llama
 
 
+def config_to_dict(config: LlamaConfig | GPT2Config) -> dict[str, Any]:
+    """A JSON-able description of a model config (``config_from_dict`` reads it back)."""
+    kind = "gpt2" if isinstance(config, GPT2Config) else "llama"
+    return {"type": kind, **dataclasses.asdict(config)}
+
+
+def config_from_dict(d: dict[str, Any]) -> LlamaConfig | GPT2Config:
+    """Inverse of ``config_to_dict``.
+
+    Raises:
+      ValueError: unknown ``type`` or unknown fields (named).
+    """
+    d = dict(d)
+    kind = d.pop("type", None)
+    classes = {"llama": LlamaConfig, "gpt2": GPT2Config}
+    if kind not in classes:
+        raise ValueError(f"model config type {kind!r} is not one of {sorted(classes)}")
+    cls = classes[kind]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - fields)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s) {unknown}")
+    if kind == "llama" and d.get("rope_scaling") is not None:
+        d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+    return cls(**d)
+
+
 def get_config(name: str, **overrides: Any) -> LlamaConfig | GPT2Config:
     """A preset's config with ``overrides`` replacing fields.
 
@@ -149,4 +176,11 @@ def build(
     return model_class(config)(config, rngs=nnx.Rngs(seed), param_dtype=param_dtype)
 
 
-__all__ = ["PRESETS", "build", "get_config", "model_class"]
+__all__ = [
+    "PRESETS",
+    "build",
+    "config_from_dict",
+    "config_to_dict",
+    "get_config",
+    "model_class",
+]

@@ -1,0 +1,157 @@
+"""Reading a jds Orbax checkpoint one array at a time, on the host, without a mesh.
+
+``OrbaxCheckpoint(path)`` opens a checkpoint root (newest intact step, or ``step=``) or one
+step directory, verifies it against its integrity manifest, and reads single arrays with
+Orbax's partial restore into numpy. The fp32 weights are ``master`` when the run trained in
+mixed precision, else ``params``. One stacked array is cached, so ``reader()`` serves layer
+slices of it without re-reading: peak memory is the largest single array (e.g. one MLP
+weight over all layers), not the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jds.checkpoint.orbax import CheckpointCorruptError, verify_integrity
+from jds.models.registry import config_from_dict
+
+
+def _leaf_paths(tree: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    out = {}
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            out.update(_leaf_paths(v, (*prefix, str(k))))
+    elif isinstance(tree, list | tuple):
+        for i, v in enumerate(tree):
+            out.update(_leaf_paths(v, (*prefix, str(i))))
+    elif tree is not None:
+        out[prefix] = tree
+    return out
+
+
+class OrbaxCheckpoint:
+    """One step of a jds checkpoint, read array by array.
+
+    Args:
+      path: a checkpoint root (``.../checkpoints``) or one step directory in it.
+      step: the step under a root; default the newest step that verifies.
+      verify: check the integrity manifest first.
+
+    Raises:
+      FileNotFoundError: no checkpoint, or no such step.
+      CheckpointCorruptError: damaged files (named).
+    """
+
+    def __init__(self, path: str | os.PathLike, step: int | None = None, *,
+                 verify: bool = True) -> None:
+        path = Path(path).resolve()  # Orbax reads no metadata through a relative path
+        if (path / "state").is_dir():
+            step_dirs = [path]
+        elif path.is_dir():
+            steps = sorted((int(p.name) for p in path.iterdir() if p.name.isdigit()
+                            and (p / "state").is_dir()), reverse=True)
+            if step is not None:
+                if step not in steps:
+                    raise FileNotFoundError(
+                        f"no step {step} in {path}; available: {sorted(steps)}")
+                steps = [step]
+            step_dirs = [path / str(s) for s in steps]
+        else:
+            raise FileNotFoundError(f"checkpoint {path} does not exist")
+        if not step_dirs:
+            raise FileNotFoundError(f"no jds checkpoint in {path} (no <step>/state directory)")
+        errors = []
+        for d in step_dirs:
+            try:
+                if verify:
+                    verify_integrity(d)
+                self.dir = d
+                break
+            except CheckpointCorruptError as e:
+                errors.append(str(e))
+        else:
+            raise CheckpointCorruptError("\n".join(errors))
+        self._ckptr = ocp.PyTreeCheckpointer()
+        meta_file = self.dir / "meta" / "metadata"
+        try:
+            self.meta: dict[str, Any] = json.loads(meta_file.read_text()) if meta_file.is_file() \
+                else {}
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointCorruptError(f"{meta_file} is damaged ({e})") from e
+        tree = self._ckptr.metadata(self.dir / "state").item_metadata.tree
+        self.arrays: dict[tuple[str, ...], Any] = _leaf_paths(tree)
+        self._cache: tuple[tuple[str, ...], np.ndarray] | None = None
+
+    @property
+    def weights_key(self) -> str:
+        """``master`` (fp32 under mixed precision) if present, else ``params``."""
+        return "master" if any(p[0] == "master" for p in self.arrays) else "params"
+
+    def model_config(self) -> Any:
+        """The model's jds config stored with the checkpoint.
+
+        Raises:
+          ValueError: the checkpoint predates model metadata (say which model instead).
+        """
+        model = self.meta.get("model")
+        if model is None:
+            raise ValueError(
+                f"{self.dir} stores no model config (meta.model); give the model explicitly "
+                "(jds convert ... --model PRESET_OR_HF_DIR)"
+            )
+        return config_from_dict(model)
+
+    def read(self, path: tuple[str, ...]) -> np.ndarray:
+        """One whole array by its path, e.g. ``("params", "layers", "wq")``."""
+        path = tuple(path)
+        if self._cache is not None and self._cache[0] == path:
+            return self._cache[1]
+        if path not in self.arrays:
+            raise KeyError(f"{self.dir} has no array {'/'.join(path)}")
+        self._cache = None  # drop the previous array before reading the next
+        item: dict = {}
+        args: dict = {}
+        node, anode = item, args
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+            anode = anode.setdefault(k, {})
+        node[path[-1]] = self.arrays[path]
+        anode[path[-1]] = ocp.RestoreArgs(restore_type=np.ndarray)
+        try:
+            out = self._ckptr.restore(
+                self.dir / "state",
+                args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True),
+            )
+        except Exception as e:  # TensorStore errors arrive as bare Exceptions
+            raise CheckpointCorruptError(
+                f"{self.dir}: reading {'/'.join(path)} failed: {str(e).splitlines()[0][:300]}"
+            ) from e
+        for k in path:
+            out = out[k]
+        value = np.asarray(out)
+        self._cache = (path, value)
+        return value
+
+    def reader(self, key: str | None = None):
+        """``read(path, layer)`` over the weights, for ``save_hf`` and friends."""
+        key = key or self.weights_key
+
+        def read(path: tuple[str, ...], layer: int | None) -> np.ndarray:
+            arr = self.read((key, *path))
+            return arr if layer is None else arr[layer]
+
+        return read
+
+    def weight_paths(self, key: str | None = None) -> list[tuple[str, ...]]:
+        """Paths (without the ``params``/``master`` prefix) of every weight array."""
+        key = key or self.weights_key
+        return [p[1:] for p in self.arrays if p[0] == key]
+
+
+__all__ = ["OrbaxCheckpoint"]
