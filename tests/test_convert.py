@@ -213,3 +213,22 @@ def test_cli_convert_every_direction_documented_and_runs(tmp_path, capsys):
     assert main(["convert", "deepspeed-to-orbax", str(DS_CKPTS / "zero1"),
                  str(tmp_path / "b")]) == 2
     assert "needs --model" in capsys.readouterr().err
+
+
+def test_jds_train_resumes_a_converted_deepspeed_run(tmp_path):
+    from jds.cli import main
+
+    cfg = json.loads((FIXTURES / "ds_reference" / "ds_config_zero2.json").read_text())
+    del cfg["train_micro_batch_size_per_gpu"]
+    cfg.update(gradient_accumulation_steps=1, steps_per_print=1,
+               train={"seq_len": 32, "eval_batches": 1, "sample_tokens": 4})
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    run = tmp_path / "run"
+    assert main(["convert", "deepspeed-to-orbax", str(DS_CKPTS / "zero2"),
+                 str(run / "checkpoints"), "--model", str(HF_MODEL), "--optimizer",
+                 "--config", str(tmp_path / "cfg.json")]) == 0
+    assert main(["train", "--config", str(tmp_path / "cfg.json"), "--model", str(HF_MODEL),
+                 "--out", str(run), "--resume", "--steps", "8", "--no-progress"]) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [7, 8]  # continued from step 6
+    assert sorted(int(p.name) for p in (run / "checkpoints").iterdir()) == [6, 8]

@@ -117,7 +117,7 @@ def orbax_to_hf(
       out: new Hugging Face directory.
       step: the step under a root (default newest intact).
       dtype: ``float32`` / ``bfloat16`` / ``float16`` on disk.
-      max_shard_bytes: shard size (one shard's tensors are held in memory at a time).
+      max_shard_bytes: largest shard file (shards are streamed a tensor at a time).
       model: preset or HF directory giving the model config, for checkpoints that do not
         store it.
       architecture: HF class to write (default inferred).
@@ -166,11 +166,11 @@ def orbax_to_safetensors(
             for p in ckpt.weight_paths()
         ]
     elif names == "hf":
-        from jds.checkpoint.convert.hf import hf_tensor_plan
+        from jds.checkpoint.convert.hf import hf_tensor_plan, source_order
 
         read = ckpt.reader()
-        entries = [(t.name, t.shape, np_dtype, (lambda t=t: t.array(read)))
-                   for t in hf_tensor_plan(_model_config(ckpt, model))]
+        plan = sorted(hf_tensor_plan(_model_config(ckpt, model)), key=source_order)
+        entries = [(t.name, t.shape, np_dtype, (lambda t=t: t.array(read))) for t in plan]
     else:
         raise ValueError(f"names must be 'jds' or 'hf'; got {names!r}")
     out_file.parent.mkdir(parents=True, exist_ok=True)

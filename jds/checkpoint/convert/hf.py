@@ -11,8 +11,9 @@ reshape, GPT-2's fused ``c_attn``) is written here, and every exported tensor is
 against the loader: the loader's conversion of the built array must give back exactly the
 source slices, so the exporter cannot drift from ``from_pretrained`` without failing loudly.
 
-Memory: at most one output shard's tensors (in the output dtype) plus one tensor's sources are
-held at a time; stacked parameters are read one layer at a time through ``read``.
+Memory: shards are streamed (``safetensors_writer``): one output tensor and its sources are held
+at a time; stacked parameters are read one layer at a time through ``read``, in an order that
+groups the tensors of one jds leaf together.
 
     from jds.checkpoint.convert.hf import read_from_model, save_hf
     save_hf(model.config, read_from_model(model), "out/llama-hf", dtype="bfloat16")
@@ -392,10 +393,10 @@ def save_hf(
 
     Writes ``config.json`` and either ``model.safetensors`` or, when the weights exceed
     ``max_shard_bytes``, ``model-0000i-of-0000N.safetensors`` shards plus
-    ``model.safetensors.index.json``. Each shard is written as soon as its tensors are built,
-    so at most one shard's tensors are held at once. Everything is written into a temporary
-    directory beside ``out_dir`` and renamed into place at the end: ``out_dir`` is either
-    complete or absent.
+    ``model.safetensors.index.json``. Each shard is streamed: its header first, then one tensor
+    at a time, so one tensor and its sources are held at once. Everything is written into a
+    temporary directory beside ``out_dir`` and renamed into place at the end: ``out_dir`` is
+    either complete or absent.
 
     Args:
       config: the model's config.
@@ -415,7 +416,7 @@ def save_hf(
       ValueError: bad ``dtype``/``max_shard_bytes``, a config HF cannot express, or a
         parameter whose shape does not match the config (named).
     """
-    from safetensors.numpy import save_file
+    from jds.checkpoint.convert.safetensors_writer import write_safetensors
 
     np_dtype = _np_dtype(dtype)
     if (
@@ -443,9 +444,14 @@ def save_hf(
     written = list(files)
     try:
         for file, tensors in zip(files, shards, strict=True):
-            arrays = {t.name: np.asarray(t.array(read), dtype=np_dtype, order="C") for t in tensors}
-            save_file(arrays, tmp / file, metadata={"format": "pt"})
-            del arrays
+            # Streamed: the header first, then one tensor at a time; grouped by source leaf
+            # so a reader caching one stacked array reads each array once per shard.
+            write_safetensors(
+                tmp / file,
+                [(t.name, t.shape, np_dtype, (lambda t=t: t.array(read)))
+                 for t in sorted(tensors, key=source_order)],
+                metadata={"format": "pt"},
+            )
         if n > 1:
             _write_json(
                 tmp / "model.safetensors.index.json",
@@ -469,6 +475,12 @@ def save_hf(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return [out_dir / f for f in written]
+
+
+def source_order(t: HFTensor) -> tuple:
+    """Sort key grouping HF tensors by the jds leaf they read (then by layer)."""
+    first = t.sources[0]
+    return (first.path, -1 if first.layer is None else first.layer)
 
 
 def read_from_model(model: nnx.Module) -> Reader:
