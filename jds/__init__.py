@@ -23,6 +23,7 @@ _LAZY = {
     "ConfigError": ("jds.config", "ConfigError"),
     "TrainEngine": ("jds.engine", "TrainEngine"),
     "initialize": ("jds.engine", "initialize"),
+    "init_distributed": ("jds.distributed", "init_distributed"),
     "models": ("jds.models", None),
 }
 
@@ -41,4 +42,12 @@ def __dir__() -> list[str]:
     return sorted([*globals(), *_LAZY])
 
 
-__all__ = ["Config", "ConfigError", "TrainEngine", "__version__", "initialize", "models"]
+__all__ = [
+    "Config",
+    "ConfigError",
+    "TrainEngine",
+    "__version__",
+    "init_distributed",
+    "initialize",
+    "models",
+]

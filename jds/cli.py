@@ -47,6 +47,11 @@ def _train(args: argparse.Namespace) -> int:
                   "pass --out RUN_DIR", file=sys.stderr)
             return 2
         out = runs[-1].parent
+    elif int(os.environ.get("JDS_NUM_PROCESSES") or os.environ.get("SLURM_NTASKS") or 1) > 1:
+        # each process would stamp its own folder; the run must share one
+        print("jds train: a multi-process run needs --out RUN_DIR (shared by every process)",
+              file=sys.stderr)
+        return 2
     else:
         out = Path("runs") / model_tag / time.strftime("%Y%m%d-%H%M%S")
     s = run(cfg, out, resume=args.resume, progress=not args.no_progress)
@@ -216,6 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     _layout_args(x)
     x.set_defaults(func=_explain)
 
+    from jds import launch  # standard library only: no JAX import at parse time
+
+    launch.add_parser(sub)
+
     c = sub.add_parser(
         "convert", help="convert checkpoints: Hugging Face / DeepSpeed <-> jds (Orbax)",
         description="Convert checkpoints between jds (Orbax), Hugging Face and DeepSpeed.",
@@ -251,7 +260,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("estimate", "explain"):
             return args.func(args, argv)
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
+    except Exception as e:
+        if "jax" in sys.modules:  # only a JAX run can have lost a peer process
+            from jds.distributed import PeerFailureError, exit_after_peer_failure
+
+            if isinstance(e, PeerFailureError):  # another process died: say so, don't hang
+                exit_after_peer_failure(e)
+        if not isinstance(e, ValueError | FileNotFoundError | FileExistsError |
+                          FloatingPointError):
+            raise
         # Config, data and checkpoint errors are written for people: show them plainly.
         print(f"jds {args.command}: error: {e}", file=sys.stderr)
         return 2

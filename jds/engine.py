@@ -32,6 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jds.checkpoint.orbax import Checkpointer
 from jds.config import Config, ConfigError, OptimizerConfig
+from jds.distributed import init_distributed, peer_failure_guard
 from jds.models.registry import config_to_dict
 from jds.optim import build_optimizer, build_schedule
 from jds.partitioning.mesh import data_parallel_size, make_mesh
@@ -257,12 +258,73 @@ class TrainEngine:
         )
 
     # ----------------------------------------------------------------------------- batches
-    def shard_batch(self, batch: Mapping[str, Any], *, micro_batches: int | None = None) -> dict:
+    def local_rows(self, rows: int | None = None, *, micro_batches: int | None = None
+                   ) -> np.ndarray:
+        """Rows of a global batch that this process feeds (all of them in one process).
+
+        The batch is placed ``[micro_batches, rows / micro_batches, seq]`` with the middle
+        axis split over the data-parallel devices; a process owns a contiguous block of it in
+        every micro-batch. ``BatchLoader.next(rows=...)`` reads only these rows.
+
+        Args:
+          rows: global batch rows (default ``train_batch_size``).
+          micro_batches: leading split (default ``gradient_accumulation_steps``).
+
+        Returns:
+          Sorted global row indices, micro-batch major.
+        """
+        a = micro_batches or self.batch.gradient_accumulation_steps
+        rows = rows or self.batch.train_batch_size
+        lo, hi = self._local_block((a, rows // a, 1))
+        per = rows // a
+        return (np.arange(a)[:, None] * per + np.arange(lo, hi)[None, :]).reshape(-1)
+
+    def _local_block(self, shape: tuple[int, int, int]) -> tuple[int, int]:
+        """``[lo, hi)`` of the batch axis (axis 1) this process's devices hold."""
+        spans = {
+            (idx[1].start or 0, shape[1] if idx[1].stop is None else idx[1].stop)
+            for idx in self.batch_sharding.addressable_devices_indices_map(shape).values()
+        }
+        lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
+        covered = sum(b - a for a, b in spans)
+        if covered != hi - lo:
+            raise RuntimeError(
+                f"this process's devices hold batch rows {sorted(spans)}, not one block; "
+                "order the mesh so each process's devices are adjacent on the data axis "
+                "(mesh.dcn does)"
+            )
+        return lo, hi
+
+    def _place(self, x_AMT: np.ndarray, *, process_local: bool) -> jax.Array:
+        """A ``[A, M, T]`` host batch (global, or this process's block) as a global array."""
+        if jax.process_count() == 1:
+            return jax.device_put(x_AMT, self.batch_sharding)
+        a, m, t = x_AMT.shape
+        if process_local:
+            shape = (a, m * jax.process_count(), t)
+            lo, hi = self._local_block(shape)
+            if hi - lo != m:
+                raise ValueError(
+                    f"process-local batch has {m} rows per micro-batch but this process "
+                    f"feeds {hi - lo}; build it with engine.local_rows()"
+                )
+            local = x_AMT
+        else:
+            shape = x_AMT.shape
+            lo, hi = self._local_block(shape)
+            local = x_AMT[:, lo:hi]
+        return jax.make_array_from_process_local_data(self.batch_sharding, local, shape)
+
+    def shard_batch(self, batch: Mapping[str, Any], *, micro_batches: int | None = None,
+                    process_local: bool = False) -> dict:
         """Validate a host batch and place it ``[micro_batches, micro_global, seq]`` sharded.
 
         Args:
-          batch: ``{"input_ids": [global_batch, seq]}`` (optionally ``labels``), array-like.
+          batch: ``{"input_ids": [global_batch, seq]}`` (optionally ``labels``), array-like;
+            with ``process_local`` only this process's rows (``local_rows()``).
           micro_batches: leading split; default ``gradient_accumulation_steps``.
+          process_local: the batch holds this process's rows only (multi-host input
+            pipelines: each process reads its own part).
 
         Raises:
           ValueError: missing ``input_ids``, wrong rank, a batch size that does not match
@@ -288,44 +350,52 @@ class TrainEngine:
                         f"vocab_size is {self.vocab_size}; check the tokenizer or the model"
                     )
             dp = data_parallel_size(self.mesh)
-            if x.shape[0] % (a * dp):
+            rows = x.shape[0] * (jax.process_count() if process_local else 1)
+            if rows % (a * dp):
                 raise ValueError(
-                    f"batch of {x.shape[0]} rows does not split into {a} micro-batches over "
+                    f"batch of {rows} rows does not split into {a} micro-batches over "
                     f"{dp} data-parallel devices; use a multiple of {a * dp}"
                 )
-            out[key] = jax.device_put(
-                x.astype(np.int32).reshape(a, x.shape[0] // a, x.shape[1]), self.batch_sharding
+            out[key] = self._place(
+                x.astype(np.int32).reshape(a, x.shape[0] // a, x.shape[1]),
+                process_local=process_local,
             )
         return out
 
     # ----------------------------------------------------------------------------- steps
-    def train_batch(self, batch: Mapping[str, Any], *, sync: bool = True) -> dict:
+    def train_batch(self, batch: Mapping[str, Any], *, sync: bool = True,
+                    process_local: bool = False) -> dict:
         """One optimizer step over the global batch (gradient accumulation included).
 
         Args:
-          batch: ``{"input_ids": [train_batch_size, seq]}`` (optionally ``labels``).
+          batch: ``{"input_ids": [train_batch_size, seq]}`` (optionally ``labels``); with
+            ``process_local``, only this process's rows (``local_rows()``, in that order).
           sync: return Python floats (waits for the device); ``False`` returns device
             scalars so a loop can fetch them one step late.
+          process_local: see ``batch``.
 
         Returns:
           ``loss``, ``grad_norm``, ``lr``, ``loss_scale``, ``skipped``, ``tokens``.
         """
         self._need_arrays("train_batch")
         rows = np.shape(batch["input_ids"])[0] if "input_ids" in batch else None
+        if rows is not None and process_local:
+            rows *= jax.process_count()
         if rows is not None and rows != self.batch.train_batch_size:
             raise ValueError(
-                f"train_batch got {rows} rows but train_batch_size is "
+                f"train_batch got {rows} rows (over all processes) but train_batch_size is "
                 f"{self.batch.train_batch_size} (= micro {self.batch.micro_batch_per_device} x "
                 f"accumulation {self.batch.gradient_accumulation_steps} x data-parallel "
                 f"{self.batch.dp_size})"
             )
-        placed = self.shard_batch(batch)
-        with self._tracing():
-            self.state, metrics = self._train_step(self.state, placed)
-        if not sync:
-            return metrics
-        self.check_loss_scale()
-        return _to_floats(metrics)
+        placed = self.shard_batch(batch, process_local=process_local)
+        with peer_failure_guard("train_batch"):
+            with self._tracing():
+                self.state, metrics = self._train_step(self.state, placed)
+            if not sync:
+                return metrics
+            self.check_loss_scale()
+            return _to_floats(metrics)
 
     def check_loss_scale(self) -> None:
         """Raise as DeepSpeed does when an fp16 overflow arrives at the minimum loss scale.
@@ -523,11 +593,13 @@ def initialize(
       model: an ``nnx.Module``, a preset name (``"llama-tiny"``) or a zero-argument factory
         (built abstractly, then materialised sharded).
       config: ``ds_config.json`` path, dict, or ``jds.Config``; None = defaults.
-      devices: devices for the mesh; default all.
+      devices: devices for the mesh; default all (every process's, in a multi-host job:
+        ``jds.init_distributed`` joins it first when the environment says so).
 
     Raises:
       ConfigError: invalid config or a batch triad that does not fit the devices.
     """
+    init_distributed()
     return TrainEngine(model, config, devices=devices)
 
 

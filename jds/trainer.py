@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from jds.config import Config
 from jds.data import BatchLoader, embedded_corpus, eval_batches, load_tokens, unigram_entropy
+from jds.distributed import init_distributed, peer_failure_guard
 from jds.engine import TrainEngine
 from jds.profiling.flops import mfu as mfu_of
 
@@ -75,15 +76,21 @@ def _model_arg(name: str):
 
 
 class _Logger:
-    """metrics.jsonl + TensorBoard, both flushed as they go."""
+    """metrics.jsonl + TensorBoard, both flushed as they go (process 0 only: the metrics are
+    global, and every process of a multi-host job shares the run folder)."""
 
     def __init__(self, out: Path) -> None:
         from tensorboardX import SummaryWriter
 
+        self.enabled = jax.process_index() == 0
+        if not self.enabled:
+            return
         self._jsonl = open(out / "metrics.jsonl", "a", encoding="utf-8")
         self._tb = SummaryWriter(logdir=str(out / "tb"))
 
     def log(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         self._jsonl.write(json.dumps(row) + "\n")
         self._jsonl.flush()
         for k, v in row.items():
@@ -91,8 +98,9 @@ class _Logger:
                 self._tb.add_scalar(k, v, row["step"])
 
     def close(self) -> None:
-        self._jsonl.close()
-        self._tb.close()
+        if self.enabled:
+            self._jsonl.close()
+            self._tb.close()
 
 
 def run(config: Config, out_dir: str | os.PathLike, *, resume: bool = False,
@@ -118,7 +126,10 @@ def run(config: Config, out_dir: str | os.PathLike, *, resume: bool = False,
     ckpt_dir = out / "checkpoints"
 
     train_tokens, val_tokens = _load_data(config)
+    init_distributed()  # a no-op unless launched as one of several processes
     engine = TrainEngine(_model_arg(tc.model), config)
+    local_rows = engine.local_rows()
+    n_proc = jax.process_count()
     vocab = engine.vocab_size
     loader = BatchLoader(train_tokens, global_batch=engine.batch.train_batch_size,
                          seq_len=tc.seq_len, seed=config.seed, vocab_size=vocab)
@@ -130,7 +141,9 @@ def run(config: Config, out_dir: str | os.PathLike, *, resume: bool = False,
         # else: a converted checkpoint (jds convert) has no data position: start the data
         # from its beginning
         saved_step = int(engine.state.step)
-    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    primary = jax.process_index() == 0
+    if primary:
+        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     val = eval_batches(val_tokens, batch=max(engine.batch.micro_batch_global, 8),
                        seq_len=tc.seq_len, num_batches=tc.eval_batches)
     baseline = unigram_entropy(train_tokens, vocab)
@@ -171,33 +184,37 @@ def run(config: Config, out_dir: str | os.PathLike, *, resume: bool = False,
                         mfu=f"{100 * util:.1f}%")
 
     try:
-        for step in range(start + 1, tc.steps + 1):
-            metrics = engine.train_batch({"input_ids": loader.next()}, sync=False)
+        with peer_failure_guard("training"):
+            for step in range(start + 1, tc.steps + 1):
+                ids = loader.next(rows=local_rows)  # this process's rows only
+                metrics = engine.train_batch({"input_ids": ids}, sync=False, process_local=True)
+                if pending is not None:
+                    flush(*pending)
+                elif t_mark is None:
+                    jax.block_until_ready(metrics)  # first step: compile; start the clock after it
+                    t_mark = time.perf_counter()
+                steps_since += 1
+                pending = (step, metrics)
+                bar.update(1)
+                if tc.eval_interval and step % tc.eval_interval == 0 and step != tc.steps:
+                    val_loss = evaluate()
+                    logger.log({"step": step, "val_loss": val_loss})
+                if tc.save_interval and step % tc.save_interval == 0:
+                    engine.save_checkpoint(ckpt_dir, client_state={"data": loader.state_dict()})
+                    saved_step = step
             if pending is not None:
                 flush(*pending)
-            elif t_mark is None:
-                jax.block_until_ready(metrics)  # first step: compile; start the clock after it
-                t_mark = time.perf_counter()
-            steps_since += 1
-            pending = (step, metrics)
-            bar.update(1)
-            if tc.eval_interval and step % tc.eval_interval == 0 and step != tc.steps:
-                val_loss = evaluate()
-                logger.log({"step": step, "val_loss": val_loss})
-            if tc.save_interval and step % tc.save_interval == 0:
+            bar.close()
+            val_loss = evaluate()
+            final_step = int(engine.state.step)
+            logger.log({"step": final_step, "val_loss": val_loss, "unigram_baseline": baseline})
+            if final_step != saved_step:
                 engine.save_checkpoint(ckpt_dir, client_state={"data": loader.state_dict()})
-                saved_step = step
-        if pending is not None:
-            flush(*pending)
-        bar.close()
-        val_loss = evaluate()
-        final_step = int(engine.state.step)
-        logger.log({"step": final_step, "val_loss": val_loss, "unigram_baseline": baseline})
-        if final_step != saved_step:
-            engine.save_checkpoint(ckpt_dir, client_state={"data": loader.state_dict()})
-        sample = _sample(engine, tc.sample_tokens, config.seed)
-        (out / "sample.txt").write_text(sample, encoding="utf-8")
-        engine.wait_for_checkpoints()
+            # Sampling decodes on the host from the whole model: one process only.
+            sample = _sample(engine, tc.sample_tokens, config.seed) if n_proc == 1 else ""
+            if primary:
+                (out / "sample.txt").write_text(sample, encoding="utf-8")
+            engine.wait_for_checkpoints()
     finally:
         logger.close()
         engine.close()
@@ -207,7 +224,8 @@ def run(config: Config, out_dir: str | os.PathLike, *, resume: bool = False,
         tokens_per_s=timed_tps, mfu=mfu_of(timed_tps, engine.model_config, tc.seq_len, n_dev),
         seconds=seconds, out_dir=str(out), sample=sample,
     )
-    (out / "summary.json").write_text(json.dumps(summary.__dict__, indent=2))
+    if primary:
+        (out / "summary.json").write_text(json.dumps(summary.__dict__, indent=2))
     return summary
 
 

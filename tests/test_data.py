@@ -255,17 +255,14 @@ def test_loader_construction_errors():
         BatchLoader(np.zeros((10, 10), np.int32), global_batch=2, seq_len=2)
 
 
-def test_host_slice_partitions_batch():
-    loader = BatchLoader(np.arange(2000, dtype=np.int32), global_batch=8, seq_len=16)
-    batch = loader.next()
-    for p in (1, 2, 4, 8):
-        parts = [loader.host_slice(batch, i, p) for i in range(p)]
-        assert all(x.shape == (8 // p, 16) for x in parts)
-        np.testing.assert_array_equal(np.concatenate(parts), batch)
-    with pytest.raises(ValueError, match="8 rows.*3 processes"):
-        loader.host_slice(batch, 0, 3)
-    with pytest.raises(ValueError, match="process_index=4"):
-        loader.host_slice(batch, 4, 4)
+def test_next_reads_only_the_requested_rows_and_advances_the_whole_batch():
+    full = BatchLoader(np.arange(2000, dtype=np.int32), global_batch=8, seq_len=16)
+    part = BatchLoader(np.arange(2000, dtype=np.int32), global_batch=8, seq_len=16)
+    rows = np.array([2, 3, 6, 7])  # a process's block of both micro-batches (GA 2)
+    for _ in range(3):
+        batch = full.next()
+        np.testing.assert_array_equal(part.next(rows=rows), batch[rows])
+    assert part.state_dict() == full.state_dict()
 
 
 def test_loader_iterates_embedded_corpus():

@@ -192,11 +192,16 @@ class BatchLoader:
             self._plans[epoch] = (offset, order)
         return self._plans[epoch]
 
-    def next(self) -> np.ndarray:
-        """The next batch.
+    def next(self, rows: np.ndarray | None = None) -> np.ndarray:
+        """The next batch, or only some of its rows.
+
+        Args:
+          rows: global row indices to read (a multi-host process's ``engine.local_rows()``);
+            only their tokens are read. The position advances by the whole global batch
+            either way, so it is the same on every process and for any process count.
 
         Returns:
-          ``input_ids_BT``: int32 ``[global_batch, seq_len]``.
+          ``input_ids_BT``: int32 ``[global_batch, seq_len]`` (``[len(rows), seq_len]``).
         """
         b, t, w = self.global_batch, self.seq_len, self.windows_per_epoch
         starts_B = np.empty(b, dtype=np.int64)
@@ -209,6 +214,8 @@ class BatchLoader:
             filled += take
             pos += take
         self._pos = pos
+        if rows is not None:
+            starts_B = starts_B[np.asarray(rows)]
         return np.asarray(self._tokens[starts_B[:, None] + np.arange(t)], dtype=np.int32)
 
     def __iter__(self) -> Iterator[np.ndarray]:
@@ -261,31 +268,6 @@ class BatchLoader:
             self.seed = int(state["seed"])
             self._plans = {}
         self._pos = epoch * self.windows_per_epoch + index
-
-    def host_slice(self, batch: np.ndarray, process_index: int,
-                   process_count: int) -> np.ndarray:
-        """The rows of a global batch that process ``process_index`` feeds.
-
-        Args:
-          batch: ``[B, ...]`` global batch.
-          process_index: this process, in ``[0, process_count)``.
-          process_count: number of processes; must divide ``B``.
-
-        Returns:
-          rows ``[i*B/P, (i+1)*B/P)`` of ``batch``.
-
-        Raises:
-          ValueError: ``process_count`` not dividing ``B``, or a bad ``process_index``.
-        """
-        rows = batch.shape[0]
-        if process_count < 1 or not 0 <= process_index < process_count:
-            raise ValueError(f"process_index={process_index} must be in "
-                             f"[0, process_count={process_count})")
-        if rows % process_count:
-            raise ValueError(f"global batch of {rows} rows does not split over "
-                             f"{process_count} processes; make the batch size a multiple of it")
-        per = rows // process_count
-        return batch[process_index * per:(process_index + 1) * per]
 
 
 def _ids_fit(tokens: np.ndarray, vocab_size: int) -> bool:
