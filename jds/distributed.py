@@ -18,10 +18,12 @@ this order:
 
 A single process with none of these set is not distributed and nothing happens.
 
-Start-up never hangs silently: ``initialization_timeout`` (``JDS_INIT_TIMEOUT``, default 300 s)
-bounds the wait for every process to join, and the error then names the coordinator, this
-process and how many were expected (the coordinator's own error lists the tasks that did not
-connect). Failures later are bounded too: ``JDS_FAILURE_TIMEOUT`` (default 60 s) is JAX's
+Start-up never hangs silently: with a known coordinator the processes first meet on its
+port + 1 (``_rendezvous``), and after ``JDS_INIT_TIMEOUT`` (default 300 s) process 0 names the
+processes that did not join and the others say they could not reach process 0; JAX's own
+deadline would end them with an uncatchable fatal log naming neither.
+
+Failures later are bounded too: ``JDS_FAILURE_TIMEOUT`` (default 60 s) is JAX's
 heartbeat timeout, after which the coordination service ends the surviving processes with an
 error instead of leaving them waiting in a collective; ``jds launch`` additionally stops every
 process as soon as one exits abnormally.
@@ -31,7 +33,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -148,6 +152,9 @@ def init_distributed(
         # CPU processes talk over gloo (the default "none" cannot cross processes).
         jax.config.update("jax_cpu_collectives_implementation",
                           os.environ.get("JDS_CPU_COLLECTIVES", "gloo"))
+    if coordinator is not None and num_processes and num_processes > 1 and \
+            os.environ.get("JDS_RENDEZVOUS", "1") != "0":
+        _rendezvous(coordinator, int(num_processes), int(process_id), int(init_timeout))
     try:
         jax.distributed.initialize(
             coordinator_address=coordinator,
@@ -175,6 +182,65 @@ def init_distributed(
             "or the scheduler's GPU binding"
         )
     return DistributedInfo(jax.process_count(), jax.process_index(), coordinator, source)
+
+
+def _rendezvous(coordinator: str, n: int, pid: int, timeout: int) -> None:
+    """Wait until all ``n`` processes are up, or fail naming the missing ones.
+
+    JAX's coordination service ends a process that waits past its deadline with a fatal log
+    line ("Deadline Exceeded") that names neither the coordinator nor the absent processes,
+    and Python cannot catch it. So jds meets first on the coordinator's port + 1 (a plain
+    TCP exchange of process ids): process 0 waits for ids 1..n-1, the others for process 0.
+    ``JDS_RENDEZVOUS=0`` skips it (e.g. when port + 1 is not open between hosts).
+    """
+    host, _, port = coordinator.rpartition(":")
+    addr = (host or "127.0.0.1", int(port) + 1)
+    deadline = time.monotonic() + timeout
+    if pid == 0:
+        srv = socket.socket()
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        srv.bind(("", addr[1]))
+        srv.listen(n)
+        joined: dict[int, socket.socket] = {}
+        try:
+            while len(joined) < n - 1:
+                srv.settimeout(max(deadline - time.monotonic(), 0.01))
+                try:
+                    conn, _ = srv.accept()
+                except TimeoutError:
+                    missing = sorted(set(range(1, n)) - set(joined))
+                    raise RuntimeError(
+                        f"jds.init_distributed: process 0 (coordinator {coordinator}) waited "
+                        f"{timeout} s for {n} processes; processes {missing} did not join. "
+                        "Check that they were started with the same JDS_COORDINATOR and "
+                        "JDS_NUM_PROCESSES, and that port "
+                        f"{addr[1]} is reachable from their hosts"
+                    ) from None
+                conn.settimeout(10)
+                joined[int(conn.recv(16).decode() or -1)] = conn
+            for conn in joined.values():
+                conn.sendall(b"go")
+        finally:
+            for conn in joined.values():
+                conn.close()
+            srv.close()
+        return
+    while True:
+        try:
+            with socket.create_connection(addr, timeout=5) as conn:
+                conn.sendall(str(pid).encode())
+                conn.settimeout(max(deadline - time.monotonic(), 0.01))
+                if conn.recv(2) == b"go":
+                    return
+        except (ConnectionRefusedError, TimeoutError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"jds.init_distributed: process {pid} of {n} could not reach process 0 at "
+                f"{addr[0]}:{addr[1]} (coordinator {coordinator}) within {timeout} s; is "
+                "process 0 running, and are all processes started together?"
+            )
+        time.sleep(0.2)
 
 
 class PeerFailureError(RuntimeError):

@@ -233,3 +233,69 @@ def test_survivor_of_a_killed_process_exits_with_a_clear_error(tmp_path):
     died = float(outs[1].split("DYING ", 1)[1].split()[0])
     detected = float(outs[0].split("DETECTED ", 1)[1].split()[0])
     assert detected - died < 10  # within JDS_FAILURE_TIMEOUT
+
+
+_CLUSTER_VARS = ("JDS_COORDINATOR", "JDS_NUM_PROCESSES", "JDS_PROCESS_ID", "OMPI_COMM_WORLD_SIZE",
+                 "OMPI_COMM_WORLD_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_ID",
+                 "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "CLOUD_TPU_TASK_ID")
+
+
+@pytest.mark.parametrize("env,want", [
+    ({}, (None, None, None, "none")),
+    ({"JDS_COORDINATOR": "h:1", "JDS_NUM_PROCESSES": "4", "JDS_PROCESS_ID": "2"},
+     ("h:1", 4, 2, "JDS_* variables")),
+    ({"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "1", "MASTER_ADDR": "m",
+      "MASTER_PORT": "9"}, ("m:9", 2, 1, "Open MPI")),
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}, (None, None, None,
+                                                  "Slurm (JAX cluster detection)")),
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}, (None, None, None, "none")),
+])
+def test_cluster_detection(monkeypatch, env, want):
+    from jds.distributed import _detect
+
+    for k in _CLUSTER_VARS:
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert _detect() == want
+
+
+@pytest.mark.parametrize("env,match", [
+    ({"JDS_NUM_PROCESSES": "2", "JDS_PROCESS_ID": "0"}, r"\['JDS_COORDINATOR'\] unset"),
+    ({"JDS_NUM_PROCESSES": "two"}, "JDS_NUM_PROCESSES='two' must be an integer"),
+    ({"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "0"}, "MASTER_ADDR and MASTER_PORT"),
+])
+def test_bad_cluster_variables_are_named(monkeypatch, env, match):
+    from jds.distributed import init_distributed
+
+    for k in _CLUSTER_VARS:
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ValueError, match=match):
+        init_distributed()
+
+
+def test_init_distributed_is_a_no_op_for_one_process(monkeypatch):
+    import jds
+
+    for k in _CLUSTER_VARS:
+        monkeypatch.delenv(k, raising=False)
+    info = jds.init_distributed()
+    assert (info.num_processes, info.process_id, info.source) == (1, 0, "none")
+
+
+@pytest.mark.parametrize("pid,message", [
+    ("0", "processes [1, 2] did not join"),
+    ("1", "process 1 of 3 could not reach process 0"),
+])
+def test_start_up_timeout_names_who_is_missing(pid, message):
+    """One process of 3 alone: after JDS_INIT_TIMEOUT it fails naming what it waited for."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",)}
+    env.update(PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", JDS_NUM_PROCESSES="3",
+               JDS_PROCESS_ID=pid, JDS_COORDINATOR=f"127.0.0.1:{_free_port()}",
+               JDS_INIT_TIMEOUT="2")
+    r = subprocess.run([sys.executable, "-c", "import jds; jds.init_distributed()"], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert message in r.stderr, r.stderr[-2000:]
