@@ -84,6 +84,31 @@ def test_resume_continues_with_the_next_batch(straight, tmp_path):
         np.testing.assert_allclose(got[s]["loss"], want[s]["loss"], rtol=1e-6)
 
 
+def test_two_process_run_resumes_in_one_process(straight, tmp_path):
+    """jds launch: 2 processes x 4 CPU devices train 2 steps (each reading its own rows);
+    one process with 8 devices resumes from their checkpoint and data position."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    cfg2 = write_config(tmp_path / "two.json", steps=2)
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    r = subprocess.run(
+        [sys.executable, "-m", "jds.cli", "launch", "--nproc", "2", "--cpu-devices", "4", "--",
+         sys.executable, "-m", "jds.cli", "train", "--config", cfg2, "--out", str(out),
+         "--no-progress"], env=env, cwd=repo, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert main(["train", "--config", cfg2, "--out", str(out), "--steps", "4", "--resume",
+                 "--no-progress"]) == 0
+    got, want = train_rows(out), train_rows(straight)
+    assert sorted(got) == [1, 2, 3, 4]  # one metrics file: process 0 wrote it
+    for s in (1, 2, 3, 4):
+        np.testing.assert_allclose(got[s]["loss"], want[s]["loss"], rtol=1e-5)
+
+
 def test_bad_config_is_one_clear_error(tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"train_batch_size": 8, "gradient_clipping": "big"}))
