@@ -159,6 +159,25 @@ def config_from_hf(hf_config: dict) -> LlamaConfig | GPT2Config:
     )
 
 
+def read_hf_config(path: str | os.PathLike) -> tuple[dict, LlamaConfig | GPT2Config]:
+    """``config.json`` of a Hugging Face directory, raw and as a jds config.
+
+    Raises:
+      FileNotFoundError: no ``config.json`` (named).
+      ValueError: invalid JSON or an unsupported architecture.
+    """
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(
+            f"{cfg_file} is missing; a Hugging Face checkpoint needs its config.json"
+        )
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_file} is not valid JSON: {e}") from e
+    return raw, config_from_hf(raw)
+
+
 # ------------------------------------------------------------------------------ name maps
 @dataclasses.dataclass(frozen=True)
 class _Target:
@@ -354,16 +373,7 @@ def from_pretrained(path: str | os.PathLike, *, param_dtype: Any = jnp.float32) 
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise FileNotFoundError(
-            f"{cfg_file} is missing; a Hugging Face checkpoint needs its config.json"
-        )
-    try:
-        hf_config = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_file} is not valid JSON: {e}") from e
-    config = config_from_hf(hf_config)
+    _, config = read_hf_config(path)
     files = _weight_files(path)
 
     cls = model_class(config)
@@ -434,4 +444,4 @@ def from_pretrained(path: str | os.PathLike, *, param_dtype: Any = jnp.float32) 
     return nnx.merge(graphdef, state)
 
 
-__all__ = ["SUPPORTED", "config_from_hf", "from_pretrained"]
+__all__ = ["SUPPORTED", "config_from_hf", "from_pretrained", "read_hf_config"]

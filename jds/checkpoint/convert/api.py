@@ -40,9 +40,9 @@ from jds.checkpoint.convert.sources import (
     SafetensorsSource,
     abstract_params,
     param_leaves,
-    read_hf_config,
 )
 from jds.checkpoint.orbax import Checkpointer, LazyLeaf, _state_to_dict
+from jds.models.hf import read_hf_config
 from jds.models.registry import config_to_dict, get_config
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}

@@ -305,7 +305,7 @@ def _bitwise_equal(a: np.ndarray, b: np.ndarray) -> bool:
 
 def _builder(hf_shape: tuple[int, ...], transposed: bool, fused: bool) -> Callable:
     if fused and transposed:
-        raise NotImplementedError(
+        raise RuntimeError(  # no such tensor exists today; a new loader table would add it
             "jds.models.hf has a fused, transposed tensor; add its inverse layout to _builder"
         )
 

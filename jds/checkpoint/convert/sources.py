@@ -13,7 +13,6 @@ tensors are all named before anything is written.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -31,7 +30,6 @@ from jds.models.hf import (
     _SafetensorsFile,
     _Target,
     _weight_files,
-    config_from_hf,
 )
 from jds.models.llama import LlamaConfig
 from jds.models.registry import model_class
@@ -55,26 +53,6 @@ class TensorSource(Protocol):
     def get(self, name: str) -> np.ndarray:
         """The tensor ``name`` (a fresh host array)."""
         ...
-
-
-def read_hf_config(path: str | Path) -> tuple[dict, ModelConfig]:
-    """``config.json`` of a Hugging Face directory, raw and as a jds config.
-
-    Raises:
-      FileNotFoundError: no directory or no ``config.json`` (named).
-      ValueError: invalid JSON or an unsupported architecture.
-    """
-    path = Path(path)
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise FileNotFoundError(
-            f"{cfg_file} is missing; a Hugging Face model directory needs its config.json"
-        )
-    try:
-        raw = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_file} is not valid JSON: {e}") from e
-    return raw, config_from_hf(raw)
 
 
 class SafetensorsSource:
@@ -234,5 +212,4 @@ __all__ = [
     "TensorSource",
     "abstract_params",
     "param_leaves",
-    "read_hf_config",
 ]
