@@ -333,9 +333,9 @@ class Checkpointer:
             return
         pending = glob.glob(os.path.join(glob.escape(self.directory), f"{step}{_TMP_SUFFIX}*"))
         final = os.path.join(self.directory, str(step))
-        # Atomic-rename filesystems finalize in the temporary directory; commit-file ones
-        # (e.g. object stores mounted locally) write in place.
-        step_dir = pending[0] if len(pending) == 1 else final
+        # Atomic-rename filesystems finalize in the temporary directory (the newest one: a
+        # save killed earlier may have left another); commit-file ones write in place.
+        step_dir = max(pending, key=os.path.getmtime) if pending else final
         if os.path.isdir(step_dir):
             write_integrity(step_dir)
 
