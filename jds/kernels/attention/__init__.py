@@ -2,8 +2,9 @@
 
 ``dot_product_attention`` picks an implementation by backend. Today that is XLA's
 ``jax.nn.dot_product_attention`` everywhere (it handles grouped-query attention natively and
-lets XLA fuse); the kernels issue adds Pallas (GPU/TPU) and cuDNN entries behind the same
-signature. ``attention_reference`` is the spec each entry is tested against.
+lets XLA fuse); jds's Pallas flash attention (``pallas_gpu.py``, forward and backward) is
+selected with ``implementation="pallas"`` until a GPU measurement makes it the default there.
+``attention_reference`` is the spec each entry is tested against.
 
 On the CPU backend, float16 attention is computed in float32 and cast back: XLA:CPU cannot
 lower the fp16 x fp16 -> fp32 dots of its backward pass ("precision F16_F16_F32 is not
@@ -26,6 +27,7 @@ def dot_product_attention(
     causal: bool = True,
     segment_ids: jax.Array | None = None,
     sm_scale: float | None = None,
+    implementation: str | None = None,
 ) -> jax.Array:
     """Attention with ``[batch, seq, heads, head_dim]`` layout and GQA support.
 
@@ -36,6 +38,11 @@ def dot_product_attention(
       causal: causal mask (aligned at the end when ``seq_q < seq_kv``).
       segment_ids: optional ``[batch, seq]`` packing ids (needs ``seq_q == seq_kv``).
       sm_scale: softmax scale; default ``head_dim ** -0.5``.
+      implementation: ``None``/``"xla"`` (XLA, today's default everywhere), ``"pallas"``
+        (jds's Pallas flash attention, ``pallas_gpu.flash_attention``; GPU) or
+        ``"pallas_interpret"`` (the same kernel interpreted: any backend, for testing).
+        The Pallas kernel becomes the GPU default once it is measured faster there (no GPU
+        has run it yet).
 
     Returns:
       ``[batch, seq_q, heads, head_dim]`` in q's dtype.
@@ -52,6 +59,14 @@ def dot_product_attention(
         raise ValueError(
             f"heads ({q_BTNH.shape[2]}) must be a multiple of kv_heads ({k_BSKH.shape[2]})"
         )
+    if implementation in ("pallas", "pallas_interpret"):
+        from jds.kernels.attention.pallas_gpu import flash_attention
+
+        return flash_attention(q_BTNH, k_BSKH, v_BSKH, causal=causal, segment_ids=segment_ids,
+                               sm_scale=sm_scale, interpret=implementation == "pallas_interpret")
+    if implementation not in (None, "xla"):
+        raise ValueError(f"implementation must be None, 'xla', 'pallas' or 'pallas_interpret'; "
+                         f"got {implementation!r}")
     if q_BTNH.dtype == jnp.float16 and jax.default_backend() == "cpu":
         f32 = [x.astype(jnp.float32) for x in (q_BTNH, k_BSKH, v_BSKH)]
         out = dot_product_attention(
