@@ -100,9 +100,30 @@ def _explain(args: argparse.Namespace, argv: list[str]) -> int:
         return devices
     from jds.profiling import memory_report as mr
 
-    engine = mr.shapes_engine(args.model, args.config, devices, stage=args.stage)
+    over = {"stages": args.pipeline_stages, "schedule": args.schedule,
+            "virtual_stages": args.virtual_stages, "micro_batches": args.micro_batches}
+    engine = mr.shapes_engine(args.model, args.config, devices, stage=args.stage, pipeline=over)
     report = mr.explain_report(engine, args.model)
-    sys.stdout.write(json.dumps(report) + "\n" if args.json else mr.explain_text(report))
+    sched = engine.schedule_table
+    if args.pipeline and sched is None:
+        raise ValueError("jds explain --pipeline: this layout has no pipeline (mesh.stage is 1); "
+                         "give --pipeline-stages N, or set mesh.stage / pipeline.stages in "
+                         "--config")
+    if args.json:
+        if args.pipeline:
+            report["pipeline"] = {
+                "schedule": sched.name, "stages": sched.stages,
+                "micro_batches": sched.micro_batches, "virtual_stages": sched.virtual_stages,
+                "ticks": [[str(a) if a else None for a in row] for row in sched.ticks],
+                "bubble_fraction": sched.bubble_fraction,
+                "theoretical_bubble": sched.theoretical_bubble,
+                "in_flight": sched.in_flight(),
+            }
+        sys.stdout.write(json.dumps(report) + "\n")
+    else:
+        sys.stdout.write(mr.explain_text(report))
+        if args.pipeline:
+            sys.stdout.write("\n" + sched.report() + "\n")
     return 0
 
 
@@ -217,8 +238,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="formulas and state shardings only; skip compiling the train step")
     e.set_defaults(func=_estimate)
 
-    x = sub.add_parser("explain", help="every parameter's sharding and bytes per device")
+    x = sub.add_parser("explain", help="every parameter's sharding and bytes per device; "
+                       "--pipeline: the pipeline schedule, tick by tick")
     _layout_args(x)
+    x.add_argument("--pipeline", action="store_true",
+                   help="also print the pipeline schedule table and its bubble fraction")
+    x.add_argument("--pipeline-stages", type=int, help="override mesh.stage")
+    x.add_argument("--schedule", choices=("gpipe", "1f1b", "interleaved"),
+                   help="override pipeline.schedule")
+    x.add_argument("--virtual-stages", type=int, help="override pipeline.virtual_stages")
+    x.add_argument("--micro-batches", type=int,
+                   help="override gradient_accumulation_steps (micro-batches per step)")
     x.set_defaults(func=_explain)
 
     from jds import launch  # standard library only: no JAX import at parse time

@@ -35,12 +35,13 @@ from jds.config import Config, ConfigError, OptimizerConfig
 from jds.distributed import init_distributed, peer_failure_guard
 from jds.models.registry import config_to_dict
 from jds.optim import build_optimizer, build_schedule
+from jds.partitioning import pipeline as pp
 from jds.partitioning.mesh import data_parallel_size, make_mesh
 from jds.partitioning.rules import DEFAULT_RULES, Rules, logical_to_spec, use_rules
 from jds.partitioning.zero import layout_from_config, make_plan, subgroup_size, use_layout
 from jds.precision import LossScaleConfig, cast_tree, init_loss_scale, policy_for
 from jds.state import TrainState
-from jds.train_step import StepConfig, make_eval_step, make_train_step
+from jds.train_step import StepConfig, make_eval_step, make_gradients, make_train_step
 
 PyTree = Any
 ModelLike = nnx.Module | str | Callable[[], nnx.Module]
@@ -139,6 +140,9 @@ class TrainEngine:
         self.shapes_only = shapes_only
         n_devices = len(devices) if devices is not None else jax.device_count()
         self.mesh: Mesh = make_mesh(_mesh_sizes(cfg, n_devices), devices)
+        self.stages = int(self.mesh.shape["stage"])
+        if self.stages > 1 and not rules.get("layers"):
+            rules = {**rules, "layers": ("stage",)}  # each stage holds its block of layers
         self.rules = rules
         try:
             self.zero_layout = layout_from_config(cfg.zero_optimization, self.mesh.shape)
@@ -150,6 +154,7 @@ class TrainEngine:
         self.graphdef, abstract, factory, self.model_config = _build_abstract(model, cfg.remat)
         self.vocab_size = int(self.model_config.vocab_size)
 
+        self.schedule_table = self._schedule(abstract)  # before the rules' own shape errors
         # make_plan resolves every parameter through the rules strictly (errors name it)
         self.zero = make_plan(abstract, self.mesh, rules, self.zero_layout)
         self.param_shardings = self.zero.shardings(self.mesh, "params")
@@ -183,6 +188,7 @@ class TrainEngine:
             compute_dtype=self.policy.compute_dtype,
             loss_scale=self.loss_scale_cfg,
             zero=self.zero,
+            pipeline=None if self.schedule_table is None else self._pipeline_fn(abstract),
         )
         apply_fn = self._apply_fn()
         self.batch_sharding = NamedSharding(
@@ -194,6 +200,8 @@ class TrainEngine:
             out_shardings=(self.state_shardings, self._replicated),
             donate_argnums=(0,),
         )
+        self._step_cfg = step_cfg
+        self._gradients_step: Callable | None = None  # compiled on first use
         self._eval_step = jax.jit(
             make_eval_step(apply_fn),
             in_shardings=(self.param_shardings, self.batch_sharding),
@@ -219,6 +227,76 @@ class TrainEngine:
     def _apply_fn(self) -> Callable[[PyTree, jax.Array], jax.Array]:
         graphdef = self.graphdef
         return lambda params, ids_BT: nnx.merge(graphdef, params)(ids_BT)
+
+    def _schedule(self, abstract: nnx.State) -> pp.Schedule | None:
+        """The pipeline schedule (None without pipeline stages), checked against the model.
+
+        Raises:
+          ConfigError: naming the key, when the model has no stacked ``layers``, the layer
+            count does not split over the stages, or the schedule cannot run.
+        """
+        if self.stages == 1:
+            return None
+        pc = self.config.pipeline
+        pure = nnx.to_pure_dict(abstract)
+        model = nnx.merge(self.graphdef, pure)
+        if "layers" not in pure or not all(
+                hasattr(model, f) for f in ("embed", "run_layers", "head")):
+            raise ConfigError(
+                f"mesh.stage={self.stages} needs a model with a stacked 'layers' module and "
+                f"embed/run_layers/head methods (as jds's Llama and GPT-2); "
+                f"{type(model).__name__} has not; set mesh.stage to 1")
+        n_layers = int(jax.tree.leaves(pure["layers"])[0].shape[0])
+        try:
+            pp.check_layers(n_layers, self.stages, pc.virtual_stages)
+            return pp.build_schedule(pc.schedule, self.stages,
+                                     self.batch.gradient_accumulation_steps, pc.virtual_stages)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+    def _pipeline_fn(self, abstract: nnx.State) -> Callable:
+        """``(params, ids_ABT, labels_ABT, seed) -> (grads, summed CE)`` through the stages."""
+        from jds.models.layers import positions_from_segments
+        from jds.train_step import causal_lm_loss_sum
+
+        graphdef, mesh, sched = self.graphdef, self.mesh, self.schedule_table
+        p, v = sched.stages, sched.virtual_stages
+        every = int(self.config.pipeline.activation_checkpoint_interval)
+        pure = nnx.to_pure_dict(abstract)
+        abstract_layers = pure["layers"]
+        abstract_shared = {k: x for k, x in pure.items() if k != "layers"}
+
+        def model_of(shared: PyTree) -> nnx.Module:
+            return nnx.merge(graphdef, {**shared, "layers": abstract_layers})
+
+        def positions(x: jax.Array) -> jax.Array:
+            return positions_from_segments(None, x.shape[0], x.shape[1])
+
+        fns = pp.StageFns(
+            embed=lambda sh, ids: model_of(sh).embed(ids, positions(ids)),
+            layers=lambda ch, x: model_of(abstract_shared).run_layers(
+                ch, x, positions(x), None, checkpoint_every=every),
+            loss=lambda sh, x, ids, labels: causal_lm_loss_sum(model_of(sh).head(x), ids,
+                                                               labels)[0],
+        )
+        grads = self.zero.grads
+        grads_fn = pp.make_pipeline_grads(
+            fns, sched, mesh,
+            shared_grad_specs=pp.local_specs({k: g for k, g in grads.items() if k != "layers"}),
+            layer_grad_specs=pp.local_specs(grads["layers"]),
+            act_spec=logical_to_spec(("batch", "seq", "embed"), self.rules),
+        )
+        layer_sh = self.param_shardings["layers"]
+
+        def pipeline(params, ids_ABT, labels_ABT, seed):
+            shared = {k: x for k, x in params.items() if k != "layers"}
+            layers = pp.to_pipeline_order(params["layers"], p, v)
+            if v > 1:  # model order at rest; each device's virtual stages made contiguous
+                layers = jax.lax.with_sharding_constraint(layers, layer_sh)
+            d_shared, d_layers, ce = grads_fn(shared, layers, ids_ABT, labels_ABT, seed)
+            return {**d_shared, "layers": pp.from_pipeline_order(d_layers, p, v)}, ce
+
+        return pipeline
 
     def _materialise(self, abstract: nnx.State, factory: Callable | None) -> PyTree:
         """fp32 parameters, placed as the master weights are (never whole on one device)."""
@@ -427,6 +505,36 @@ class TrainEngine:
         placed = self.shard_batch(batch, micro_batches=max(micro, 1))
         with self._tracing():
             return _to_floats(self._eval_step(self.state.params, placed))
+
+    def gradients(self, batch: Mapping[str, Any]) -> tuple[PyTree, float]:
+        """Gradients of the mean loss over ``batch`` at the current weights; no update.
+
+        The same computation as ``train_batch`` up to the optimizer (micro-batches,
+        data-parallel reduction, pipeline schedule), without loss scaling or clipping:
+        DeepSpeed's ``safe_get_full_grad`` for every parameter, for inspection and tests.
+
+        Args:
+          batch: ``{"input_ids": [train_batch_size, seq]}`` (optionally ``labels``).
+
+        Returns:
+          ``(grads, loss)``: fp32 gradients shaped like the parameters (laid out as the
+          ZeRO stage shards gradients) and the mean loss as a float.
+        """
+        self._need_arrays("gradients")
+        if self._gradients_step is None:
+            fn = make_gradients(self._apply_fn(), self._step_cfg)
+
+            def step(params, batch):
+                grads, ce, n_valid = fn(params, batch, jnp.ones((), jnp.float32))
+                return grads, ce / jnp.maximum(n_valid, 1.0)
+
+            self._gradients_step = jax.jit(
+                step, in_shardings=(self.param_shardings, self.batch_sharding),
+                out_shardings=(self.grad_shardings, self._replicated))
+        placed = self.shard_batch(batch)
+        with self._tracing():
+            grads, loss = self._gradients_step(self.state.params, placed)
+        return grads, float(loss)
 
     def lower_train_step(self, seq_len: int) -> jax.stages.Lowered:
         """Lower the train step for a ``[train_batch_size, seq_len]`` batch (HLO, memory)."""

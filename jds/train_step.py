@@ -79,7 +79,12 @@ def causal_lm_loss_sum(
     valid_BT = targets_BT != IGNORE_INDEX
     safe_BT = jnp.where(valid_BT, targets_BT, 0)
     logz_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
-    picked_BT = jnp.take_along_axis(logits_BTV, safe_BT[..., None], axis=-1)[..., 0]
+    # The target's logit as a masked sum over the vocabulary rather than a gather: with the
+    # vocabulary split over ``tensor`` this is a local reduce plus an all-reduce (Megatron's
+    # vocab-parallel cross-entropy), and XLA's partitioner cannot split a gather on a sharded
+    # dimension inside the pipeline's partly manual ``shard_map``. Exact: one term is kept.
+    vocab_V = jnp.arange(logits_BTV.shape[-1], dtype=safe_BT.dtype)
+    picked_BT = jnp.sum(jnp.where(vocab_V == safe_BT[..., None], logits_BTV, 0.0), axis=-1)
     ce_BT = jnp.where(valid_BT, logz_BT - picked_BT, 0.0)
     return ce_BT.sum(), valid_BT.sum().astype(jnp.float32)
 
@@ -95,6 +100,9 @@ class StepConfig:
       loss_scale: fp16 loss scaling config, or None (fp32/bf16).
       zero: the ZeRO plan (per-parameter specs of params, gradients, optimizer state);
         None = everything replicated over the data-parallel group.
+      pipeline: ``(params, ids_ABT, labels_ABT, seed) -> (fp32 grads, summed
+        cross-entropy)`` running the micro-batches through pipeline stages
+        (``jds.partitioning.pipeline``; the engine builds it); None = no pipeline.
     """
 
     gradient_accumulation_steps: int = 1
@@ -102,6 +110,7 @@ class StepConfig:
     compute_dtype: Any = jnp.float32
     loss_scale: LossScaleConfig | None = None
     zero: ZeroPlan | None = None
+    pipeline: Callable[..., tuple[PyTree, jax.Array]] | None = None
 
 
 def clip_by_global_norm_ds(grads: PyTree, max_norm: float) -> tuple[PyTree, jax.Array]:
@@ -232,6 +241,68 @@ def _select(pred: jax.Array, new: PyTree, old: PyTree) -> PyTree:
     return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
 
 
+def make_gradients(
+    apply_fn: ApplyFn, cfg: StepConfig
+) -> Callable[[PyTree, Batch, jax.Array], tuple[PyTree, jax.Array, jax.Array]]:
+    """Build ``gradients(params, batch, scale) -> (fp32 grads, summed CE, valid targets)``.
+
+    The gradients are those of ``scale * mean cross-entropy`` over the batch's valid
+    targets (``scale`` is the fp16 loss scale, 1 otherwise), accumulated over the
+    micro-batches with the data-parallel reduction DeepSpeed's ZeRO stage places (see the
+    module docstring), or through the pipeline schedule when ``cfg.pipeline`` is set.
+    """
+
+    def gradients(params: PyTree, batch: Batch, scale: jax.Array):
+        ids_ABT = batch["input_ids"]
+        labels_ABT = batch.get("labels", ids_ABT)
+        n_valid = (labels_ABT[:, :, 1:] != IGNORE_INDEX).sum().astype(jnp.float32)
+        denom = jnp.maximum(n_valid, 1.0)
+
+        def loss_fn(params, ids_BT, labels_BT):
+            logits_BTV = apply_fn(params, ids_BT)
+            ce_sum, _ = causal_lm_loss_sum(logits_BTV, ids_BT, labels_BT)
+            return ce_sum / denom * scale, ce_sum
+
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+        axes, n = _data_axes()
+        plan = cfg.zero
+        sharded_params = plan is not None and bool(plan.layout.params)
+        sharded_grads = plan is not None and bool(plan.layout.grads)
+        if cfg.pipeline is not None:
+            # The schedule runs forwards and backwards itself; seed = d(loss)/d(sum of CE).
+            grads, ce_total = cfg.pipeline(params, ids_ABT, labels_ABT, scale / denom)
+        elif n > 1 and not sharded_params and (sharded_grads or ids_ABT.shape[0] > 1):
+            grads, ce_total = _local_grads(grad_fn, params, ids_ABT, labels_ABT, axes, n, plan)
+        else:
+            # One shard, one micro-batch of replicated gradients (XLA's single all-reduce is
+            # the minimum), or ZeRO-3: parameters are gathered layer by layer inside the
+            # model's scan and XLA reduce-scatters each layer's gradients in the backward
+            # scan, straight into the sharded accumulator.
+            grad_sh = None
+            if plan is not None and sharded_grads and active_rules() is not None:
+                grad_sh = plan.shardings(active_rules()[0], "grads")
+            zeros = _zeros_like(params, grad_sh)
+
+            def micro(carry, mb):
+                grads_acc, ce_acc = carry
+                ids_BT = constrain(mb[0], ("batch", "seq"))
+                labels_BT = constrain(mb[1], ("batch", "seq"))
+                (_, ce_sum), g = grad_fn(params, ids_BT, labels_BT)
+                g = jax.tree.map(lambda b: b.astype(jnp.float32), g)
+                if grad_sh is not None:
+                    g = jax.lax.with_sharding_constraint(g, grad_sh)
+                grads_acc = jax.tree.map(jnp.add, grads_acc, g)
+                return (grads_acc, ce_acc + ce_sum), None
+
+            (grads, ce_total), _ = jax.lax.scan(
+                micro, (zeros, jnp.zeros((), jnp.float32)), (ids_ABT, labels_ABT)
+            )
+        return grads, ce_total, n_valid
+
+    return gradients
+
+
 def make_train_step(
     apply_fn: ApplyFn,
     tx: optax.GradientTransformation,
@@ -254,52 +325,12 @@ def make_train_step(
       ``loss_scale``, ``skipped`` (1.0 if this step was skipped), ``tokens``.
     """
 
+    gradients = make_gradients(apply_fn, cfg)
+
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-        ids_ABT = batch["input_ids"]
-        labels_ABT = batch.get("labels", ids_ABT)
-        n_valid = (labels_ABT[:, :, 1:] != IGNORE_INDEX).sum().astype(jnp.float32)
-        denom = jnp.maximum(n_valid, 1.0)
         scale = state.loss_scale.scale
-
-        def loss_fn(params, ids_BT, labels_BT):
-            logits_BTV = apply_fn(params, ids_BT)
-            ce_sum, _ = causal_lm_loss_sum(logits_BTV, ids_BT, labels_BT)
-            return ce_sum / denom * scale, ce_sum
-
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
-        axes, n = _data_axes()
-        plan = cfg.zero
-        sharded_params = plan is not None and bool(plan.layout.params)
-        sharded_grads = plan is not None and bool(plan.layout.grads)
-        if n > 1 and not sharded_params and (sharded_grads or ids_ABT.shape[0] > 1):
-            grads, ce_total = _local_grads(
-                grad_fn, state.params, ids_ABT, labels_ABT, axes, n, plan
-            )
-        else:
-            # One shard, one micro-batch of replicated gradients (XLA's single all-reduce is
-            # the minimum), or ZeRO-3: parameters are gathered layer by layer inside the
-            # model's scan and XLA reduce-scatters each layer's gradients in the backward
-            # scan, straight into the sharded accumulator.
-            grad_sh = None
-            if plan is not None and sharded_grads and active_rules() is not None:
-                grad_sh = plan.shardings(active_rules()[0], "grads")
-            zeros = _zeros_like(state.params, grad_sh)
-
-            def micro(carry, mb):
-                grads_acc, ce_acc = carry
-                ids_BT = constrain(mb[0], ("batch", "seq"))
-                labels_BT = constrain(mb[1], ("batch", "seq"))
-                (_, ce_sum), g = grad_fn(state.params, ids_BT, labels_BT)
-                g = jax.tree.map(lambda b: b.astype(jnp.float32), g)
-                if grad_sh is not None:
-                    g = jax.lax.with_sharding_constraint(g, grad_sh)
-                grads_acc = jax.tree.map(jnp.add, grads_acc, g)
-                return (grads_acc, ce_acc + ce_sum), None
-
-            (grads, ce_total), _ = jax.lax.scan(
-                micro, (zeros, jnp.zeros((), jnp.float32)), (ids_ABT, labels_ABT)
-            )
+        grads, ce_total, n_valid = gradients(state.params, batch, scale)
+        denom = jnp.maximum(n_valid, 1.0)
         grads = jax.tree.map(lambda g: g / scale, grads)
         finite = all_finite(grads)
         grads, grad_norm = clip_by_global_norm_ds(grads, cfg.gradient_clipping)

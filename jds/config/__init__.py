@@ -59,6 +59,7 @@ from jds.config.sections import (
     OffloadParamConfig,
     OneCycleParams,
     OptimizerConfig,
+    PipelineConfig,
     SchedulerConfig,
     TrainConfig,
     WarmupCosineLRParams,
@@ -84,7 +85,7 @@ NOT_IMPLEMENTED: dict[str, str] = {
     "sparse_gradients": "JAX gradients are dense", "nebula": "jds checkpoints with Orbax",
     "amp": "use fp16 or bf16", "torch_autocast": "use fp16 or bf16", "aio": "no NVMe offload",
     "elasticity": "set the batch keys directly", "autotuning": "not in jds",
-    "pipeline": "pipeline stages come from mesh.stage", "sparse_attention": "not in jds",
+    "sparse_attention": "not in jds",
     "hybrid_engine": "not in jds", "compile": "jds steps are always XLA-compiled",
     "graph_harvesting": "not in jds", "expert_parallel": "MoE is not in jds yet",
     "use_data_before_expert_parallel_": "MoE is not in jds yet",
@@ -283,6 +284,8 @@ class Config(BaseModel):
     train: TrainConfig = Field(default_factory=TrainConfig, description="The jds train loop.")
     activation_checkpointing: ActivationCheckpointingConfig | None = Field(
         None, description="Layer remat (see Config.remat); null = train.remat decides.")
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig,
+                                     description="Pipeline schedule (stages: mesh.stage).")
 
     def __init__(self, **data: Any) -> None:
         try:
@@ -353,6 +356,20 @@ class Config(BaseModel):
             warnings.warn(f'"auto" values fall back to their defaults, as in DeepSpeed: {shown}',
                           ConfigWarning, stacklevel=level)
         return cfg
+
+    @model_validator(mode="after")
+    def _pipeline_stages(self) -> Config:
+        stages = self.pipeline.stages
+        if stages is None:
+            return self
+        if "stage" not in self.mesh.model_fields_set:
+            self.mesh.stage = int(stages)
+            if "data" not in self.mesh.model_fields_set and self.mesh.data != -1:
+                self.mesh.data = -1
+        elif self.mesh.stage != stages:
+            raise ConfigError(f"pipeline.stages={stages} but mesh.stage={self.mesh.stage}; "
+                              "set one of them (or make them equal)")
+        return self
 
     @model_validator(mode="after")
     def _remat_agrees(self) -> Config:

@@ -588,3 +588,55 @@ class ActivationCheckpointingConfig(_Section):
         if self.policy is not None:
             return self.policy
         return "offload" if self.cpu_checkpointing else "full"
+
+
+class PipelineConfig(_Section):
+    """The ``pipeline`` section: DeepSpeed's pipeline keys plus jds's schedule choice.
+
+    The number of stages is the mesh's ``stage`` axis; DeepSpeed's ``stages`` sets it when
+    ``mesh.stage`` is left out. Micro-batches per step are ``gradient_accumulation_steps``,
+    as in DeepSpeed's pipeline engine. See ``jds.partitioning.pipeline``.
+
+    - ``schedule`` (jds): ``"gpipe"``, ``"1f1b"`` (DeepSpeed's ``TrainSchedule``, the
+      default) or ``"interleaved"`` with ``virtual_stages`` layer chunks per device.
+    - ``activation_checkpoint_interval`` (DeepSpeed): inside a stage's backward
+      recomputation, checkpoint every ``k`` layers; 0 = the model's remat mode.
+    - ``partition`` (DeepSpeed's ``partition_method``): ``"parameters"`` (DeepSpeed's
+      default), ``"uniform"`` or ``"best"`` give the same split here, ``L / stages`` layers
+      each, because the layer stacks are homogeneous; ``"type:..."`` is refused.
+    - ``seed_layers``, ``pipe_partitioned``, ``grad_partitioned``, ``use_reentrant``
+      (DeepSpeed): accepted. jds seeds one model, moves activations with ``ppermute`` (already
+      sharded like the batch), and has no reentrant autograd; no effect.
+    """
+
+    stages: Int | None = Field(
+        None, description="DeepSpeed: pipeline stages; null/'auto' = mesh.stage. An integer "
+        "sets mesh.stage when that is left out.")
+    schedule: Literal["gpipe", "1f1b", "interleaved"] = Field(
+        "1f1b", description="jds: gpipe, 1f1b or interleaved (virtual_stages chunks).")
+    virtual_stages: Int = Field(1, ge=1, description="jds: layer chunks per device "
+                                "(interleaved only).")
+    activation_checkpoint_interval: Int = Field(
+        0, ge=0, description="DeepSpeed: checkpoint every k layers in a stage; 0 = model remat.")
+    partition: str = Field("parameters", description="DeepSpeed's partition_method: "
+                           "parameters, uniform or best (all equal here).")
+    seed_layers: Bool = Field(False, description="DeepSpeed: per-layer seeds. No effect.")
+    pipe_partitioned: Bool = Field(True, description="DeepSpeed: split activations between "
+                                   "stages over tensor ranks. No effect.")
+    grad_partitioned: Bool = Field(True, description="DeepSpeed: same for gradients. No "
+                                   "effect.")
+    use_reentrant: Bool = Field(True, description="DeepSpeed: torch checkpoint mode. No "
+                                "effect.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PipelineConfig:
+        if self.partition.lower() not in ("parameters", "uniform", "best"):
+            raise ConfigError(
+                f"pipeline.partition={self.partition!r}: jds splits the homogeneous layer stack "
+                "evenly; use 'parameters' (default), 'uniform' or 'best'")
+        if self.stages is not None and self.stages < 1:
+            raise ConfigError(f"pipeline.stages={self.stages}: must be >= 1 or 'auto'")
+        if self.virtual_stages > 1 and self.schedule != "interleaved":
+            raise ConfigError(f"pipeline.virtual_stages={self.virtual_stages} needs "
+                              f"pipeline.schedule='interleaved' (got '{self.schedule}')")
+        return self

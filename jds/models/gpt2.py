@@ -26,6 +26,7 @@ from jds.models.layers import (
     check_inputs,
     check_remat,
     const_param,
+    embed_lookup,
     normal_param,
     positions_from_segments,
     scan_layers,
@@ -232,16 +233,45 @@ class GPT2(nnx.Module):
         B, T = input_ids_BT.shape
         if positions is None:
             positions = positions_from_segments(segment_ids, B, T)
+        x_BTD = self.embed(input_ids_BT, positions)
+        x_BTD = self.run_layers(stacked_params(self.layers), x_BTD, positions, segment_ids)
+        return self.head(x_BTD)
+
+    # The three parts of ``__call__``, also run separately by pipeline stages.
+    def embed(self, input_ids_BT: jax.Array, positions_BT: jax.Array) -> jax.Array:
+        """Token plus learned position embeddings ``x_BTD``."""
         wte_VD = gather_param(self.wte[...], ("vocab", "embed"))  # gathered here under ZeRO-3
         wpe_PD = gather_param(self.wpe[...], (None, "embed"))
-        x_BTD = jnp.take(wte_VD, input_ids_BT, axis=0) + jnp.take(wpe_PD, positions, axis=0)
-        x_BTD = constrain(x_BTD, BTD)
-        block = partial(gpt2_block, cfg=cfg)
-        x_BTD = scan_layers(
-            block, stacked_params(self.layers), x_BTD, segment_ids, remat=self.remat,
-            axes=stacked_axes(self.layers),
+        x_BTD = (embed_lookup(wte_VD, input_ids_BT)
+                 + embed_lookup(wpe_PD, positions_BT, (None, "embed")))
+        return constrain(x_BTD, BTD)
+
+    def run_layers(
+        self,
+        params_L: dict[str, jax.Array],
+        x_BTD: jax.Array,
+        positions_BT: jax.Array,
+        segment_ids_BT: jax.Array | None,
+        *,
+        checkpoint_every: int = 0,
+    ) -> jax.Array:
+        """Run the layers stacked in ``params_L`` (all of them, or a stage's slice).
+
+        Positions are unused (they entered with the embeddings). ``checkpoint_every=k``
+        rematerialises in groups of ``k`` layers (see ``scan_layers``).
+        """
+        del positions_BT
+        block = partial(gpt2_block, cfg=self.config)
+        return scan_layers(
+            block, params_L, x_BTD, segment_ids_BT, remat=self.remat,
+            axes=stacked_axes(self.layers), group=checkpoint_every,
         )
+
+    def head(self, x_BTD: jax.Array) -> jax.Array:
+        """Final LayerNorm and the tied output projection: ``logits_BTV``."""
+        cfg = self.config
         h_BTD = layer_norm(x_BTD, self.ln_f_scale[...], self.ln_f_bias[...], cfg.layer_norm_epsilon)
+        wte_VD = gather_param(self.wte[...], ("vocab", "embed"))
         logits_BTV = jnp.einsum("BTD,VD->BTV", h_BTD, wte_VD)
         return constrain(logits_BTV, ("batch", "seq", "vocab"))
 

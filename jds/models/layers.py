@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jds.partitioning.rules import active_rules, logical_to_spec, traced_sharding
 from jds.partitioning.zero import GATHERED, gather_param, params_sharded
 
 REMAT_MODES: tuple[str, ...] = ("none", "full", "dots", "offload")
@@ -85,6 +86,42 @@ def gather_layer(p: dict[str, jax.Array], axes: dict[str, tuple[str | None, ...]
     the backward pass, reduce-scatters that layer's gradients). Elsewhere it is a no-op.
     """
     return {k: gather_param(v, axes[k]) for k, v in p.items()}
+
+
+def embed_lookup(
+    table_VD: jax.Array, ids_BT: jax.Array, axes: tuple[str | None, ...] = ("vocab", "embed")
+) -> jax.Array:
+    """``table_VD[ids_BT]``: an embedding lookup whose gradient XLA can partition anywhere.
+
+    Its gradient is a scatter-add into the table. Inside the pipeline's ``shard_map``
+    (manual over ``stage``, automatic over the rest) XLA's SPMD partitioner crashes on that
+    scatter when the gradient is wanted in a layout other than the table's (ZeRO-3 shards
+    it over the data axes as well). There the scatter runs in the table's own layout (the
+    rules' spec of ``axes``) and the result is resharded after; elsewhere this is
+    ``jnp.take``.
+    """
+    active = active_rules()
+    context = jax.sharding.get_abstract_mesh()
+    if active is None or context.empty or not context.manual_axes:
+        return jnp.take(table_VD, ids_BT, axis=0)
+    mesh, rules = active
+    sharding = traced_sharding(mesh, logical_to_spec(axes, rules))
+    shape, dtype = table_VD.shape, table_VD.dtype
+
+    @jax.custom_vjp
+    def lookup(table, ids):
+        return jnp.take(table, ids, axis=0)
+
+    def fwd(table, ids):
+        return jnp.take(table, ids, axis=0), ids
+
+    def bwd(ids, ct):
+        grad = jax.lax.with_sharding_constraint(jnp.zeros(shape, dtype), sharding)
+        grad = jax.lax.with_sharding_constraint(grad.at[ids].add(ct.astype(dtype)), sharding)
+        return grad, None
+
+    lookup.defvjp(fwd, bwd)
+    return lookup(table_VD, ids_BT)
 
 
 def check_remat(remat: str) -> None:
@@ -161,6 +198,7 @@ def scan_layers(
     *args: Any,
     remat: str = "none",
     axes: dict[str, tuple[str | None, ...]] | None = None,
+    group: int = 0,
 ) -> jax.Array:
     """Run ``x = block_fn(params_l, x, *args)`` for every layer ``l`` with ``lax.scan``.
 
@@ -175,9 +213,15 @@ def scan_layers(
       axes: logical axes of one layer's weights (``stacked_axes``); when given, each
         layer's weights are gathered to their compute layout inside the scan
         (``gather_layer``), which is how ZeRO-3 never holds the whole model at once.
+      group: ``k > 0`` checkpoints every ``k`` layers instead (DeepSpeed's pipeline
+        ``activation_checkpoint_interval``): only each group's input is kept, and the
+        backward pass recomputes the group's ``k`` layers; ``remat`` is then unused.
 
     Returns:
       The residual stream after the last layer.
+
+    Raises:
+      ValueError: ``group`` does not divide the number of layers.
     """
     def layer(p: dict[str, jax.Array], carry: jax.Array, *a: Any) -> jax.Array:
         if axes is not None:  # gathered inside the checkpoint: re-gathered in backward
@@ -194,6 +238,21 @@ def scan_layers(
         )
     else:
         fn = remat_wrap(layer, remat)
+
+    if group > 0:
+        n = int(jax.tree.leaves(params_L)[0].shape[0])
+        if n % group:
+            raise ValueError(f"checkpointing every {group} layers needs a layer count that "
+                             f"divides by {group}; this stack has {n} layers (pipeline."
+                             "activation_checkpoint_interval)")
+
+        def run_group(p_k: dict[str, jax.Array], carry: jax.Array) -> jax.Array:
+            return jax.lax.scan(lambda c, p: (layer(p, c, *args), None), carry, p_k)[0]
+
+        ckpt = jax.checkpoint(run_group, policy=jax.checkpoint_policies.nothing_saveable,
+                              prevent_cse=False)
+        grouped = jax.tree.map(lambda a: a.reshape(n // group, group, *a.shape[1:]), params_L)
+        return jax.lax.scan(lambda c, p_k: (ckpt(p_k, c), None), x, grouped)[0]
 
     def body(carry: jax.Array, p: dict[str, jax.Array]) -> tuple[jax.Array, None]:
         return fn(p, carry, *args), None
@@ -263,6 +322,7 @@ __all__ = [
     "check_inputs",
     "check_remat",
     "const_param",
+    "embed_lookup",
     "normal_param",
     "offload_unsupported_reason",
     "positions_from_segments",

@@ -30,6 +30,7 @@ from jds.models.layers import (
     check_inputs,
     check_remat,
     const_param,
+    embed_lookup,
     normal_param,
     positions_from_segments,
     scan_layers,
@@ -334,15 +335,42 @@ class Llama(nnx.Module):
         B, T = input_ids_BT.shape
         if positions is None:
             positions = positions_from_segments(segment_ids, B, T)
+        x_BTD = self.embed(input_ids_BT, positions)
+        x_BTD = self.run_layers(stacked_params(self.layers), x_BTD, positions, segment_ids)
+        return self.head(x_BTD)
+
+    # The three parts of ``__call__``, also run separately by pipeline stages.
+    def embed(self, input_ids_BT: jax.Array, positions_BT: jax.Array) -> jax.Array:
+        """Token embeddings ``x_BTD`` (the positions enter through RoPE in the layers)."""
+        del positions_BT
         embed_VD = gather_param(self.embed_tokens[...], ("vocab", "embed"))  # gathered (ZeRO-3)
-        x_BTD = constrain(jnp.take(embed_VD, input_ids_BT, axis=0), BTD)
-        block = partial(llama_block, cfg=cfg)
-        x_BTD = scan_layers(
-            block, stacked_params(self.layers), x_BTD, positions, segment_ids, remat=self.remat,
-            axes=stacked_axes(self.layers),
+        return constrain(embed_lookup(embed_VD, input_ids_BT), BTD)
+
+    def run_layers(
+        self,
+        params_L: dict[str, jax.Array],
+        x_BTD: jax.Array,
+        positions_BT: jax.Array,
+        segment_ids_BT: jax.Array | None,
+        *,
+        checkpoint_every: int = 0,
+    ) -> jax.Array:
+        """Run the decoder layers stacked in ``params_L`` (all of them, or a stage's slice).
+
+        ``checkpoint_every=k`` rematerialises in groups of ``k`` layers (see ``scan_layers``).
+        """
+        block = partial(llama_block, cfg=self.config)
+        return scan_layers(
+            block, params_L, x_BTD, positions_BT, segment_ids_BT, remat=self.remat,
+            axes=stacked_axes(self.layers), group=checkpoint_every,
         )
+
+    def head(self, x_BTD: jax.Array) -> jax.Array:
+        """Final norm and the LM head: ``logits_BTV``."""
+        cfg = self.config
         h_BTD = rms_norm(x_BTD, self.norm[...], cfg.rms_norm_eps)
         if self.lm_head is None:
+            embed_VD = gather_param(self.embed_tokens[...], ("vocab", "embed"))
             logits_BTV = jnp.einsum("BTD,VD->BTV", h_BTD, embed_VD)
         else:
             head_DV = gather_param(self.lm_head[...], ("embed", "vocab"))

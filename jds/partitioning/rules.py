@@ -117,6 +117,19 @@ def active_rules() -> tuple[Mesh, Rules] | None:
     return _ACTIVE.get()
 
 
+def traced_sharding(mesh: Mesh, spec: PartitionSpec) -> NamedSharding:
+    """``NamedSharding(mesh, spec)`` for use inside a traced function.
+
+    Inside a ``shard_map`` that is manual over some axes (the pipeline's ``stage``), JAX
+    wants shardings on the context's abstract mesh, which marks those axes manual; the
+    concrete mesh would be rejected. ``spec`` must not name a manual axis there.
+    """
+    context = jax.sharding.get_abstract_mesh()
+    if not context.empty and context.manual_axes and context.shape_tuple == mesh.shape_tuple:
+        return NamedSharding(context, spec)
+    return NamedSharding(mesh, spec)
+
+
 def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
     """``with_sharding_constraint`` by logical names; identity when no rules are active.
 
@@ -129,7 +142,7 @@ def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
         return x
     mesh, rules = active
     spec = logical_to_spec(axes, rules, mesh=mesh, shape=x.shape, what=f"activation {axes}")
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+    return jax.lax.with_sharding_constraint(x, traced_sharding(mesh, spec))
 
 
 def _is_var(x: Any) -> bool:

@@ -56,7 +56,13 @@ import jax
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jds.partitioning.rules import Rules, active_rules, logical_to_spec, tree_logical_axes
+from jds.partitioning.rules import (
+    Rules,
+    active_rules,
+    logical_to_spec,
+    traced_sharding,
+    tree_logical_axes,
+)
 
 ZERO_AXES: tuple[str, ...] = ("fsdp", "data")
 SUBGROUP_AXES: tuple[str, ...] = ("fsdp",)
@@ -357,11 +363,11 @@ def gather_param(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
     base = logical_to_spec(axes, rules, mesh=mesh, shape=tuple(x.shape), what=f"param {axes}")
     layout = _ACTIVE_LAYOUT.get()
     if layout is None or not layout.params:
-        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, base))
+        return jax.lax.with_sharding_constraint(x, traced_sharding(mesh, base))
     dim = zero_dim(tuple(x.shape), axes, base, mesh.shape, layout.group_size(mesh.shape))
     grad_spec = add_axes(base, x.ndim, dim, layout.grads)
     return checkpoint_name(
-        _gather(x, NamedSharding(mesh, base), NamedSharding(mesh, grad_spec)), GATHERED
+        _gather(x, traced_sharding(mesh, base), traced_sharding(mesh, grad_spec)), GATHERED
     )
 
 

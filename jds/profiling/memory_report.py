@@ -102,12 +102,18 @@ def cpu_devices(n_devices: int) -> list[jax.Device] | None:
 
 
 def load_config(
-    config: str | os.PathLike | Mapping | Config | None, *, stage: int | None = None
+    config: str | os.PathLike | Mapping | Config | None,
+    *,
+    stage: int | None = None,
+    pipeline: Mapping[str, Any] | None = None,
 ) -> Config:
     """The config an estimate or explanation runs with.
 
     ``None`` is ``DEFAULT_CONFIG`` (bf16). ``stage`` replaces ``zero_optimization.stage``.
-    A config without any batch size gets ``train_micro_batch_size_per_gpu=1``.
+    ``pipeline`` overrides the pipeline: ``stages`` (``mesh.stage``), ``schedule``,
+    ``virtual_stages`` and ``micro_batches`` (``gradient_accumulation_steps``; the global
+    batch follows); None values are left as configured. A config without any batch size
+    gets ``train_micro_batch_size_per_gpu=1``.
 
     Raises:
       ConfigError: an invalid config or stage.
@@ -116,6 +122,18 @@ def load_config(
     data = cfg.to_dict()
     if stage is not None:
         data["zero_optimization"] = {**data["zero_optimization"], "stage": stage}
+    over = {k: v for k, v in (pipeline or {}).items() if v is not None}
+    if "stages" in over:
+        data["mesh"] = {**data.get("mesh", {}), "stage": over["stages"]}
+        data["pipeline"] = {**data.get("pipeline", {}), "stages": None}
+    for key in ("schedule", "virtual_stages"):
+        if key in over:
+            data["pipeline"] = {**data.get("pipeline", {}), key: over[key]}
+    if "micro_batches" in over:
+        data["gradient_accumulation_steps"] = over["micro_batches"]
+        data["train_batch_size"] = None
+        if data.get("train_micro_batch_size_per_gpu") in (None, "auto"):
+            data["train_micro_batch_size_per_gpu"] = 1
     if all(data.get(k) in (None, "auto") for k in (
             "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")):
         data["train_micro_batch_size_per_gpu"] = 1
@@ -128,6 +146,7 @@ def shapes_engine(
     devices: list[jax.Device],
     *,
     stage: int | None = None,
+    pipeline: Mapping[str, Any] | None = None,
 ) -> TrainEngine:
     """A ``TrainEngine`` with shapes and shardings only (nothing materialised).
 
@@ -136,9 +155,10 @@ def shapes_engine(
       config: ``ds_config.json`` path, dict or ``Config``; None = ``DEFAULT_CONFIG``.
       devices: the mesh's devices (``cpu_devices``).
       stage: replaces ``zero_optimization.stage`` when given.
+      pipeline: pipeline overrides (``load_config``).
     """
-    return TrainEngine(model, load_config(config, stage=stage), devices=devices,
-                       shapes_only=True)
+    return TrainEngine(model, load_config(config, stage=stage, pipeline=pipeline),
+                       devices=devices, shapes_only=True)
 
 
 # ------------------------------------------------------------------ per-parameter facts
