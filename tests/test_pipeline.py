@@ -139,9 +139,8 @@ def _rel_err(got, want) -> float:
 
 # (schedule, virtual stages, pipeline stages, ZeRO stage, tensor): every schedule, ZeRO
 # stage, stage count and tensor size appears; 4 stages x tensor 2 leaves data = 1.
-COVER = [("gpipe", 1, 2, 3, 2), ("gpipe", 1, 4, 2, 1), ("1f1b", 1, 2, 1, 1),
-         ("1f1b", 1, 2, 2, 2), ("1f1b", 1, 4, 0, 2), ("interleaved", 2, 2, 3, 1),
-         ("interleaved", 2, 4, 1, 1)]
+COVER = [("gpipe", 1, 2, 3, 2), ("1f1b", 1, 4, 2, 1), ("1f1b", 1, 4, 0, 2),
+         ("interleaved", 2, 2, 1, 2), ("interleaved", 2, 4, 3, 1)]
 FULL = [(s, 2 if s == "interleaved" else 1, p, z, t) for s, p, z, t in itertools.product(
     pp.SCHEDULES, (2, 4), (1, 2, 3), (1, 2))]
 
@@ -203,3 +202,20 @@ def test_1f1b_activation_memory_is_below_gpipe_at_m_equal_4p():
     assert (slots["gpipe"], slots["1f1b"]) == (m, p)
     act = 4 * seq * engine.model_config.hidden_size * 4  # one [4, seq, D] fp32 activation
     assert temps["gpipe"] - temps["1f1b"] >= (m - p) * act * 0.9, temps
+
+
+def test_explain_pipeline_prints_the_schedule_and_its_bubble(capsys):
+    from jds.cli import main
+
+    args = ["explain", "--model", "llama-tiny", "--pipeline", "--pipeline-stages", "2",
+            "--micro-batches", "4", "--schedule", "interleaved", "--virtual-stages", "2"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "layers/wq" in out and "stage" in out  # the layer stack is split over stages
+    assert pp.build_schedule("interleaved", 2, 4, 2).report() in out
+    assert main([*args, "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)["pipeline"]
+    assert rep["bubble_fraction"] == rep["theoretical_bubble"] == pytest.approx(1 / 9)
+    assert rep["ticks"][0] == ["F0", None]
+    assert main(["explain", "--model", "llama-tiny", "--pipeline"]) == 2
+    assert "this layout has no pipeline" in capsys.readouterr().err
