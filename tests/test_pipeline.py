@@ -133,8 +133,14 @@ def one_device():
 
 
 def _rel_err(got, want) -> float:
-    return max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(b)))
-               for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True))
+    """Largest per-leaf ``max |a - b| / max |b|``. A leaf whose gradient is 1000x below the
+    largest is measured against 1e-3 of that: the key bias's gradient is zero in exact
+    arithmetic (softmax ignores a per-row constant), and its 1e-12 of rounding noise
+    differs in any summation order."""
+    pairs = list(zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True))
+    top = max(float(np.max(np.abs(b))) for _, b in pairs)
+    return max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+               / max(float(np.max(np.abs(b))), 1e-3 * top) for a, b in pairs)
 
 
 # (schedule, virtual stages, pipeline stages, ZeRO stage, tensor): every schedule, ZeRO
@@ -219,3 +225,19 @@ def test_explain_pipeline_prints_the_schedule_and_its_bubble(capsys):
     assert rep["ticks"][0] == ["F0", None]
     assert main(["explain", "--model", "llama-tiny", "--pipeline"]) == 2
     assert "this layout has no pipeline" in capsys.readouterr().err
+
+
+def test_gpt2_tied_embeddings_and_learned_positions_through_the_pipeline():
+    """GPT-2 uses ``wte`` on the first stage (lookup) and the last (output projection):
+    the two contributions meet in the sum over stages."""
+    def gpt2():
+        return jds.models.build("gpt2-tiny", n_embd=32, n_layer=4, n_head=4,
+                                vocab_size=VOCAB, n_positions=16)
+
+    ref = jds.initialize(gpt2(), _config(), devices=jax.devices()[:1])
+    want, want_loss = ref.gradients(BATCH)
+    pipe = jds.initialize(gpt2(), _config(stages=2, zero=2, tensor=2, schedule="interleaved",
+                                          v=2))
+    got, loss = pipe.gradients(BATCH)
+    assert loss == pytest.approx(want_loss, rel=1e-5)
+    assert _rel_err(jax.device_get(got), jax.device_get(want)) <= 1e-5
