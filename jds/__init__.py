@@ -23,6 +23,7 @@ _LAZY = {
     "ConfigError": ("jds.config", "ConfigError"),
     "TrainEngine": ("jds.engine", "TrainEngine"),
     "initialize": ("jds.engine", "initialize"),
+    "init_inference": ("jds.inference.engine", "init_inference"),
     "init_distributed": ("jds.distributed", "init_distributed"),
     "models": ("jds.models", None),
 }
@@ -48,6 +49,7 @@ __all__ = [
     "TrainEngine",
     "__version__",
     "init_distributed",
+    "init_inference",
     "initialize",
     "models",
 ]

@@ -110,6 +110,7 @@ def gpt2_block(
     x_BTD: jax.Array,
     segment_ids_BT: jax.Array | None,
     cfg: GPT2Config,
+    attend: Callable[[jax.Array, jax.Array, jax.Array], jax.Array] | None = None,
 ) -> jax.Array:
     """One GPT-2 layer: pre-LayerNorm attention and MLP, both residual.
 
@@ -121,6 +122,8 @@ def gpt2_block(
       x_BTD: the residual stream.
       segment_ids_BT: packing ids or ``None``.
       cfg: the model config.
+      attend: ``(q_BTNH, k_BTKH, v_BTKH) -> o_BTNH`` replacing causal attention over this
+        call's tokens (the inference engine's paged KV cache); None = causal attention.
 
     Returns:
       The updated residual stream ``x_BTD``.
@@ -133,7 +136,11 @@ def gpt2_block(
     q_BTNH = constrain(q_BTNH, ("batch", "seq", "heads", "head_dim"))
     k_BTKH = constrain(k_BTKH, ("batch", "seq", "kv_heads", "head_dim"))
     v_BTKH = constrain(v_BTKH, ("batch", "seq", "kv_heads", "head_dim"))
-    o_BTNH = dot_product_attention(q_BTNH, k_BTKH, v_BTKH, causal=True, segment_ids=segment_ids_BT)
+    if attend is None:
+        o_BTNH = dot_product_attention(q_BTNH, k_BTKH, v_BTKH, causal=True,
+                                       segment_ids=segment_ids_BT)
+    else:
+        o_BTNH = attend(q_BTNH, k_BTKH, v_BTKH)
     attn_BTD = jnp.einsum("BTNH,NHD->BTD", o_BTNH, p["wo"]) + p["bo"]
     x_BTD = constrain(x_BTD + attn_BTD, BTD)
 
@@ -266,6 +273,12 @@ class GPT2(nnx.Module):
             block, params_L, x_BTD, segment_ids_BT, remat=self.remat,
             axes=stacked_axes(self.layers), group=checkpoint_every,
         )
+
+    def layer_fn(self) -> Callable[..., jax.Array]:
+        """``(p, x_BTD, positions_BT, attend) -> x_BTD``: one layer, for the inference engine
+        (positions entered with the embeddings)."""
+        cfg = self.config
+        return lambda p, x, positions, attend: gpt2_block(p, x, None, cfg, attend=attend)
 
     def head(self, x_BTD: jax.Array) -> jax.Array:
         """Final LayerNorm and the tied output projection: ``logits_BTV``."""

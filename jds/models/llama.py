@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -198,6 +199,7 @@ def llama_block(
     positions_BT: jax.Array,
     segment_ids_BT: jax.Array | None,
     cfg: LlamaConfig,
+    attend: Callable[[jax.Array, jax.Array, jax.Array], jax.Array] | None = None,
 ) -> jax.Array:
     """One decoder layer: pre-norm attention and pre-norm SwiGLU MLP, both residual.
 
@@ -210,6 +212,9 @@ def llama_block(
       positions_BT: token positions for the rotary embedding.
       segment_ids_BT: packing ids or ``None``.
       cfg: the model config.
+      attend: ``(q_BTNH, k_BTKH, v_BTKH) -> o_BTNH`` replacing causal attention over this
+        call's tokens (the inference engine attends over its paged KV cache); None =
+        ``dot_product_attention``.
 
     Returns:
       The updated residual stream ``x_BTD``.
@@ -224,7 +229,11 @@ def llama_block(
     q_BTNH = constrain(apply_rope(q_BTNH, cos_BTH, sin_BTH), BTNH)
     k_BTKH = constrain(apply_rope(k_BTKH, cos_BTH, sin_BTH), BTKH)
     v_BTKH = constrain(v_BTKH, BTKH)
-    o_BTNH = dot_product_attention(q_BTNH, k_BTKH, v_BTKH, causal=True, segment_ids=segment_ids_BT)
+    if attend is None:
+        o_BTNH = dot_product_attention(q_BTNH, k_BTKH, v_BTKH, causal=True,
+                                       segment_ids=segment_ids_BT)
+    else:
+        o_BTNH = attend(q_BTNH, k_BTKH, v_BTKH)
     attn_BTD = jnp.einsum("BTNH,NHD->BTD", o_BTNH, p["wo"])
     if cfg.attention_out_bias:
         attn_BTD = attn_BTD + p["bo"]
@@ -364,6 +373,12 @@ class Llama(nnx.Module):
             block, params_L, x_BTD, positions_BT, segment_ids_BT, remat=self.remat,
             axes=stacked_axes(self.layers), group=checkpoint_every,
         )
+
+    def layer_fn(self) -> Callable[..., jax.Array]:
+        """``(p, x_BTD, positions_BT, attend) -> x_BTD``: one layer, for the inference engine."""
+        cfg = self.config
+        return lambda p, x, positions, attend: llama_block(p, x, positions, None, cfg,
+                                                           attend=attend)
 
     def head(self, x_BTD: jax.Array) -> jax.Array:
         """Final norm and the LM head: ``logits_BTV``."""

@@ -1,0 +1,471 @@
+"""The inference engine: ``jds.init_inference(model, config)``.
+
+One jitted forward pass serves everything — prompt prefill, decoding, and any mix of the
+two. It takes a flat, ragged batch of tokens from up to ``max_seqs`` sequences (each token
+with its sequence's block table and its position), writes their K/V into the paged cache
+(``kv_cache.py``), attends over each sequence's cached tokens, and samples the next token
+of every sequence whose newest token is in the batch. ``Scheduler`` (``scheduler.py``)
+packs those batches with Dynamic SplitFuse; ``generate`` is submit-all then step until done.
+
+Shapes are bucketed (token count rounded up to a power of two, at most ``max_batch_tokens``;
+``max_seqs`` rows of logits; block tables of ``max_tokens / kv_block_size`` entries), so the
+step compiles once per bucket, never per prompt length; the cache arrays are donated.
+
+Tensor parallelism uses the training rules (heads, kv-heads, MLP and vocabulary over
+``tensor``; the cache's kv-heads too), so a trained jds model or a Hugging Face checkpoint
+is served as it is. ``dtype="int8"`` quantizes every layer matrix once, per output channel
+(``jds.kernels.quant.quantize``), and stores int8 weights plus fp32 scales: half the bytes
+of bf16. The step dequantizes one layer at a time inside the layer scan (bf16 compute); the
+fused int8 weight-only matmul (``jds.kernels.quant.int8_matmul``) is the GPU path still to
+wire in once it is measured there.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from jds.config import ConfigError
+from jds.inference.kv_cache import (
+    SCRATCH_BLOCK,
+    BlockAllocator,
+    paged_attention_reference,
+    write_pages,
+)
+from jds.inference.scheduler import Request, Scheduler, Work
+from jds.kernels.quant import quantize
+from jds.partitioning.mesh import make_mesh
+from jds.partitioning.rules import DEFAULT_RULES, logical_to_spec, use_rules
+
+PyTree = Any
+
+_DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32",
+           "bfloat16": "bfloat16", "bf16": "bfloat16",
+           "float16": "float16", "fp16": "float16", "half": "float16", "int8": "int8"}
+
+
+class InferenceConfig(BaseModel):
+    """``init_inference``'s config: DeepSpeed's inference keys where they mean something here,
+    and jds's own.
+
+    DeepSpeed keys: ``dtype``, ``tensor_parallel.tp_size`` (or the old ``mp_size``),
+    ``max_tokens`` (``max_out_tokens``): the longest sequence, prompt included. jds keys:
+    ``kv_block_size``, ``max_batch_tokens`` (tokens per forward pass), ``max_seqs``
+    (sequences batched at once), ``num_kv_blocks`` (default: room for ``max_seqs`` full
+    sequences).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    dtype: Literal["float32", "bfloat16", "float16", "int8"] = "bfloat16"
+    tp_size: int = Field(1, ge=1)
+    max_tokens: int = Field(1024, ge=2)
+    kv_block_size: int = Field(16, ge=1)
+    max_batch_tokens: int = Field(256, ge=1)
+    max_seqs: int = Field(16, ge=1)
+    num_kv_blocks: int | None = Field(None, ge=2)
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _dtype(cls, v: Any) -> Any:
+        name = str(v).removeprefix("torch.").lower()
+        if name not in _DTYPES:
+            raise ValueError(f"dtype {v!r}: use one of float32, bfloat16, float16, int8")
+        return _DTYPES[name]
+
+    @classmethod
+    def load(cls, config: Mapping[str, Any] | InferenceConfig | None) -> InferenceConfig:
+        """Validate a dict (DeepSpeed's nested ``tensor_parallel`` accepted).
+
+        Raises:
+          ConfigError: naming the key and the fix.
+        """
+        if isinstance(config, InferenceConfig):
+            return config
+        data = dict(config or {})
+        tp = data.pop("tensor_parallel", None)
+        if tp is not None:
+            if not isinstance(tp, Mapping) or set(tp) - {"tp_size", "enabled"}:
+                raise ConfigError('tensor_parallel: expected {"tp_size": N}; got ' + repr(tp))
+            data.setdefault("tp_size", tp.get("tp_size", 1))
+        if "mp_size" in data:
+            data.setdefault("tp_size", data.pop("mp_size"))
+        if "max_out_tokens" in data:
+            data.setdefault("max_tokens", data.pop("max_out_tokens"))
+        for key in ("replace_with_kernel_inject", "enable_cuda_graph"):
+            if data.pop(key, None):
+                warnings.warn(f"init_inference: {key} has no meaning in jds (the step is "
+                              "one compiled XLA program); ignored", stacklevel=3)
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            lines = [f"{'.'.join(map(str, err['loc'])) or '(config)'}: {err['msg']}"
+                     for err in e.errors()]
+            raise ConfigError("invalid inference config: " + "; ".join(lines)) from None
+
+
+def _compute_dtype(name: str) -> Any:
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16,
+            "int8": jnp.bfloat16}[name]
+
+
+def _contraction_dims(axes: tuple[str | None, ...]) -> int:
+    """Leading input dims of a layer matrix: 2 for ``[heads, head_dim, embed]`` (the output
+    projection), else 1."""
+    return 2 if axes[:2] == ("heads", "head_dim") else 1
+
+
+def quantize_layers(layers: dict[str, jax.Array], axes: dict[str, tuple]) -> dict[str, Any]:
+    """Per-output-channel int8 of every stacked layer matrix (vectors stay as they are).
+
+    Returns:
+      ``{name: {"q": int8 [L, ...], "scale": fp32 [L, out...]}}`` for matrices and the
+      unchanged array for the rest.
+    """
+    out: dict[str, Any] = {}
+    for name, w in layers.items():
+        ax = axes[name]
+        if w.ndim - 1 < 2:
+            out[name] = w
+            continue
+        c = _contraction_dims(ax)
+        k = math.prod(w.shape[1:1 + c])
+
+        def one(w_l, k=k, c=c):
+            q, s = quantize(w_l.reshape(k, -1), axis=0)
+            return q.reshape(w_l.shape), s.reshape(w_l.shape[c:])
+
+        q, s = jax.vmap(one)(w)
+        out[name] = {"q": q, "scale": s}
+    return out
+
+
+def dequantize_layer(p: dict[str, Any], dtype: Any) -> dict[str, jax.Array]:
+    """One layer's int8 weights back to ``dtype`` (inside the layer scan)."""
+    return {k: (v["q"].astype(jnp.float32) * v["scale"]).astype(dtype)
+            if isinstance(v, dict) else v for k, v in p.items()}
+
+
+def _sample(logits_SV: jax.Array, temperature_S: jax.Array, top_k_S: jax.Array,
+            top_p_S: jax.Array, seed_S: jax.Array, pos_S: jax.Array) -> jax.Array:
+    """Next token per row: argmax where temperature is 0, else top-k / top-p sampling."""
+    logits_SV = logits_SV.astype(jnp.float32)
+    V = logits_SV.shape[-1]
+    greedy_S = jnp.argmax(logits_SV, axis=-1)
+    t_S = jnp.where(temperature_S > 0, temperature_S, 1.0)
+    scaled = logits_SV / t_S[:, None]
+    desc = -jnp.sort(-scaled, axis=-1)
+    k_S = jnp.where((top_k_S > 0) & (top_k_S < V), top_k_S, V)
+    kth = jnp.take_along_axis(desc, (k_S - 1)[:, None], axis=-1)
+    scaled = jnp.where(scaled < kth, -jnp.inf, scaled)
+    desc = jnp.where(jnp.arange(V)[None] < k_S[:, None], desc, -jnp.inf)
+    probs = jax.nn.softmax(desc, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
+    p_S = jnp.where((top_p_S > 0) & (top_p_S < 1), top_p_S, 1.0)
+    keep = (before < p_S[:, None]) & jnp.isfinite(desc)
+    cutoff = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1)
+    scaled = jnp.where(scaled < cutoff[:, None], -jnp.inf, scaled)
+    keys = jax.vmap(lambda s, p: jax.random.fold_in(jax.random.key(s), p))(seed_S, pos_S)
+    drawn_S = jax.vmap(jax.random.categorical)(keys, scaled)
+    return jnp.where(temperature_S > 0, drawn_S, greedy_S).astype(jnp.int32)
+
+
+class InferenceEngine:
+    """Tensor-parallel generation with a paged KV cache and continuous batching.
+
+    Attributes:
+      config: the ``InferenceConfig``.
+      mesh: ``tensor = tp_size`` devices.
+      params: the weights (sharded; int8 layer matrices in int8 mode).
+      max_len: longest sequence (``min(max_tokens, model positions)``).
+    """
+
+    def __init__(self, model: nnx.Module | str | os.PathLike,
+                 config: Mapping[str, Any] | InferenceConfig | None = None, *,
+                 devices: Sequence[jax.Device] | None = None) -> None:
+        self.config = cfg = InferenceConfig.load(config)
+        model = _load_model(model)
+        self.model_config = model.config
+        devices = list(devices if devices is not None else jax.devices())
+        if cfg.tp_size > len(devices):
+            raise ConfigError(f"tensor_parallel.tp_size={cfg.tp_size} but only {len(devices)} "
+                              f"devices are visible; use at most {len(devices)}")
+        self.mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": cfg.tp_size, "stage": 1},
+                              devices[:cfg.tp_size])
+        self.rules = DEFAULT_RULES
+        self.dtype = _compute_dtype(cfg.dtype)
+        self.max_len = min(cfg.max_tokens, int(self.model_config.max_positions))
+        self.vocab_size = int(self.model_config.vocab_size)
+
+        graphdef, state = nnx.split(model)
+        self._graphdef = graphdef
+        pure = nnx.to_pure_dict(state)
+        axes = nnx.to_pure_dict(jax.tree.map(
+            lambda v: tuple(v.get_metadata()["axes"]), state,
+            is_leaf=lambda x: isinstance(x, nnx.Variable)))
+        self._layer_axes = {k: tuple(a)[1:] for k, a in axes["layers"].items()}
+        specs = jax.tree.map(
+            lambda a, x: logical_to_spec(tuple(a), self.rules, mesh=self.mesh,
+                                         shape=tuple(x.shape), what="param"),
+            axes, pure, is_leaf=lambda x: isinstance(x, tuple))
+        cast = jax.tree.map(lambda x: jnp.asarray(x, self.dtype), pure)
+        params = jax.device_put(cast, jax.tree.map(lambda s: NamedSharding(self.mesh, s), specs,
+                                                   is_leaf=lambda x: isinstance(x, PartitionSpec)))
+        self._abstract_layers = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params["layers"])
+        if cfg.dtype == "int8":
+            with use_rules(self.mesh, self.rules):
+                params["layers"] = jax.jit(lambda ly: quantize_layers(ly, {
+                    k: ("layers", *a) for k, a in self._layer_axes.items()}))(params["layers"])
+        self.params = params
+        del cast, pure
+
+        # KV cache: [layers, blocks, block_size, kv_heads, head_dim], kv_heads over tensor.
+        L = self._abstract_layers[next(iter(self._abstract_layers))].shape[0]
+        K, H = _kv_shape(self.model_config)
+        bs = cfg.kv_block_size
+        self.max_blocks = math.ceil(self.max_len / bs)
+        n_blocks = cfg.num_kv_blocks or cfg.max_seqs * self.max_blocks + 1
+        self.allocator = BlockAllocator(n_blocks, bs)
+        self.scheduler = Scheduler(self.allocator, max_seqs=cfg.max_seqs,
+                                   max_batch_tokens=cfg.max_batch_tokens)
+        page_spec = logical_to_spec((None, None, None, "kv_heads", "head_dim"), self.rules,
+                                    mesh=self.mesh, shape=(L, n_blocks, bs, K, H), what="cache")
+        self._page_sharding = NamedSharding(self.mesh, page_spec)
+        zeros = jax.jit(lambda: jnp.zeros((L, n_blocks, bs, K, H), self.dtype),
+                        out_shardings=self._page_sharding)
+        self.k_pages, self.v_pages = zeros(), zeros()
+        self._step = jax.jit(self._forward, donate_argnums=(1, 2))
+        self._requests: dict[int, Request] = {}
+
+    # ------------------------------------------------------------------ the compiled pass
+    def _model(self, params: PyTree) -> nnx.Module:
+        shared = {k: v for k, v in params.items() if k != "layers"}
+        return nnx.merge(self._graphdef, {**shared, "layers": self._abstract_layers})
+
+    def _forward(self, params, k_pages, v_pages, b):
+        """One ragged pass: write K/V, attend over the pages, sample per sequence row."""
+        with use_rules(self.mesh, self.rules):
+            model = self._model(params)
+            layer = model.layer_fn()
+            ids_1N, pos_1N = b["tokens"][None], b["positions"][None]
+            x_1ND = model.embed(ids_1N, pos_1N)
+            int8 = self.config.dtype == "int8"
+
+            def body(x_1ND, xs):
+                p_l, pk, pv = xs
+                if int8:
+                    p_l = dequantize_layer(p_l, self.dtype)
+                new = {}
+
+                def attend(q_1NQH, k_1NKH, v_1NKH):
+                    new["k"] = write_pages(pk, k_1NKH[0], b["block"], b["offset"])
+                    new["v"] = write_pages(pv, v_1NKH[0], b["block"], b["offset"])
+                    o = paged_attention_reference(q_1NQH[0], new["k"], new["v"], b["tables"],
+                                                  b["positions"])
+                    return o[None]
+
+                x_1ND = layer(p_l, x_1ND, pos_1N, attend)
+                return x_1ND, (new["k"], new["v"])
+
+            x_1ND, (k_pages, v_pages) = jax.lax.scan(
+                body, x_1ND, (params["layers"], k_pages, v_pages))
+            h_1SD = x_1ND[:, b["last"]]
+            logits_SV = model.head(h_1SD)[0].astype(jnp.float32)
+            tokens_S = _sample(logits_SV, b["temperature"], b["top_k"], b["top_p"], b["seed"],
+                               b["sample_pos"])
+        return k_pages, v_pages, tokens_S, logits_SV
+
+    # ------------------------------------------------------------------ requests
+    def submit(self, prompt: Sequence[int], max_new_tokens: int = 16, *,
+               temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+               seed: int = 0, stop_tokens: Iterable[int] | None = None) -> int:
+        """Queue a request; ``step()`` advances it. Returns its id.
+
+        Raises:
+          ValueError: an empty or out-of-range prompt, one that leaves no room within
+            ``max_len``, or bad sampling arguments.
+        """
+        prompt = [int(t) for t in prompt]
+        if not prompt:
+            raise ValueError("prompt is empty; give at least one token id")
+        if min(prompt) < 0 or max(prompt) >= self.vocab_size:
+            raise ValueError(f"prompt holds ids in [{min(prompt)}, {max(prompt)}] but the "
+                             f"model's vocab_size is {self.vocab_size}")
+        if len(prompt) >= self.max_len:
+            raise ValueError(f"the prompt ({len(prompt)} tokens) leaves no room within "
+                             f"{self.max_len} tokens (max_tokens / the model's positions)")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy); got {temperature}")
+        if top_k is not None and not 1 <= top_k <= self.vocab_size:
+            raise ValueError(f"top_k must be in [1, {self.vocab_size}]; got {top_k}")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1]; got {top_p}")
+        req = Request(rid=self.scheduler.next_id(), prompt=prompt,
+                      max_new_tokens=int(max_new_tokens), temperature=float(temperature),
+                      top_k=top_k, top_p=top_p, seed=int(seed),
+                      stop_tokens=frozenset(int(t) for t in (stop_tokens or ())),
+                      limit=self.max_len)
+        self.scheduler.add(req)
+        self._requests[req.rid] = req
+        return req.rid
+
+    def _batch(self, work: list[Work]) -> dict[str, np.ndarray]:
+        cfg = self.config
+        n = sum(w.stop - w.start for w in work)
+        N = min(max(16, 1 << (n - 1).bit_length()), max(cfg.max_batch_tokens, 16))
+        S, bs = cfg.max_seqs, cfg.kv_block_size
+        b = {"tokens": np.zeros(N, np.int32), "positions": np.zeros(N, np.int32),
+             "block": np.full(N, SCRATCH_BLOCK, np.int32), "offset": np.zeros(N, np.int32),
+             "tables": np.full((N, self.max_blocks), SCRATCH_BLOCK, np.int32),
+             "last": np.zeros(S, np.int32), "temperature": np.zeros(S, np.float32),
+             "top_k": np.zeros(S, np.int32), "top_p": np.zeros(S, np.float32),
+             "seed": np.zeros(S, np.int32), "sample_pos": np.zeros(S, np.int32)}
+        i = 0
+        for w in work:
+            r = w.request
+            toks = r.tokens()[w.start:w.stop]
+            table = self.allocator.table(r.rid)
+            pos = np.arange(w.start, w.stop)
+            sl = slice(i, i + len(toks))
+            b["tokens"][sl], b["positions"][sl] = toks, pos
+            b["block"][sl] = np.asarray(table)[pos // bs]
+            b["offset"][sl] = pos % bs
+            b["tables"][sl, :len(table)] = table
+            if w.sample:
+                s = r.slot
+                b["last"][s] = i + len(toks) - 1
+                b["temperature"][s] = r.temperature
+                b["top_k"][s] = r.top_k or 0
+                b["top_p"][s] = r.top_p or 0.0
+                b["seed"][s], b["sample_pos"][s] = r.seed, w.stop
+            i += len(toks)
+        return b
+
+    def step(self) -> list[tuple[int, int, bool]]:
+        """Run one forward pass of the scheduler's next batch.
+
+        Returns:
+          ``(request id, new token, finished)`` for every sequence that produced a token.
+        """
+        work = self.scheduler.plan()
+        if not work:
+            return []
+        b = self._batch(work)
+        self.k_pages, self.v_pages, tokens_S, _ = self._step(self.params, self.k_pages,
+                                                             self.v_pages, b)
+        tokens_S = np.asarray(tokens_S)
+        events = []
+        for w in work:
+            r = w.request
+            r.cached = w.stop
+            if not w.sample:
+                continue
+            tok = int(tokens_S[r.slot])
+            r.output.append(tok)
+            reason = None
+            if tok in r.stop_tokens:
+                reason = "stop"
+            elif len(r.output) >= r.max_new_tokens or len(r.tokens()) >= r.limit:
+                reason = "length"
+            if reason is not None:
+                self.scheduler.finish(r, reason)
+            events.append((r.rid, tok, reason is not None))
+        return events
+
+    def result(self, rid: int) -> Request:
+        """The request ``rid`` (its ``output`` and ``finish_reason``)."""
+        return self._requests[rid]
+
+    def release(self, rid: int) -> None:
+        """Forget a finished request (frees nothing else: its blocks went back on finish)."""
+        req = self._requests.pop(rid)
+        if req.finish_reason is None:
+            self._requests[rid] = req
+            raise ValueError(f"request {rid} is still running")
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 16, *,
+                 temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                 seed: int = 0, stop_tokens: Iterable[int] | None = None) -> list[list[int]]:
+        """Generate a continuation of every prompt (batched continuously).
+
+        Args:
+          prompts: token id lists.
+          max_new_tokens: tokens to generate per prompt at most (fewer at ``max_len`` or
+            after a stop token, which is included).
+          temperature, top_k, top_p: sampling; temperature 0 is greedy.
+          seed: request ``i`` samples with ``seed + i``.
+          stop_tokens: token ids that end a sequence.
+
+        Returns:
+          The generated ids of each prompt (prompt not included).
+        """
+        rids = [self.submit(p, max_new_tokens, temperature=temperature, top_k=top_k,
+                            top_p=top_p, seed=seed + i, stop_tokens=stop_tokens)
+                for i, p in enumerate(prompts)]
+        while any(self._requests[r].finish_reason is None for r in rids):
+            self.step()
+        out = [list(self._requests[r].output) for r in rids]
+        for r in rids:
+            self.release(r)
+        return out
+
+    def weight_bytes(self) -> dict[str, int]:
+        """Bytes of the weights as stored: ``layers`` (int8 + scales in int8 mode), ``other``."""
+        def nbytes(tree):
+            return sum(int(x.nbytes) for x in jax.tree.leaves(tree))
+        return {"layers": nbytes(self.params["layers"]),
+                "other": nbytes({k: v for k, v in self.params.items() if k != "layers"})}
+
+
+def _kv_shape(cfg: Any) -> tuple[int, int]:
+    """``(kv_heads, head_dim)`` of a Llama or GPT-2 config."""
+    if hasattr(cfg, "num_key_value_heads"):
+        return int(cfg.num_key_value_heads), int(cfg.head_size)
+    return int(cfg.n_head), int(cfg.n_embd) // int(cfg.n_head)
+
+
+def _load_model(model: nnx.Module | str | os.PathLike) -> nnx.Module:
+    if isinstance(model, nnx.Module):
+        return model
+    from jds import models
+
+    if isinstance(model, str) and model in models.PRESETS:
+        return models.build(model)
+    if os.path.isdir(model):
+        return models.from_pretrained(model)
+    raise ValueError(f"model {model!r}: give an nnx.Module, a preset name "
+                     f"({', '.join(sorted(models.PRESETS))}) or a Hugging Face directory")
+
+
+def init_inference(model: nnx.Module | str | os.PathLike,
+                   config: Mapping[str, Any] | InferenceConfig | None = None, *,
+                   devices: Sequence[jax.Device] | None = None) -> InferenceEngine:
+    """Build an ``InferenceEngine`` (DeepSpeed's ``deepspeed.init_inference``).
+
+    Args:
+      model: an ``nnx.Module``, a preset name or a Hugging Face model directory.
+      config: ``InferenceConfig`` keys (DeepSpeed's ``dtype``, ``tensor_parallel``,
+        ``max_tokens``; jds's ``kv_block_size``, ``max_batch_tokens``, ``max_seqs``,
+        ``num_kv_blocks``).
+      devices: devices to use (the first ``tp_size``); default all.
+
+    Raises:
+      ConfigError: an invalid config, or more tensor-parallel ranks than devices.
+    """
+    return InferenceEngine(model, config, devices=devices)
+
+
+__all__ = ["InferenceConfig", "InferenceEngine", "init_inference", "quantize_layers"]

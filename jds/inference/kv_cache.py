@@ -1,0 +1,150 @@
+"""Paged KV cache: fixed-size blocks, a block table per sequence, attention over the pages.
+
+Device side, the cache is two arrays per model, ``k_pages`` and ``v_pages``, shaped
+``[layers, num_blocks, block_size, kv_heads, head_dim]`` (``kv_heads`` split over the
+``tensor`` axis under tensor parallelism). Host side, ``BlockAllocator`` hands blocks to
+sequences as they grow and takes them back when they end; a sequence's *block table* lists
+its blocks in order, so token ``t`` of the sequence lives at
+``(table[t // block_size], t % block_size)``.
+
+Block 0 is never handed out: padded tokens of a bucketed batch write their K/V there, so
+every write in a step is unconditional (no masked scatter) and never touches a live block.
+
+``paged_attention_reference`` is the plain-``jnp`` attention over the pages: each token of
+a flat (ragged) batch gathers its own sequence's blocks and attends causally to the
+positions up to its own. It is the CPU path and the reference a Pallas paged-attention
+kernel (GPU/TPU) must match.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+SCRATCH_BLOCK = 0  # padded tokens write here; never allocated to a sequence
+
+
+class CacheFullError(RuntimeError):
+    """The KV cache has too few free blocks for a request (raised by ``BlockAllocator``)."""
+
+
+class BlockAllocator:
+    """Hands out KV-cache blocks to sequences and takes them back.
+
+    Attributes:
+      num_blocks: blocks in the cache, scratch block included.
+      block_size: tokens per block.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        if num_blocks < 2:
+            raise ValueError(f"the KV cache needs at least 2 blocks (1 is scratch); got "
+                             f"{num_blocks}")
+        if block_size < 1:
+            raise ValueError(f"kv_block_size must be >= 1; got {block_size}")
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self._free = list(range(num_blocks - 1, SCRATCH_BLOCK, -1))  # pop() gives 1, 2, ...
+        self._tables: dict[int, list[int]] = {}
+
+    @property
+    def num_free(self) -> int:
+        """Blocks not held by any sequence (the scratch block not counted)."""
+        return len(self._free)
+
+    @property
+    def capacity(self) -> int:
+        """Blocks that can be handed out (all but the scratch block)."""
+        return self.num_blocks - 1
+
+    def blocks_needed(self, seq: int, n_tokens: int) -> int:
+        """Extra blocks ``seq`` needs to hold ``n_tokens`` tokens in all."""
+        have = len(self._tables.get(seq, ()))
+        return max(0, math.ceil(n_tokens / self.block_size) - have)
+
+    def can_grow(self, seq: int, n_tokens: int) -> bool:
+        """Whether ``grow(seq, n_tokens)`` would succeed."""
+        return self.blocks_needed(seq, n_tokens) <= len(self._free)
+
+    def grow(self, seq: int, n_tokens: int) -> list[int]:
+        """Make ``seq``'s table long enough for ``n_tokens`` tokens; return the table.
+
+        Raises:
+          CacheFullError: not enough free blocks (nothing is taken then).
+        """
+        need = self.blocks_needed(seq, n_tokens)
+        if need > len(self._free):
+            raise CacheFullError(f"sequence {seq} needs {need} more KV blocks for {n_tokens} "
+                                 f"tokens; {len(self._free)} free of {self.capacity}")
+        table = self._tables.setdefault(seq, [])
+        table.extend(self._free.pop() for _ in range(need))
+        return table
+
+    def table(self, seq: int) -> list[int]:
+        """``seq``'s blocks in order (empty if it holds none)."""
+        return list(self._tables.get(seq, ()))
+
+    def free(self, seq: int) -> None:
+        """Return every block of ``seq`` to the free list."""
+        self._free.extend(reversed(self._tables.pop(seq, [])))
+
+    def sequences(self) -> list[int]:
+        """Sequences holding blocks."""
+        return sorted(self._tables)
+
+
+def write_pages(
+    pages_BSKH: jax.Array, x_NKH: jax.Array, block_N: jax.Array, offset_N: jax.Array
+) -> jax.Array:
+    """Store each token's ``x[n]`` at ``pages[block_N[n], offset_N[n]]`` (one layer)."""
+    return pages_BSKH.at[block_N, offset_N].set(x_NKH.astype(pages_BSKH.dtype))
+
+
+def paged_attention_reference(
+    q_NQH: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    tables_NM: jax.Array,
+    positions_N: jax.Array,
+    *,
+    sm_scale: float | None = None,
+) -> jax.Array:
+    """Causal attention of a flat batch of tokens over their sequences' cached K/V.
+
+    Args:
+      q_NQH: queries ``[tokens, heads, head_dim]``.
+      k_pages, v_pages: one layer's pages ``[num_blocks, block_size, kv_heads, head_dim]``,
+        already holding these tokens' own K/V.
+      tables_NM: each token's sequence block table ``[tokens, max_blocks]`` (unused entries
+        may point anywhere; they lie beyond the token's position and are masked).
+      positions_N: each token's position in its sequence; it attends to positions
+        ``0..positions_N[n]``.
+      sm_scale: softmax scale; default ``head_dim ** -0.5``.
+
+    Returns:
+      ``[tokens, heads, head_dim]`` in q's dtype; softmax in fp32.
+    """
+    N, Q, H = q_NQH.shape
+    _, bs, K, _ = k_pages.shape
+    M = tables_NM.shape[1]
+    scale = H ** -0.5 if sm_scale is None else sm_scale
+    k_NCKH = k_pages[tables_NM].reshape(N, M * bs, K, H)
+    v_NCKH = v_pages[tables_NM].reshape(N, M * bs, K, H)
+    q_NKGH = q_NQH.reshape(N, K, Q // K, H)
+    s_NKGC = jnp.einsum("nkgh,nckh->nkgc", q_NKGH.astype(jnp.float32),
+                        k_NCKH.astype(jnp.float32)) * scale
+    visible_NC = jnp.arange(M * bs)[None, :] <= positions_N[:, None]
+    s_NKGC = jnp.where(visible_NC[:, None, None, :], s_NKGC, -jnp.inf)
+    p_NKGC = jax.nn.softmax(s_NKGC, axis=-1)
+    o_NKGH = jnp.einsum("nkgc,nckh->nkgh", p_NKGC, v_NCKH.astype(jnp.float32))
+    return o_NKGH.reshape(N, Q, H).astype(q_NQH.dtype)
+
+
+__all__ = [
+    "SCRATCH_BLOCK",
+    "BlockAllocator",
+    "CacheFullError",
+    "paged_attention_reference",
+    "write_pages",
+]

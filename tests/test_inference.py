@@ -1,0 +1,197 @@
+"""Inference engine: greedy generation vs ``transformers``, tensor parallelism, paged KV
+cache bookkeeping, continuous batching with SplitFuse, int8 weights, sampling, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import jds
+from jds.config import ConfigError
+from jds.inference import BlockAllocator, CacheFullError, Request, Scheduler
+from jds.inference.kv_cache import paged_attention_reference
+
+torch = pytest.importorskip("torch")
+tf = pytest.importorskip("transformers")
+
+V = 96  # divides over 1, 2 and 4 tensor-parallel ranks
+LLAMA = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+             num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=64,
+             eos_token_id=None, bos_token_id=None)
+GPT2 = dict(vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+            eos_token_id=None, bos_token_id=None)
+PROMPTS = [[5, 17, 3, 88, 40, 2, 9], [60], list(np.random.default_rng(1).integers(0, V, 37))]
+SMALL = {"dtype": "float32", "max_tokens": 64, "kv_block_size": 4, "max_batch_tokens": 16,
+         "max_seqs": 4}
+
+
+def _hf(family: str, tmp_path):
+    torch.manual_seed(0)
+    if family == "llama":
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(**LLAMA)).eval()
+    else:
+        model = tf.GPT2LMHeadModel(tf.GPT2Config(**GPT2)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    return model
+
+
+def _hf_greedy(model, prompt, n):
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def hf_pair(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    model = _hf(request.param, path)
+    return path, [_hf_greedy(model, p, 12) for p in PROMPTS]
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_greedy_generate_equals_transformers(hf_pair, tp):
+    path, want = hf_pair
+    engine = jds.init_inference(str(path), {**SMALL, "tensor_parallel": {"tp_size": tp}})
+    assert dict(engine.mesh.shape)["tensor"] == tp
+    wq = engine.params["layers"]["wq"]
+    assert {s.data.shape[2] for s in wq.addressable_shards} == {wq.shape[2] // tp}
+    assert engine.generate(PROMPTS, 12) == want
+    assert engine.allocator.num_free == engine.allocator.capacity  # every block came back
+
+
+def test_continuous_batching_equals_each_request_alone():
+    model = jds.models.build("llama-tiny", vocab_size=V, max_position_embeddings=64)
+    alone = jds.init_inference(model, SMALL)
+    requests = [([1, 2, 3], 9), (list(range(40, 70)), 6), ([7] * 11, 12), ([90, 3], 3)]
+    want = [alone.generate([p], n)[0] for p, n in requests]
+
+    engine = jds.init_inference(model, SMALL)
+    got: dict[int, list[int]] = {}
+    rid = {0: engine.submit(*requests[0])}
+    steps = 0
+    while len(got) < len(requests):
+        if steps == 2:  # arrivals while the first request is decoding
+            rid[1] = engine.submit(*requests[1])
+            rid[2] = engine.submit(*requests[2])
+        if steps == 5:
+            rid[3] = engine.submit(*requests[3])
+        for r, _, done in engine.step():
+            if done:
+                got[r] = engine.result(r).output
+        steps += 1
+        assert steps < 100
+    assert [got[rid[i]] for i in range(len(requests))] == want
+    # a 30-token prompt cannot fit a 16-token pass: SplitFuse split it over passes
+    assert engine.allocator.num_free == engine.allocator.capacity
+    assert engine.scheduler.idle and not engine.allocator.sequences()
+
+
+def test_splitfuse_packs_decodes_first_then_prompt_chunks():
+    alloc = BlockAllocator(num_blocks=20, block_size=4)
+    s = Scheduler(alloc, max_seqs=3, max_batch_tokens=8)
+    a = Request(rid=0, prompt=[1] * 5, max_new_tokens=4, limit=64)
+    b = Request(rid=1, prompt=[2] * 13, max_new_tokens=4, limit=64)
+    s.add(a)
+    s.add(b)
+    w = s.plan()  # a's whole prompt, then 3 tokens of b
+    assert [(x.request.rid, x.start, x.stop) for x in w] == [(0, 0, 5), (1, 0, 3)]
+    assert w[0].sample and not w[1].sample
+    for x in w:
+        x.request.cached = x.stop
+    a.output.append(7)  # a now decodes: one token first, then b's next chunk
+    w = s.plan()
+    assert [(x.request.rid, x.start, x.stop) for x in w] == [(0, 5, 6), (1, 3, 10)]
+    assert alloc.table(1) == alloc.table(1)[:3] and len(alloc.table(1)) == 3
+    s.finish(a, "stop")
+    s.finish(b, "stop")
+    assert alloc.num_free == alloc.capacity and s.idle
+
+
+def test_block_allocator_grows_frees_and_refuses_when_full():
+    alloc = BlockAllocator(num_blocks=4, block_size=2)
+    assert alloc.grow(7, 3) == [1, 2] and alloc.num_free == 1
+    with pytest.raises(CacheFullError, match="needs 2 more KV blocks"):
+        alloc.grow(8, 4)
+    assert alloc.table(8) == [] and alloc.num_free == 1  # nothing taken
+    alloc.free(7)
+    assert alloc.num_free == alloc.capacity == 3
+
+
+def test_paged_attention_matches_dense_causal_attention():
+    rng = np.random.default_rng(0)
+    T, Q, K, H, bs = 10, 4, 2, 8, 4
+    q, k, v = (rng.standard_normal((T, n, H)).astype(np.float32) for n in (Q, K, K))
+    table = np.array([3, 1, 5])  # blocks scattered through the pool
+    pages_k = np.zeros((6, bs, K, H), np.float32)
+    pages_v = np.zeros((6, bs, K, H), np.float32)
+    for t in range(T):
+        pages_k[table[t // bs], t % bs], pages_v[table[t // bs], t % bs] = k[t], v[t]
+    got = paged_attention_reference(q, pages_k, pages_v, np.tile(table, (T, 1)), np.arange(T))
+    from jds.kernels.attention.reference import attention_reference
+    want = attention_reference(q[None], k[None], v[None], causal=True)[0]
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+
+
+def test_int8_weights_take_half_the_bytes_and_agree_with_bf16(trained_tiny):
+    model, prompts = trained_tiny
+    cfg = {**SMALL, "max_seqs": 8, "max_tokens": 96}
+    bf16 = jds.init_inference(model, {**cfg, "dtype": "bfloat16"})
+    int8 = jds.init_inference(model, {**cfg, "dtype": "int8"})
+    b, q = bf16.weight_bytes(), int8.weight_bytes()
+    assert q["layers"] <= 0.55 * b["layers"]
+    assert q["other"] == b["other"]  # embeddings, norms and head stay bf16
+    x, y = bf16.generate(prompts, 16), int8.generate(prompts, 16)
+    agree = np.mean([a == c for s, t in zip(x, y, strict=True) for a, c in zip(s, t, strict=True)])
+    assert agree >= 0.8, agree
+
+
+@pytest.fixture(scope="module")
+def trained_tiny():
+    """llama-tiny trained briefly on the embedded corpus (bytes), and byte prompts from it."""
+    from jds.data import embedded_corpus
+
+    data = np.asarray(embedded_corpus()[0][:2_000_000], np.int32)
+    engine = jds.initialize(
+        jds.models.build("llama-tiny", max_position_embeddings=96),
+        {"train_batch_size": 16, "optimizer": {"type": "adamw", "params": {"lr": 3e-3}}})
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        starts = rng.integers(0, len(data) - 65, 16)
+        engine.train_batch({"input_ids": np.stack([data[s:s + 64] for s in starts])})
+    prompts = [data[s:s + 24].tolist() for s in rng.integers(0, len(data) - 25, 8)]
+    return engine.model, prompts
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy():
+    model = jds.models.build("llama-tiny", vocab_size=V, max_position_embeddings=64)
+    engine = jds.init_inference(model, SMALL)
+    greedy = engine.generate(PROMPTS[:2], 8)
+    assert engine.generate(PROMPTS[:2], 8, temperature=1.0, top_k=1) == greedy
+    assert engine.generate(PROMPTS[:2], 8, temperature=0.7, top_p=1e-6) == greedy
+    a = engine.generate(PROMPTS[:2], 8, temperature=1.5, seed=3)
+    assert engine.generate(PROMPTS[:2], 8, temperature=1.5, seed=3) == a
+    assert engine.generate(PROMPTS[:2], 8, temperature=1.5, seed=4) != a
+    stop = greedy[0][2]
+    out = engine.generate(PROMPTS[:1], 8, stop_tokens=[stop])[0]
+    assert out == greedy[0][:greedy[0].index(stop) + 1]
+
+
+def test_bad_config_and_requests_are_clear_errors():
+    model = jds.models.build("llama-tiny", vocab_size=V, max_position_embeddings=64)
+    with pytest.raises(ConfigError, match="dtype 'fp8'"):
+        jds.init_inference(model, {"dtype": "fp8"})
+    with pytest.raises(ConfigError, match="tp_size=16 but only 8 devices"):
+        jds.init_inference(model, {"tensor_parallel": {"tp_size": 16}})
+    with pytest.raises(ConfigError, match="max_seqz"):
+        jds.init_inference(model, {"max_seqz": 4})
+    engine = jds.init_inference(model, SMALL)
+    with pytest.raises(ValueError, match="vocab_size is 96"):
+        engine.submit([5, 400])
+    with pytest.raises(ValueError, match="leaves no room"):
+        engine.submit([1] * 64)
+    with pytest.raises(ValueError, match="top_p must be in"):
+        engine.submit([1], top_p=0.0)
