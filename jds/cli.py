@@ -64,6 +64,28 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from jds.inference.engine import init_inference
+    from jds.inference.server import CompletionServer, tokenizer_for
+
+    config = {"dtype": args.dtype, "tensor_parallel": {"tp_size": args.tp},
+              "max_tokens": args.max_tokens, "kv_block_size": args.kv_block_size,
+              "max_batch_tokens": args.max_batch_tokens, "max_seqs": args.max_seqs}
+    engine = init_inference(args.model, config)
+    server = CompletionServer(engine, host=args.host, port=args.port,
+                              model_name=os.path.basename(os.path.normpath(args.model)),
+                              tokenizer=tokenizer_for(args.model, engine.vocab_size))
+    print(f"jds serve: {args.model} ({args.dtype}, tensor parallel {args.tp}) on "
+          f"http://{args.host}:{server.port}/v1/completions", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.shutdown()
+    return 0
+
+
 def _simulated_devices(args: argparse.Namespace, argv: list[str]) -> list | int:
     """``args.devices`` simulated CPU devices, or the exit code of a re-run in a fresh process
     (when JAX already runs here with fewer CPU devices)."""
@@ -254,6 +276,23 @@ def build_parser() -> argparse.ArgumentParser:
     from jds import launch  # standard library only: no JAX import at parse time
 
     launch.add_parser(sub)
+
+    v = sub.add_parser("serve", help="serve a model over HTTP (OpenAI /v1/completions)",
+                       description="Serve a model with continuous batching: POST "
+                       "/v1/completions (streaming with \"stream\": true), GET /v1/models.")
+    v.add_argument("model", help="Hugging Face model folder or preset name (a jds checkpoint: "
+                   "jds convert orbax-to-hf first)")
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=8000, help="0 = any free port")
+    v.add_argument("--dtype", default="bfloat16",
+                   choices=("float32", "bfloat16", "float16", "int8"))
+    v.add_argument("--tp", type=int, default=1, help="tensor-parallel devices")
+    v.add_argument("--max-tokens", type=int, default=1024, help="longest sequence")
+    v.add_argument("--max-seqs", type=int, default=16, help="sequences batched at once")
+    v.add_argument("--max-batch-tokens", type=int, default=256,
+                   help="tokens per forward pass (SplitFuse budget)")
+    v.add_argument("--kv-block-size", type=int, default=16)
+    v.set_defaults(func=_serve)
 
     c = sub.add_parser(
         "convert", help="convert checkpoints: Hugging Face / DeepSpeed <-> jds (Orbax)",

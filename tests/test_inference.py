@@ -195,3 +195,67 @@ def test_bad_config_and_requests_are_clear_errors():
         engine.submit([1] * 64)
     with pytest.raises(ValueError, match="top_p must be in"):
         engine.submit([1], top_p=0.0)
+
+
+def test_serve_answers_completions_streamed_and_not_and_survives_bad_requests():
+    import json
+    import threading
+    import urllib.error
+    import urllib.request
+
+    from jds.inference.server import ByteTokenizer, CompletionServer
+
+    model = jds.models.build("llama-tiny", max_position_embeddings=64)  # byte-level, V=256
+    engine = jds.init_inference(model, SMALL)
+    server = CompletionServer(engine, port=0, model_name="tiny", tokenizer=ByteTokenizer())
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.port}"
+
+    def post(body, raw=None):
+        req = urllib.request.Request(url + "/v1/completions", method="POST",
+                                     data=raw if raw is not None else json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    try:
+        status, text = post({"prompt": "def f(x):", "max_tokens": 6, "temperature": 0})
+        assert status == 200, text
+        body = json.loads(text)
+        choice = body["choices"][0]
+        engine_tokens = choice["tokens"]
+        assert len(engine_tokens) == 6 and choice["finish_reason"] == "length"
+        assert body["usage"] == {"prompt_tokens": 9, "completion_tokens": 6, "total_tokens": 15}
+        want = jds.init_inference(model, SMALL).generate([list(b"def f(x):")], 6)[0]
+        assert engine_tokens == want
+
+        status, text = post({"prompt": list(b"def f(x):"), "max_tokens": 6, "temperature": 0,
+                             "stream": True})
+        assert status == 200
+        events = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert [t for c in chunks for t in c["choices"][0]["tokens"]] == want
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+        assert "".join(c["choices"][0]["text"] for c in chunks) == choice["text"]
+
+        for bad, field in [({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+                           ({"prompt": []}, "prompt"),
+                           ({"prompt": [1, 999]}, "vocab_size"),
+                           ({"prompt": "x", "temperature": "hot"}, "temperature"),
+                           ({"prompt": "x", "stream": "yes"}, "stream")]:
+            status, text = post(bad)
+            assert status == 400 and field in json.loads(text)["error"]["message"], text
+        status, text = post(None, raw=b"{not json")
+        assert status == 400 and "not JSON" in text
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(url + "/v2/nothing", timeout=10)
+        assert e.value.code == 404
+        status, text = post({"prompt": "def f(x):", "max_tokens": 6, "temperature": 0})
+        assert status == 200 and json.loads(text)["choices"][0]["tokens"] == want  # still up
+    finally:
+        server.shutdown()
+    assert engine.allocator.num_free == engine.allocator.capacity

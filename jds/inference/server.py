@@ -1,0 +1,330 @@
+"""``jds serve``: an OpenAI-compatible ``/v1/completions`` HTTP server over the engine.
+
+One background thread owns the ``InferenceEngine`` and runs ``engine.step()`` while any
+request is in flight (continuous batching: requests join and leave between steps); HTTP
+handler threads submit requests to it through a queue and read their tokens from
+per-request queues, so a streamed response (server-sent events, as OpenAI's ``stream:
+true``) sends each token as the step that made it finishes.
+
+Standard library only (``http.server``): the server has no dependency the core does not.
+A bad request gets a 4xx with an OpenAI-style ``{"error": {...}}`` body naming the field;
+an error inside the engine fails that request with a 500 and the server keeps serving.
+
+Requests: ``prompt`` (a string, or a list of token ids), ``max_tokens`` (default 16),
+``temperature`` (default 1.0, 0 = greedy), ``top_p``, ``top_k``, ``seed``,
+``stop_token_ids``, ``stream``. Strings are tokenized by the model's tokenizer: bytes for
+the byte-level presets (vocab 256), a Hugging Face tokenizer (``tokenizer.json`` in the
+model folder, read with ``transformers`` when installed) otherwise.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import queue
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from jds.inference.engine import InferenceEngine
+
+
+class BadRequest(ValueError):
+    """A request the server refuses with a 4xx (the message names the field)."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids (the byte-level presets, vocab 256)."""
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decoder(self) -> Callable[[list[int]], str]:
+        """An incremental decoder: feed token ids, get the text completed so far."""
+        inc = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        return lambda ids: inc.decode(bytes(ids))
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer from the model folder (needs ``transformers``)."""
+
+    def __init__(self, path: str | Path) -> None:
+        from transformers import AutoTokenizer
+
+        self._tok = AutoTokenizer.from_pretrained(str(path))
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tok.encode(text))
+
+    def decoder(self) -> Callable[[list[int]], str]:
+        seen: list[int] = []
+        state = {"text": ""}
+
+        def feed(ids: list[int]) -> str:
+            seen.extend(ids)
+            text = self._tok.decode(seen, skip_special_tokens=True)
+            if text.endswith("\ufffd"):  # an incomplete character: wait for more tokens
+                return ""
+            new, state["text"] = text[len(state["text"]):], text
+            return new
+        return feed
+
+
+def tokenizer_for(model: str | Path, vocab_size: int) -> ByteTokenizer | HFTokenizer | None:
+    """The tokenizer strings are encoded with, or None (token-id prompts only)."""
+    path = Path(str(model))
+    if path.is_dir() and any((path / f).exists() for f in ("tokenizer.json",
+                                                           "tokenizer_config.json")):
+        try:
+            return HFTokenizer(path)
+        except ImportError:
+            return ByteTokenizer() if vocab_size == 256 else None
+    return ByteTokenizer() if vocab_size == 256 else None
+
+
+class _Job:
+    def __init__(self, args: dict[str, Any]) -> None:
+        self.args = args
+        self.tokens: queue.Queue = queue.Queue()  # ints, then ("done", reason) or ("error", msg)
+        self.rid: int | None = None
+
+
+class EngineLoop:
+    """The thread that owns the engine: submits queued jobs, steps, routes tokens."""
+
+    def __init__(self, engine: InferenceEngine) -> None:
+        self.engine = engine
+        self._inbox: queue.Queue[_Job] = queue.Queue()
+        self._jobs: dict[int, _Job] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="jds-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, args: dict[str, Any]) -> _Job:
+        job = _Job(args)
+        self._inbox.put(job)
+        return job
+
+    def close(self) -> None:
+        self._stop.set()
+        self._inbox.put(None)  # type: ignore[arg-type]
+        self._thread.join(timeout=30)
+
+    def _take(self, block: bool) -> None:
+        while True:
+            try:
+                job = self._inbox.get(block=block, timeout=0.5 if block else None)
+            except queue.Empty:
+                return
+            block = False
+            if job is None:
+                return
+            try:
+                job.rid = self.engine.submit(**job.args)
+                self._jobs[job.rid] = job
+            except ValueError as e:
+                job.tokens.put(("error", str(e), 400))
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._take(block=not self._jobs)
+            if not self._jobs:
+                continue
+            try:
+                events = self.engine.step()
+            except Exception as e:  # noqa: BLE001 - fail the requests, keep serving
+                for job in self._jobs.values():
+                    job.tokens.put(("error", f"engine error: {type(e).__name__}: {e}", 500))
+                for rid in list(self._jobs):
+                    req = self.engine.result(rid)
+                    if req.finish_reason is None:
+                        self.engine.scheduler.finish(req, "error")
+                    self.engine.release(rid)
+                self._jobs.clear()
+                continue
+            for rid, tok, done in events:
+                job = self._jobs[rid]
+                job.tokens.put(tok)
+                if done:
+                    job.tokens.put(("done", self.engine.result(rid).finish_reason))
+                    self.engine.release(rid)
+                    del self._jobs[rid]
+
+
+def _field(body: dict, name: str, kind: type | tuple, default: Any, check=None, hint=""):
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+        raise BadRequest(f"'{name}' must be {hint or kind}; got {value!r}")
+    if check is not None and not check(value):
+        raise BadRequest(f"'{name}' must be {hint}; got {value!r}")
+    return value
+
+
+class CompletionServer:
+    """The HTTP server (``serve_forever`` / ``shutdown``) around an ``EngineLoop``."""
+
+    def __init__(self, engine: InferenceEngine, *, host: str = "127.0.0.1", port: int = 8000,
+                 model_name: str = "jds", tokenizer: Any = None) -> None:
+        self.engine, self.model_name, self.tokenizer = engine, model_name, tokenizer
+        self.loop = EngineLoop(engine)
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, fmt, *args):  # quiet; errors go to the client
+                pass
+
+            def _send_json(self, status: int, obj: dict) -> None:
+                data = json.dumps(obj).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _error(self, status: int, message: str) -> None:
+                kind = "invalid_request_error" if status < 500 else "server_error"
+                self._send_json(status, {"error": {"message": message, "type": kind}})
+
+            def do_GET(self):  # noqa: N802
+                if self.path == "/health":
+                    self._send_json(200, {"status": "ok"})
+                elif self.path == "/v1/models":
+                    self._send_json(200, {"object": "list", "data": [
+                        {"id": server.model_name, "object": "model", "owned_by": "jds"}]})
+                else:
+                    self._error(404, f"no route GET {self.path}; try POST /v1/completions")
+
+            def do_POST(self):  # noqa: N802
+                if self.path != "/v1/completions":
+                    self._error(404, f"no route POST {self.path}; try POST /v1/completions")
+                    return
+                try:
+                    n = int(self.headers.get("Content-Length") or 0)
+                    try:
+                        body = json.loads(self.rfile.read(n) or b"null")
+                    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                        raise BadRequest(f"the body is not JSON: {e}") from None
+                    if not isinstance(body, dict):
+                        raise BadRequest("the body must be a JSON object")
+                    args, prompt_ids, stream = server.parse(body)
+                except BadRequest as e:
+                    self._error(e.status, str(e))
+                    return
+                job = server.loop.submit(args)
+                server.respond(self, job, prompt_ids, stream)
+
+        self.httpd = ThreadingHTTPServer((host, port), Handler)
+        self.httpd.daemon_threads = True
+
+    @property
+    def port(self) -> int:
+        return int(self.httpd.server_address[1])
+
+    def parse(self, body: dict) -> tuple[dict[str, Any], list[int], bool]:
+        """Validate a completions request: engine arguments, prompt ids, stream flag."""
+        prompt = body.get("prompt")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise BadRequest("this model has no tokenizer; send 'prompt' as a list of "
+                                 "token ids")
+            ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, list) and prompt and all(
+                isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            ids = list(prompt)
+        else:
+            raise BadRequest("'prompt' must be a non-empty string or a list of token ids")
+        args = {
+            "prompt": ids,
+            "max_new_tokens": _field(body, "max_tokens", int, 16, lambda v: v >= 1,
+                                     "an integer >= 1"),
+            "temperature": float(_field(body, "temperature", (int, float), 1.0,
+                                        lambda v: v >= 0, "a number >= 0")),
+            "top_p": _field(body, "top_p", (int, float), None, lambda v: 0 < v <= 1,
+                            "a number in (0, 1]"),
+            "top_k": _field(body, "top_k", int, None, lambda v: v >= 1, "an integer >= 1"),
+            "seed": _field(body, "seed", int, 0, None, "an integer"),
+            "stop_tokens": _field(body, "stop_token_ids", list, None,
+                                  lambda v: all(isinstance(t, int) for t in v),
+                                  "a list of token ids"),
+        }
+        if args["top_p"] is not None:
+            args["top_p"] = float(args["top_p"])
+        stream = _field(body, "stream", bool, False, None, "true or false")
+        return args, ids, stream
+
+    def _chunk(self, rid: Any, text: str, tokens: list[int], reason: str | None) -> dict:
+        return {"id": f"cmpl-{rid}", "object": "text_completion", "created": int(time.time()),
+                "model": self.model_name, "choices": [{"index": 0, "text": text,
+                                                       "tokens": tokens,
+                                                       "finish_reason": reason}]}
+
+    def respond(self, handler: BaseHTTPRequestHandler, job: _Job, prompt_ids: list[int],
+                stream: bool) -> None:
+        decode = self.tokenizer.decoder() if self.tokenizer is not None else None
+        first = job.tokens.get()
+        if isinstance(first, tuple) and first[0] == "error":
+            handler._error(first[2], first[1])
+            return
+        if not stream:
+            tokens, reason, item = [], None, first
+            while True:
+                if isinstance(item, tuple):
+                    if item[0] == "error":
+                        handler._error(item[2], item[1])
+                        return
+                    reason = item[1]
+                    break
+                tokens.append(item)
+                item = job.tokens.get()
+            body = self._chunk(job.rid, decode(tokens) if decode else "", tokens, reason)
+            body["usage"] = {"prompt_tokens": len(prompt_ids), "completion_tokens": len(tokens),
+                             "total_tokens": len(prompt_ids) + len(tokens)}
+            handler._send_json(200, body)
+            return
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/event-stream")
+        handler.send_header("Cache-Control", "no-cache")
+        handler.send_header("Connection", "close")
+        handler.end_headers()
+        handler.close_connection = True
+        item = first
+        try:
+            while True:
+                if isinstance(item, tuple):
+                    if item[0] == "error":
+                        event = {"error": {"message": item[1], "type": "server_error"}}
+                    else:
+                        event = self._chunk(job.rid, "", [], item[1])
+                    handler.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
+                    break
+                text = decode([item]) if decode else ""
+                event = self._chunk(job.rid, text, [item], None)
+                handler.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
+                handler.wfile.flush()
+                item = job.tokens.get()
+            handler.wfile.write(b"data: [DONE]\n\n")
+            handler.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client went away; the request still finishes in the engine
+
+    def serve_forever(self) -> None:
+        self.httpd.serve_forever()
+
+    def shutdown(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.loop.close()
+
+
+__all__ = ["BadRequest", "ByteTokenizer", "CompletionServer", "EngineLoop", "tokenizer_for"]
