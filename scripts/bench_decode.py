@@ -1,0 +1,119 @@
+"""Decode speed: batch-1 tokens/s in bf16 and int8 against the memory-bandwidth limit, and
+continuous batching (SplitFuse) against static batching on a mixed-length workload.
+
+One JSON object per result line:
+
+- ``decode_b1``: one sequence decoding after its prompt; tokens/s over ``--decode-tokens``
+  steps, and the bandwidth limit ``copy bandwidth / bytes of the weights`` (every decode
+  step reads every weight once), with the copy bandwidth measured in the same run (a
+  jitted copy of a 256 MiB array: read + write bytes / time).
+- ``workload``: ``--requests`` requests with prompts of 8..256 tokens and 4..128 new
+  tokens (seeded), run twice on the same engine: continuously batched (every request
+  submitted at once; the scheduler admits them as slots free up and packs decodes with
+  prompt chunks) and statically batched (groups of ``max_seqs``; a group starts when the
+  previous one has completely finished, as a padded ``generate`` over a fixed batch
+  would). Generated tokens per second of each and their ratio.
+
+    python scripts/bench_decode.py                                    # llama-tiny, CPU
+    python scripts/bench_decode.py --model path/to/hf_llama_1b --max-seqs 32   # a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jds
+
+
+def copy_bandwidth(n_bytes: int = 256 << 20) -> float:
+    """Bytes per second of a device-side copy (read + write)."""
+    x = jnp.ones((n_bytes // 4,), jnp.float32)
+    copy = jax.jit(lambda a: a * 1.0)
+    jax.block_until_ready(copy(x))
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        jax.block_until_ready(copy(x))
+        times.append(time.perf_counter() - t0)
+    return 2 * n_bytes / min(times)
+
+
+def decode_b1(engine, prompt: list[int], n: int) -> float:
+    """Tokens per second of one sequence's decode steps (its prefill not timed)."""
+    engine.generate([prompt], 2)  # compile the prefill and decode buckets
+    rid = engine.submit(prompt, n + 1)
+    engine.step()  # prefill (and the first token)
+    t0 = time.perf_counter()
+    steps = 0
+    while engine.result(rid).finish_reason is None:
+        engine.step()
+        steps += 1
+    dt = time.perf_counter() - t0
+    engine.release(rid)
+    return steps / dt
+
+
+def workload(engine, reqs: list[tuple[list[int], int]], *, static: bool) -> tuple[float, int]:
+    """(seconds, generated tokens) for ``reqs`` batched continuously or statically."""
+    group = engine.config.max_seqs if static else len(reqs)
+    t0, total = time.perf_counter(), 0
+    for i in range(0, len(reqs), group):
+        rids = [engine.submit(p, n) for p, n in reqs[i:i + group]]
+        while any(engine.result(r).finish_reason is None for r in rids):
+            engine.step()
+        for r in rids:
+            total += len(engine.result(r).output)
+            engine.release(r)
+    return time.perf_counter() - t0, total
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="llama-tiny", help="preset or Hugging Face folder")
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--decode-tokens", type=int, default=64)
+    ap.add_argument("--requests", type=int, default=48)
+    ap.add_argument("--max-seqs", type=int, default=8)
+    ap.add_argument("--max-batch-tokens", type=int, default=256)
+    ap.add_argument("--max-tokens", type=int, default=512)
+    ap.add_argument("--dtypes", default="bfloat16,int8")
+    a = ap.parse_args()
+    dev = jax.devices()[0]
+    bw = copy_bandwidth()
+    rng = np.random.default_rng(0)
+    for dtype in a.dtypes.split(","):
+        cfg = {"dtype": dtype, "max_seqs": a.max_seqs, "max_batch_tokens": a.max_batch_tokens,
+               "max_tokens": a.max_tokens}
+        engine = jds.init_inference(a.model, cfg, devices=jax.devices()[:1])
+        V = engine.vocab_size
+        wb = engine.weight_bytes()
+        weights = wb["layers"] + wb["other"]
+        tps = decode_b1(engine, rng.integers(0, V, a.prompt_len).tolist(), a.decode_tokens)
+        base = {"device": f"{dev.platform}:{dev.device_kind}", "model": a.model,
+                "dtype": dtype}
+        print(json.dumps({"bench": "decode_b1", **base, "tokens_per_s": tps,
+                          "weight_bytes": weights, "copy_bytes_per_s": bw,
+                          "bandwidth_limit_tokens_per_s": bw / weights,
+                          "fraction_of_limit": tps * weights / bw}), flush=True)
+        reqs = [(rng.integers(0, V, int(rng.integers(8, 257))).tolist(),
+                 int(rng.integers(4, 129))) for _ in range(a.requests)]
+        reqs = [(p[: a.max_tokens - n - 1], n) for p, n in reqs]
+        workload(engine, reqs[: a.max_seqs], static=False)  # compile every bucket
+        cont_s, cont_n = workload(engine, reqs, static=False)
+        stat_s, stat_n = workload(engine, reqs, static=True)
+        print(json.dumps({"bench": "workload", **base, "requests": a.requests,
+                          "max_seqs": a.max_seqs, "max_batch_tokens": a.max_batch_tokens,
+                          "continuous_tokens_per_s": cont_n / cont_s,
+                          "static_tokens_per_s": stat_n / stat_s,
+                          "speedup": (cont_n / cont_s) / (stat_n / stat_s),
+                          "baseline": "static batching, same engine"}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
