@@ -259,3 +259,24 @@ def test_serve_answers_completions_streamed_and_not_and_survives_bad_requests():
     finally:
         server.shutdown()
     assert engine.allocator.num_free == engine.allocator.capacity
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_pallas_paged_attention_kernel_serves_the_same_tokens(tp):
+    from jds.kernels.attention.paged import paged_attention
+
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((6, 4, 8)).astype(np.float32)
+    kp, vp = (rng.standard_normal((9, 4, 2, 8)).astype(np.float32) for _ in range(2))
+    tables = rng.integers(1, 9, (6, 3)).astype(np.int32)
+    pos = np.array([0, 3, 4, 7, 11, 5], np.int32)
+    np.testing.assert_allclose(
+        np.asarray(paged_attention(q, kp, vp, tables, pos, interpret=True)),
+        np.asarray(paged_attention_reference(q, kp, vp, tables, pos)), atol=1e-5)
+
+    model = jds.models.build("llama-tiny", vocab_size=V, max_position_embeddings=64)
+    cfg = {**SMALL, "max_seqs": 2, "max_batch_tokens": 8, "tensor_parallel": {"tp_size": tp}}
+    want = jds.init_inference(model, cfg).generate(PROMPTS[:2], 5)
+    got = jds.init_inference(model, {**cfg, "attention": "pallas_interpret"}).generate(
+        PROMPTS[:2], 5)
+    assert got == want

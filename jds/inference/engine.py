@@ -22,6 +22,7 @@ wire in once it is measured there.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
@@ -33,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import PartitionSpec as P
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from jds.config import ConfigError
@@ -62,7 +64,9 @@ class InferenceConfig(BaseModel):
     ``max_tokens`` (``max_out_tokens``): the longest sequence, prompt included. jds keys:
     ``kv_block_size``, ``max_batch_tokens`` (tokens per forward pass), ``max_seqs``
     (sequences batched at once), ``num_kv_blocks`` (default: room for ``max_seqs`` full
-    sequences).
+    sequences), ``attention``: ``"reference"`` (plain XLA, the default everywhere until the
+    kernel is measured on a GPU), ``"pallas"`` (``jds.kernels.attention.paged``) or
+    ``"pallas_interpret"`` (the same kernel interpreted; any backend, for tests).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -74,6 +78,7 @@ class InferenceConfig(BaseModel):
     max_batch_tokens: int = Field(256, ge=1)
     max_seqs: int = Field(16, ge=1)
     num_kv_blocks: int | None = Field(None, ge=2)
+    attention: Literal["reference", "pallas", "pallas_interpret"] = "reference"
 
     @field_validator("dtype", mode="before")
     @classmethod
@@ -271,8 +276,8 @@ class InferenceEngine:
                 def attend(q_1NQH, k_1NKH, v_1NKH):
                     new["k"] = write_pages(pk, k_1NKH[0], b["block"], b["offset"])
                     new["v"] = write_pages(pv, v_1NKH[0], b["block"], b["offset"])
-                    o = paged_attention_reference(q_1NQH[0], new["k"], new["v"], b["tables"],
-                                                  b["positions"])
+                    o = self._attention(q_1NQH[0], new["k"], new["v"], b["tables"],
+                                        b["positions"])
                     return o[None]
 
                 x_1ND = layer(p_l, x_1ND, pos_1N, attend)
@@ -285,6 +290,22 @@ class InferenceEngine:
             tokens_S = _sample(logits_SV, b["temperature"], b["top_k"], b["top_p"], b["seed"],
                                b["sample_pos"])
         return k_pages, v_pages, tokens_S, logits_SV
+
+    def _attention(self, q_NQH, k_pages, v_pages, tables_NM, positions_N):
+        impl = self.config.attention
+        if impl == "reference":
+            return paged_attention_reference(q_NQH, k_pages, v_pages, tables_NM, positions_N)
+        from jds.kernels.attention.paged import paged_attention
+
+        kernel = functools.partial(paged_attention, interpret=impl == "pallas_interpret")
+        if self.config.tp_size == 1:
+            return kernel(q_NQH, k_pages, v_pages, tables_NM, positions_N)
+        # A Pallas call is opaque to XLA's partitioner: run it per tensor-parallel rank on
+        # that rank's heads and kv heads.
+        heads, pages, rep = P(None, "tensor", None), P(None, None, "tensor", None), P()
+        return jax.shard_map(kernel, mesh=self.mesh, in_specs=(heads, pages, pages, rep, rep),
+                             out_specs=heads, check_vma=False)(
+            q_NQH, k_pages, v_pages, tables_NM, positions_N)
 
     # ------------------------------------------------------------------ requests
     def submit(self, prompt: Sequence[int], max_new_tokens: int = 16, *,
