@@ -15,9 +15,9 @@ Tensor parallelism uses the training rules (heads, kv-heads, MLP and vocabulary 
 ``tensor``; the cache's kv-heads too), so a trained jds model or a Hugging Face checkpoint
 is served as it is. ``dtype="int8"`` quantizes every layer matrix once, per output channel
 (``jds.kernels.quant.quantize``), and stores int8 weights plus fp32 scales: half the bytes
-of bf16. The step dequantizes one layer at a time inside the layer scan (bf16 compute); the
-fused int8 weight-only matmul (``jds.kernels.quant.int8_matmul``) is the GPU path still to
-wire in once it is measured there.
+of bf16. The layers multiply by them with the weight-only int8 matmul
+(``jds.kernels.quant.int8_matmul``: the Pallas kernel on GPU/TPU, XLA on CPU), activations
+in bf16 with fp32 accumulation.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from jds.inference.kv_cache import (
 )
 from jds.inference.scheduler import Request, Scheduler, Work
 from jds.kernels.quant import quantize
+from jds.models.layers import QuantizedWeight
 from jds.partitioning.mesh import make_mesh
 from jds.partitioning.rules import DEFAULT_RULES, logical_to_spec, use_rules
 
@@ -134,8 +135,9 @@ def quantize_layers(layers: dict[str, jax.Array], axes: dict[str, tuple]) -> dic
     """Per-output-channel int8 of every stacked layer matrix (vectors stay as they are).
 
     Returns:
-      ``{name: {"q": int8 [L, ...], "scale": fp32 [L, out...]}}`` for matrices and the
-      unchanged array for the rest.
+      The layer dict with each matrix replaced by a ``QuantizedWeight`` (int8 ``[L, ...]``,
+      fp32 scales ``[L, out...]``), which the layer function multiplies with
+      ``jds.kernels.quant.int8_matmul`` (``jds.models.layers.dense``).
     """
     out: dict[str, Any] = {}
     for name, w in layers.items():
@@ -143,7 +145,7 @@ def quantize_layers(layers: dict[str, jax.Array], axes: dict[str, tuple]) -> dic
         if w.ndim - 1 < 2:
             out[name] = w
             continue
-        c = _contraction_dims(ax)
+        c = _contraction_dims(ax[1:])
         k = math.prod(w.shape[1:1 + c])
 
         def one(w_l, k=k, c=c):
@@ -151,14 +153,8 @@ def quantize_layers(layers: dict[str, jax.Array], axes: dict[str, tuple]) -> dic
             return q.reshape(w_l.shape), s.reshape(w_l.shape[c:])
 
         q, s = jax.vmap(one)(w)
-        out[name] = {"q": q, "scale": s}
+        out[name] = QuantizedWeight(q=q, scale=s, n_in=c)
     return out
-
-
-def dequantize_layer(p: dict[str, Any], dtype: Any) -> dict[str, jax.Array]:
-    """One layer's int8 weights back to ``dtype`` (inside the layer scan)."""
-    return {k: (v["q"].astype(jnp.float32) * v["scale"]).astype(dtype)
-            if isinstance(v, dict) else v for k, v in p.items()}
 
 
 def _sample(logits_SV: jax.Array, temperature_S: jax.Array, top_k_S: jax.Array,
@@ -265,12 +261,8 @@ class InferenceEngine:
             layer = model.layer_fn()
             ids_1N, pos_1N = b["tokens"][None], b["positions"][None]
             x_1ND = model.embed(ids_1N, pos_1N)
-            int8 = self.config.dtype == "int8"
-
             def body(x_1ND, xs):
                 p_l, pk, pv = xs
-                if int8:
-                    p_l = dequantize_layer(p_l, self.dtype)
                 new = {}
 
                 def attend(q_1NQH, k_1NKH, v_1NKH):

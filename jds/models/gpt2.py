@@ -26,6 +26,7 @@ from jds.models.layers import (
     check_inputs,
     check_remat,
     const_param,
+    dense,
     embed_lookup,
     normal_param,
     positions_from_segments,
@@ -130,9 +131,9 @@ def gpt2_block(
     """
     eps = cfg.layer_norm_epsilon
     h_BTD = layer_norm(x_BTD, p["ln_1_scale"], p["ln_1_bias"], eps)
-    q_BTNH = jnp.einsum("BTD,DNH->BTNH", h_BTD, p["wq"]) + p["bq"]
-    k_BTKH = jnp.einsum("BTD,DKH->BTKH", h_BTD, p["wk"]) + p["bk"]
-    v_BTKH = jnp.einsum("BTD,DKH->BTKH", h_BTD, p["wv"]) + p["bv"]
+    q_BTNH = dense("BTD,DNH->BTNH", h_BTD, p["wq"]) + p["bq"]
+    k_BTKH = dense("BTD,DKH->BTKH", h_BTD, p["wk"]) + p["bk"]
+    v_BTKH = dense("BTD,DKH->BTKH", h_BTD, p["wv"]) + p["bv"]
     q_BTNH = constrain(q_BTNH, ("batch", "seq", "heads", "head_dim"))
     k_BTKH = constrain(k_BTKH, ("batch", "seq", "kv_heads", "head_dim"))
     v_BTKH = constrain(v_BTKH, ("batch", "seq", "kv_heads", "head_dim"))
@@ -141,13 +142,13 @@ def gpt2_block(
                                        segment_ids=segment_ids_BT)
     else:
         o_BTNH = attend(q_BTNH, k_BTKH, v_BTKH)
-    attn_BTD = jnp.einsum("BTNH,NHD->BTD", o_BTNH, p["wo"]) + p["bo"]
+    attn_BTD = dense("BTNH,NHD->BTD", o_BTNH, p["wo"]) + p["bo"]
     x_BTD = constrain(x_BTD + attn_BTD, BTD)
 
     h_BTD = layer_norm(x_BTD, p["ln_2_scale"], p["ln_2_bias"], eps)
-    fc_BTF = jnp.einsum("BTD,DF->BTF", h_BTD, p["w_fc"]) + p["b_fc"]
+    fc_BTF = dense("BTD,DF->BTF", h_BTD, p["w_fc"]) + p["b_fc"]
     act_BTF = constrain(ACTIVATIONS[cfg.activation_function](fc_BTF), ("batch", "seq", "mlp"))
-    out_BTD = jnp.einsum("BTF,FD->BTD", act_BTF, p["w_proj"]) + p["b_proj"]
+    out_BTD = dense("BTF,FD->BTD", act_BTF, p["w_proj"]) + p["b_proj"]
     return constrain(x_BTD + out_BTD, BTD)
 
 

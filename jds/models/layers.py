@@ -30,6 +30,7 @@ Every mode computes the same numbers; they trade memory for recomputation or tra
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -122,6 +123,36 @@ def embed_lookup(
 
     lookup.defvjp(fwd, bwd)
     return lookup(table_VD, ids_BT)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QuantizedWeight:
+    """A layer matrix stored as symmetric int8 with one fp32 scale per output channel.
+
+    Attributes:
+      q: int8 weight, the matrix's own shape (input dims first), e.g. ``[D, N, H]``.
+      scale: fp32 ``[output dims]``, e.g. ``[N, H]``.
+      n_in: how many leading dims are input (contracted) dims (static).
+    """
+
+    q: jax.Array
+    scale: jax.Array
+    n_in: int = dataclasses.field(metadata={"static": True}, default=1)
+
+
+def dense(subscripts: str, x: jax.Array, w: jax.Array | QuantizedWeight) -> jax.Array:
+    """``jnp.einsum(subscripts, x, w)`` for a layer matrix ``w`` contracted with x's trailing
+    dims; for a ``QuantizedWeight`` the weight-only int8 matmul
+    (``jds.kernels.quant.int8_matmul``: Pallas on GPU/TPU, XLA on CPU) in x's dtype."""
+    if not isinstance(w, QuantizedWeight):
+        return jnp.einsum(subscripts, x, w)
+    from jds.kernels.quant import int8_matmul
+
+    k = int(np.prod(w.q.shape[:w.n_in]))
+    out_shape = w.q.shape[w.n_in:]
+    y = int8_matmul(x.reshape(-1, k), w.q.reshape(k, -1), w.scale.reshape(1, -1))
+    return y.reshape(*x.shape[:x.ndim - w.n_in], *out_shape)
 
 
 def check_remat(remat: str) -> None:
@@ -321,7 +352,9 @@ __all__ = [
     "REMAT_MODES",
     "check_inputs",
     "check_remat",
+    "QuantizedWeight",
     "const_param",
+    "dense",
     "embed_lookup",
     "normal_param",
     "offload_unsupported_reason",

@@ -31,6 +31,7 @@ from jds.models.layers import (
     check_inputs,
     check_remat,
     const_param,
+    dense,
     embed_lookup,
     normal_param,
     positions_from_segments,
@@ -220,9 +221,9 @@ def llama_block(
       The updated residual stream ``x_BTD``.
     """
     h_BTD = rms_norm(x_BTD, p["attn_norm"], cfg.rms_norm_eps)
-    q_BTNH = jnp.einsum("BTD,DNH->BTNH", h_BTD, p["wq"])
-    k_BTKH = jnp.einsum("BTD,DKH->BTKH", h_BTD, p["wk"])
-    v_BTKH = jnp.einsum("BTD,DKH->BTKH", h_BTD, p["wv"])
+    q_BTNH = dense("BTD,DNH->BTNH", h_BTD, p["wq"])
+    k_BTKH = dense("BTD,DKH->BTKH", h_BTD, p["wk"])
+    v_BTKH = dense("BTD,DKH->BTKH", h_BTD, p["wv"])
     if cfg.attention_bias:
         q_BTNH, k_BTKH, v_BTKH = q_BTNH + p["bq"], k_BTKH + p["bk"], v_BTKH + p["bv"]
     cos_BTH, sin_BTH = rope_cos_sin(positions_BT, cfg)
@@ -234,18 +235,18 @@ def llama_block(
                                        segment_ids=segment_ids_BT)
     else:
         o_BTNH = attend(q_BTNH, k_BTKH, v_BTKH)
-    attn_BTD = jnp.einsum("BTNH,NHD->BTD", o_BTNH, p["wo"])
+    attn_BTD = dense("BTNH,NHD->BTD", o_BTNH, p["wo"])
     if cfg.attention_out_bias:
         attn_BTD = attn_BTD + p["bo"]
     x_BTD = constrain(x_BTD + attn_BTD, BTD)
 
     h_BTD = rms_norm(x_BTD, p["mlp_norm"], cfg.rms_norm_eps)
-    gate_BTF = jnp.einsum("BTD,DF->BTF", h_BTD, p["w_gate"])
-    up_BTF = jnp.einsum("BTD,DF->BTF", h_BTD, p["w_up"])
+    gate_BTF = dense("BTD,DF->BTF", h_BTD, p["w_gate"])
+    up_BTF = dense("BTD,DF->BTF", h_BTD, p["w_up"])
     if cfg.mlp_bias:
         gate_BTF, up_BTF = gate_BTF + p["b_gate"], up_BTF + p["b_up"]
     act_BTF = constrain(jax.nn.silu(gate_BTF) * up_BTF, ("batch", "seq", "mlp"))
-    down_BTD = jnp.einsum("BTF,FD->BTD", act_BTF, p["w_down"])
+    down_BTD = dense("BTF,FD->BTD", act_BTF, p["w_down"])
     if cfg.mlp_bias:
         down_BTD = down_BTD + p["b_down"]
     return constrain(x_BTD + down_BTD, BTD)
