@@ -280,8 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("serve", help="serve a model over HTTP (OpenAI /v1/completions)",
                        description="Serve a model with continuous batching: POST "
                        "/v1/completions (streaming with \"stream\": true), GET /v1/models.")
-    v.add_argument("model", help="Hugging Face model folder or preset name (a jds checkpoint: "
-                   "jds convert orbax-to-hf first)")
+    v.add_argument("model", help="Hugging Face model folder, preset name, or a jds run / "
+                   "checkpoint folder (jds train --out; newest intact step)")
     v.add_argument("--host", default="127.0.0.1")
     v.add_argument("--port", type=int, default=8000, help="0 = any free port")
     v.add_argument("--dtype", default="bfloat16",

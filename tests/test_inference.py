@@ -280,3 +280,13 @@ def test_pallas_paged_attention_kernel_serves_the_same_tokens(tp):
     got = jds.init_inference(model, {**cfg, "attention": "pallas_interpret"}).generate(
         PROMPTS[:2], 5)
     assert got == want
+
+
+def test_serves_a_jds_training_checkpoint(tmp_path):
+    model = jds.models.build("llama-tiny", vocab_size=V, max_position_embeddings=64)
+    engine = jds.initialize(model, {"train_batch_size": 8})
+    engine.train_batch({"input_ids": np.random.default_rng(0).integers(0, V, (8, 16))})
+    engine.save_checkpoint(tmp_path / "checkpoints")
+    engine.close()
+    want = jds.init_inference(engine.model, SMALL).generate(PROMPTS[:2], 6)
+    assert jds.init_inference(str(tmp_path), SMALL).generate(PROMPTS[:2], 6) == want

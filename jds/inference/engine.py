@@ -450,6 +450,42 @@ def _kv_shape(cfg: Any) -> tuple[int, int]:
     return int(cfg.n_head), int(cfg.n_embd) // int(cfg.n_head)
 
 
+def _checkpoint_root(path: str | os.PathLike) -> str | None:
+    """The jds checkpoint under ``path`` (a run folder, a checkpoint root or a step), or None."""
+    p = os.fspath(path)
+    if os.path.isdir(os.path.join(p, "checkpoints")):
+        p = os.path.join(p, "checkpoints")
+    if os.path.isdir(os.path.join(p, "state")):
+        return p
+    if os.path.isdir(p) and any(n.isdigit() and os.path.isdir(os.path.join(p, n, "state"))
+                                for n in os.listdir(p)):
+        return p
+    return None
+
+
+def _from_checkpoint(path: str) -> nnx.Module:
+    """The model of a jds training checkpoint (its newest intact step), fp32 weights."""
+    from jds.checkpoint.convert.orbax_reader import OrbaxCheckpoint
+    from jds.models.registry import model_class
+
+    ckpt = OrbaxCheckpoint(path)
+    cfg = ckpt.model_config()
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: model_class(cfg)(cfg, rngs=nnx.Rngs(0))))
+    key = ckpt.weights_key
+    pure = nnx.to_pure_dict(state)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(pure)
+    loaded = []
+    for keypath, leaf in flat:
+        names = tuple(str(getattr(k, "key", k)) for k in keypath)
+        value = ckpt.read((key, *names)).astype(np.float32)
+        if value.shape != tuple(leaf.shape):
+            raise ValueError(f"{ckpt.dir}: {'/'.join(names)} has shape {value.shape}, the "
+                             f"model config says {tuple(leaf.shape)}")
+        loaded.append(value)
+    nnx.replace_by_pure_dict(state, jax.tree_util.tree_unflatten(treedef, loaded))
+    return nnx.merge(graphdef, state)
+
+
 def _load_model(model: nnx.Module | str | os.PathLike) -> nnx.Module:
     if isinstance(model, nnx.Module):
         return model
@@ -457,10 +493,13 @@ def _load_model(model: nnx.Module | str | os.PathLike) -> nnx.Module:
 
     if isinstance(model, str) and model in models.PRESETS:
         return models.build(model)
+    if (root := _checkpoint_root(model)) is not None:
+        return _from_checkpoint(root)
     if os.path.isdir(model):
         return models.from_pretrained(model)
     raise ValueError(f"model {model!r}: give an nnx.Module, a preset name "
-                     f"({', '.join(sorted(models.PRESETS))}) or a Hugging Face directory")
+                     f"({', '.join(sorted(models.PRESETS))}), a Hugging Face directory or a "
+                     "jds run / checkpoint directory")
 
 
 def init_inference(model: nnx.Module | str | os.PathLike,
@@ -469,7 +508,8 @@ def init_inference(model: nnx.Module | str | os.PathLike,
     """Build an ``InferenceEngine`` (DeepSpeed's ``deepspeed.init_inference``).
 
     Args:
-      model: an ``nnx.Module``, a preset name or a Hugging Face model directory.
+      model: an ``nnx.Module``, a preset name, a Hugging Face model directory, or a jds
+        run / checkpoint directory (``jds train``'s ``--out``; newest intact step).
       config: ``InferenceConfig`` keys (DeepSpeed's ``dtype``, ``tensor_parallel``,
         ``max_tokens``; jds's ``kv_block_size``, ``max_batch_tokens``, ``max_seqs``,
         ``num_kv_blocks``).
