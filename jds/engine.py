@@ -285,6 +285,7 @@ class TrainEngine:
             shared_grad_specs=pp.local_specs({k: g for k, g in grads.items() if k != "layers"}),
             layer_grad_specs=pp.local_specs(grads["layers"]),
             act_spec=logical_to_spec(("batch", "seq", "embed"), self.rules),
+            local_grads=self._local_grads(),
         )
         layer_sh = self.param_shardings["layers"]
 
@@ -297,6 +298,15 @@ class TrainEngine:
             return {**d_shared, "layers": pp.from_pipeline_order(d_layers, p, v)}, ce
 
         return pipeline
+
+    def _local_grads(self) -> tuple[tuple[str, ...], int] | None:
+        """``(data axes, n)`` when gradients are replicated over a data group of n > 1
+        (ZeRO 0/1): the pipeline then reduces them once per step (``make_pipeline_grads``)."""
+        if self.zero_layout.grads:
+            return None
+        axes = tuple(a for a in self.rules.get("batch", ()) if self.mesh.shape[a] > 1)
+        n = int(np.prod([self.mesh.shape[a] for a in axes], dtype=np.int64))
+        return (axes, n) if n > 1 else None
 
     def _materialise(self, abstract: nnx.State, factory: Callable | None) -> PyTree:
         """fp32 parameters, placed as the master weights are (never whole on one device)."""

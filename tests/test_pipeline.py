@@ -241,3 +241,20 @@ def test_gpt2_tied_embeddings_and_learned_positions_through_the_pipeline():
     got, loss = pipe.gradients(BATCH)
     assert loss == pytest.approx(want_loss, rel=1e-5)
     assert _rel_err(jax.device_get(got), jax.device_get(want)) <= 1e-5
+
+
+def test_zero1_pipeline_all_reduces_weight_gradients_once_per_step_not_per_micro_batch():
+    """Gradients replicated over the data group: each backward keeps per-shard gradients
+    and the sum over shards is one all-reduce after the schedule, outside its loop."""
+    import re
+
+    from test_zero import collectives
+
+    engine = jds.TrainEngine(_model, _config(stages=2, zero=1, schedule="1f1b"),
+                             shapes_only=True)
+    hlo = engine.lower_train_step(8).compile().as_text()
+    entry = re.search(r"^ENTRY %?([\w.\-]+)", hlo, re.M).group(1)
+    w_gate = 32 * 64  # one layer's smallest weight matrix
+    big = [(comp, s) for comp, op, s, _ in collectives(hlo) if op == "all-reduce"
+           and max(s) >= w_gate]
+    assert big and all(comp == entry for comp, _ in big), big

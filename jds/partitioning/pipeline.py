@@ -52,9 +52,12 @@ Design choices, and why:
   ``"type:..."`` has no meaning here and is refused. Layer counts that do not divide are
   refused with the numbers to change.
 
-Known costs (measured, see the issue notes): under ZeRO 0/1 each micro-batch's weight
-gradients are all-reduced over the data group inside its backward (``m`` reductions per
-step rather than one); every tick sends one activation each way, also when a stage idles.
+Data-parallel gradient reduction: under ZeRO 0/1 (gradients replicated) each backward
+keeps per-data-shard weight gradients (``vmap`` with ``spmd_axis_name``, as the plain step's
+``_local_grads``) and they are all-reduced once after the schedule, not once per
+micro-batch; under ZeRO-2/3 each backward's gradients are reduce-scattered into the
+sharded accumulator, as ZeRO-2/3 do. Known cost: every tick sends one activation each
+way, also when a stage idles.
 """
 
 from __future__ import annotations
@@ -404,6 +407,7 @@ def make_pipeline_grads(
     shared_grad_specs: PyTree,
     layer_grad_specs: PyTree,
     act_spec: PartitionSpec | None = None,
+    local_grads: tuple[tuple[str, ...], int] | None = None,
     axis: str = "stage",
 ) -> Callable[..., tuple[PyTree, PyTree, jax.Array]]:
     """Build ``grads(shared, layers, ids_ABT, labels_ABT, seed) -> (d_shared, d_layers, ce)``.
@@ -418,6 +422,12 @@ def make_pipeline_grads(
       layer_grad_specs: same for the stacked-layer gradients (one stage's block).
       act_spec: layout of one ``[B, T, D]`` activation inside the map; the buffers carry
         it with a leading slot axis.
+      local_grads: ``(data axes, n)`` when the gradients are replicated over the data group
+        (ZeRO 0/1): each backward then keeps per-data-shard weight gradients (a ``vmap``
+        over the ``n`` batch shards with ``spmd_axis_name``, as the non-pipelined step
+        does), and they are summed once after the schedule — one all-reduce per step
+        instead of one per micro-batch. None: XLA reduces inside each backward (right for
+        ZeRO-2/3, whose gradients are reduce-scattered per micro-batch anyway).
 
     The returned function takes the shared (embedding, head) parameters replicated over
     ``axis``, the layer stack in pipeline order (sharded over ``axis`` on its first
@@ -436,6 +446,45 @@ def make_pipeline_grads(
             lambda x, sp: jax.lax.with_sharding_constraint(x, traced_sharding(mesh, sp)),
             tree, specs)
 
+    is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
+    if local_grads is not None:
+        d_axes, n_shards = local_grads
+        lead = (n_shards,)
+        l_specs = jax.tree.map(lambda sp: PartitionSpec(d_axes, *sp), layer_grad_specs,
+                               is_leaf=is_spec)
+        s_specs = jax.tree.map(lambda sp: PartitionSpec(d_axes, *sp), shared_grad_specs,
+                               is_leaf=is_spec)
+    else:
+        lead, l_specs, s_specs = (), layer_grad_specs, shared_grad_specs
+    L0 = len(lead)  # the accumulators' layer axis
+
+    def vjp(fn, params, batched, cot, *, cot_batched=True, diff_x=True):
+        """Cotangents of ``fn(params, *batched)`` at ``cot``: ``(d_params, d_batched[0])``
+        (``d_batched[0]`` is None unless ``diff_x``). With ``local_grads`` the batch is
+        split into its data shards and ``d_params`` keeps a leading per-shard axis."""
+        def grads(b, c):
+            if diff_x:
+                _, f = jax.vjp(lambda p, x: fn(p, x, *b[1:]), params, b[0])
+                return f(c)
+            _, f = jax.vjp(lambda p: fn(p, *b), params)
+            return f(c)[0], None
+
+        if local_grads is None:
+            return grads(batched, cot)
+        axes_, n = local_grads
+
+        def split(a):
+            return a.reshape(n, a.shape[0] // n, *a.shape[1:])
+
+        from jds.partitioning.rules import active_rules, use_rules
+
+        mesh_, rules = active_rules()
+        with use_rules(mesh_, {**rules, "batch": ()}):  # the shard axis carries the batch
+            d_p, d_x = jax.vmap(grads, in_axes=(0, 0 if cot_batched else None),
+                                spmd_axis_name=axes_)(
+                tuple(split(a) for a in batched), split(cot) if cot_batched else cot)
+        return d_p, None if d_x is None else d_x.reshape(batched[0].shape)
+
     def run(shared, layers, ids_ABT, labels_ABT, seed):
         if ids_ABT.shape[0] != m:
             raise ValueError(f"pipeline schedule built for {m} micro-batches, batch has "
@@ -452,10 +501,10 @@ def make_pipeline_grads(
                 buf = jax.lax.with_sharding_constraint(buf, traced_sharding(mesh, spec))
             return buf
 
-        acc_l = constrain_tree(jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), layers),
-                               layer_grad_specs)
-        acc_s = constrain_tree(jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), shared),
-                               shared_grad_specs)
+        acc_l = constrain_tree(jax.tree.map(lambda a: jnp.zeros(lead + a.shape, jnp.float32),
+                                            layers), l_specs)
+        acc_s = constrain_tree(jax.tree.map(lambda a: jnp.zeros(lead + a.shape, jnp.float32),
+                                            shared), s_specs)
         init = (buffer(tables.x_slots), buffer(tables.g_slots), acc_l, acc_s,
                 jnp.zeros((), jnp.float32))
 
@@ -470,14 +519,14 @@ def make_pipeline_grads(
 
             def add_layers(acc, d):
                 def one(a, g):
-                    old = jax.lax.dynamic_slice_in_dim(a, c * Lc, Lc, 0)
+                    old = jax.lax.dynamic_slice_in_dim(a, c * Lc, Lc, L0)
                     return jax.lax.dynamic_update_slice_in_dim(
-                        a, old + g.astype(jnp.float32), c * Lc, 0)
-                return constrain_tree(jax.tree.map(one, acc, d), layer_grad_specs)
+                        a, old + g.astype(jnp.float32), c * Lc, L0)
+                return constrain_tree(jax.tree.map(one, acc, d), l_specs)
 
             def add_shared(acc, d):
                 new = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, d)
-                return constrain_tree(new, shared_grad_specs)
+                return constrain_tree(new, s_specs)
 
             def idle(ops):
                 acc_l, acc_s, ce = ops
@@ -498,22 +547,22 @@ def make_pipeline_grads(
 
             def b_first(ops):
                 acc_l, acc_s, ce = ops
-                _, vjp = jax.vjp(lambda sh, ch: fns.layers(ch, fns.embed(sh, ids)), shared, chunk)
-                d_sh, d_ch = vjp(g_in)
+                (d_sh, d_ch), _ = vjp(
+                    lambda p, i: fns.layers(p[1], fns.embed(p[0], i)), (shared, chunk),
+                    (ids,), g_in, diff_x=False)
                 return add_layers(acc_l, d_ch), add_shared(acc_s, d_sh), ce, zero_x, zero_x
 
             def b_mid(ops):
                 acc_l, acc_s, ce = ops
-                _, vjp = jax.vjp(fns.layers, chunk, x_in)
-                d_ch, dx = vjp(g_in)
+                d_ch, dx = vjp(fns.layers, chunk, (x_in,), g_in)
                 return add_layers(acc_l, d_ch), acc_s, ce, zero_x, dx.astype(x0.dtype)
 
             def b_last(ops):
                 acc_l, acc_s, ce = ops
-                out, vjp = jax.vjp(
-                    lambda sh, ch, x: fns.loss(sh, fns.layers(ch, x), ids, labels),
-                    shared, chunk, x_in)
-                d_sh, d_ch, dx = vjp(seed.astype(out.dtype))
+                (d_sh, d_ch), dx = vjp(
+                    lambda p, x, i, lab: fns.loss(p[0], fns.layers(p[1], x), i, lab),
+                    (shared, chunk), (x_in, ids, labels), seed.astype(jnp.float32),
+                    cot_batched=False)
                 return (add_layers(acc_l, d_ch), add_shared(acc_s, d_sh), ce, zero_x,
                         dx.astype(x0.dtype))
 
@@ -526,6 +575,9 @@ def make_pipeline_grads(
             return (xbuf, gbuf, acc_l, acc_s, ce), None
 
         (_, _, acc_l, acc_s, ce), _ = jax.lax.scan(tick, init, jnp.asarray(rows))
+        if local_grads is not None:  # the step's one data-parallel all-reduce
+            acc_l = constrain_tree(jax.tree.map(lambda a: a.sum(0), acc_l), layer_grad_specs)
+            acc_s = jax.tree.map(lambda a: a.sum(0), acc_s)
         acc_s = jax.lax.psum(acc_s, axis)
         acc_s = constrain_tree(acc_s, shared_grad_specs)
         return acc_s, acc_l, jax.lax.psum(ce, axis)
