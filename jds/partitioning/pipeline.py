@@ -589,29 +589,28 @@ def make_pipeline_grads(
     )
 
 
+def _reorder(layers: PyTree, first: int, second: int) -> PyTree:
+    """Swap the two leading factors of every stack's layer axis: ``[first, second, Lc]``
+    becomes ``[second, first, Lc]`` (flattened back)."""
+    def perm(a):
+        Lc = a.shape[0] // (first * second)
+        return a.reshape(first, second, Lc, *a.shape[1:]).swapaxes(0, 1).reshape(a.shape)
+    return jax.tree.map(perm, layers)
+
+
 def to_pipeline_order(layers: PyTree, stages: int, virtual_stages: int) -> PyTree:
     """The layer stack ``[L, ...]`` reordered so that device ``s``'s contiguous block holds
     its virtual stages ``s, s + p, ...`` (identity for ``v = 1``)."""
-    p, v = stages, virtual_stages
-    if v == 1:
+    if virtual_stages == 1:
         return layers
-
-    def perm(a):
-        Lc = a.shape[0] // (p * v)
-        return a.reshape(v, p, Lc, *a.shape[1:]).swapaxes(0, 1).reshape(a.shape)
-    return jax.tree.map(perm, layers)
+    return _reorder(layers, virtual_stages, stages)
 
 
 def from_pipeline_order(layers: PyTree, stages: int, virtual_stages: int) -> PyTree:
     """Inverse of ``to_pipeline_order``."""
-    p, v = stages, virtual_stages
-    if v == 1:
+    if virtual_stages == 1:
         return layers
-
-    def perm(a):
-        Lc = a.shape[0] // (p * v)
-        return a.reshape(p, v, Lc, *a.shape[1:]).swapaxes(0, 1).reshape(a.shape)
-    return jax.tree.map(perm, layers)
+    return _reorder(layers, stages, virtual_stages)
 
 
 def check_layers(n_layers: int, stages: int, virtual_stages: int) -> None:
