@@ -38,11 +38,13 @@ def dot_product_attention(
       causal: causal mask (aligned at the end when ``seq_q < seq_kv``).
       segment_ids: optional ``[batch, seq]`` packing ids (needs ``seq_q == seq_kv``).
       sm_scale: softmax scale; default ``head_dim ** -0.5``.
-      implementation: ``None``/``"xla"`` (XLA, today's default everywhere), ``"pallas"``
-        (jds's Pallas flash attention, ``pallas_gpu.flash_attention``; GPU) or
-        ``"pallas_interpret"`` (the same kernel interpreted: any backend, for testing).
-        The Pallas kernel becomes the GPU default once it is measured faster there (no GPU
-        has run it yet).
+      implementation: ``None`` (the backend's default: on TPU splash attention through
+        ``pallas_tpu`` when head_dim is 128 or 256, else XLA), ``"xla"``, ``"pallas"``
+        (jds's Pallas flash attention, ``pallas_gpu.flash_attention``; GPU),
+        ``"pallas_tpu"`` (``pallas_tpu.flash_attention``; TPU), or ``"pallas_interpret"`` /
+        ``"pallas_tpu_interpret"`` (the same kernels interpreted: any backend, for
+        testing). The GPU Pallas kernel becomes the GPU default once it is measured faster
+        there (no GPU has run it yet).
 
     Returns:
       ``[batch, seq_q, heads, head_dim]`` in q's dtype.
@@ -64,9 +66,18 @@ def dot_product_attention(
 
         return flash_attention(q_BTNH, k_BSKH, v_BSKH, causal=causal, segment_ids=segment_ids,
                                sm_scale=sm_scale, interpret=implementation == "pallas_interpret")
+    H = q_BTNH.shape[3]
+    if implementation is None and jax.default_backend() == "tpu" and H in (128, 256):
+        implementation = "pallas_tpu"
+    if implementation in ("pallas_tpu", "pallas_tpu_interpret"):
+        from jds.kernels.attention.pallas_tpu import flash_attention as splash_attention
+
+        return splash_attention(q_BTNH, k_BSKH, v_BSKH, causal=causal, segment_ids=segment_ids,
+                                sm_scale=sm_scale,
+                                interpret=implementation == "pallas_tpu_interpret")
     if implementation not in (None, "xla"):
-        raise ValueError(f"implementation must be None, 'xla', 'pallas' or 'pallas_interpret'; "
-                         f"got {implementation!r}")
+        raise ValueError(f"implementation must be None, 'xla', 'pallas', 'pallas_interpret', "
+                         f"'pallas_tpu' or 'pallas_tpu_interpret'; got {implementation!r}")
     if q_BTNH.dtype == jnp.float16 and jax.default_backend() == "cpu":
         f32 = [x.astype(jnp.float32) for x in (q_BTNH, k_BSKH, v_BSKH)]
         out = dot_product_attention(
