@@ -38,13 +38,13 @@ def dot_product_attention(
       causal: causal mask (aligned at the end when ``seq_q < seq_kv``).
       segment_ids: optional ``[batch, seq]`` packing ids (needs ``seq_q == seq_kv``).
       sm_scale: softmax scale; default ``head_dim ** -0.5``.
-      implementation: ``None`` (the backend's default: on TPU splash attention through
-        ``pallas_tpu`` when head_dim is 128 or 256, else XLA), ``"xla"``, ``"pallas"``
+      implementation: ``None``/``"xla"`` (XLA, today's default everywhere), ``"pallas"``
         (jds's Pallas flash attention, ``pallas_gpu.flash_attention``; GPU),
-        ``"pallas_tpu"`` (``pallas_tpu.flash_attention``; TPU), or ``"pallas_interpret"`` /
-        ``"pallas_tpu_interpret"`` (the same kernels interpreted: any backend, for
-        testing). The GPU Pallas kernel becomes the GPU default once it is measured faster
-        there (no GPU has run it yet).
+        ``"pallas_tpu"`` (splash attention behind ``pallas_tpu.flash_attention``; TPU), or
+        ``"pallas_interpret"`` / ``"pallas_tpu_interpret"`` (the same kernels interpreted:
+        any backend, for testing). The kernels become their backend's default once they
+        have run there: a Pallas call is opaque to XLA's partitioner, so under data or
+        tensor parallelism each needs a ``shard_map`` over the batch and head axes first.
 
     Returns:
       ``[batch, seq_q, heads, head_dim]`` in q's dtype.
@@ -66,9 +66,6 @@ def dot_product_attention(
 
         return flash_attention(q_BTNH, k_BSKH, v_BSKH, causal=causal, segment_ids=segment_ids,
                                sm_scale=sm_scale, interpret=implementation == "pallas_interpret")
-    H = q_BTNH.shape[3]
-    if implementation is None and jax.default_backend() == "tpu" and H in (128, 256):
-        implementation = "pallas_tpu"
     if implementation in ("pallas_tpu", "pallas_tpu_interpret"):
         from jds.kernels.attention.pallas_tpu import flash_attention as splash_attention
 

@@ -16,7 +16,9 @@ contract instead:
 - segment ids passed through as splash ``SegmentIds``.
 
 Gradients come from splash's own ``custom_vjp`` (its dq and dkv kernels). On CPU the
-kernel runs with ``interpret=True`` (tests); on TPU it is the dispatcher's default.
+kernel runs with ``interpret=True`` (tests). On TPU it is opt-in
+(``dot_product_attention(..., implementation="pallas_tpu")``) until it has run there
+under the models' sharding (a Pallas call needs a ``shard_map`` over batch and heads).
 """
 
 from __future__ import annotations
