@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jds.kernels.attention import dot_product_attention
+from jds.kernels.attention import check_implementation, dot_product_attention
 from jds.models.layers import (
     check_inputs,
     check_remat,
@@ -58,6 +58,9 @@ class GPT2Config:
       n_inner: MLP width; ``None`` means ``4 * n_embd``.
       activation_function: one of ``ACTIVATIONS``.
       remat: the default ``model.remat`` (``"none" | "full" | "dots"``).
+      attention_impl: ``jds.kernels.attention.dot_product_attention``'s implementation
+        (None = the backend's default, XLA; ``"pallas"`` / ``"pallas_tpu"`` for the
+        kernels, run per shard under data and tensor parallelism).
     """
 
     vocab_size: int
@@ -70,6 +73,7 @@ class GPT2Config:
     activation_function: str = "gelu_new"
     initializer_range: float = 0.02
     remat: str = "none"
+    attention_impl: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
@@ -85,6 +89,7 @@ class GPT2Config:
                 f"use one of {sorted(ACTIVATIONS)}"
             )
         check_remat(self.remat)
+        check_implementation(self.attention_impl)
 
     @property
     def inner_size(self) -> int:
@@ -139,7 +144,8 @@ def gpt2_block(
     v_BTKH = constrain(v_BTKH, ("batch", "seq", "kv_heads", "head_dim"))
     if attend is None:
         o_BTNH = dot_product_attention(q_BTNH, k_BTKH, v_BTKH, causal=True,
-                                       segment_ids=segment_ids_BT)
+                                       segment_ids=segment_ids_BT,
+                                       implementation=cfg.attention_impl)
     else:
         o_BTNH = attend(q_BTNH, k_BTKH, v_BTKH)
     attn_BTD = dense("BTNH,NHD->BTD", o_BTNH, p["wo"]) + p["bo"]

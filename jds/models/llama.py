@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jds.kernels.attention import dot_product_attention
+from jds.kernels.attention import check_implementation, dot_product_attention
 from jds.models.layers import (
     check_inputs,
     check_remat,
@@ -88,6 +88,9 @@ class LlamaConfig:
       head_dim: ``None`` means ``hidden_size // num_attention_heads``.
       rope_scaling: optional ``RopeScaling``.
       remat: the default ``model.remat`` (``"none" | "full" | "dots"``).
+      attention_impl: ``jds.kernels.attention.dot_product_attention``'s implementation
+        (None = the backend's default, XLA; ``"pallas"`` / ``"pallas_tpu"`` for the
+        kernels, run per shard under data and tensor parallelism).
     """
 
     vocab_size: int
@@ -107,6 +110,7 @@ class LlamaConfig:
     remat: str = "none"
     attention_out_bias: bool = False
     rope_scaling: RopeScaling | None = None
+    attention_impl: str | None = None
 
     def __post_init__(self) -> None:
         for name in (
@@ -135,6 +139,7 @@ class LlamaConfig:
         if self.head_dim is None and (self.hidden_size // self.num_attention_heads) % 2:
             raise ValueError("LlamaConfig: rotary embeddings need an even head_dim")
         check_remat(self.remat)
+        check_implementation(self.attention_impl)
 
     @property
     def head_size(self) -> int:
@@ -232,7 +237,8 @@ def llama_block(
     v_BTKH = constrain(v_BTKH, BTKH)
     if attend is None:
         o_BTNH = dot_product_attention(q_BTNH, k_BTKH, v_BTKH, causal=True,
-                                       segment_ids=segment_ids_BT)
+                                       segment_ids=segment_ids_BT,
+                                       implementation=cfg.attention_impl)
     else:
         o_BTNH = attend(q_BTNH, k_BTKH, v_BTKH)
     attn_BTD = dense("BTNH,NHD->BTD", o_BTNH, p["wo"])

@@ -3,8 +3,15 @@
 ``dot_product_attention`` picks an implementation by backend. Today that is XLA's
 ``jax.nn.dot_product_attention`` everywhere (it handles grouped-query attention natively and
 lets XLA fuse); jds's Pallas flash attention (``pallas_gpu.py``, forward and backward) is
-selected with ``implementation="pallas"`` until a GPU measurement makes it the default there.
+selected with ``implementation="pallas"`` until a GPU measurement makes it the default there,
+and JAX's splash attention for TPU (``pallas_tpu.py``) with ``"pallas_tpu"``.
 ``attention_reference`` is the spec each entry is tested against.
+
+A Pallas call is opaque to XLA's partitioner. Under sharding rules (``use_rules``) with a
+mesh of more than one device, the Pallas entries therefore run inside a ``shard_map`` over
+the batch and head axes the rules give (attention is independent per sequence and head),
+each device on its own shard; inside the pipeline's ``shard_map`` (manual over ``stage``)
+the inner map covers the remaining axes.
 
 On the CPU backend, float16 attention is computed in float32 and cast back: XLA:CPU cannot
 lower the fp16 x fp16 -> fp32 dots of its backward pass ("precision F16_F16_F32 is not
@@ -13,10 +20,60 @@ supported"), and CPUs have no fast fp16 arithmetic to lose anyway.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from jds.kernels.attention.reference import attention_reference
+
+IMPLEMENTATIONS: tuple[str, ...] = ("xla", "pallas", "pallas_interpret", "pallas_tpu",
+                                    "pallas_tpu_interpret")
+
+
+def check_implementation(name: str | None) -> None:
+    """Raise ``ValueError`` unless ``name`` is None or one of ``IMPLEMENTATIONS``."""
+    if name is not None and name not in IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation must be None or one of "
+                         f"{list(IMPLEMENTATIONS)}; got {name!r}")
+
+
+def _per_shard(kernel, q_BTNH, k_BSKH, v_BSKH, segment_ids):
+    """``kernel(q, k, v, segment_ids=...)`` on each device's batch and head shard.
+
+    Without active rules, or on one device, the kernel runs as it is.
+    """
+    from jds.partitioning.rules import active_rules, logical_to_spec
+
+    active = active_rules()
+    if active is None or active[0].size == 1:
+        return kernel(q_BTNH, k_BSKH, v_BSKH, segment_ids=segment_ids)
+    mesh, rules = active
+    context = jax.sharding.get_abstract_mesh()
+    manual = set(context.manual_axes) if not context.empty else set()
+
+    def spec(axes, shape):
+        full = logical_to_spec(axes, rules, mesh=mesh, shape=shape, what=f"attention {axes}")
+        keep = lambda e: tuple(a for a in ((e,) if isinstance(e, str) else e or ())  # noqa: E731
+                               if a not in manual)
+        return PartitionSpec(*[(keep(e) or None) for e in full])
+
+    q_spec = spec(("batch", "seq", "heads", "head_dim"), q_BTNH.shape)
+    kv_spec = spec(("batch", "seq", "kv_heads", "head_dim"), k_BSKH.shape)
+    if segment_ids is None:
+        fn = lambda q, k, v: kernel(q, k, v, segment_ids=None)  # noqa: E731
+        args, specs = (q_BTNH, k_BSKH, v_BSKH), (q_spec, kv_spec, kv_spec)
+    else:
+        fn = lambda q, k, v, s: kernel(q, k, v, segment_ids=s)  # noqa: E731
+        args = (q_BTNH, k_BSKH, v_BSKH, segment_ids)
+        specs = (q_spec, kv_spec, kv_spec, spec(("batch", "seq"), segment_ids.shape))
+    auto = set(mesh.axis_names) - manual
+    # Inside a partly manual shard_map (the pipeline), the inner map takes the context's
+    # abstract mesh, which marks the outer map's axes manual.
+    target = context if manual else mesh
+    return jax.shard_map(fn, mesh=target, in_specs=specs, out_specs=q_spec, axis_names=auto,
+                         check_vma=False)(*args)
 
 
 def dot_product_attention(
@@ -64,14 +121,15 @@ def dot_product_attention(
     if implementation in ("pallas", "pallas_interpret"):
         from jds.kernels.attention.pallas_gpu import flash_attention
 
-        return flash_attention(q_BTNH, k_BSKH, v_BSKH, causal=causal, segment_ids=segment_ids,
-                               sm_scale=sm_scale, interpret=implementation == "pallas_interpret")
+        kernel = functools.partial(flash_attention, causal=causal, sm_scale=sm_scale,
+                                   interpret=implementation == "pallas_interpret")
+        return _per_shard(kernel, q_BTNH, k_BSKH, v_BSKH, segment_ids)
     if implementation in ("pallas_tpu", "pallas_tpu_interpret"):
         from jds.kernels.attention.pallas_tpu import flash_attention as splash_attention
 
-        return splash_attention(q_BTNH, k_BSKH, v_BSKH, causal=causal, segment_ids=segment_ids,
-                                sm_scale=sm_scale,
-                                interpret=implementation == "pallas_tpu_interpret")
+        kernel = functools.partial(splash_attention, causal=causal, sm_scale=sm_scale,
+                                   interpret=implementation == "pallas_tpu_interpret")
+        return _per_shard(kernel, q_BTNH, k_BSKH, v_BSKH, segment_ids)
     if implementation not in (None, "xla"):
         raise ValueError(f"implementation must be None, 'xla', 'pallas', 'pallas_interpret', "
                          f"'pallas_tpu' or 'pallas_tpu_interpret'; got {implementation!r}")
@@ -93,4 +151,5 @@ def dot_product_attention(
     )
 
 
-__all__ = ["attention_reference", "dot_product_attention"]
+__all__ = ["IMPLEMENTATIONS", "attention_reference", "check_implementation",
+           "dot_product_attention"]

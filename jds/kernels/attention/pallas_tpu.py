@@ -41,8 +41,11 @@ def _kernel(T: int, S: int, G: int, causal: bool, block: int, interpret: bool):
     sizes = splash.BlockSizes(
         block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
         block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
-    return splash.make_splash_mqa_single_device(
-        splash.MultiHeadMask([one] * G), block_sizes=sizes, interpret=interpret)
+    # Concrete mask metadata even when first built under a trace: the kernel is cached and
+    # reused across traces, so it must not hold tracers.
+    with jax.ensure_compile_time_eval():
+        return splash.make_splash_mqa_single_device(
+            splash.MultiHeadMask([one] * G), block_sizes=sizes, interpret=interpret)
 
 
 def flash_attention(
