@@ -92,6 +92,7 @@ def _mesh_sizes(cfg: Config, n_devices: int) -> dict[str, Any]:
         sub-group does not divide ``mesh.data`` or the devices.
     """
     sizes = cfg.mesh.model_dump()
+    sizes.pop("sequence_parallel", None)
     k, key = subgroup_size(cfg.zero_optimization)
     if k <= 1 or sizes["fsdp"] == k:
         return sizes
@@ -143,6 +144,12 @@ class TrainEngine:
         self.stages = int(self.mesh.shape["stage"])
         if self.stages > 1 and not rules.get("layers"):
             rules = {**rules, "layers": ("stage",)}  # each stage holds its block of layers
+        if cfg.mesh.sequence_parallel:
+            if self.mesh.shape["tensor"] == 1:
+                raise ConfigError("mesh.sequence_parallel=true splits the residual stream over "
+                                  "the tensor axis, but mesh.tensor is 1; set mesh.tensor > 1 "
+                                  "or drop sequence_parallel")
+            rules = {**rules, "res_seq": ("tensor",)}
         self.rules = rules
         try:
             self.zero_layout = layout_from_config(cfg.zero_optimization, self.mesh.shape)

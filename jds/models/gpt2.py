@@ -37,7 +37,7 @@ from jds.models.layers import (
 from jds.partitioning.rules import constrain
 from jds.partitioning.zero import gather_param
 
-BTD = ("batch", "seq", "embed")
+BTD = ("batch", "res_seq", "embed")  # the residual stream (split over seq under sequence parallel)
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu_new": partial(jax.nn.gelu, approximate=True),

@@ -42,7 +42,7 @@ from jds.models.layers import (
 from jds.partitioning.rules import constrain
 from jds.partitioning.zero import gather_param
 
-BTD = ("batch", "seq", "embed")
+BTD = ("batch", "res_seq", "embed")  # the residual stream (split over seq under sequence parallel)
 BTNH = ("batch", "seq", "heads", "head_dim")
 BTKH = ("batch", "seq", "kv_heads", "head_dim")
 

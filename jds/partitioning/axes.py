@@ -11,6 +11,7 @@ from __future__ import annotations
 AXIS_LETTERS: dict[str, str] = {
     "batch": "B",
     "seq": "T",
+    "res_seq": "R",  # the sequence axis of the residual stream between sublayers
     "embed": "D",
     "heads": "N",
     "kv_heads": "K",

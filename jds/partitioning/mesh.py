@@ -194,6 +194,7 @@ def make_mesh(
         devices, or for devices spanning several slices without ``mesh.dcn``.
     """
     sizes = dict(sizes or {})
+    sizes.pop("sequence_parallel", None)  # a layout flag of MeshConfig, not an axis
     dcn_sizes = sizes.pop("dcn", None)
     devices = list(jax.devices() if devices is None else devices)
     shape = resolve_mesh_shape(sizes, len(devices))

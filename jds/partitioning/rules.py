@@ -35,6 +35,7 @@ Rules = Mapping[str, tuple[str, ...]]
 DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "batch": ("data", "fsdp"),
     "seq": (),
+    "res_seq": (),  # ("tensor",) with mesh.sequence_parallel (Megatron sequence parallelism)
     "embed": (),
     "heads": ("tensor",),
     "kv_heads": ("tensor",),
