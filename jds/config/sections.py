@@ -460,9 +460,10 @@ class MeshConfig(_Section):
     tensor: Int = Field(1, description="Tensor parallel (Megatron-style).")
     stage: Int = Field(1, description="Pipeline stages.")
     sequence_parallel: Bool = Field(
-        False, exclude_if=lambda v: not v, description="Megatron sequence parallelism: the residual stream between "
-        "sublayers is split over the tensor axis along the sequence (reduce-scatter + "
-        "all-gather instead of all-reduce; 1/tensor of its activation memory). Needs tensor > 1.")
+        False, exclude_if=lambda v: not v,
+        description="Megatron sequence parallelism: the residual stream between sublayers is "
+        "split over the tensor axis along the sequence (reduce-scatter + all-gather instead "
+        "of all-reduce; 1/tensor of its activation memory). Needs tensor > 1.")
     dcn: dict[str, Int] = Field(
         default_factory=dict, exclude_if=lambda d: all(n == 1 for n in d.values()),
         description='Slices (TPU) or hosts (GPU/CPU) each axis spans over the data-centre '

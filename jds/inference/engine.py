@@ -159,26 +159,34 @@ def quantize_layers(layers: dict[str, jax.Array], axes: dict[str, tuple]) -> dic
 
 def _sample(logits_SV: jax.Array, temperature_S: jax.Array, top_k_S: jax.Array,
             top_p_S: jax.Array, seed_S: jax.Array, pos_S: jax.Array) -> jax.Array:
-    """Next token per row: argmax where temperature is 0, else top-k / top-p sampling."""
+    """Next token per row: argmax where temperature is 0, else top-k / top-p sampling.
+
+    When every row is greedy (the common serving case) the sort behind top-k / top-p is
+    skipped (``lax.cond``).
+    """
     logits_SV = logits_SV.astype(jnp.float32)
-    V = logits_SV.shape[-1]
-    greedy_S = jnp.argmax(logits_SV, axis=-1)
-    t_S = jnp.where(temperature_S > 0, temperature_S, 1.0)
-    scaled = logits_SV / t_S[:, None]
-    desc = -jnp.sort(-scaled, axis=-1)
-    k_S = jnp.where((top_k_S > 0) & (top_k_S < V), top_k_S, V)
-    kth = jnp.take_along_axis(desc, (k_S - 1)[:, None], axis=-1)
-    scaled = jnp.where(scaled < kth, -jnp.inf, scaled)
-    desc = jnp.where(jnp.arange(V)[None] < k_S[:, None], desc, -jnp.inf)
-    probs = jax.nn.softmax(desc, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
-    p_S = jnp.where((top_p_S > 0) & (top_p_S < 1), top_p_S, 1.0)
-    keep = (before < p_S[:, None]) & jnp.isfinite(desc)
-    cutoff = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1)
-    scaled = jnp.where(scaled < cutoff[:, None], -jnp.inf, scaled)
-    keys = jax.vmap(lambda s, p: jax.random.fold_in(jax.random.key(s), p))(seed_S, pos_S)
-    drawn_S = jax.vmap(jax.random.categorical)(keys, scaled)
-    return jnp.where(temperature_S > 0, drawn_S, greedy_S).astype(jnp.int32)
+    greedy_S = jnp.argmax(logits_SV, axis=-1).astype(jnp.int32)
+
+    def sampled(_):
+        V = logits_SV.shape[-1]
+        t_S = jnp.where(temperature_S > 0, temperature_S, 1.0)
+        scaled = logits_SV / t_S[:, None]
+        desc = -jnp.sort(-scaled, axis=-1)
+        k_S = jnp.where((top_k_S > 0) & (top_k_S < V), top_k_S, V)
+        kth = jnp.take_along_axis(desc, (k_S - 1)[:, None], axis=-1)
+        scaled = jnp.where(scaled < kth, -jnp.inf, scaled)
+        desc = jnp.where(jnp.arange(V)[None] < k_S[:, None], desc, -jnp.inf)
+        probs = jax.nn.softmax(desc, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
+        p_S = jnp.where((top_p_S > 0) & (top_p_S < 1), top_p_S, 1.0)
+        keep = (before < p_S[:, None]) & jnp.isfinite(desc)
+        cutoff = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1)
+        scaled = jnp.where(scaled < cutoff[:, None], -jnp.inf, scaled)
+        keys = jax.vmap(lambda s, p: jax.random.fold_in(jax.random.key(s), p))(seed_S, pos_S)
+        drawn_S = jax.vmap(jax.random.categorical)(keys, scaled)
+        return jnp.where(temperature_S > 0, drawn_S, greedy_S).astype(jnp.int32)
+
+    return jax.lax.cond(jnp.any(temperature_S > 0), sampled, lambda _: greedy_S, None)
 
 
 class InferenceEngine:
