@@ -71,7 +71,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from jds.partitioning.rules import traced_sharding
+from jds.partitioning.rules import active_rules, traced_sharding, use_rules
 
 SCHEDULES: tuple[str, ...] = ("gpipe", "1f1b", "interleaved")
 
@@ -475,8 +475,6 @@ def make_pipeline_grads(
 
         def split(a):
             return a.reshape(n, a.shape[0] // n, *a.shape[1:])
-
-        from jds.partitioning.rules import active_rules, use_rules
 
         mesh_, rules = active_rules()
         with use_rules(mesh_, {**rules, "batch": ()}):  # the shard axis carries the batch
