@@ -57,6 +57,10 @@ def test_hf_to_orbax_equals_from_pretrained_and_trains(tmp_path):
     for path, value in flat:
         keys = tuple(k.key for k in path)
         np.testing.assert_array_equal(ck.read(("params", *keys)), np.asarray(value))
+    # stacked layers are stored one slice per chunk: a layer is read alone (bounded memory)
+    wq = ("params", "layers", "wq")
+    assert ck._open_sliced(wq) is not None
+    np.testing.assert_array_equal(ck.read_layer(wq, 1), np.asarray(want["layers"]["wq"])[1])
 
     cfg = json.loads((FIXTURES / "ds_reference" / "ds_config_zero3.json").read_text())
     cfg.update(gradient_accumulation_steps=1, train_micro_batch_size_per_gpu=1)

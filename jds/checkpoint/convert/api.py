@@ -16,9 +16,12 @@ direction                   what is written
 
 Memory: sources are read one tensor at a time (safetensors by offset, DeepSpeed partitions
 memory-mapped, Orbax by partial restore) and Orbax checkpoints are written slice by slice
-(``LazyLeaf``), so peak host memory is about one layer's tensors when writing Orbax and one
-stacked array (all layers of one weight) when reading it; ``scripts/bench_convert.py``
-measures it against the checkpoint size.
+(``LazyLeaf``, one chunk per layer). Reading Orbax, a stacked array stored one layer per
+chunk (what these converters write) is read a layer at a time; one chunked otherwise (a
+training checkpoint's per-device shards span every layer) is read whole, once. So peak host
+memory is about one layer's tensors for converted checkpoints and one stacked array (all
+layers of one weight) for training checkpoints; ``scripts/bench_convert.py`` measures it
+against the checkpoint size.
 """
 
 from __future__ import annotations

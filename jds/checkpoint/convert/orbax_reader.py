@@ -87,6 +87,7 @@ class OrbaxCheckpoint:
         tree = self._ckptr.metadata(self.dir / "state").item_metadata.tree
         self.arrays: dict[tuple[str, ...], Any] = _leaf_paths(tree)
         self._cache: tuple[tuple[str, ...], np.ndarray] | None = None
+        self._sliced: dict[tuple[str, ...], Any] = {}
 
     @property
     def weights_key(self) -> str:
@@ -138,13 +139,57 @@ class OrbaxCheckpoint:
         self._cache = (path, value)
         return value
 
+    def _open_sliced(self, path: tuple[str, ...]) -> Any | None:
+        """A TensorStore view of an array stored one leading-axis slice per chunk (as
+        ``jds convert`` writes stacked layers), or None (read the array whole instead).
+
+        Such an array's layer ``l`` is one chunk: reading it touches nothing else, so peak
+        memory is one layer. Arrays chunked otherwise (a training checkpoint's per-device
+        shards span every layer) are read whole, once, as before.
+        """
+        if path in self._sliced:
+            return self._sliced[path]
+        import tensorstore as ts
+
+        state = self.dir / "state"
+        name = ".".join(path)
+        kv = ({"driver": "ocdbt", "base": f"file://{state}", "path": name}
+              if (state / "manifest.ocdbt").exists()
+              else {"driver": "file", "path": str(state / name)})
+        view = None
+        for driver in ("zarr", "zarr3"):
+            try:
+                t = ts.open({"driver": driver, "kvstore": kv}, open=True).result()
+            except Exception:  # noqa: BLE001 - another layout: fall back to a whole read
+                continue
+            chunk = t.chunk_layout.read_chunk.shape
+            if t.ndim and chunk is not None and chunk[0] == 1:
+                view = t
+            break
+        self._sliced[path] = view
+        return view
+
+    def read_layer(self, path: tuple[str, ...], layer: int) -> np.ndarray:
+        """Slice ``layer`` of a stacked array, reading only that slice when it is its own
+        chunk (``_open_sliced``), else from the whole array (read once, cached)."""
+        view = self._open_sliced(tuple(path))
+        if view is None:
+            return self.read(path)[layer]
+        try:
+            return np.asarray(view[layer].read().result())
+        except Exception as e:  # TensorStore errors arrive as bare Exceptions
+            raise CheckpointCorruptError(
+                f"{self.dir}: reading {'/'.join(path)}[{layer}] failed: "
+                f"{str(e).splitlines()[0][:300]}") from e
+
     def reader(self, key: str | None = None):
         """``read(path, layer)`` over the weights, for ``save_hf`` and friends."""
         key = key or self.weights_key
 
         def read(path: tuple[str, ...], layer: int | None) -> np.ndarray:
-            arr = self.read((key, *path))
-            return arr if layer is None else arr[layer]
+            if layer is None:
+                return self.read((key, *path))
+            return self.read_layer((key, *path), layer)
 
         return read
 
