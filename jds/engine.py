@@ -210,7 +210,8 @@ class TrainEngine:
         self._step_cfg = step_cfg
         self._gradients_step: Callable | None = None  # compiled on first use
         self._eval_step = jax.jit(
-            make_eval_step(apply_fn),
+            make_eval_step(apply_fn) if self.schedule_table is None
+            else self._pipeline_eval_fn(abstract),
             in_shardings=(self.param_shardings, self.batch_sharding),
             out_shardings=self._replicated,
         )
@@ -261,13 +262,12 @@ class TrainEngine:
         except ValueError as e:
             raise ConfigError(str(e)) from None
 
-    def _pipeline_fn(self, abstract: nnx.State) -> Callable:
-        """``(params, ids_ABT, labels_ABT, seed) -> (grads, summed CE)`` through the stages."""
+    def _stage_fns(self, abstract: nnx.State) -> pp.StageFns:
+        """The model cut into the pipeline's embed / layer-chunk / loss functions."""
         from jds.models.layers import positions_from_segments
         from jds.train_step import causal_lm_loss_sum
 
-        graphdef, mesh, sched = self.graphdef, self.mesh, self.schedule_table
-        p, v = sched.stages, sched.virtual_stages
+        graphdef = self.graphdef
         every = int(self.config.pipeline.activation_checkpoint_interval)
         pure = nnx.to_pure_dict(abstract)
         abstract_layers = pure["layers"]
@@ -279,32 +279,65 @@ class TrainEngine:
         def positions(x: jax.Array) -> jax.Array:
             return positions_from_segments(None, x.shape[0], x.shape[1])
 
-        fns = pp.StageFns(
+        return pp.StageFns(
             embed=lambda sh, ids: model_of(sh).embed(ids, positions(ids)),
             layers=lambda ch, x: model_of(abstract_shared).run_layers(
                 ch, x, positions(x), None, checkpoint_every=every),
             loss=lambda sh, x, ids, labels: causal_lm_loss_sum(model_of(sh).head(x), ids,
                                                                labels)[0],
         )
+
+    def _pipeline_kwargs(self) -> dict[str, Any]:
         grads = self.zero.grads
-        grads_fn = pp.make_pipeline_grads(
-            fns, sched, mesh,
+        return dict(
             shared_grad_specs=pp.local_specs({k: g for k, g in grads.items() if k != "layers"}),
             layer_grad_specs=pp.local_specs(grads["layers"]),
             act_spec=logical_to_spec(("batch", "seq", "embed"), self.rules),
-            local_grads=self._local_grads(),
         )
-        layer_sh = self.param_shardings["layers"]
+
+    def _split_for_pipeline(self, params: PyTree) -> tuple[PyTree, PyTree]:
+        """(shared params, the layer stack in pipeline order, laid out by stage)."""
+        p, v = self.stages, self.config.pipeline.virtual_stages
+        shared = {k: x for k, x in params.items() if k != "layers"}
+        layers = pp.to_pipeline_order(params["layers"], p, v)
+        if v > 1:  # model order at rest; each device's virtual stages made contiguous
+            layers = jax.lax.with_sharding_constraint(layers, self.param_shardings["layers"])
+        return shared, layers
+
+    def _pipeline_fn(self, abstract: nnx.State) -> Callable:
+        """``(params, ids_ABT, labels_ABT, seed) -> (grads, summed CE)`` through the stages."""
+        sched = self.schedule_table
+        p, v = sched.stages, sched.virtual_stages
+        grads_fn = pp.make_pipeline_grads(self._stage_fns(abstract), sched, self.mesh,
+                                          local_grads=self._local_grads(),
+                                          **self._pipeline_kwargs())
 
         def pipeline(params, ids_ABT, labels_ABT, seed):
-            shared = {k: x for k, x in params.items() if k != "layers"}
-            layers = pp.to_pipeline_order(params["layers"], p, v)
-            if v > 1:  # model order at rest; each device's virtual stages made contiguous
-                layers = jax.lax.with_sharding_constraint(layers, layer_sh)
+            shared, layers = self._split_for_pipeline(params)
             d_shared, d_layers, ce = grads_fn(shared, layers, ids_ABT, labels_ABT, seed)
             return {**d_shared, "layers": pp.from_pipeline_order(d_layers, p, v)}, ce
 
         return pipeline
+
+    def _pipeline_eval_fn(self, abstract: nnx.State) -> Callable:
+        """``eval_step`` through the stages, forwards only (``forward_schedule``): each
+        stage keeps its own layers, none is gathered. Built per micro-batch count."""
+        fns, kwargs = self._stage_fns(abstract), self._pipeline_kwargs()
+        p, v = self.stages, self.config.pipeline.virtual_stages
+        from jds.train_step import IGNORE_INDEX
+
+        def eval_step(params, batch):
+            ids_ABT = batch["input_ids"]
+            labels_ABT = batch.get("labels", ids_ABT)
+            forward = pp.make_pipeline_grads(
+                fns, pp.forward_schedule(p, ids_ABT.shape[0], v), self.mesh,
+                forward_only=True, **kwargs)
+            shared, layers = self._split_for_pipeline(params)
+            _, _, ce = forward(shared, layers, ids_ABT, labels_ABT, jnp.ones((), jnp.float32))
+            n = (labels_ABT[:, :, 1:] != IGNORE_INDEX).sum().astype(jnp.float32)
+            return {"loss": ce / jnp.maximum(n, 1.0), "tokens": n}
+
+        return eval_step
 
     def _local_grads(self) -> tuple[tuple[str, ...], int] | None:
         """``(data axes, n)`` when gradients are replicated over a data group of n > 1

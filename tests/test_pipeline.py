@@ -192,6 +192,15 @@ def test_pipeline_training_matches_one_device_step_by_step():
         np.testing.assert_allclose(a, b, rtol=0, atol=2e-4)
     assert pipe.eval_batch(BATCH)["loss"] == pytest.approx(ref.eval_batch(BATCH)["loss"],
                                                            rel=1e-5)
+    # evaluation runs forwards through the stages too: no layer stack is gathered over them
+    from test_zero import collectives
+
+    placed = pipe.shard_batch(BATCH, micro_batches=4)
+    with pipe._tracing():
+        hlo = pipe._eval_step.lower(pipe.state.params, placed).compile().as_text()
+    stacked = {s[0] for comp, op, sizes, shapes in collectives(hlo) if op == "all-gather"
+               for s in shapes if s}
+    assert 8 not in stacked, stacked  # 8 = the model's layer count, 4 per stage
 
 
 def test_1f1b_activation_memory_is_below_gpipe_at_m_equal_4p():

@@ -208,6 +208,17 @@ def check_schedule_args(schedule: str, p: int, m: int, v: int) -> None:
         )
 
 
+def forward_schedule(stages: int, micro_batches: int, virtual_stages: int = 1) -> Schedule:
+    """Forwards only (evaluation): every micro-batch through every virtual stage, chunk by
+    chunk, as early as its input exists. Any ``micro_batches`` works."""
+    p, m, v = stages, micro_batches, virtual_stages
+    if p < 1 or m < 1 or v < 1:
+        raise ValueError(f"pipeline needs stages, micro-batches and virtual stages >= 1; got "
+                         f"p={p}, m={m}, v={v}")
+    progs = [[Action("F", i, c) for c in range(v) for i in range(m)] for _ in range(p)]
+    return Schedule("forward", p, m, v, _list_schedule(progs, "forward", p, v))
+
+
 def build_schedule(schedule: str, stages: int, micro_batches: int, virtual_stages: int = 1
                    ) -> Schedule:
     """List-schedule each device's program into ticks.
@@ -222,6 +233,12 @@ def build_schedule(schedule: str, stages: int, micro_batches: int, virtual_stage
     p, m, v = stages, micro_batches, virtual_stages
     check_schedule_args(schedule, p, m, v)
     progs = _programs(schedule, p, m, v)
+    return Schedule(schedule, p, m, v, _list_schedule(progs, schedule, p, v))
+
+
+def _list_schedule(progs: list[list[Action]], name: str, p: int, v: int
+                   ) -> tuple[tuple[Action | None, ...], ...]:
+    """Run each device's program in order, an action as soon as its inputs exist."""
     K = p * v
     done: dict[tuple[str, int, int], int] = {}  # (kind, mb, virtual stage) -> tick
     pos = [0] * p
@@ -246,9 +263,9 @@ def build_schedule(schedule: str, stages: int, micro_batches: int, virtual_stage
                 done[(a.kind, a.mb, a.chunk * p + s)] = t
                 pos[s] += 1
         if all(a is None for a in row):
-            raise RuntimeError(f"pipeline schedule {schedule} deadlocked at tick {t}")
+            raise RuntimeError(f"pipeline schedule {name} deadlocked at tick {t}")
         ticks.append(tuple(row))
-    return Schedule(schedule, p, m, v, tuple(ticks))
+    return tuple(ticks)
 
 
 # ------------------------------------------------------------------------------ executor
@@ -320,13 +337,14 @@ def tick_tables(sched: Schedule) -> TickTables:
     x_iv: list[list] = [[] for _ in range(p)]
     g_iv: list[list] = [[] for _ in range(p)]
     for (kind, mb, k), t in when.items():
-        if kind != "B":
+        if kind != "F":
             continue
         s = k % p
+        last_use = when.get(("B", mb, k), t)  # forward-only schedules: the forward itself
         if k > 0:
-            x_iv[s].append((when[("F", mb, k - 1)] + 1, t, (mb, k)))
-        if k < K - 1:
-            g_iv[s].append((when[("B", mb, k + 1)] + 1, t, (mb, k)))
+            x_iv[s].append((when[("F", mb, k - 1)] + 1, last_use, (mb, k)))
+        if k < K - 1 and ("B", mb, k) in when:
+            g_iv[s].append((when[("B", mb, k + 1)] + 1, last_use, (mb, k)))
     x_slot_of, g_slot_of, nx, ng = [], [], 0, 0
     for s in range(p):
         xs, n1 = _assign_slots(x_iv[s])
@@ -408,6 +426,7 @@ def make_pipeline_grads(
     layer_grad_specs: PyTree,
     act_spec: PartitionSpec | None = None,
     local_grads: tuple[tuple[str, ...], int] | None = None,
+    forward_only: bool = False,
     axis: str = "stage",
 ) -> Callable[..., tuple[PyTree, PyTree, jax.Array]]:
     """Build ``grads(shared, layers, ids_ABT, labels_ABT, seed) -> (d_shared, d_layers, ce)``.
@@ -428,6 +447,8 @@ def make_pipeline_grads(
         does), and they are summed once after the schedule — one all-reduce per step
         instead of one per micro-batch. None: XLA reduces inside each backward (right for
         ZeRO-2/3, whose gradients are reduce-scattered per micro-batch anyway).
+      forward_only: evaluation (``sched`` from ``forward_schedule``): no backward branches
+        and no gradient buffers; the gradients come back as empty tuples.
 
     The returned function takes the shared (embedding, head) parameters replicated over
     ``axis``, the layer stack in pipeline order (sharded over ``axis`` on its first
@@ -499,10 +520,13 @@ def make_pipeline_grads(
                 buf = jax.lax.with_sharding_constraint(buf, traced_sharding(mesh, spec))
             return buf
 
-        acc_l = constrain_tree(jax.tree.map(lambda a: jnp.zeros(lead + a.shape, jnp.float32),
-                                            layers), l_specs)
-        acc_s = constrain_tree(jax.tree.map(lambda a: jnp.zeros(lead + a.shape, jnp.float32),
-                                            shared), s_specs)
+        if forward_only:
+            acc_l, acc_s = (), ()
+        else:
+            acc_l = constrain_tree(jax.tree.map(
+                lambda a: jnp.zeros(lead + a.shape, jnp.float32), layers), l_specs)
+            acc_s = constrain_tree(jax.tree.map(
+                lambda a: jnp.zeros(lead + a.shape, jnp.float32), shared), s_specs)
         init = (buffer(tables.x_slots), buffer(tables.g_slots), acc_l, acc_s,
                 jnp.zeros((), jnp.float32))
 
@@ -564,8 +588,10 @@ def make_pipeline_grads(
                 return (add_layers(acc_l, d_ch), add_shared(acc_s, d_sh), ce, zero_x,
                         dx.astype(x0.dtype))
 
-            acc_l, acc_s, ce, send_x, send_g = jax.lax.switch(
-                code, [idle, f_first, f_mid, f_last, b_first, b_mid, b_last], (acc_l, acc_s, ce))
+            branches = [idle, f_first, f_mid, f_last]
+            if not forward_only:
+                branches += [b_first, b_mid, b_last]
+            acc_l, acc_s, ce, send_x, send_g = jax.lax.switch(code, branches, (acc_l, acc_s, ce))
             recv_x = jax.lax.ppermute(send_x, axis, fwd_ring)
             recv_g = jax.lax.ppermute(send_g, axis, bwd_ring)
             xbuf = jax.lax.dynamic_update_index_in_dim(xbuf, recv_x, xr, 0)
@@ -573,6 +599,8 @@ def make_pipeline_grads(
             return (xbuf, gbuf, acc_l, acc_s, ce), None
 
         (_, _, acc_l, acc_s, ce), _ = jax.lax.scan(tick, init, jnp.asarray(rows))
+        if forward_only:
+            return (), (), jax.lax.psum(ce, axis)
         if local_grads is not None:  # the step's one data-parallel all-reduce
             acc_l = constrain_tree(jax.tree.map(lambda a: a.sum(0), acc_l), layer_grad_specs)
             acc_s = jax.tree.map(lambda a: a.sum(0), acc_s)
@@ -631,6 +659,7 @@ __all__ = [
     "StageFns",
     "TickTables",
     "build_schedule",
+    "forward_schedule",
     "check_layers",
     "check_schedule_args",
     "from_pipeline_order",
