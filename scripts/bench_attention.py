@@ -17,23 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jds.kernels.attention import dot_product_attention
-
-
-def timed(fn, *args, reps: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+from jds.profiling.timing import median_seconds
 
 
 def implementations(backend: str) -> dict:
@@ -79,7 +69,7 @@ def main() -> None:
                     for pas, fun, flops in (("fwd", f, fwd_flops),
                                             ("fwd+bwd", g, 3.5 * fwd_flops)):
                         try:
-                            s = timed(fun, q, k, v, reps=a.reps)
+                            s = median_seconds(fun, q, k, v, reps=a.reps)
                         except Exception as e:  # noqa: BLE001 - report and go on
                             print(json.dumps({"bench": "attention", "impl": name, "seq": T,
                                               "head_dim": H, "causal": causal, "pass": pas,

@@ -17,24 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jds.kernels.quant import int8_matmul, quantize, quantize_activations, w8a8_matmul
-
-
-def timed(fn, *args, reps: int) -> float:
-    """Median seconds of ``fn(*args)`` after one compile-and-run."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+from jds.profiling.timing import median_seconds
 
 
 def main() -> None:
@@ -55,9 +44,9 @@ def main() -> None:
                                                    out_dtype=jnp.bfloat16))
         for M in (int(m) for m in a.ms.split(",")):
             x = jnp.asarray(rng.standard_normal((M, K)), jnp.bfloat16)
-            base = timed(bf16, x, w, reps=a.reps)
-            runs = {"bf16_xla": base, "w8a16": timed(w8a16, x, w_q, w_s, reps=a.reps),
-                    "w8a8": timed(w8a8, x, w_q, w_s, reps=a.reps)}
+            base = median_seconds(bf16, x, w, reps=a.reps)
+            runs = {"bf16_xla": base, "w8a16": median_seconds(w8a16, x, w_q, w_s, reps=a.reps),
+                    "w8a8": median_seconds(w8a8, x, w_q, w_s, reps=a.reps)}
             for impl, s in runs.items():
                 print(json.dumps({
                     "bench": "int8_matmul", "impl": impl,
