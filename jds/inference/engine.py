@@ -412,10 +412,9 @@ class InferenceEngine:
 
     def release(self, rid: int) -> None:
         """Forget a finished request (frees nothing else: its blocks went back on finish)."""
-        req = self._requests.pop(rid)
-        if req.finish_reason is None:
-            self._requests[rid] = req
+        if self._requests[rid].finish_reason is None:
             raise ValueError(f"request {rid} is still running")
+        del self._requests[rid]
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 16, *,
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
