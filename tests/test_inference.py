@@ -256,6 +256,25 @@ def test_serve_answers_completions_streamed_and_not_and_survives_bad_requests():
         assert e.value.code == 404
         status, text = post({"prompt": "def f(x):", "max_tokens": 6, "temperature": 0})
         assert status == 200 and json.loads(text)["choices"][0]["tokens"] == want  # still up
+
+        # a stop string: the text ends before it, the request is cancelled in the engine
+        full = choice["text"]
+        stop = full[2:4]
+        for stream in (False, True):
+            status, text = post({"prompt": "def f(x):", "max_tokens": 6, "temperature": 0,
+                                 "stop": [stop], "stream": stream})
+            assert status == 200, text
+            if stream:
+                chunks = [json.loads(x[6:]) for x in text.splitlines()
+                          if x.startswith("data: {")]
+                got = "".join(c["choices"][0]["text"] for c in chunks)
+                reason = chunks[-1]["choices"][0]["finish_reason"]
+            else:
+                got = json.loads(text)["choices"][0]["text"]
+                reason = json.loads(text)["choices"][0]["finish_reason"]
+            assert got == full[:full.index(stop)] and reason == "stop", (got, full, stop)
+        status, text = post({"prompt": "x", "stop": 5})
+        assert status == 400 and "'stop'" in text
     finally:
         server.shutdown()
     assert engine.allocator.num_free == engine.allocator.capacity

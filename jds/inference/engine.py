@@ -410,6 +410,11 @@ class InferenceEngine:
         """The request ``rid`` (its ``output`` and ``finish_reason``)."""
         return self._requests[rid]
 
+    def cancel(self, rid: int) -> None:
+        """End request ``rid`` now (``finish_reason`` "cancelled" unless it had finished);
+        its KV blocks return to the cache. The output so far stays readable."""
+        self.scheduler.cancel(self._requests[rid])
+
     def release(self, rid: int) -> None:
         """Forget a finished request (frees nothing else: its blocks went back on finish)."""
         if self._requests[rid].finish_reason is None:

@@ -164,6 +164,17 @@ class Scheduler:
         self.allocator.free(req.rid)
         self.running.pop(req.slot, None)
 
+    def cancel(self, req: Request) -> None:
+        """Stop a request early (client gone, a stop string seen): a waiting one leaves the
+        queue, a running one finishes now; either way its blocks come back."""
+        if req.finish_reason is not None:
+            return
+        if req in self.waiting:
+            self.waiting.remove(req)
+            req.finish_reason = "cancelled"
+        else:
+            self.finish(req, "cancelled")
+
     @property
     def idle(self) -> bool:
         return not self.waiting and not self.running

@@ -11,8 +11,10 @@ A bad request gets a 4xx with an OpenAI-style ``{"error": {...}}`` body naming t
 an error inside the engine fails that request with a 500 and the server keeps serving.
 
 Requests: ``prompt`` (a string, or a list of token ids), ``max_tokens`` (default 16),
-``temperature`` (default 1.0, 0 = greedy), ``top_p``, ``top_k``, ``seed``,
-``stop_token_ids``, ``stream``. Strings are tokenized by the model's tokenizer: bytes for
+``temperature`` (default 1.0, 0 = greedy), ``top_p``, ``top_k``, ``seed``, ``stop`` (up to
+4 strings: the text ends before the first one and the request is cancelled in the engine),
+``stop_token_ids``, ``stream``. A streaming client that disconnects cancels its request.
+Strings are tokenized by the model's tokenizer: bytes for
 the byte-level presets (vocab 256), a Hugging Face tokenizer (``tokenizer.json`` in the
 model folder, read with ``transformers`` when installed) otherwise.
 """
@@ -112,6 +114,11 @@ class EngineLoop:
         self._inbox.put(job)
         return job
 
+    def cancel(self, job: _Job) -> None:
+        """End ``job`` early (a stop string was seen, or the client left): done on the
+        engine's thread between steps; its KV blocks return to the cache."""
+        self._inbox.put(("cancel", job))  # type: ignore[arg-type]
+
     def close(self) -> None:
         self._stop.set()
         self._inbox.put(None)  # type: ignore[arg-type]
@@ -126,6 +133,14 @@ class EngineLoop:
             block = False
             if job is None:
                 return
+            if isinstance(job, tuple):  # ("cancel", job)
+                victim = job[1]
+                if victim.rid is not None and victim.rid in self._jobs:
+                    self.engine.cancel(victim.rid)
+                    self.engine.release(victim.rid)
+                    del self._jobs[victim.rid]
+                    victim.tokens.put(("done", "stop"))
+                continue
             try:
                 job.rid = self.engine.submit(**job.args)
                 self._jobs[job.rid] = job
@@ -156,6 +171,31 @@ class EngineLoop:
                     job.tokens.put(("done", self.engine.result(rid).finish_reason))
                     self.engine.release(rid)
                     del self._jobs[rid]
+
+
+class _StopFilter:
+    """Text of a completion cut before the first stop string. Streaming holds back the last
+    ``longest stop - 1`` characters, so a stop string split across tokens is never sent."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops, self.text, self.sent, self.hit = stops, "", 0, False
+        self.hold = max((len(x) for x in stops), default=1) - 1
+
+    def feed(self, piece: str) -> str:
+        """Add decoded text; return what may be sent now."""
+        self.text += piece
+        cut = min((i for i in (self.text.find(x) for x in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.hit, self.text = True, self.text[:cut]
+            end = len(self.text)
+        else:
+            end = max(self.sent, len(self.text) - self.hold)
+        out, self.sent = self.text[self.sent:end], end
+        return out
+
+    def flush(self) -> str:
+        out, self.sent = self.text[self.sent:], len(self.text)
+        return out
 
 
 def _field(body: dict, name: str, kind: type | tuple, default: Any, check=None, hint=""):
@@ -217,12 +257,12 @@ class CompletionServer:
                         raise BadRequest(f"the body is not JSON: {e}") from None
                     if not isinstance(body, dict):
                         raise BadRequest("the body must be a JSON object")
-                    args, prompt_ids, stream = server.parse(body)
+                    args, prompt_ids, stream, stops = server.parse(body)
                 except BadRequest as e:
                     self._error(e.status, str(e))
                     return
                 job = server.loop.submit(args)
-                server.respond(self, job, prompt_ids, stream)
+                server.respond(self, job, prompt_ids, stream, stops)
 
         self.httpd = ThreadingHTTPServer((host, port), Handler)
         self.httpd.daemon_threads = True
@@ -231,8 +271,9 @@ class CompletionServer:
     def port(self) -> int:
         return int(self.httpd.server_address[1])
 
-    def parse(self, body: dict) -> tuple[dict[str, Any], list[int], bool]:
-        """Validate a completions request: engine arguments, prompt ids, stream flag."""
+    def parse(self, body: dict) -> tuple[dict[str, Any], list[int], bool, list[str]]:
+        """Validate a completions request: engine arguments, prompt ids, stream flag, stop
+        strings."""
         prompt = body.get("prompt")
         if isinstance(prompt, str):
             if self.tokenizer is None:
@@ -260,8 +301,17 @@ class CompletionServer:
         }
         if args["top_p"] is not None:
             args["top_p"] = float(args["top_p"])
+        stop = body.get("stop")
+        stops = [stop] if isinstance(stop, str) else stop
+        if stops is not None and not (isinstance(stops, list) and 0 < len(stops) <= 4 and all(
+                isinstance(x, str) and x for x in stops)):
+            raise BadRequest(f"'stop' must be a non-empty string or a list of 1 to 4 of them; "
+                             f"got {stop!r}")
+        if stops and self.tokenizer is None:
+            raise BadRequest("'stop' strings need a tokenizer and this model has none; use "
+                             "'stop_token_ids'")
         stream = _field(body, "stream", bool, False, None, "true or false")
-        return args, ids, stream
+        return args, ids, stream, stops or []
 
     def _chunk(self, rid: Any, text: str, tokens: list[int], reason: str | None) -> dict:
         return {"id": f"cmpl-{rid}", "object": "text_completion", "created": int(time.time()),
@@ -269,28 +319,50 @@ class CompletionServer:
                                                        "tokens": tokens,
                                                        "finish_reason": reason}]}
 
-    def respond(self, handler: BaseHTTPRequestHandler, job: _Job, prompt_ids: list[int],
-                stream: bool) -> None:
+    def _tokens(self, job: _Job, stops: list[str]):
+        """Yield ``(token ids, text to send, None)`` per generated token, then one
+        ``(ids or None, remaining text, finish reason)``; an engine error is raised as
+        ``RuntimeError(message, status)``. A stop string ends the request early (it is
+        cancelled in the engine) and the text stops before it."""
         decode = self.tokenizer.decoder() if self.tokenizer is not None else None
-        first = job.tokens.get()
-        if isinstance(first, tuple) and first[0] == "error":
-            handler._error(first[2], first[1])
-            return
+        filt = _StopFilter(stops)
+        while True:
+            item = job.tokens.get()
+            if isinstance(item, tuple):
+                if item[0] == "error":
+                    raise RuntimeError(item[1], item[2])
+                yield None, filt.flush(), item[1]
+                return
+            text = filt.feed(decode([item])) if decode else ""
+            if filt.hit:
+                self.loop.cancel(job)
+                while not (isinstance(item := job.tokens.get(), tuple)):
+                    pass  # tokens made before the cancel arrived: past the stop, dropped
+                yield [], text + filt.flush(), "stop"
+                return
+            yield [item], text, None
+
+    def respond(self, handler: BaseHTTPRequestHandler, job: _Job, prompt_ids: list[int],
+                stream: bool, stops: list[str] | None = None) -> None:
+        events = self._tokens(job, stops or [])
         if not stream:
-            tokens, reason, item = [], None, first
-            while True:
-                if isinstance(item, tuple):
-                    if item[0] == "error":
-                        handler._error(item[2], item[1])
-                        return
-                    reason = item[1]
-                    break
-                tokens.append(item)
-                item = job.tokens.get()
-            body = self._chunk(job.rid, decode(tokens) if decode else "", tokens, reason)
+            tokens, text, reason = [], "", None
+            try:
+                for toks, piece, last in events:
+                    tokens += toks or []
+                    text, reason = text + piece, last
+            except RuntimeError as e:
+                handler._error(e.args[1], e.args[0])
+                return
+            body = self._chunk(job.rid, text, tokens, reason)
             body["usage"] = {"prompt_tokens": len(prompt_ids), "completion_tokens": len(tokens),
                              "total_tokens": len(prompt_ids) + len(tokens)}
             handler._send_json(200, body)
+            return
+        try:
+            first = next(events)
+        except RuntimeError as e:  # refused before any token (e.g. a prompt too long)
+            handler._error(e.args[1], e.args[0])
             return
         handler.send_response(200)
         handler.send_header("Content-Type", "text/event-stream")
@@ -298,25 +370,26 @@ class CompletionServer:
         handler.send_header("Connection", "close")
         handler.end_headers()
         handler.close_connection = True
-        item = first
         try:
+            event = first
             while True:
-                if isinstance(item, tuple):
-                    if item[0] == "error":
-                        event = {"error": {"message": item[1], "type": "server_error"}}
-                    else:
-                        event = self._chunk(job.rid, "", [], item[1])
-                    handler.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
-                    break
-                text = decode([item]) if decode else ""
-                event = self._chunk(job.rid, text, [item], None)
-                handler.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
+                toks, piece, reason = event
+                handler.wfile.write(
+                    f"data: {json.dumps(self._chunk(job.rid, piece, toks or [], reason))}\n\n"
+                    .encode())
                 handler.wfile.flush()
-                item = job.tokens.get()
+                if reason is not None:
+                    break
+                try:
+                    event = next(events)
+                except RuntimeError as e:
+                    err = {"error": {"message": e.args[0], "type": "server_error"}}
+                    handler.wfile.write(f"data: {json.dumps(err)}\n\n".encode())
+                    break
             handler.wfile.write(b"data: [DONE]\n\n")
             handler.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):
-            pass  # the client went away; the request still finishes in the engine
+            self.loop.cancel(job)  # the client went away: free its slot and blocks
 
     def serve_forever(self) -> None:
         self.httpd.serve_forever()
