@@ -586,13 +586,20 @@ class TrainEngine:
             grads, loss = self._gradients_step(self.state.params, placed)
         return grads, float(loss)
 
-    def lower_train_step(self, seq_len: int) -> jax.stages.Lowered:
-        """Lower the train step for a ``[train_batch_size, seq_len]`` batch (HLO, memory)."""
+    def lower_train_step(self, seq_len: int, *, platform: str | None = None
+                         ) -> jax.stages.Lowered:
+        """Lower the train step for a ``[train_batch_size, seq_len]`` batch (HLO, memory).
+
+        ``platform`` (``"cuda"``, ``"rocm"``, ``"tpu"``) lowers it for another backend than
+        the devices', e.g. to check on a CPU host that the GPU kernels lower (the result
+        can be read, not compiled, here).
+        """
         a = self.batch.gradient_accumulation_steps
         shape = (a, self.batch.train_batch_size // a, seq_len)
         spec = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.batch_sharding)
         with self._tracing():
-            return self._train_step.lower(self.state, {"input_ids": spec})
+            traced = self._train_step.trace(self.state, {"input_ids": spec})
+            return traced.lower(lowering_platforms=None if platform is None else (platform,))
 
     @property
     def model(self) -> nnx.Module:

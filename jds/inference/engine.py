@@ -66,7 +66,7 @@ class InferenceConfig(BaseModel):
     ``kv_block_size``, ``max_batch_tokens`` (tokens per forward pass), ``max_seqs``
     (sequences batched at once), ``num_kv_blocks`` (default: room for ``max_seqs`` full
     sequences), ``attention``: ``"reference"`` (plain XLA, the default everywhere until the
-    kernel is measured on a GPU), ``"pallas"`` (``jds.kernels.attention.paged``) or
+    kernel is measured on a GPU), ``"pallas"`` (``jds.kernels.attention.paged``, GPU only) or
     ``"pallas_interpret"`` (the same kernel interpreted; any backend, for tests).
     """
 
@@ -209,6 +209,12 @@ class InferenceEngine:
         if cfg.tp_size > len(devices):
             raise ConfigError(f"tensor_parallel.tp_size={cfg.tp_size} but only {len(devices)} "
                               f"devices are visible; use at most {len(devices)}")
+        platform = devices[0].platform
+        if cfg.attention == "pallas" and platform not in ("gpu", "cuda", "rocm"):
+            raise ConfigError(
+                f"attention='pallas' runs the Triton paged-attention kernel, which needs a GPU; "
+                f"these devices are {platform!r}. Use attention='reference' (or "
+                "'pallas_interpret' to run the kernel through the Pallas interpreter)")
         self.mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": cfg.tp_size, "stage": 1},
                               devices[:cfg.tp_size])
         self.rules = DEFAULT_RULES

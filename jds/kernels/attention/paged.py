@@ -12,12 +12,17 @@ trip count is the token's own context, so short sequences cost little), reading 
 straight from the page pool by its table entry, with an online softmax in fp32. Decode
 attention is memory-bound, so the scores are elementwise products and sums (no ``tl.dot``,
 which would need 16 query rows per program); block_size and head_dim must be powers of two
-for the GPU lowering.
+for the GPU lowering, and a kv group whose head count is not one (12 heads over 4 kv heads)
+is padded to the next power of two with zero query rows.
 
 The reference gathers ``[tokens, max_context, kv_heads, head_dim]`` for every token; this
 kernel reads each visible block once per (token, kv head). On CPU it runs with
-``interpret=True`` (the tests); on GPU it lowers through Triton — not yet run on a GPU, so
-the inference engine takes it only when asked (``attention_impl: "pallas"``).
+``interpret=True`` (the tests); on GPU it lowers through Triton (explicit Triton compiler
+params: without them jax >= 0.10 picks Mosaic GPU, which rejects this kernel's 16-byte
+copies). It has not yet run on a GPU, but its Triton lowering is checked on CPU by
+``tests/test_kernel_lowering.py``; the inference engine takes it only when asked
+(``attention: "pallas"``). It is a GPU kernel: on TPU the whole-pool block would be copied
+into VMEM, so the engine refuses it there (the XLA reference runs on TPU).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -94,25 +100,40 @@ def paged_attention(
     if tables_NM.shape[0] != N or positions_N.shape != (N,):
         raise ValueError(f"paged_attention: tables {tables_NM.shape} and positions "
                          f"{positions_N.shape} must have one row per token ({N})")
+    if not interpret:
+        for name, v in (("block_size", bs), ("head_dim", H)):
+            if v & (v - 1):
+                raise ValueError(
+                    f"paged_attention: {name}={v}; the Triton lowering needs a power of two "
+                    "(set kv_block_size accordingly), or use attention='reference'"
+                )
     G = Q // K
+    # Triton arrays must have power-of-two sizes: pad the query heads of a kv group (e.g. 3
+    # for 12 heads over 4 kv heads) with zero rows, sliced off the output.
+    Gp = 1 << (G - 1).bit_length()
     M = tables_NM.shape[1]
     scale = H ** -0.5 if sm_scale is None else float(sm_scale)
     q_NKGH = q_NQH.reshape(N, K, G, H)
+    if Gp != G:
+        q_NKGH = jnp.pad(q_NKGH, ((0, 0), (0, 0), (0, Gp - G), (0, 0)))
     kernel = functools.partial(_kernel, block_size=bs, scale=scale)
     out = pl.pallas_call(
         kernel,
         grid=(N, K),
         in_specs=[
-            pl.BlockSpec((None, None, G, H), lambda n, k: (n, k, 0, 0)),
+            pl.BlockSpec((None, None, Gp, H), lambda n, k: (n, k, 0, 0)),
             pl.BlockSpec((B, bs, None, H), lambda n, k: (0, 0, k, 0)),
             pl.BlockSpec((B, bs, None, H), lambda n, k: (0, 0, k, 0)),
             pl.BlockSpec((None, M), lambda n, k: (n, 0)),
             pl.BlockSpec((1,), lambda n, k: (n,)),
         ],
-        out_specs=pl.BlockSpec((None, None, G, H), lambda n, k: (n, k, 0, 0)),
-        out_shape=jax.ShapeDtypeStruct((N, K, G, H), q_NQH.dtype),
+        out_specs=pl.BlockSpec((None, None, Gp, H), lambda n, k: (n, k, 0, 0)),
+        out_shape=jax.ShapeDtypeStruct((N, K, Gp, H), q_NQH.dtype),
         interpret=interpret,
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        name="jds_paged_attention",
     )(q_NKGH, k_pages, v_pages, tables_NM.astype(jnp.int32), positions_N.astype(jnp.int32))
+    out = out[:, :, :G] if Gp != G else out
     return out.reshape(N, Q, H)
 
 

@@ -130,12 +130,20 @@ def _is_gpu(backend: str) -> bool:
     return backend in ("gpu", "cuda", "rocm")
 
 
-def _check_backend(blocks: BlockSizes, interpret: bool) -> None:
+def _target(platform: str | None) -> str:
+    """The platform the kernel is built for: ``platform``, else the default backend."""
+    target = jax.default_backend() if platform is None else platform
+    if target not in ("gpu", "cuda", "rocm", "tpu", "cpu"):
+        raise ValueError(f"platform={platform!r}: use 'gpu', 'cuda', 'rocm' or 'tpu'")
+    return target
+
+
+def _check_backend(blocks: BlockSizes, interpret: bool, target: str) -> None:
     """Fail early, outside jit: no compiled kernel on CPU; Triton's tile limits on GPU."""
     if interpret:
         return
-    _compiler_params(False)
-    if _is_gpu(jax.default_backend()):
+    _compiler_params(False, target)
+    if _is_gpu(target):
         for name, v in dataclasses.asdict(blocks).items():
             if v < 16 or v & (v - 1):
                 raise ValueError(
@@ -144,23 +152,23 @@ def _check_backend(blocks: BlockSizes, interpret: bool) -> None:
                 )
 
 
-def _compiler_params(interpret: bool):
+def _compiler_params(interpret: bool, target: str):
     """Backend compiler params: Triton on GPU (not the Mosaic GPU default), parallel on TPU."""
     if interpret:
         return None
-    backend = jax.default_backend()
-    if backend == "tpu":
+    if target == "tpu":
         from jax.experimental.pallas import tpu as pltpu
 
         return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"))
-    if _is_gpu(backend):
+    if _is_gpu(target):
         from jax.experimental.pallas import triton as pltriton
 
         return pltriton.CompilerParams(num_warps=4, num_stages=3)
     raise ValueError(
-        f"the Pallas int8 kernels compile only on GPU/TPU; backend is {backend!r}. Pass "
-        "interpret=True to run them on CPU, or use the jds.kernels.quant dispatchers "
-        "(which take the XLA reference on CPU)"
+        f"the Pallas int8 kernels compile only on GPU/TPU; backend is {target!r}. Pass "
+        "interpret=True to run them on CPU, use the jds.kernels.quant dispatchers "
+        "(which take the XLA reference on CPU), or pass platform='gpu'/'tpu' to lower for "
+        "another platform ahead of time"
     )
 
 
@@ -193,8 +201,8 @@ def _w8a16_kernel(x_ref, w_ref, s_ref, o_ref, *, block_k, group_size, precision)
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("group_size", "blocks", "interpret"))
-def _w8a16_call(x_MK, w_int8_KN, scale, *, group_size, blocks: BlockSizes, interpret):
+@functools.partial(jax.jit, static_argnames=("group_size", "blocks", "interpret", "target"))
+def _w8a16_call(x_MK, w_int8_KN, scale, *, group_size, blocks: BlockSizes, interpret, target):
     m = x_MK.shape[0]
     k, n = w_int8_KN.shape
     xp = _pad_rows(x_MK, blocks.block_m)
@@ -216,7 +224,7 @@ def _w8a16_call(x_MK, w_int8_KN, scale, *, group_size, blocks: BlockSizes, inter
         ],
         out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
         interpret=interpret,
-        compiler_params=_compiler_params(interpret),
+        compiler_params=_compiler_params(interpret, target),
         name="int8_w8a16_matmul",
     )(xp, w_int8_KN, scale.astype(jnp.float32))
     return out[:m]
@@ -232,6 +240,7 @@ def int8_matmul_pallas(
     block_m: int | None = None,
     block_n: int | None = None,
     block_k: int | None = None,
+    platform: str | None = None,
 ) -> jax.Array:
     """Weight-only int8 matmul (W8A16) as a Pallas kernel: ``x @ dequantize(w_int8, scale)``.
 
@@ -244,6 +253,10 @@ def int8_matmul_pallas(
       block_m: rows per tile (default 16/32/64/128 by M); M is padded to a multiple of it.
       block_n: output columns per tile; must divide N (default: largest power of two <= 128).
       block_k: K step; must divide K and ``group_size`` (default: as ``block_n``).
+      platform: the platform to build the kernel for, ``"gpu"`` (Triton) or ``"tpu"``
+        (Mosaic); default the default backend. Set it to lower ahead of time for another
+        platform, e.g. ``jax.jit(f).trace(...).lower(lowering_platforms=("cuda",))`` on a
+        CPU host.
 
     Returns:
       ``[..., N]`` in ``x_MK.dtype`` (fp32 accumulation).
@@ -257,9 +270,11 @@ def int8_matmul_pallas(
     lead = x_MK.shape[:-1]
     x2 = x_MK.reshape(-1, k)
     blocks = resolve_block_sizes(x2.shape[0], k, n, group_size, block_m, block_n, block_k)
-    _check_backend(blocks, interpret)
+    target = _target(platform)
+    _check_backend(blocks, interpret, target)
     out = _w8a16_call(
-        x2, w_int8_KN, scale, group_size=group_size, blocks=blocks, interpret=interpret
+        x2, w_int8_KN, scale, group_size=group_size, blocks=blocks, interpret=interpret,
+        target=target,
     )
     return out.reshape(*lead, n)
 
@@ -284,8 +299,10 @@ def _w8a8_kernel(x_ref, xs_ref, w_ref, ws_ref, o_ref, *, block_k):
     o_ref[...] = out.astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("blocks", "out_dtype", "interpret"))
-def _w8a8_call(x_int8_MK, x_scale_M1, w_int8_KN, w_scale_1N, *, blocks, out_dtype, interpret):
+@functools.partial(jax.jit, static_argnames=("blocks", "out_dtype", "interpret", "target"))
+def _w8a8_call(
+    x_int8_MK, x_scale_M1, w_int8_KN, w_scale_1N, *, blocks, out_dtype, interpret, target
+):
     m, k = x_int8_MK.shape
     n = w_int8_KN.shape[1]
     bm, bn = blocks.block_m, blocks.block_n
@@ -304,7 +321,7 @@ def _w8a8_call(x_int8_MK, x_scale_M1, w_int8_KN, w_scale_1N, *, blocks, out_dtyp
         ],
         out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
         interpret=interpret,
-        compiler_params=_compiler_params(interpret),
+        compiler_params=_compiler_params(interpret, target),
         name="int8_w8a8_matmul",
     )(xp, xsp, w_int8_KN, w_scale_1N.astype(jnp.float32))
     return out[:m]
@@ -321,6 +338,7 @@ def w8a8_matmul_pallas(
     block_m: int | None = None,
     block_n: int | None = None,
     block_k: int | None = None,
+    platform: str | None = None,
 ) -> jax.Array:
     """W8A8 matmul as a Pallas kernel: int32 ``x_int8 @ w_int8`` scaled per token and channel.
 
@@ -334,6 +352,10 @@ def w8a8_matmul_pallas(
       block_m: rows per tile (M is padded to a multiple of it).
       block_n: output columns per tile; must divide N.
       block_k: K step; must divide K.
+      platform: the platform to build the kernel for, ``"gpu"`` (Triton) or ``"tpu"``
+        (Mosaic); default the default backend. Set it to lower ahead of time for another
+        platform, e.g. ``jax.jit(f).trace(...).lower(lowering_platforms=("cuda",))`` on a
+        CPU host.
 
     Returns:
       ``[M, N]`` in ``out_dtype``.
@@ -345,7 +367,8 @@ def w8a8_matmul_pallas(
     check_w8a8_args(x_int8_MK, x_scale_M1, w_int8_KN, w_scale_1N)
     (m, k), n = x_int8_MK.shape, w_int8_KN.shape[1]
     blocks = resolve_block_sizes(m, k, n, None, block_m, block_n, block_k)
-    _check_backend(blocks, interpret)
+    target = _target(platform)
+    _check_backend(blocks, interpret, target)
     return _w8a8_call(
         x_int8_MK,
         x_scale_M1,
@@ -354,4 +377,5 @@ def w8a8_matmul_pallas(
         blocks=blocks,
         out_dtype=jnp.dtype(out_dtype),
         interpret=interpret,
+        target=target,
     )
