@@ -33,6 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jds.checkpoint.orbax import Checkpointer
 from jds.config import Config, ConfigError, OptimizerConfig
 from jds.distributed import init_distributed, peer_failure_guard
+from jds.kernels.platform import lowering_for
 from jds.models.registry import config_to_dict
 from jds.optim import build_optimizer, build_schedule
 from jds.partitioning import pipeline as pp
@@ -201,12 +202,8 @@ class TrainEngine:
         self.batch_sharding = NamedSharding(
             self.mesh, logical_to_spec((None, "batch", "seq"), rules)
         )
-        self._train_step = jax.jit(
-            make_train_step(apply_fn, self.tx, self.schedule, step_cfg),
-            in_shardings=(self.state_shardings, self.batch_sharding),
-            out_shardings=(self.state_shardings, self._replicated),
-            donate_argnums=(0,),
-        )
+        self._train_step_fn = make_train_step(apply_fn, self.tx, self.schedule, step_cfg)
+        self._train_step = self._jit_train_step(self._train_step_fn)
         self._step_cfg = step_cfg
         self._gradients_step: Callable | None = None  # compiled on first use
         self._eval_step = jax.jit(
@@ -597,9 +594,19 @@ class TrainEngine:
         a = self.batch.gradient_accumulation_steps
         shape = (a, self.batch.train_batch_size // a, seq_len)
         spec = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.batch_sharding)
-        with self._tracing():
-            traced = self._train_step.trace(self.state, {"input_ids": spec})
-            return traced.lower(lowering_platforms=None if platform is None else (platform,))
+        if platform is None:
+            with self._tracing():
+                return self._train_step.lower(self.state, {"input_ids": spec})
+        # A new closure: traces are cached per function, and the platform changes the trace.
+        fn = self._jit_train_step(lambda *args: self._train_step_fn(*args))
+        with self._tracing(), lowering_for(platform):
+            traced = fn.trace(self.state, {"input_ids": spec})
+            return traced.lower(lowering_platforms=(platform,))
+
+    def _jit_train_step(self, fn: Callable) -> Callable:
+        return jax.jit(fn, in_shardings=(self.state_shardings, self.batch_sharding),
+                       out_shardings=(self.state_shardings, self._replicated),
+                       donate_argnums=(0,))
 
     @property
     def model(self) -> nnx.Module:

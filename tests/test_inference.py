@@ -147,6 +147,11 @@ def test_int8_weights_take_half_the_bytes_and_agree_with_bf16(trained_tiny):
     x, y = bf16.generate(prompts, 16), int8.generate(prompts, 16)
     agree = np.mean([a == c for s, t in zip(x, y, strict=True) for a, c in zip(s, t, strict=True)])
     assert agree >= 0.8, agree
+    # Tensor-parallel int8 multiplies each device's weight shard (layers.dense's shard_map).
+    tp2 = jds.init_inference(model, {**cfg, "dtype": "int8", "tensor_parallel": {"tp_size": 2}})
+    z = tp2.generate(prompts, 16)
+    same = np.mean([a == c for s, t in zip(y, z, strict=True) for a, c in zip(s, t, strict=True)])
+    assert same >= 0.95, same
 
 
 @pytest.fixture(scope="module")

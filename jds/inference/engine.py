@@ -45,6 +45,7 @@ from jds.inference.kv_cache import (
     write_pages,
 )
 from jds.inference.scheduler import Request, Scheduler, Work
+from jds.kernels.platform import lowering_for
 from jds.kernels.quant import quantize
 from jds.models.layers import QuantizedWeight
 from jds.partitioning.mesh import make_mesh
@@ -153,7 +154,7 @@ def quantize_layers(layers: dict[str, jax.Array], axes: dict[str, tuple]) -> dic
             return q.reshape(w_l.shape), s.reshape(w_l.shape[c:])
 
         q, s = jax.vmap(one)(w)
-        out[name] = QuantizedWeight(q=q, scale=s, n_in=c)
+        out[name] = QuantizedWeight(q=q, scale=s, n_in=c, axes=tuple(ax[1:]))
     return out
 
 
@@ -349,10 +350,13 @@ class InferenceEngine:
         self._requests[req.rid] = req
         return req.rid
 
-    def _batch(self, work: list[Work]) -> dict[str, np.ndarray]:
+    def _bucket(self, n: int) -> int:
+        """Tokens per pass padded to a power of two (16 at least): few distinct shapes."""
+        return min(max(16, 1 << (n - 1).bit_length()), max(self.config.max_batch_tokens, 16))
+
+    def _batch(self, work: list[Work], n: int | None = None) -> dict[str, np.ndarray]:
         cfg = self.config
-        n = sum(w.stop - w.start for w in work)
-        N = min(max(16, 1 << (n - 1).bit_length()), max(cfg.max_batch_tokens, 16))
+        N = self._bucket(sum(w.stop - w.start for w in work) if n is None else n)
         S, bs = cfg.max_seqs, cfg.kv_block_size
         b = {"tokens": np.zeros(N, np.int32), "positions": np.zeros(N, np.int32),
              "block": np.full(N, SCRATCH_BLOCK, np.int32), "offset": np.zeros(N, np.int32),
@@ -380,6 +384,23 @@ class InferenceEngine:
                 b["seed"][s], b["sample_pos"][s] = r.seed, w.stop
             i += len(toks)
         return b
+
+    def lower_step(self, tokens: int = 1, *, platform: str | None = None
+                   ) -> jax.stages.Lowered:
+        """Lower one forward pass of ``tokens`` tokens (bucketed as ``step`` does) without
+        running it: the HLO, or the program for another platform.
+
+        Args:
+          tokens: tokens in the pass (1 is a one-sequence decode step).
+          platform: ``"cuda"``, ``"rocm"`` or ``"tpu"`` to lower for that backend from this
+            host (``jds.kernels.platform.lowering_for``: the dispatchers pick its kernels).
+        """
+        b = self._batch([], tokens)
+        # A new closure: traces are cached per function, and the platform changes the trace.
+        fn = jax.jit(lambda *args: self._forward(*args))
+        with lowering_for(platform):
+            traced = fn.trace(self.params, self.k_pages, self.v_pages, b)
+            return traced.lower(lowering_platforms=None if platform is None else (platform,))
 
     def step(self) -> list[tuple[int, int, bool]]:
         """Run one forward pass of the scheduler's next batch.

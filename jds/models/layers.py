@@ -134,25 +134,68 @@ class QuantizedWeight:
       q: int8 weight, the matrix's own shape (input dims first), e.g. ``[D, N, H]``.
       scale: fp32 ``[output dims]``, e.g. ``[N, H]``.
       n_in: how many leading dims are input (contracted) dims (static).
+      axes: logical axes of one layer's matrix, e.g. ``("embed", "heads", "head_dim")``
+        (static; ``()`` if unknown). Under sharding rules they say how the matrix is split
+        over the mesh, so ``dense`` can run the kernel on each device's shard.
     """
 
     q: jax.Array
     scale: jax.Array
     n_in: int = dataclasses.field(metadata={"static": True}, default=1)
+    axes: tuple = dataclasses.field(metadata={"static": True}, default=())
+
+
+def _int8_local(x: jax.Array, q: jax.Array, scale: jax.Array, n_in: int) -> jax.Array:
+    from jds.kernels.quant import int8_matmul
+
+    k = int(np.prod(q.shape[:n_in]))
+    y = int8_matmul(x.reshape(-1, k), q.reshape(k, -1), scale.reshape(1, -1))
+    return y.reshape(*x.shape[:x.ndim - n_in], *q.shape[n_in:])
+
+
+def _mesh_axes(entry: Any, mesh: jax.sharding.Mesh) -> tuple[str, ...]:
+    names = (entry,) if isinstance(entry, str) else tuple(entry or ())
+    return tuple(a for a in names if mesh.shape[a] > 1)
 
 
 def dense(subscripts: str, x: jax.Array, w: jax.Array | QuantizedWeight) -> jax.Array:
     """``jnp.einsum(subscripts, x, w)`` for a layer matrix ``w`` contracted with x's trailing
     dims; for a ``QuantizedWeight`` the weight-only int8 matmul
-    (``jds.kernels.quant.int8_matmul``: Pallas on GPU/TPU, XLA on CPU) in x's dtype."""
+    (``jds.kernels.quant.int8_matmul``: Pallas on GPU/TPU, XLA on CPU) in x's dtype.
+
+    A Pallas call is opaque to XLA's partitioner, which would gather a tensor-parallel weight
+    whole onto every device before it. So under sharding rules a ``QuantizedWeight`` split
+    over the mesh is multiplied per shard in a ``shard_map``: a column-parallel matrix
+    (output dims split) gives each device its slice of the output; a row-parallel one (input
+    dims split, with x split the same way) gives partial sums, added with one ``psum`` —
+    the all-reduce XLA would place after the einsum. Batch dims of x stay whole.
+    """
     if not isinstance(w, QuantizedWeight):
         return jnp.einsum(subscripts, x, w)
-    from jds.kernels.quant import int8_matmul
+    from jds.partitioning.rules import active_rules, logical_to_spec
 
-    k = int(np.prod(w.q.shape[:w.n_in]))
-    out_shape = w.q.shape[w.n_in:]
-    y = int8_matmul(x.reshape(-1, k), w.q.reshape(k, -1), w.scale.reshape(1, -1))
-    return y.reshape(*x.shape[:x.ndim - w.n_in], *out_shape)
+    active = active_rules()
+    context = jax.sharding.get_abstract_mesh()
+    if (active is None or active[0].size == 1 or not w.axes
+            or (not context.empty and context.manual_axes)):
+        return _int8_local(x, w.q, w.scale, w.n_in)
+    mesh, rules = active
+    spec = [_mesh_axes(e, mesh) or None
+            for e in logical_to_spec(w.axes, rules, mesh=mesh, shape=w.q.shape, what="int8")]
+    if not any(spec):
+        return _int8_local(x, w.q, w.scale, w.n_in)
+    P = jax.sharding.PartitionSpec
+    in_spec, out_spec = spec[:w.n_in], spec[w.n_in:]
+    summed = tuple(a for e in in_spec if e for a in e)
+    lead = [None] * (x.ndim - w.n_in)
+
+    def local(x, q, scale):
+        y = _int8_local(x, q, scale, w.n_in)
+        return jax.lax.psum(y, summed) if summed else y
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(*lead, *in_spec), P(*spec),
+                                                     P(*out_spec)),
+                         out_specs=P(*lead, *out_spec), check_vma=False)(x, w.q, w.scale)
 
 
 def check_remat(remat: str) -> None:

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from jds.kernels.attention.reference import attention_reference
+from jds.kernels.platform import target_platform
 
 IMPLEMENTATIONS: tuple[str, ...] = ("xla", "pallas", "pallas_interpret", "pallas_tpu",
                                     "pallas_tpu_interpret")
@@ -133,7 +134,7 @@ def dot_product_attention(
     if implementation not in (None, "xla"):
         raise ValueError(f"implementation must be None, 'xla', 'pallas', 'pallas_interpret', "
                          f"'pallas_tpu' or 'pallas_tpu_interpret'; got {implementation!r}")
-    if q_BTNH.dtype == jnp.float16 and jax.default_backend() == "cpu":
+    if q_BTNH.dtype == jnp.float16 and target_platform() == "cpu":
         f32 = [x.astype(jnp.float32) for x in (q_BTNH, k_BSKH, v_BSKH)]
         out = dot_product_attention(
             *f32, causal=causal, segment_ids=segment_ids, sm_scale=sm_scale

@@ -8,7 +8,9 @@
 
 Dispatch: on GPU/TPU the matmuls run the Pallas kernels (``pallas.py``); on any other backend
 (CPU) the plain-XLA reference (``reference.py``), so the compiled-kernel path is never taken on
-CPU. ``interpret=True`` forces the Pallas kernel in interpret mode on any backend (tests).
+CPU; the platform is ``jds.kernels.platform.target_platform()``, the default backend unless a
+program is being lowered for another one. ``interpret=True`` forces the Pallas kernel in
+interpret mode on any backend (tests).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jds.kernels.platform import is_gpu, target_platform
 from jds.kernels.quant.pallas import BlockSizes, int8_matmul_pallas, w8a8_matmul_pallas
 from jds.kernels.quant.reference import (
     dequantize,
@@ -28,8 +31,10 @@ from jds.kernels.quant.reference import (
 
 
 def use_pallas(interpret: bool = False) -> bool:
-    """Whether the dispatchers take the Pallas kernel: in interpret mode, or on GPU/TPU."""
-    return interpret or jax.default_backend() in ("gpu", "cuda", "rocm", "tpu")
+    """Whether the dispatchers take the Pallas kernel: in interpret mode, or when building for
+    GPU/TPU (``jds.kernels.platform.target_platform``)."""
+    target = target_platform()
+    return interpret or is_gpu(target) or target == "tpu"
 
 
 def int8_matmul(

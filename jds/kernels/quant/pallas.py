@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from jds.kernels.platform import is_gpu, target_platform
 from jds.kernels.quant.reference import check_int8_matmul_args, check_w8a8_args
 
 _DEFAULT_BLOCK_N = 128
@@ -126,13 +127,9 @@ def resolve_block_sizes(
     return blocks
 
 
-def _is_gpu(backend: str) -> bool:
-    return backend in ("gpu", "cuda", "rocm")
-
-
 def _target(platform: str | None) -> str:
-    """The platform the kernel is built for: ``platform``, else the default backend."""
-    target = jax.default_backend() if platform is None else platform
+    """The platform the kernel is built for: ``platform``, else ``target_platform()``."""
+    target = target_platform() if platform is None else platform
     if target not in ("gpu", "cuda", "rocm", "tpu", "cpu"):
         raise ValueError(f"platform={platform!r}: use 'gpu', 'cuda', 'rocm' or 'tpu'")
     return target
@@ -143,7 +140,7 @@ def _check_backend(blocks: BlockSizes, interpret: bool, target: str) -> None:
     if interpret:
         return
     _compiler_params(False, target)
-    if _is_gpu(target):
+    if is_gpu(target):
         for name, v in dataclasses.asdict(blocks).items():
             if v < 16 or v & (v - 1):
                 raise ValueError(
@@ -160,7 +157,7 @@ def _compiler_params(interpret: bool, target: str):
         from jax.experimental.pallas import tpu as pltpu
 
         return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"))
-    if _is_gpu(target):
+    if is_gpu(target):
         from jax.experimental.pallas import triton as pltriton
 
         return pltriton.CompilerParams(num_warps=4, num_stages=3)
@@ -254,9 +251,9 @@ def int8_matmul_pallas(
       block_n: output columns per tile; must divide N (default: largest power of two <= 128).
       block_k: K step; must divide K and ``group_size`` (default: as ``block_n``).
       platform: the platform to build the kernel for, ``"gpu"`` (Triton) or ``"tpu"``
-        (Mosaic); default the default backend. Set it to lower ahead of time for another
-        platform, e.g. ``jax.jit(f).trace(...).lower(lowering_platforms=("cuda",))`` on a
-        CPU host.
+        (Mosaic); default ``jds.kernels.platform.target_platform()``. Set it to lower
+        ahead of time for another platform, e.g. with
+        ``jax.jit(f).trace(...).lower(lowering_platforms=("cuda",))`` on a CPU host.
 
     Returns:
       ``[..., N]`` in ``x_MK.dtype`` (fp32 accumulation).
@@ -353,9 +350,9 @@ def w8a8_matmul_pallas(
       block_n: output columns per tile; must divide N.
       block_k: K step; must divide K.
       platform: the platform to build the kernel for, ``"gpu"`` (Triton) or ``"tpu"``
-        (Mosaic); default the default backend. Set it to lower ahead of time for another
-        platform, e.g. ``jax.jit(f).trace(...).lower(lowering_platforms=("cuda",))`` on a
-        CPU host.
+        (Mosaic); default ``jds.kernels.platform.target_platform()``. Set it to lower
+        ahead of time for another platform, e.g. with
+        ``jax.jit(f).trace(...).lower(lowering_platforms=("cuda",))`` on a CPU host.
 
     Returns:
       ``[M, N]`` in ``out_dtype``.
