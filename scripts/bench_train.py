@@ -17,7 +17,7 @@ Prints one JSON object per result line::
 
     python scripts/bench_train.py --model llama-tiny --batch 32 --seq 128 --steps 20
     python scripts/bench_train.py --model llama-1b --batch 8 --seq 2048 --precision bf16 \
-        --zero-stage 3 --remat dots
+        --zero-stage 3 --remat dots --attention cudnn
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ def bench_jds(
     model_name: str, batch: int, seq: int, steps: int, precision: str, layout: dict | None = None
 ) -> float:
     layout = layout or {}
+    attention = layout.get("attention")
     config = {
         "train_batch_size": batch,
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.1}},
@@ -62,7 +63,9 @@ def bench_jds(
     }
     if layout.get("remat", "none") != "none":
         config["activation_checkpointing"] = {"policy": layout["remat"]}
-    engine = jds.initialize(model=model_name, config=config)
+    # A factory: the engine builds the weights sharded, never whole on one device.
+    engine = jds.initialize(model=lambda: jds.models.build(model_name, attention_impl=attention),
+                            config=config)
     vocab = engine.vocab_size
     ids = np.random.default_rng(0).integers(0, vocab, (batch, seq), dtype=np.int32)
     return _time(lambda: engine.train_batch({"input_ids": ids}, sync=False), steps)
@@ -113,11 +116,16 @@ def main() -> None:
     ap.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=0)
     ap.add_argument("--mesh", default="", help="jds mesh sizes, e.g. 'data=4,tensor=2'")
     ap.add_argument("--remat", choices=["none", "full", "dots", "offload"], default="none")
+    ap.add_argument("--attention", default=None,
+                    choices=["xla", "cudnn", "pallas", "pallas_tpu"],
+                    help="the jds model's attention_impl (default: the dispatcher's, XLA); the "
+                    "baseline always uses jax.nn.dot_product_attention's default")
     ap.add_argument("--skip-baseline", action="store_true", help="jds only (e.g. a model "
                     "whose replicated baseline would not fit in memory)")
     a = ap.parse_args()
     mesh = {k: int(v) for k, v in (kv.split("=") for kv in a.mesh.split(",") if kv)}
-    layout = {"zero_stage": a.zero_stage, "mesh": mesh, "remat": a.remat}
+    layout = {"zero_stage": a.zero_stage, "mesh": mesh, "remat": a.remat,
+              "attention": a.attention}
     dev = jax.devices()[0]
     cfg = nnx.eval_shape(lambda: jds.models.build(a.model)).config  # shapes only
     runs = [("jds_engine", lambda: bench_jds(a.model, a.batch, a.seq, a.steps, a.precision,
@@ -133,7 +141,7 @@ def main() -> None:
             "n_devices": jax.device_count(), "model": a.model, "batch": a.batch, "seq": a.seq,
             "precision": a.precision, "s_per_step": s, "tokens_per_s": tps,
             "layout": layout if name == "jds_engine" else {"zero_stage": 0, "mesh": {},
-                                                           "remat": "none"},
+                                                           "remat": "none", "attention": None},
             "flops_per_token": train_flops_per_token(cfg, a.seq),
             "mfu": mfu(tps, cfg, a.seq, jax.device_count()),
         }

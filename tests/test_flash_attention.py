@@ -191,3 +191,33 @@ def test_dispatcher_routes_to_the_pallas_kernel():
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)
     with pytest.raises(ValueError, match="implementation must be"):
         dot_product_attention(q, k, v, implementation="cudnn-ish")
+
+
+def test_cudnn_entry_is_refused_off_gpu_with_the_fix():
+    from jds.kernels.attention import dot_product_attention
+
+    q = jnp.zeros((1, 16, 2, 64), jnp.bfloat16)
+    with pytest.raises(ValueError, match="needs an NVIDIA GPU.*'xla'"):
+        dot_product_attention(q, q, q, implementation="cudnn")
+
+
+@pytest.mark.gpu
+@on_gpu
+@pytest.mark.parametrize("H,K", [(64, 2), (128, 1)])
+def test_gpu_cudnn_entry_matches_reference(H, K):
+    from jds.kernels.attention import dot_product_attention
+
+    q, k, v, _, do = _inputs(2, 256, 256, 8, K, H, jnp.bfloat16, False, seed=H)
+
+    def cudnn(q, k, v):
+        return dot_product_attention(q, k, v, causal=True, implementation="cudnn")
+
+    def ref(q, k, v):
+        f32 = (x.astype(jnp.float32) for x in (q, k, v))
+        return attention_reference(*f32, causal=True)
+
+    got = jax.jit(lambda *a: _out_and_grads(cudnn, *a))(q, k, v, do)
+    want = jax.jit(lambda *a: _out_and_grads(ref, *a))(q, k, v, do)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
+        err = _rel_err(g, w)
+        assert err < RTOL[jnp.bfloat16], f"{name}: relative error {err:.2e}"

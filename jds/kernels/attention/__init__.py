@@ -4,7 +4,8 @@
 ``jax.nn.dot_product_attention`` everywhere (it handles grouped-query attention natively and
 lets XLA fuse); jds's Pallas flash attention (``pallas_gpu.py``, forward and backward) is
 selected with ``implementation="pallas"`` until a GPU measurement makes it the default there,
-and JAX's splash attention for TPU (``pallas_tpu.py``) with ``"pallas_tpu"``.
+JAX's splash attention for TPU (``pallas_tpu.py``) with ``"pallas_tpu"``, and cuDNN's fused
+attention (``jax.nn.dot_product_attention(implementation="cudnn")``) with ``"cudnn"``.
 ``attention_reference`` is the spec each entry is tested against.
 
 A Pallas call is opaque to XLA's partitioner. Under sharding rules (``use_rules``) with a
@@ -27,10 +28,11 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from jds.kernels.attention.reference import attention_reference
-from jds.kernels.platform import target_platform
+from jds.kernels.platform import is_gpu, target_platform
 
-IMPLEMENTATIONS: tuple[str, ...] = ("xla", "pallas", "pallas_interpret", "pallas_tpu",
+IMPLEMENTATIONS: tuple[str, ...] = ("xla", "cudnn", "pallas", "pallas_interpret", "pallas_tpu",
                                     "pallas_tpu_interpret")
+_CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 def check_implementation(name: str | None) -> None:
@@ -96,7 +98,9 @@ def dot_product_attention(
       causal: causal mask (aligned at the end when ``seq_q < seq_kv``).
       segment_ids: optional ``[batch, seq]`` packing ids (needs ``seq_q == seq_kv``).
       sm_scale: softmax scale; default ``head_dim ** -0.5``.
-      implementation: ``None``/``"xla"`` (XLA, today's default everywhere), ``"pallas"``
+      implementation: ``None``/``"xla"`` (XLA, today's default everywhere), ``"cudnn"``
+        (cuDNN's fused flash attention; NVIDIA GPUs; bf16/fp16 self-attention without
+        segment ids, the cases cuDNN takes: other calls run the XLA path), ``"pallas"``
         (jds's Pallas flash attention, ``pallas_gpu.flash_attention``; GPU),
         ``"pallas_tpu"`` (splash attention behind ``pallas_tpu.flash_attention``; TPU), or
         ``"pallas_interpret"`` / ``"pallas_tpu_interpret"`` (the same kernels interpreted:
@@ -108,7 +112,7 @@ def dot_product_attention(
       ``[batch, seq_q, heads, head_dim]`` in q's dtype.
 
     Raises:
-      ValueError: on mismatched shapes.
+      ValueError: on mismatched shapes, or ``"cudnn"`` when not building for a GPU.
     """
     if q_BTNH.ndim != 4 or k_BSKH.ndim != 4 or v_BSKH.shape != k_BSKH.shape:
         raise ValueError(
@@ -131,9 +135,24 @@ def dot_product_attention(
         kernel = functools.partial(splash_attention, causal=causal, sm_scale=sm_scale,
                                    interpret=implementation == "pallas_tpu_interpret")
         return _per_shard(kernel, q_BTNH, k_BSKH, v_BSKH, segment_ids)
+    if implementation == "cudnn":
+        if not is_gpu(target_platform()):
+            raise ValueError(f"attention implementation 'cudnn' needs an NVIDIA GPU; building "
+                             f"for {target_platform()!r}. Use None/'xla' (attention_impl in "
+                             "the model config)")
+        T, S = q_BTNH.shape[1], k_BSKH.shape[1]
+        if (segment_ids is None and not (causal and T != S)
+                and jnp.dtype(q_BTNH.dtype) in _CUDNN_DTYPES):
+            def kernel(q, k, v, segment_ids=None):
+                return jax.nn.dot_product_attention(q, k, v, scale=sm_scale, is_causal=causal,
+                                                    implementation="cudnn")
+            # Per shard like the Pallas kernels: no reliance on the custom call's own
+            # partitioning rules under every layout.
+            return _per_shard(kernel, q_BTNH, k_BSKH, v_BSKH, None)
+        implementation = "xla"
     if implementation not in (None, "xla"):
-        raise ValueError(f"implementation must be None, 'xla', 'pallas', 'pallas_interpret', "
-                         f"'pallas_tpu' or 'pallas_tpu_interpret'; got {implementation!r}")
+        raise ValueError(f"implementation must be None or one of {list(IMPLEMENTATIONS)}; "
+                         f"got {implementation!r}")
     if q_BTNH.dtype == jnp.float16 and target_platform() == "cpu":
         f32 = [x.astype(jnp.float32) for x in (q_BTNH, k_BSKH, v_BSKH)]
         out = dot_product_attention(
