@@ -16,6 +16,7 @@ One JSON object per result line:
 
     python scripts/bench_decode.py                                    # llama-tiny, CPU
     python scripts/bench_decode.py --model path/to/hf_llama_1b --max-seqs 32   # a GPU
+    python scripts/bench_decode.py --model llama-1b --attention pallas         # GPU kernel
 """
 
 from __future__ import annotations
@@ -83,20 +84,22 @@ def main() -> None:
     ap.add_argument("--max-batch-tokens", type=int, default=256)
     ap.add_argument("--max-tokens", type=int, default=512)
     ap.add_argument("--dtypes", default="bfloat16,int8")
+    ap.add_argument("--attention", default="reference", choices=["reference", "pallas"],
+                    help="paged attention: the XLA reference or the Pallas kernel (GPU)")
     a = ap.parse_args()
     dev = jax.devices()[0]
     bw = copy_bandwidth()
     rng = np.random.default_rng(0)
     for dtype in a.dtypes.split(","):
         cfg = {"dtype": dtype, "max_seqs": a.max_seqs, "max_batch_tokens": a.max_batch_tokens,
-               "max_tokens": a.max_tokens}
+               "max_tokens": a.max_tokens, "attention": a.attention}
         engine = jds.init_inference(a.model, cfg, devices=jax.devices()[:1])
         V = engine.vocab_size
         wb = engine.weight_bytes()
         weights = wb["layers"] + wb["other"]
         tps = decode_b1(engine, rng.integers(0, V, a.prompt_len).tolist(), a.decode_tokens)
         base = {"device": f"{dev.platform}:{dev.device_kind}", "model": a.model,
-                "dtype": dtype}
+                "dtype": dtype, "attention": a.attention}
         print(json.dumps({"bench": "decode_b1", **base, "tokens_per_s": tps,
                           "weight_bytes": weights, "copy_bytes_per_s": bw,
                           "bandwidth_limit_tokens_per_s": bw / weights,

@@ -3,6 +3,7 @@ cache bookkeeping, continuous batching with SplitFuse, int8 weights, sampling, e
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 
@@ -314,3 +315,13 @@ def test_serves_a_jds_training_checkpoint(tmp_path):
     engine.close()
     want = jds.init_inference(engine.model, SMALL).generate(PROMPTS[:2], 6)
     assert jds.init_inference(str(tmp_path), SMALL).generate(PROMPTS[:2], 6) == want
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA device")
+def test_gpu_pallas_paged_attention_serves_the_same_tokens():
+    model = jds.models.build("llama-tiny", vocab_size=V, max_position_embeddings=64)
+    cfg = {**SMALL, "max_seqs": 2, "max_batch_tokens": 8, "dtype": "float32"}
+    want = jds.init_inference(model, cfg).generate(PROMPTS[:2], 5)
+    assert jds.init_inference(model, {**cfg, "attention": "pallas"}).generate(
+        PROMPTS[:2], 5) == want

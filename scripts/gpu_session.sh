@@ -1,0 +1,126 @@
+#!/usr/bin/env bash
+# Every GPU check and benchmark the open issues owe, in phases that each fit one 10-minute
+# device call. Written for the lent H100/H200 (their image has jax with CUDA, flax, optax,
+# orbax, torch, transformers, pytest; not pydantic or tensorboardX, which travel as wheels).
+#
+# Here, once per session (downloads into .whl/, which git ignores):
+#     bash scripts/gpu_session.sh wheels
+# On the device (the tool's `run`, with carry [".whl"]), one phase or several per call:
+#     bash scripts/gpu_session.sh env tests          # ~3 min: versions, GPU-marked tests
+#     bash scripts/gpu_session.sh attention int8     # ~6 min: issue 7 benchmarks
+#     bash scripts/gpu_session.sh decode             # ~6 min: issue 8 benchmarks
+#     bash scripts/gpu_session.sh train125m          # ~6 min: issue 3, llama-125m
+#     bash scripts/gpu_session.sh train1b            # ~7 min: issue 3, llama-1b
+# Each phase writes $OUT/<phase>.jsonl (one JSON object per result) and $OUT/<phase>.log,
+# and prints a short summary last. Record the figures, dated, in docs/benchmarks.md.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/jds_gpu_out}
+mkdir -p "$OUT"
+PY=${PY:-python3}
+
+wheels() {
+  mkdir -p .git/info
+  grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+  $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 -d .whl \
+    "pydantic==2.13.4" "pydantic-core==2.46.4" "annotated-types==0.8.0" \
+    "typing-inspection==0.4.5" "tensorboardx==2.6.5"
+  ls -la .whl
+}
+
+setup() {
+  if [ -d .whl ]; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:$PWD
+  else
+    export PYTHONPATH=$PWD
+  fi
+  export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda} PYTHONUNBUFFERED=1
+  # Keep XLA from grabbing 75% of the card up front only where a phase runs two programs.
+  export XLA_PYTHON_CLIENT_PREALLOCATE=false
+}
+
+# run PHASE LIMIT_S COMMAND...: stdout lines that are JSON go to PHASE.jsonl, all to PHASE.log.
+run() {
+  local phase=$1 limit=$2
+  shift 2
+  echo "## $phase: $*" | tee -a "$OUT/$phase.log"
+  timeout "$limit" "$@" 2>>"$OUT/$phase.log" | tee -a "$OUT/$phase.log" \
+    | grep '^{' >> "$OUT/$phase.jsonl"
+  local rc=${PIPESTATUS[0]}
+  [ "$rc" = 0 ] || echo "!! $phase: exit $rc (timeout 124) for: $*" | tee -a "$OUT/$phase.log"
+}
+
+phase_env() {
+  { nvidia-smi -L; nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv
+    $PY -c "import jax, jaxlib, flax, optax; print(jax.__version__, jaxlib.__version__, \
+flax.__version__, optax.__version__, jax.devices())"
+    $PY -c "import jds; print('jds imports')"; } 2>&1 | tee "$OUT/env.log"
+}
+
+phase_tests() {
+  # GPU-marked parity tests (compiled Pallas/Triton kernels, cuDNN, paged attention) and the
+  # lowering tests. conftest sets JAX_PLATFORMS=cpu only when unset.
+  run tests 420 $PY -m pytest -q -m gpu -p no:cacheprovider \
+    tests/test_flash_attention.py tests/test_quant.py tests/test_inference.py -x
+  tail -5 "$OUT/tests.log"
+}
+
+phase_attention() {
+  run attention 300 $PY scripts/bench_attention.py --seqs 1024,2048,4096,8192,16384 \
+    --head-dims 64,128
+}
+
+phase_int8() {
+  run int8 240 $PY scripts/bench_int8.py --ms 1,8,16,64,256,1024,4096 --ks 4096,8192
+}
+
+phase_decode() {
+  run decode 200 $PY scripts/bench_decode.py --model llama-1b --max-tokens 1024 \
+    --max-seqs 32 --requests 96 --dtypes bfloat16,int8
+  run decode 150 $PY scripts/bench_decode.py --model llama-1b --max-tokens 1024 \
+    --max-seqs 32 --requests 96 --dtypes bfloat16 --attention pallas
+}
+
+phase_train125m() {
+  for attn in xla cudnn pallas; do
+    run train125m 150 $PY scripts/bench_train.py --model llama-125m --batch 16 --seq 2048 \
+      --steps 10 --precision bf16 --attention $attn $([ $attn = xla ] || echo --skip-baseline)
+  done
+}
+
+phase_train1b() {
+  for attn in xla cudnn; do
+    run train1b 250 $PY scripts/bench_train.py --model llama-1b --batch 8 --seq 2048 \
+      --steps 8 --precision bf16 --remat dots --attention $attn --skip-baseline
+  done
+}
+
+summary() {
+  [ -f "$OUT/$1.jsonl" ] || return 0
+  echo "== $1"
+  $PY - "$OUT/$1.jsonl" <<'EOF'
+import json, sys
+keys = ("bench", "impl", "dtype", "attention", "seq", "head_dim", "causal", "pass", "M", "K",
+        "model", "tflops", "speedup_vs_bf16", "speedup", "tokens_per_s", "mfu",
+        "fraction_of_limit", "continuous_tokens_per_s", "static_tokens_per_s", "layout")
+for line in open(sys.argv[1]):
+    row = json.loads(line)
+    print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
+           if k in keys})
+EOF
+}
+
+[ $# -gt 0 ] || { echo "usage: $0 wheels | {env,tests,attention,int8,decode,train125m,train1b}..."; exit 2; }
+if [ "$1" = wheels ]; then wheels; exit; fi
+for phase in "$@"; do
+  declare -F "phase_$phase" >/dev/null || { echo "unknown phase $phase"; exit 2; }
+done
+setup
+for phase in "$@"; do
+  "phase_$phase"
+done
+for phase in "$@"; do summary "$phase"; done
