@@ -152,8 +152,9 @@ def test_inference_refuses_the_gpu_paged_kernel_off_gpu():
         jds.init_inference(model, {"attention": "pallas", "max_tokens": 32})
 
 
-def test_int8_inference_under_tensor_parallelism_multiplies_each_shard_for_gpu():
-    """Lowered for a GPU from this host, the int8 serving step runs the Triton W8A16 kernel on
+@pytest.mark.parametrize("platform,marker", [("cuda", TRITON), ("tpu", "tpu_custom_call")])
+def test_int8_inference_under_tensor_parallelism_multiplies_each_shard(platform, marker):
+    """Lowered for a GPU or TPU from this host, the int8 serving step runs the W8A16 kernel on
     each device's weight shard: no int8 weight is gathered whole before the kernel."""
     import re
 
@@ -162,16 +163,16 @@ def test_int8_inference_under_tensor_parallelism_multiplies_each_shard_for_gpu()
     model = jds.models.build("llama-tiny", vocab_size=64, max_position_embeddings=64)
     engine = jds.init_inference(model, {"dtype": "int8", "tensor_parallel": {"tp_size": 2},
                                         "max_tokens": 64, "max_seqs": 2})
-    hlo = engine.lower_step(1, platform="cuda").as_text()
+    hlo = engine.lower_step(1, platform=platform).as_text()
+    assert marker in hlo
     cfg = model.config
     D, F = cfg.hidden_size, cfg.intermediate_size
     # The kernels' weight operands (identical calls share one function in the text).
-    weights = set(re.findall(r"custom_call @__gpu\$xla\.gpu\.triton\(.*?\) \{.*?"
-                             r'name = "int8_w8a16_matmul".*?\} : \(tensor<\d+x\d+xbf16>, '
-                             r"tensor<(\d+)x(\d+)xi8>", hlo))
-    half = {(D, F // 2), (F // 2, D)}  # w_gate/w_up column-split, w_down row-split
-    assert half <= {(int(a), int(b)) for a, b in weights}
-    assert not {(D, F), (F, D)} & {(int(a), int(b)) for a, b in weights}
+    weights = {(int(a), int(b)) for a, b in re.findall(
+        r"func\.func private @_w8a16_call\w*\(%arg0: tensor<\d+x\d+xbf16>, "
+        r"%arg1: tensor<(\d+)x(\d+)xi8>", hlo)}
+    assert {(D, F // 2), (F // 2, D)} <= weights  # w_gate/w_up column-split, w_down row-split
+    assert not {(D, F), (F, D)} & weights
     # Row-parallel o and down projections: one all-reduce each in the layer body.
     assert hlo.count('"stablehlo.all_reduce"') == 2
     # Compiled here (XLA reference inside the same per-shard map): no int8 weight gathered.
