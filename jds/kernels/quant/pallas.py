@@ -25,6 +25,10 @@ slices them off; the decode case M = 1..16 runs one 16-row tile). K and N must b
 ``block_k`` / ``block_n``: the wrapper raises a ValueError naming the dims otherwise (padding
 the weight on every call would copy it, which is the cost this kernel exists to avoid).
 
+The W8A16 kernel is differentiable in x and the scales (a custom VJP in plain XLA; the int8
+weight gets no cotangent), so adapters can be trained over frozen int8 weights; W8A8 is
+inference-only.
+
 On GPU the kernels are lowered through Triton (``jax.experimental.pallas.triton``
 ``CompilerParams``); without that jax >= 0.10 defaults to Mosaic GPU, whose ``pallas_call``
 path is deprecated. Triton needs power-of-two tiles of at least 16 per dot dimension.
@@ -38,6 +42,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 
 from jds.kernels.platform import is_gpu, target_platform
@@ -269,11 +274,42 @@ def int8_matmul_pallas(
     blocks = resolve_block_sizes(x2.shape[0], k, n, group_size, block_m, block_n, block_k)
     target = _target(platform)
     _check_backend(blocks, interpret, target)
-    out = _w8a16_call(
-        x2, w_int8_KN, scale, group_size=group_size, blocks=blocks, interpret=interpret,
-        target=target,
-    )
+    call = functools.partial(_w8a16_call, group_size=group_size, blocks=blocks,
+                             interpret=interpret, target=target)
+    out = _w8a16_differentiable(x2, w_int8_KN, scale, call)
     return out.reshape(*lead, n)
+
+
+# The kernel is forward-only (a pallas_call has no transpose). Its VJP is plain XLA:
+# dx = g @ dequantize(w).T, scaled per group before the product so no dequantized weight is
+# materialised; dscale[g, n] = sum_m g[m, n] * (x_g @ q_g)[m, n], which XLA drops when nothing
+# asks for it (frozen int8 weights, e.g. adapters trained over them); no cotangent for the int8
+# weight (an integer input: float0).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _w8a16_differentiable(x_MK, w_int8_KN, scale, call):
+    return call(x_MK, w_int8_KN, scale)
+
+
+def _w8a16_fwd(x_MK, w_int8_KN, scale, call):
+    return call(x_MK, w_int8_KN, scale), (x_MK, w_int8_KN, scale)
+
+
+def _w8a16_bwd(call, res, g_MN):
+    x_MK, w_int8_KN, scale = res
+    (m, k), n, groups = x_MK.shape, w_int8_KN.shape[1], scale.shape[0]
+    hi = jax.lax.Precision.HIGHEST
+    q_GKN = w_int8_KN.reshape(groups, k // groups, n).astype(jnp.float32)
+    g_MN = g_MN.astype(jnp.float32)
+    gs_MGN = g_MN[:, None, :] * scale.astype(jnp.float32)[None]
+    dx = jnp.einsum("mgn,gkn->mgk", gs_MGN, q_GKN, precision=hi).reshape(m, k)
+    part_MGN = jnp.einsum("mgk,gkn->mgn", x_MK.astype(jnp.float32).reshape(m, groups, -1),
+                          q_GKN, precision=hi)
+    dscale = jnp.einsum("mn,mgn->gn", g_MN, part_MGN, precision=hi)
+    dw = np.zeros(w_int8_KN.shape, jax.dtypes.float0)
+    return dx.astype(x_MK.dtype), dw, dscale.astype(scale.dtype)
+
+
+_w8a16_differentiable.defvjp(_w8a16_fwd, _w8a16_bwd)
 
 
 # --------------------------------------------------------------------------------------------
