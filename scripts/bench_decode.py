@@ -47,7 +47,7 @@ def copy_bandwidth(n_bytes: int = 256 << 20) -> float:
 
 def decode_b1(engine, prompt: list[int], n: int) -> float:
     """Tokens per second of one sequence's decode steps (its prefill not timed)."""
-    engine.generate([prompt], 2)  # compile the prefill and decode buckets
+    engine.generate([prompt], n + 1)  # compile every (tokens, context) bucket it will meet
     rid = engine.submit(prompt, n + 1)
     engine.step()  # prefill (and the first token)
     t0 = time.perf_counter()
@@ -107,7 +107,8 @@ def main() -> None:
         reqs = [(rng.integers(0, V, int(rng.integers(8, 257))).tolist(),
                  int(rng.integers(4, 129))) for _ in range(a.requests)]
         reqs = [(p[: a.max_tokens - n - 1], n) for p, n in reqs]
-        workload(engine, reqs[: a.max_seqs], static=False)  # compile every bucket
+        workload(engine, reqs, static=False)  # compile every bucket both runs meet
+        workload(engine, reqs, static=True)
         cont_s, cont_n = workload(engine, reqs, static=False)
         stat_s, stat_n = workload(engine, reqs, static=True)
         print(json.dumps({"bench": "workload", **base, "requests": a.requests,

@@ -22,7 +22,6 @@ in bf16 with fp32 accumulation.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import warnings
@@ -42,6 +41,7 @@ from jds.inference.kv_cache import (
     SCRATCH_BLOCK,
     BlockAllocator,
     paged_attention_reference,
+    storage_dtype,
     write_pages,
 )
 from jds.inference.scheduler import Request, Scheduler, Work
@@ -258,7 +258,8 @@ class InferenceEngine:
         page_spec = logical_to_spec((None, None, None, "kv_heads", "head_dim"), self.rules,
                                     mesh=self.mesh, shape=(L, n_blocks, bs, K, H), what="cache")
         self._page_sharding = NamedSharding(self.mesh, page_spec)
-        zeros = jax.jit(lambda: jnp.zeros((L, n_blocks, bs, K, H), self.dtype),
+        cache_dtype = storage_dtype(self.dtype, platform)
+        zeros = jax.jit(lambda: jnp.zeros((L, n_blocks, bs, K, H), cache_dtype),
                         out_shardings=self._page_sharding)
         self.k_pages, self.v_pages = zeros(), zeros()
         self._step = jax.jit(self._forward, donate_argnums=(1, 2))
@@ -276,43 +277,55 @@ class InferenceEngine:
             layer = model.layer_fn()
             ids_1N, pos_1N = b["tokens"][None], b["positions"][None]
             x_1ND = model.embed(ids_1N, pos_1N)
-            def body(x_1ND, xs):
-                p_l, pk, pv = xs
+
+            # The cache rides in the scan's carry and each layer writes its slice in place;
+            # as scanned inputs and outputs it would be copied whole on every pass.
+            def body(carry, xs):
+                x_1ND, k_pages, v_pages = carry
+                p_l, l = xs
                 new = {}
 
                 def attend(q_1NQH, k_1NKH, v_1NKH):
-                    new["k"] = write_pages(pk, k_1NKH[0], b["block"], b["offset"])
-                    new["v"] = write_pages(pv, v_1NKH[0], b["block"], b["offset"])
+                    new["k"] = write_pages(k_pages, k_1NKH[0], b["block"], b["offset"], l)
+                    new["v"] = write_pages(v_pages, v_1NKH[0], b["block"], b["offset"], l)
                     o = self._attention(q_1NQH[0], new["k"], new["v"], b["tables"],
-                                        b["positions"])
+                                        b["positions"], l)
                     return o[None]
 
                 x_1ND = layer(p_l, x_1ND, pos_1N, attend)
-                return x_1ND, (new["k"], new["v"])
+                return (x_1ND, new["k"], new["v"]), None
 
-            x_1ND, (k_pages, v_pages) = jax.lax.scan(
-                body, x_1ND, (params["layers"], k_pages, v_pages))
+            n_layers = k_pages.shape[0]
+            (x_1ND, k_pages, v_pages), _ = jax.lax.scan(
+                body, (x_1ND, k_pages, v_pages),
+                (params["layers"], jnp.arange(n_layers, dtype=jnp.int32)))
             h_1SD = x_1ND[:, b["last"]]
             logits_SV = model.head(h_1SD)[0].astype(jnp.float32)
             tokens_S = _sample(logits_SV, b["temperature"], b["top_k"], b["top_p"], b["seed"],
                                b["sample_pos"])
         return k_pages, v_pages, tokens_S, logits_SV
 
-    def _attention(self, q_NQH, k_pages, v_pages, tables_NM, positions_N):
+    def _attention(self, q_NQH, k_pages, v_pages, tables_NM, positions_N, layer):
+        """Attention of the pass's tokens over the stacked cache's ``layer``."""
         impl = self.config.attention
         if impl == "reference":
-            return paged_attention_reference(q_NQH, k_pages, v_pages, tables_NM, positions_N)
+            return paged_attention_reference(q_NQH, k_pages, v_pages, tables_NM, positions_N,
+                                             layer=layer)
         from jds.kernels.attention.paged import paged_attention
 
-        kernel = functools.partial(paged_attention, interpret=impl == "pallas_interpret")
+        def kernel(q, kp, vp, tables, positions, layer):
+            return paged_attention(q, kp, vp, tables, positions, layer=layer,
+                                   interpret=impl == "pallas_interpret")
+
         if self.config.tp_size == 1:
-            return kernel(q_NQH, k_pages, v_pages, tables_NM, positions_N)
+            return kernel(q_NQH, k_pages, v_pages, tables_NM, positions_N, layer)
         # A Pallas call is opaque to XLA's partitioner: run it per tensor-parallel rank on
         # that rank's heads and kv heads.
-        heads, pages, rep = P(None, "tensor", None), P(None, None, "tensor", None), P()
-        return jax.shard_map(kernel, mesh=self.mesh, in_specs=(heads, pages, pages, rep, rep),
+        heads, pages, rep = P(None, "tensor", None), P(None, None, None, "tensor", None), P()
+        return jax.shard_map(kernel, mesh=self.mesh,
+                             in_specs=(heads, pages, pages, rep, rep, rep),
                              out_specs=heads, check_vma=False)(
-            q_NQH, k_pages, v_pages, tables_NM, positions_N)
+            q_NQH, k_pages, v_pages, tables_NM, positions_N, layer)
 
     # ------------------------------------------------------------------ requests
     def submit(self, prompt: Sequence[int], max_new_tokens: int = 16, *,
@@ -354,13 +367,23 @@ class InferenceEngine:
         """Tokens per pass padded to a power of two (16 at least): few distinct shapes."""
         return min(max(16, 1 << (n - 1).bit_length()), max(self.config.max_batch_tokens, 16))
 
+    def _table_width(self, n_blocks: int) -> int:
+        """Block-table columns for a pass whose longest sequence holds ``n_blocks`` blocks:
+        a power of two, at least ``max_blocks / 16`` (so at most 5 widths are compiled), at
+        most ``max_blocks``. The reference attention gathers every column for every token,
+        so short contexts should not pay for the longest possible one."""
+        floor = max(1, self.max_blocks // 16)
+        return min(self.max_blocks, max(floor, 1 << max(n_blocks - 1, 0).bit_length()))
+
     def _batch(self, work: list[Work], n: int | None = None) -> dict[str, np.ndarray]:
         cfg = self.config
         N = self._bucket(sum(w.stop - w.start for w in work) if n is None else n)
+        tables = {w.request.rid: self.allocator.table(w.request.rid) for w in work}
+        M = self._table_width(max((len(t) for t in tables.values()), default=1))
         S, bs = cfg.max_seqs, cfg.kv_block_size
         b = {"tokens": np.zeros(N, np.int32), "positions": np.zeros(N, np.int32),
              "block": np.full(N, SCRATCH_BLOCK, np.int32), "offset": np.zeros(N, np.int32),
-             "tables": np.full((N, self.max_blocks), SCRATCH_BLOCK, np.int32),
+             "tables": np.full((N, M), SCRATCH_BLOCK, np.int32),
              "last": np.zeros(S, np.int32), "temperature": np.zeros(S, np.float32),
              "top_k": np.zeros(S, np.int32), "top_p": np.zeros(S, np.float32),
              "seed": np.zeros(S, np.int32), "sample_pos": np.zeros(S, np.int32)}
@@ -368,7 +391,7 @@ class InferenceEngine:
         for w in work:
             r = w.request
             toks = r.tokens()[w.start:w.stop]
-            table = self.allocator.table(r.rid)
+            table = tables[r.rid]
             pos = np.arange(w.start, w.stop)
             sl = slice(i, i + len(toks))
             b["tokens"][sl], b["positions"][sl] = toks, pos

@@ -38,17 +38,24 @@ from jax.experimental.pallas import triton as plgpu
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
-def _kernel(q_ref, k_ref, v_ref, t_ref, p_ref, o_ref, *, block_size: int, scale: float):
+def _kernel(q_ref, k_ref, v_ref, t_ref, p_ref, l_ref, o_ref, *, block_size: int,
+            scale: float):
+    # k_ref/v_ref: the whole stacked pool [layers, blocks, bs, H] of this kv head (a pointer
+    # on GPU); l_ref: the layer.
     q = q_ref[...].astype(jnp.float32) * scale  # [G, H]
     G, H = q.shape
     pos = p_ref[0]
+    layer = l_ref[0]
     n_blocks = lax.div(pos, block_size) + 1
 
     def body(j, carry):
         m, l, acc = carry
         blk = t_ref[j]
-        k = k_ref[blk].astype(jnp.float32)  # [bs, H]
-        v = v_ref[blk].astype(jnp.float32)
+        k, v = k_ref[layer, blk], v_ref[layer, blk]  # [bs, H]
+        if k.dtype == jnp.uint16:  # a CPU cache's raw bits of q's dtype
+            k = lax.bitcast_convert_type(k, q_ref.dtype)
+            v = lax.bitcast_convert_type(v, q_ref.dtype)
+        k, v = k.astype(jnp.float32), v.astype(jnp.float32)
         s = jnp.sum(q[:, None, :] * k[None, :, :], axis=-1)  # [G, bs]
         kpos = j * block_size + lax.broadcasted_iota(jnp.int32, (1, block_size), 1)
         s = jnp.where(kpos <= pos, s, _MASK_VALUE)
@@ -73,16 +80,19 @@ def paged_attention(
     positions_N: jax.Array,
     *,
     sm_scale: float | None = None,
+    layer: jax.Array | int | None = None,
     interpret: bool = False,
 ) -> jax.Array:
     """Causal attention of a flat batch of tokens over their paged KV cache (Pallas).
 
     Args:
       q_NQH: queries ``[tokens, heads, head_dim]``; heads a multiple of kv_heads.
-      k_pages, v_pages: ``[num_blocks, block_size, kv_heads, head_dim]``.
+      k_pages, v_pages: ``[num_blocks, block_size, kv_heads, head_dim]``, or with ``layer``
+        the stacked cache ``[layers, num_blocks, ...]`` (read in place, never sliced).
       tables_NM: int32 ``[tokens, max_blocks]``: each token's sequence block table.
       positions_N: int32 ``[tokens]``: each token's position (it sees ``0..position``).
       sm_scale: softmax scale; default ``head_dim ** -0.5``.
+      layer: the layer of a stacked cache (an int or a traced scalar), or None.
       interpret: run the Pallas interpreter (any backend; tests on CPU).
 
     Returns:
@@ -92,7 +102,9 @@ def paged_attention(
       ValueError: mismatched shapes.
     """
     N, Q, H = q_NQH.shape
-    B, bs, K, Hk = k_pages.shape
+    if layer is None:
+        k_pages, v_pages, layer = k_pages[None], v_pages[None], 0
+    L, B, bs, K, Hk = k_pages.shape
     if v_pages.shape != k_pages.shape or Hk != H or Q % K:
         raise ValueError(f"paged_attention: q {q_NQH.shape}, k_pages {k_pages.shape}, v_pages "
                          f"{v_pages.shape}: need equal page shapes, the same head_dim and heads "
@@ -122,17 +134,19 @@ def paged_attention(
         grid=(N, K),
         in_specs=[
             pl.BlockSpec((None, None, Gp, H), lambda n, k: (n, k, 0, 0)),
-            pl.BlockSpec((B, bs, None, H), lambda n, k: (0, 0, k, 0)),
-            pl.BlockSpec((B, bs, None, H), lambda n, k: (0, 0, k, 0)),
+            pl.BlockSpec((L, B, bs, None, H), lambda n, k: (0, 0, 0, k, 0)),
+            pl.BlockSpec((L, B, bs, None, H), lambda n, k: (0, 0, 0, k, 0)),
             pl.BlockSpec((None, M), lambda n, k: (n, 0)),
             pl.BlockSpec((1,), lambda n, k: (n,)),
+            pl.BlockSpec((1,), lambda n, k: (0,)),
         ],
         out_specs=pl.BlockSpec((None, None, Gp, H), lambda n, k: (n, k, 0, 0)),
         out_shape=jax.ShapeDtypeStruct((N, K, Gp, H), q_NQH.dtype),
         interpret=interpret,
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
         name="jds_paged_attention",
-    )(q_NKGH, k_pages, v_pages, tables_NM.astype(jnp.int32), positions_N.astype(jnp.int32))
+    )(q_NKGH, k_pages, v_pages, tables_NM.astype(jnp.int32), positions_N.astype(jnp.int32),
+      jnp.asarray(layer, jnp.int32).reshape(1))
     out = out[:, :, :G] if Gp != G else out
     return out.reshape(N, Q, H)
 
