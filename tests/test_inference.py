@@ -91,6 +91,28 @@ def test_continuous_batching_equals_each_request_alone():
     assert engine.scheduler.idle and not engine.allocator.sequences()
 
 
+def test_multi_step_decoding_equals_one_step_at_a_time():
+    """decode_steps=4 (several passes per call, tokens fed back on the device) gives what
+    one pass per call gives: greedy with a stop token, seeded sampling, uneven lengths."""
+    model = jds.models.build("llama-tiny", vocab_size=V, max_position_embeddings=64)
+    prompts = [[5, 17, 3], [60, 2], [9] * 6]
+    one = jds.init_inference(model, {**SMALL, "decode_steps": 1})
+    many = jds.init_inference(model, {**SMALL, "decode_steps": 4})
+    greedy = one.generate(prompts, 11)
+    stop = greedy[1][5]  # ends the second request after its 6th token
+    for kwargs in ({}, {"stop_tokens": [stop]}, {"temperature": 0.9, "top_k": 20, "seed": 3}):
+        want = one.generate(prompts, 11, **kwargs)
+        assert many.generate(prompts, 11, **kwargs) == want, kwargs
+    assert len(want[0]) == 11 and many.allocator.num_free == many.allocator.capacity
+    # It ran: every request past its prompt went four steps per call.
+    calls = 0
+    rids = [many.submit(p, 9) for p in prompts]
+    while any(many.result(r).finish_reason is None for r in rids):
+        many.step()
+        calls += 1
+    assert calls <= 1 + 2 + 1  # prefill, two 4-step calls, the last token
+
+
 def test_splitfuse_packs_decodes_first_then_prompt_chunks():
     alloc = BlockAllocator(num_blocks=20, block_size=4)
     s = Scheduler(alloc, max_seqs=3, max_batch_tokens=8)

@@ -68,7 +68,12 @@ class InferenceConfig(BaseModel):
     (sequences batched at once), ``num_kv_blocks`` (default: room for ``max_seqs`` full
     sequences), ``attention``: ``"reference"`` (plain XLA, the default everywhere until the
     kernel is measured on a GPU), ``"pallas"`` (``jds.kernels.attention.paged``, GPU only) or
-    ``"pallas_interpret"`` (the same kernel interpreted; any backend, for tests).
+    ``"pallas_interpret"`` (the same kernel interpreted; any backend, for tests),
+    ``decode_steps``: when a pass would hold only decodes (every running sequence past its
+    prompt), run up to this many decode steps in one compiled call, the sampled tokens fed
+    back on the device. It divides the host's share of each step (planning, building the
+    batch, dispatch, reading the tokens back) by that many; a new request waits at most that
+    many steps longer to start, and streamed tokens arrive in groups of up to that many.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -81,6 +86,7 @@ class InferenceConfig(BaseModel):
     max_seqs: int = Field(16, ge=1)
     num_kv_blocks: int | None = Field(None, ge=2)
     attention: Literal["reference", "pallas", "pallas_interpret"] = "reference"
+    decode_steps: int = Field(4, ge=1)
 
     @field_validator("dtype", mode="before")
     @classmethod
@@ -263,6 +269,8 @@ class InferenceEngine:
                         out_shardings=self._page_sharding)
         self.k_pages, self.v_pages = zeros(), zeros()
         self._step = jax.jit(self._forward, donate_argnums=(1, 2))
+        self._decode = jax.jit(self._decode_steps, donate_argnums=(1, 2),
+                               static_argnames=("steps",))
         self._requests: dict[int, Request] = {}
 
     # ------------------------------------------------------------------ the compiled pass
@@ -304,6 +312,31 @@ class InferenceEngine:
             tokens_S = _sample(logits_SV, b["temperature"], b["top_k"], b["top_p"], b["seed"],
                                b["sample_pos"])
         return k_pages, v_pages, tokens_S, logits_SV
+
+    def _decode_steps(self, params, k_pages, v_pages, d, *, steps: int):
+        """``steps`` decode passes in one call: row ``s`` is slot ``s``; each pass feeds the
+        token the last one sampled. A row stops writing (to the scratch block) after its
+        ``d["steps"]`` active steps. Returns the cache and the tokens ``[steps, slots]``."""
+        S, bs = self.config.max_seqs, self.config.kv_block_size
+        rows = jnp.arange(S, dtype=jnp.int32)
+
+        def one(carry, j):
+            k_pages, v_pages, tok_N = carry
+            active = j < d["steps"]  # [N]; rows past S never are
+            pos = d["positions"] + j
+            block = jnp.take_along_axis(d["tables"], (pos // bs)[:, None], axis=1)[:, 0]
+            b = {"tokens": tok_N, "positions": jnp.where(active, pos, 0),
+                 "block": jnp.where(active, block, SCRATCH_BLOCK),
+                 "offset": jnp.where(active, pos % bs, 0), "tables": d["tables"],
+                 "last": rows, "temperature": d["temperature"], "top_k": d["top_k"],
+                 "top_p": d["top_p"], "seed": d["seed"], "sample_pos": pos[:S] + 1}
+            k_pages, v_pages, new_S, _ = self._forward(params, k_pages, v_pages, b)
+            tok_N = tok_N.at[:S].set(jnp.where(active[:S], new_S, tok_N[:S]))
+            return (k_pages, v_pages, tok_N), tok_N[:S]
+
+        (k_pages, v_pages, _), tokens_KS = jax.lax.scan(
+            one, (k_pages, v_pages, d["tokens"]), jnp.arange(steps, dtype=jnp.int32))
+        return k_pages, v_pages, tokens_KS
 
     def _attention(self, q_NQH, k_pages, v_pages, tables_NM, positions_N, layer):
         """Attention of the pass's tokens over the stacked cache's ``layer``."""
@@ -369,10 +402,10 @@ class InferenceEngine:
 
     def _table_width(self, n_blocks: int) -> int:
         """Block-table columns for a pass whose longest sequence holds ``n_blocks`` blocks:
-        a power of two, at least ``max_blocks / 16`` (so at most 5 widths are compiled), at
+        a power of two, at least ``max_blocks / 4`` (so at most 3 widths are compiled), at
         most ``max_blocks``. The reference attention gathers every column for every token,
         so short contexts should not pay for the longest possible one."""
-        floor = max(1, self.max_blocks // 16)
+        floor = max(1, self.max_blocks // 4)
         return min(self.max_blocks, max(floor, 1 << max(n_blocks - 1, 0).bit_length()))
 
     def _batch(self, work: list[Work], n: int | None = None) -> dict[str, np.ndarray]:
@@ -434,6 +467,12 @@ class InferenceEngine:
         work = self.scheduler.plan()
         if not work:
             return []
+        K = self.config.decode_steps
+        if (K > 1 and len(work) == len(self.scheduler.running)
+                and all(w.sample and w.stop - w.start == 1 and not w.request.prefilling
+                        for w in work)
+                and max(map(self._remaining, (w.request for w in work))) >= K):
+            return self._multi_step(work)
         b = self._batch(work)
         self.k_pages, self.v_pages, tokens_S, _ = self._step(self.params, self.k_pages,
                                                              self.v_pages, b)
@@ -442,19 +481,61 @@ class InferenceEngine:
         for w in work:
             r = w.request
             r.cached = w.stop
-            if not w.sample:
-                continue
-            tok = int(tokens_S[r.slot])
-            r.output.append(tok)
-            reason = None
-            if tok in r.stop_tokens:
-                reason = "stop"
-            elif len(r.output) >= r.max_new_tokens or len(r.tokens()) >= r.limit:
-                reason = "length"
-            if reason is not None:
-                self.scheduler.finish(r, reason)
-            events.append((r.rid, tok, reason is not None))
+            if w.sample:
+                events.append(self._emit(r, int(tokens_S[r.slot])))
         return events
+
+    @staticmethod
+    def _remaining(r: Request) -> int:
+        """Tokens ``r`` may still generate."""
+        return min(r.max_new_tokens - len(r.output), r.limit - len(r.tokens()))
+
+    def _multi_step(self, work: list[Work]) -> list[tuple[int, int, bool]]:
+        """``decode_steps`` decode passes of every running sequence in one call (one compiled
+        variant per table width; rows with fewer tokens left idle after theirs)."""
+        reqs = [w.request for w in work]
+        remaining = {r.rid: self._remaining(r) for r in reqs}
+        steps = self.config.decode_steps
+        S = self.config.max_seqs
+        tables = {r.rid: self.scheduler.extend(r, r.cached + min(steps, remaining[r.rid]))
+                  for r in reqs}
+        M = self._table_width(max(len(t) for t in tables.values()))
+        N = max(16, 1 << (S - 1).bit_length())
+        d = {"tokens": np.zeros(N, np.int32), "positions": np.zeros(N, np.int32),
+             "steps": np.zeros(N, np.int32),
+             "tables": np.full((N, M), SCRATCH_BLOCK, np.int32),
+             "temperature": np.zeros(S, np.float32), "top_k": np.zeros(S, np.int32),
+             "top_p": np.zeros(S, np.float32), "seed": np.zeros(S, np.int32)}
+        for r in reqs:
+            s, table = r.slot, tables[r.rid]
+            d["tokens"][s], d["positions"][s] = r.tokens()[-1], r.cached
+            d["steps"][s] = min(steps, remaining[r.rid])
+            d["tables"][s, :len(table)] = table
+            d["temperature"][s], d["top_k"][s] = r.temperature, r.top_k or 0
+            d["top_p"][s], d["seed"][s] = r.top_p or 0.0, r.seed
+        self.k_pages, self.v_pages, tokens_KS = self._decode(
+            self.params, self.k_pages, self.v_pages, d, steps=steps)
+        tokens_KS = np.asarray(tokens_KS)
+        events = []
+        for j in range(steps):
+            for r in reqs:
+                if r.finish_reason is not None or j >= d["steps"][r.slot]:
+                    continue
+                r.cached += 1
+                events.append(self._emit(r, int(tokens_KS[j, r.slot])))
+        return events
+
+    def _emit(self, r: Request, tok: int) -> tuple[int, int, bool]:
+        """Append a sampled token; finish the request on a stop token or its length."""
+        r.output.append(tok)
+        reason = None
+        if tok in r.stop_tokens:
+            reason = "stop"
+        elif len(r.output) >= r.max_new_tokens or len(r.tokens()) >= r.limit:
+            reason = "length"
+        if reason is not None:
+            self.scheduler.finish(r, reason)
+        return r.rid, tok, reason is not None
 
     def result(self, rid: int) -> Request:
         """The request ``rid`` (its ``output`` and ``finish_reason``)."""

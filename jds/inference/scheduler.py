@@ -157,6 +157,16 @@ class Scheduler:
             take(req, min(len(req.prompt), budget))
         return work
 
+    def extend(self, req: Request, n_tokens: int) -> list[int]:
+        """Hand ``req`` the blocks for its first ``n_tokens`` tokens out of its reservation
+        (multi-step decoding writes several positions per call). Returns its table."""
+        if n_tokens > req.total:
+            raise ValueError(f"request {req.rid} reserved {req.total} tokens, not {n_tokens}")
+        before = len(self.allocator.table(req.rid))
+        table = self.allocator.grow(req.rid, n_tokens)
+        self._reserved -= len(table) - before
+        return table
+
     def finish(self, req: Request, reason: str) -> None:
         """End a running request: free its slot and every KV block (reserved ones too)."""
         req.finish_reason = reason
