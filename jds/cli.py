@@ -70,7 +70,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     config = {"dtype": args.dtype, "tensor_parallel": {"tp_size": args.tp},
               "max_tokens": args.max_tokens, "kv_block_size": args.kv_block_size,
-              "max_batch_tokens": args.max_batch_tokens, "max_seqs": args.max_seqs}
+              "max_batch_tokens": args.max_batch_tokens, "max_seqs": args.max_seqs,
+              "decode_steps": args.decode_steps, "attention": args.attention}
     engine = init_inference(args.model, config)
     server = CompletionServer(engine, host=args.host, port=args.port,
                               model_name=os.path.basename(os.path.normpath(args.model)),
@@ -292,6 +293,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-batch-tokens", type=int, default=256,
                    help="tokens per forward pass (SplitFuse budget)")
     v.add_argument("--kv-block-size", type=int, default=16)
+    v.add_argument("--decode-steps", type=int, default=4,
+                   help="decode passes per compiled call when a pass holds only decodes "
+                   "(fewer host round trips; tokens stream in groups of up to this many)")
+    v.add_argument("--attention", default="reference", choices=("reference", "pallas"),
+                   help="paged attention: XLA (any backend) or the Pallas kernel (GPU)")
     v.set_defaults(func=_serve)
 
     c = sub.add_parser(
