@@ -327,10 +327,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def compilation_cache() -> str | None:
+    """Point XLA's persistent compilation cache at ``$JDS_COMPILATION_CACHE`` (default
+    ``~/.cache/jds/xla``; ``0`` or ``off`` turns it off). A second ``jds train``, a resume or
+    a restarted ``jds serve`` then loads its compiled programs instead of compiling them
+    (``jds train --steps 3`` on llama-tiny: 11.6 s, then 7.2 s). JAX keys every entry by the
+    program, devices, compile options and versions, and in multi-process runs one process
+    writes. ``JAX_COMPILATION_CACHE_DIR``, when set, wins.
+
+    Returns:
+      The cache folder, or None when off.
+    """
+    import jax
+
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return os.environ["JAX_COMPILATION_CACHE_DIR"]
+    path = os.environ.get("JDS_COMPILATION_CACHE",
+                          os.path.join(os.path.expanduser("~"), ".cache", "jds", "xla"))
+    if path.strip().lower() in ("", "0", "off", "false", "no"):
+        return None
+    jax.config.update("jax_compilation_cache_dir", path)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``jds`` console script."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    compilation_cache()
     try:
         if args.command in ("estimate", "explain"):
             return args.func(args, argv)

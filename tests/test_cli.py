@@ -96,17 +96,32 @@ def test_two_process_run_resumes_in_one_process(straight, tmp_path):
     cfg2 = write_config(tmp_path / "two.json", steps=2)
     out = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    # Both processes use one persistent compilation cache (as on a shared home folder).
+    cache = tmp_path / "xla_cache"
+    env.update(JDS_COMPILATION_CACHE=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     r = subprocess.run(
         [sys.executable, "-m", "jds.cli", "launch", "--nproc", "2", "--cpu-devices", "4", "--",
          sys.executable, "-m", "jds.cli", "train", "--config", cfg2, "--out", str(out),
          "--no-progress"], env=env, cwd=repo, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert any(p.name.endswith("-cache") for p in cache.iterdir())
     assert main(["train", "--config", cfg2, "--out", str(out), "--steps", "4", "--resume",
                  "--no-progress"]) == 0
     got, want = train_rows(out), train_rows(straight)
     assert sorted(got) == [1, 2, 3, 4]  # one metrics file: process 0 wrote it
     for s in (1, 2, 3, 4):
         np.testing.assert_allclose(got[s]["loss"], want[s]["loss"], rtol=1e-5)
+
+
+def test_compilation_cache_folder_off_and_jax_override(monkeypatch):
+    from jds.cli import compilation_cache
+
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    for off in ("0", "off", ""):
+        monkeypatch.setenv("JDS_COMPILATION_CACHE", off)
+        assert compilation_cache() is None
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/somewhere")
+    assert compilation_cache() == "/somewhere"
 
 
 def test_bad_config_is_one_clear_error(tmp_path, capsys):
