@@ -129,7 +129,6 @@ def run(config: Config, out_dir: str | os.PathLike, *, resume: bool = False,
     init_distributed()  # a no-op unless launched as one of several processes
     engine = TrainEngine(_model_arg(tc.model), config)
     local_rows = engine.local_rows()
-    n_proc = jax.process_count()
     vocab = engine.vocab_size
     loader = BatchLoader(train_tokens, global_batch=engine.batch.train_batch_size,
                          seq_len=tc.seq_len, seed=config.seed, vocab_size=vocab)
@@ -210,8 +209,9 @@ def run(config: Config, out_dir: str | os.PathLike, *, resume: bool = False,
             logger.log({"step": final_step, "val_loss": val_loss, "unigram_baseline": baseline})
             if final_step != saved_step:
                 engine.save_checkpoint(ckpt_dir, client_state={"data": loader.state_dict()})
-            # Sampling decodes on the host from the whole model: one process only.
-            sample = _sample(engine, tc.sample_tokens, config.seed) if n_proc == 1 else ""
+            # Every process runs the sampler (one SPMD program over the sharded weights, the
+            # same seed, so the same tokens everywhere); the primary writes it.
+            sample = _sample(engine, tc.sample_tokens, config.seed)
             if primary:
                 (out / "sample.txt").write_text(sample, encoding="utf-8")
             engine.wait_for_checkpoints()

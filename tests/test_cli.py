@@ -105,6 +105,7 @@ def test_two_process_run_resumes_in_one_process(straight, tmp_path):
          "--no-progress"], env=env, cwd=repo, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert any(p.name.endswith("-cache") for p in cache.iterdir())
+    assert (out / "sample.txt").read_text()  # sampled by both processes, written by one
     assert main(["train", "--config", cfg2, "--out", str(out), "--steps", "4", "--resume",
                  "--no-progress"]) == 0
     got, want = train_rows(out), train_rows(straight)
