@@ -73,6 +73,11 @@ def _serve(args: argparse.Namespace) -> int:
               "max_batch_tokens": args.max_batch_tokens, "max_seqs": args.max_seqs,
               "decode_steps": args.decode_steps, "attention": args.attention}
     engine = init_inference(args.model, config)
+    if args.warmup:
+        t0 = time.perf_counter()
+        n = engine.warmup()
+        print(f"jds serve: compiled {n} pass shapes in {time.perf_counter() - t0:.0f} s",
+              flush=True)
     server = CompletionServer(engine, host=args.host, port=args.port,
                               model_name=os.path.basename(os.path.normpath(args.model)),
                               tokenizer=tokenizer_for(args.model, engine.vocab_size))
@@ -298,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(fewer host round trips; tokens stream in groups of up to this many)")
     v.add_argument("--attention", default="reference", choices=("reference", "pallas"),
                    help="paged attention: XLA (any backend) or the Pallas kernel (GPU)")
+    v.add_argument("--no-warmup", dest="warmup", action="store_false",
+                   help="start serving at once; each pass shape compiles on first use")
     v.set_defaults(func=_serve)
 
     c = sub.add_parser(

@@ -61,6 +61,7 @@ def main() -> None:
 
         engine = jds.init_inference(a.model, {"dtype": a.dtype, "max_seqs": a.max_seqs,
                                               "max_tokens": 512})
+        engine.warmup()  # as `jds serve` does before it takes requests
         server = CompletionServer(engine, port=0, model_name=a.model)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         url = f"http://127.0.0.1:{server.port}"

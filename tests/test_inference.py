@@ -113,6 +113,16 @@ def test_multi_step_decoding_equals_one_step_at_a_time():
     assert calls <= 1 + 2 + 1  # prefill, two 4-step calls, the last token
 
 
+def test_warmup_compiles_every_pass_so_serving_compiles_nothing():
+    model = jds.models.build("llama-tiny", vocab_size=V, max_position_embeddings=64)
+    engine = jds.init_inference(model, SMALL)  # 16 tokens per pass, 16 blocks per sequence
+    assert engine.warmup() == 1 * 3 + 3  # one tokens bucket x 3 widths, multi-step x 3
+    compiled = engine._step._cache_size(), engine._decode._cache_size()
+    assert engine.allocator.num_free == engine.allocator.capacity
+    engine.generate([PROMPTS[2], PROMPTS[0], [1] * 30], 20)
+    assert (engine._step._cache_size(), engine._decode._cache_size()) == compiled
+
+
 def test_splitfuse_packs_decodes_first_then_prompt_chunks():
     alloc = BlockAllocator(num_blocks=20, block_size=4)
     s = Scheduler(alloc, max_seqs=3, max_batch_tokens=8)

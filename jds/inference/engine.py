@@ -268,9 +268,13 @@ class InferenceEngine:
         zeros = jax.jit(lambda: jnp.zeros((L, n_blocks, bs, K, H), cache_dtype),
                         out_shardings=self._page_sharding)
         self.k_pages, self.v_pages = zeros(), zeros()
-        self._step = jax.jit(self._forward, donate_argnums=(1, 2))
+        # The cache comes back with exactly the sharding it went in with: another spelling
+        # of the same layout (P() on one device) would make the next call compile again.
+        pages, rep = self._page_sharding, NamedSharding(self.mesh, PartitionSpec())
+        self._step = jax.jit(self._forward, donate_argnums=(1, 2),
+                             out_shardings=(pages, pages, rep, rep))
         self._decode = jax.jit(self._decode_steps, donate_argnums=(1, 2),
-                               static_argnames=("steps",))
+                               static_argnames=("steps",), out_shardings=(pages, pages, rep))
         self._requests: dict[int, Request] = {}
 
     # ------------------------------------------------------------------ the compiled pass
@@ -408,11 +412,12 @@ class InferenceEngine:
         floor = max(1, self.max_blocks // 4)
         return min(self.max_blocks, max(floor, 1 << max(n_blocks - 1, 0).bit_length()))
 
-    def _batch(self, work: list[Work], n: int | None = None) -> dict[str, np.ndarray]:
+    def _batch(self, work: list[Work], n: int | None = None, width: int | None = None
+               ) -> dict[str, np.ndarray]:
         cfg = self.config
         N = self._bucket(sum(w.stop - w.start for w in work) if n is None else n)
         tables = {w.request.rid: self.allocator.table(w.request.rid) for w in work}
-        M = self._table_width(max((len(t) for t in tables.values()), default=1))
+        M = width or self._table_width(max((len(t) for t in tables.values()), default=1))
         S, bs = cfg.max_seqs, cfg.kv_block_size
         b = {"tokens": np.zeros(N, np.int32), "positions": np.zeros(N, np.int32),
              "block": np.full(N, SCRATCH_BLOCK, np.int32), "offset": np.zeros(N, np.int32),
@@ -496,23 +501,9 @@ class InferenceEngine:
         reqs = [w.request for w in work]
         remaining = {r.rid: self._remaining(r) for r in reqs}
         steps = self.config.decode_steps
-        S = self.config.max_seqs
         tables = {r.rid: self.scheduler.extend(r, r.cached + min(steps, remaining[r.rid]))
                   for r in reqs}
-        M = self._table_width(max(len(t) for t in tables.values()))
-        N = max(16, 1 << (S - 1).bit_length())
-        d = {"tokens": np.zeros(N, np.int32), "positions": np.zeros(N, np.int32),
-             "steps": np.zeros(N, np.int32),
-             "tables": np.full((N, M), SCRATCH_BLOCK, np.int32),
-             "temperature": np.zeros(S, np.float32), "top_k": np.zeros(S, np.int32),
-             "top_p": np.zeros(S, np.float32), "seed": np.zeros(S, np.int32)}
-        for r in reqs:
-            s, table = r.slot, tables[r.rid]
-            d["tokens"][s], d["positions"][s] = r.tokens()[-1], r.cached
-            d["steps"][s] = min(steps, remaining[r.rid])
-            d["tables"][s, :len(table)] = table
-            d["temperature"][s], d["top_k"][s] = r.temperature, r.top_k or 0
-            d["top_p"][s], d["seed"][s] = r.top_p or 0.0, r.seed
+        d = self._decode_inputs(reqs, tables, {k: min(steps, v) for k, v in remaining.items()})
         self.k_pages, self.v_pages, tokens_KS = self._decode(
             self.params, self.k_pages, self.v_pages, d, steps=steps)
         tokens_KS = np.asarray(tokens_KS)
@@ -524,6 +515,50 @@ class InferenceEngine:
                 r.cached += 1
                 events.append(self._emit(r, int(tokens_KS[j, r.slot])))
         return events
+
+    def _decode_inputs(self, reqs: list[Request], tables: dict[int, list[int]],
+                       steps: dict[int, int], width: int | None = None
+                       ) -> dict[str, np.ndarray]:
+        """The multi-step call's per-slot inputs (rows without a request stay idle)."""
+        S = self.config.max_seqs
+        M = width or self._table_width(max((len(t) for t in tables.values()), default=1))
+        N = max(16, 1 << (S - 1).bit_length())
+        d = {"tokens": np.zeros(N, np.int32), "positions": np.zeros(N, np.int32),
+             "steps": np.zeros(N, np.int32),
+             "tables": np.full((N, M), SCRATCH_BLOCK, np.int32),
+             "temperature": np.zeros(S, np.float32), "top_k": np.zeros(S, np.int32),
+             "top_p": np.zeros(S, np.float32), "seed": np.zeros(S, np.int32)}
+        for r in reqs:
+            s, table = r.slot, tables[r.rid]
+            d["tokens"][s], d["positions"][s] = r.tokens()[-1], r.cached
+            d["steps"][s] = steps[r.rid]
+            d["tables"][s, :len(table)] = table
+            d["temperature"][s], d["top_k"][s] = r.temperature, r.top_k or 0
+            d["top_p"][s], d["seed"][s] = r.top_p or 0.0, r.seed
+        return d
+
+    def warmup(self) -> int:
+        """Compile every pass the scheduler can ask for: each tokens bucket x table width,
+        and the multi-step decode per width, each run once on an all-padding batch (which
+        writes only the scratch block). A server calls it before taking requests, so that no
+        request waits for a compile. Returns how many variants ran."""
+        mbt = max(self.config.max_batch_tokens, 16)
+        widths = sorted({self._table_width(n) for n in range(1, self.max_blocks + 1)})
+        buckets = sorted({self._bucket(n) for n in range(1, mbt + 1)})
+        runs = 0
+        for n in buckets:
+            for m in widths:
+                self.k_pages, self.v_pages, _, _ = self._step(
+                    self.params, self.k_pages, self.v_pages, self._batch([], n, m))
+                runs += 1
+        if self.config.decode_steps > 1:
+            for m in widths:
+                self.k_pages, self.v_pages, _ = self._decode(
+                    self.params, self.k_pages, self.v_pages, self._decode_inputs([], {}, {}, m),
+                    steps=self.config.decode_steps)
+                runs += 1
+        jax.block_until_ready(self.k_pages)
+        return runs
 
     def _emit(self, r: Request, tok: int) -> tuple[int, int, bool]:
         """Append a sampled token; finish the request on a stop token or its length."""
