@@ -301,8 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--decode-steps", type=int, default=4,
                    help="decode passes per compiled call when a pass holds only decodes "
                    "(fewer host round trips; tokens stream in groups of up to this many)")
-    v.add_argument("--attention", default="reference", choices=("reference", "pallas"),
-                   help="paged attention: XLA (any backend) or the Pallas kernel (GPU)")
+    v.add_argument("--attention", default="reference",
+                   choices=("reference", "pallas", "pallas_tpu"),
+                   help="paged attention: XLA (any backend) or the Pallas kernel for GPU "
+                   "(Triton) or TPU (Mosaic)")
     v.add_argument("--no-warmup", dest="warmup", action="store_false",
                    help="start serving at once; each pass shape compiles on first use")
     v.set_defaults(func=_serve)

@@ -82,8 +82,9 @@ def main() -> None:
     ap.add_argument("--max-batch-tokens", type=int, default=256)
     ap.add_argument("--max-tokens", type=int, default=512)
     ap.add_argument("--dtypes", default="bfloat16,int8")
-    ap.add_argument("--attention", default="reference", choices=["reference", "pallas"],
-                    help="paged attention: the XLA reference or the Pallas kernel (GPU)")
+    ap.add_argument("--attention", default="reference",
+                    choices=["reference", "pallas", "pallas_tpu"],
+                    help="paged attention: the XLA reference or the Pallas kernel (GPU / TPU)")
     a = ap.parse_args()
     dev = jax.devices()[0]
     bw = copy_bandwidth()

@@ -318,8 +318,9 @@ def test_serve_answers_completions_streamed_and_not_and_survives_bad_requests():
     assert engine.allocator.num_free == engine.allocator.capacity
 
 
-@pytest.mark.parametrize("tp", [1, 2])
-def test_pallas_paged_attention_kernel_serves_the_same_tokens(tp):
+@pytest.mark.parametrize("impl,tp", [("pallas_interpret", 1), ("pallas_interpret", 2),
+                                     ("pallas_tpu_interpret", 2)])
+def test_pallas_paged_attention_kernel_serves_the_same_tokens(impl, tp):
     from jds.kernels.attention.paged import paged_attention
 
     rng = np.random.default_rng(0)
@@ -334,9 +335,28 @@ def test_pallas_paged_attention_kernel_serves_the_same_tokens(tp):
     model = jds.models.build("llama-tiny", vocab_size=V, max_position_embeddings=64)
     cfg = {**SMALL, "max_seqs": 2, "max_batch_tokens": 8, "tensor_parallel": {"tp_size": tp}}
     want = jds.init_inference(model, cfg).generate(PROMPTS[:2], 5)
-    got = jds.init_inference(model, {**cfg, "attention": "pallas_interpret"}).generate(
-        PROMPTS[:2], 5)
+    got = jds.init_inference(model, {**cfg, "attention": impl}).generate(PROMPTS[:2], 5)
     assert got == want
+
+
+@pytest.mark.parametrize("dtype", [np.float32, "bfloat16"])
+def test_tpu_paged_attention_kernel_matches_the_reference(dtype):
+    """The Mosaic kernel (TPU interpret mode: its DMAs and semaphores simulated) over the
+    engine's stacked cache: GQA, MHA and a group of 3, blocks scattered, any position."""
+    import jax.numpy as jnp
+
+    from jds.kernels.attention.paged_tpu import paged_attention_tpu
+
+    rng = np.random.default_rng(0)
+    for Q, K in ((4, 2), (8, 8), (12, 4)):
+        q = jnp.asarray(rng.standard_normal((6, Q, 16)), dtype)
+        kp, vp = (jnp.asarray(rng.standard_normal((2, 9, 8, K, 16)), dtype) for _ in range(2))
+        tables = rng.integers(1, 9, (6, 3)).astype(np.int32)
+        pos = np.array([0, 3, 8, 17, 23, 5], np.int32)
+        got = paged_attention_tpu(q, kp, vp, tables, pos, layer=1, interpret=True)
+        want = paged_attention_reference(q, kp, vp, tables, pos, layer=1)
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                                   atol=1e-5 if dtype == np.float32 else 2e-2)
 
 
 def test_serves_a_jds_training_checkpoint(tmp_path):

@@ -62,12 +62,12 @@ def test_int8_matmuls_lower_for_gpu_and_tpu(platform, m):
         hlo = lowered(lambda x, w, s: qp.int8_matmul_pallas(x, w, s, platform=platform),
                       S((m, k), dtype), w, s, platform=lowering)
         assert marker in hlo and "int8_w8a16_matmul" in hlo
-    if platform == "gpu":  # per-group scales (the TPU case needs a real TPU to lower)
-        hlo = lowered(lambda x, w, s: qp.int8_matmul_pallas(x, w, s, group_size=128,
-                                                            platform=platform),
-                      S((m, k), jnp.bfloat16), w, S((k // 128, n), jnp.float32),
-                      platform=lowering)
-        assert marker in hlo
+    # Per-group scales (the group index is lax.div, not //: floor division lowers through
+    # sign(), which Mosaic resolves per TPU generation and so not from this host).
+    hlo = lowered(lambda x, w, s: qp.int8_matmul_pallas(x, w, s, group_size=128,
+                                                        platform=platform),
+                  S((m, k), jnp.bfloat16), w, S((k // 128, n), jnp.float32), platform=lowering)
+    assert marker in hlo
     hlo = lowered(lambda x, xs, w, s: qp.w8a8_matmul_pallas(x, xs, w, s, platform=platform,
                                                             out_dtype=jnp.bfloat16),
                   S((m, k), jnp.int8), S((m, 1), jnp.float32), w, s, platform=lowering)
@@ -113,6 +113,18 @@ def test_paged_attention_pads_a_non_power_of_two_kv_group():
         paged.paged_attention(q, np.zeros((9, 6, 4, 16)), np.zeros((9, 6, 4, 16)), tables, pos)
 
 
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block,dtype", [
+    (32, 8, 128, 16, jnp.bfloat16), (12, 4, 64, 16, jnp.bfloat16), (4, 4, 128, 32, jnp.float32)])
+def test_tpu_paged_attention_lowers_for_tpu(heads, kv_heads, head_dim, block, dtype):
+    from jds.kernels.attention.paged_tpu import paged_attention_tpu
+
+    pages = S((4, 33, block, kv_heads, head_dim), dtype)  # the engine's stacked cache
+    hlo = lowered(lambda q, k, v, t, p, layer: paged_attention_tpu(q, k, v, t, p, layer=layer),
+                  S((16, heads, head_dim), dtype), pages, pages, S((16, 8), jnp.int32),
+                  S((16,), jnp.int32), S((), jnp.int32), platform="tpu")
+    assert hlo.count("tpu_custom_call") == 1 and "jds_paged_attention_tpu" in hlo
+
+
 def test_splash_attention_lowers_for_tpu():
     q, kv = S((2, 512, 8, 128), jnp.bfloat16), S((2, 512, 2, 128), jnp.bfloat16)
 
@@ -143,13 +155,15 @@ def test_train_step_with_pallas_attention_lowers_under_zero3_and_tensor(impl, pl
             assert f'name = "jds_flash_attention_{kernel}"' in hlo
 
 
-def test_inference_refuses_the_gpu_paged_kernel_off_gpu():
+def test_inference_refuses_the_gpu_and_tpu_paged_kernels_elsewhere():
     import jds
     from jds.config import ConfigError
 
     model = jds.models.build("llama-tiny", vocab_size=64, max_position_embeddings=32)
-    with pytest.raises(ConfigError, match="attention='reference'"):
+    with pytest.raises(ConfigError, match="needs a GPU.*attention='reference'"):
         jds.init_inference(model, {"attention": "pallas", "max_tokens": 32})
+    with pytest.raises(ConfigError, match="needs a TPU.*attention='reference'"):
+        jds.init_inference(model, {"attention": "pallas_tpu", "max_tokens": 32})
 
 
 @pytest.mark.parametrize("platform,marker", [("cuda", TRITON), ("tpu", "tpu_custom_call")])

@@ -67,8 +67,10 @@ class InferenceConfig(BaseModel):
     ``kv_block_size``, ``max_batch_tokens`` (tokens per forward pass), ``max_seqs``
     (sequences batched at once), ``num_kv_blocks`` (default: room for ``max_seqs`` full
     sequences), ``attention``: ``"reference"`` (plain XLA, the default everywhere until the
-    kernel is measured on a GPU), ``"pallas"`` (``jds.kernels.attention.paged``, GPU only) or
-    ``"pallas_interpret"`` (the same kernel interpreted; any backend, for tests),
+    kernel is measured on the hardware), ``"pallas"`` (``jds.kernels.attention.paged``, GPU
+    only), ``"pallas_tpu"`` (``jds.kernels.attention.paged_tpu``, TPU only), or
+    ``"pallas_interpret"`` / ``"pallas_tpu_interpret"`` (the same kernels interpreted; any
+    backend, for tests),
     ``decode_steps``: when a pass would hold only decodes (every running sequence past its
     prompt), run up to this many decode steps in one compiled call, the sampled tokens fed
     back on the device. It divides the host's share of each step (planning, building the
@@ -85,7 +87,8 @@ class InferenceConfig(BaseModel):
     max_batch_tokens: int = Field(256, ge=1)
     max_seqs: int = Field(16, ge=1)
     num_kv_blocks: int | None = Field(None, ge=2)
-    attention: Literal["reference", "pallas", "pallas_interpret"] = "reference"
+    attention: Literal["reference", "pallas", "pallas_interpret", "pallas_tpu",
+                       "pallas_tpu_interpret"] = "reference"
     decode_steps: int = Field(4, ge=1)
 
     @field_validator("dtype", mode="before")
@@ -221,7 +224,12 @@ class InferenceEngine:
             raise ConfigError(
                 f"attention='pallas' runs the Triton paged-attention kernel, which needs a GPU; "
                 f"these devices are {platform!r}. Use attention='reference' (or "
-                "'pallas_interpret' to run the kernel through the Pallas interpreter)")
+                "'pallas_tpu' on TPU, 'pallas_interpret' to run the kernel interpreted)")
+        if cfg.attention == "pallas_tpu" and platform != "tpu":
+            raise ConfigError(
+                f"attention='pallas_tpu' runs the Mosaic paged-attention kernel, which needs a "
+                f"TPU; these devices are {platform!r}. Use attention='reference' (or 'pallas' "
+                "on GPU, 'pallas_tpu_interpret' to run the kernel interpreted)")
         self.mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": cfg.tp_size, "stage": 1},
                               devices[:cfg.tp_size])
         self.rules = DEFAULT_RULES
@@ -348,11 +356,14 @@ class InferenceEngine:
         if impl == "reference":
             return paged_attention_reference(q_NQH, k_pages, v_pages, tables_NM, positions_N,
                                              layer=layer)
-        from jds.kernels.attention.paged import paged_attention
+        if impl.startswith("pallas_tpu"):
+            from jds.kernels.attention.paged_tpu import paged_attention_tpu as paged_attention
+        else:
+            from jds.kernels.attention.paged import paged_attention
 
         def kernel(q, kp, vp, tables, positions, layer):
             return paged_attention(q, kp, vp, tables, positions, layer=layer,
-                                   interpret=impl == "pallas_interpret")
+                                   interpret=impl.endswith("interpret"))
 
         if self.config.tp_size == 1:
             return kernel(q_NQH, k_pages, v_pages, tables_NM, positions_N, layer)

@@ -22,7 +22,7 @@ params: without them jax >= 0.10 picks Mosaic GPU, which rejects this kernel's 1
 copies). It has not yet run on a GPU, but its Triton lowering is checked on CPU by
 ``tests/test_kernel_lowering.py``; the inference engine takes it only when asked
 (``attention: "pallas"``). It is a GPU kernel: on TPU the whole-pool block would be copied
-into VMEM, so the engine refuses it there (the XLA reference runs on TPU).
+into VMEM, so the engine refuses it there; ``paged_tpu.py`` is the TPU kernel.
 """
 
 from __future__ import annotations

@@ -194,7 +194,7 @@ def _w8a16_kernel(x_ref, w_ref, s_ref, o_ref, *, block_k, group_size, precision)
         w_KN = w_ref[pl.ds(start, block_k), :].astype(x_MK.dtype)  # exact: |q| <= 127
         part = jnp.dot(x_MK, w_KN, preferred_element_type=jnp.float32, precision=precision)
         if group_size is not None:
-            part = part * s_ref[pl.ds(start // group_size, 1), :].astype(jnp.float32)
+            part = part * s_ref[pl.ds(jax.lax.div(start, group_size), 1), :].astype(jnp.float32)
         return acc_MN + part
 
     acc = jax.lax.fori_loop(0, num_k, body, jnp.zeros((bm, bn), jnp.float32))
