@@ -72,6 +72,23 @@ def _kernel(q_ref, k_ref, v_ref, t_ref, p_ref, l_ref, o_ref, *, block_size: int,
     o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
 
 
+def paged_operands(name, q_NQH, k_pages, v_pages, tables_NM, positions_N, layer):
+    """Check a paged-attention call's shapes (``name`` leads the error) and return the cache
+    as a stack ``[layers, blocks, block_size, kv_heads, head_dim]`` with its layer (a single
+    layer's pages become a stack of one, layer 0). Shared by the GPU and TPU kernels."""
+    N, Q, H = q_NQH.shape
+    if layer is None:
+        k_pages, v_pages, layer = k_pages[None], v_pages[None], 0
+    if v_pages.shape != k_pages.shape or k_pages.shape[-1] != H or Q % k_pages.shape[-2]:
+        raise ValueError(f"{name}: q {q_NQH.shape}, k_pages {k_pages.shape}, v_pages "
+                         f"{v_pages.shape}: need equal page shapes, the same head_dim and heads "
+                         "a multiple of kv_heads")
+    if tables_NM.shape[0] != N or positions_N.shape != (N,):
+        raise ValueError(f"{name}: tables {tables_NM.shape} and positions "
+                         f"{positions_N.shape} must have one row per token ({N})")
+    return k_pages, v_pages, layer
+
+
 def paged_attention(
     q_NQH: jax.Array,
     k_pages: jax.Array,
@@ -101,17 +118,10 @@ def paged_attention(
     Raises:
       ValueError: mismatched shapes.
     """
+    k_pages, v_pages, layer = paged_operands("paged_attention", q_NQH, k_pages, v_pages,
+                                             tables_NM, positions_N, layer)
     N, Q, H = q_NQH.shape
-    if layer is None:
-        k_pages, v_pages, layer = k_pages[None], v_pages[None], 0
-    L, B, bs, K, Hk = k_pages.shape
-    if v_pages.shape != k_pages.shape or Hk != H or Q % K:
-        raise ValueError(f"paged_attention: q {q_NQH.shape}, k_pages {k_pages.shape}, v_pages "
-                         f"{v_pages.shape}: need equal page shapes, the same head_dim and heads "
-                         "a multiple of kv_heads")
-    if tables_NM.shape[0] != N or positions_N.shape != (N,):
-        raise ValueError(f"paged_attention: tables {tables_NM.shape} and positions "
-                         f"{positions_N.shape} must have one row per token ({N})")
+    L, B, bs, K, _ = k_pages.shape
     if not interpret:
         for name, v in (("block_size", bs), ("head_dim", H)):
             if v & (v - 1):
@@ -151,4 +161,4 @@ def paged_attention(
     return out.reshape(N, Q, H)
 
 
-__all__ = ["paged_attention"]
+__all__ = ["paged_attention", "paged_operands"]

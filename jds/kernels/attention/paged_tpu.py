@@ -34,6 +34,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from jds.kernels.attention.paged import paged_operands
+
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
@@ -122,17 +124,10 @@ def paged_attention_tpu(
     Raises:
       ValueError: mismatched shapes, or a cache stored as uint16 bits (a CPU engine's).
     """
+    k_pages, v_pages, layer = paged_operands("paged_attention_tpu", q_NQH, k_pages, v_pages,
+                                             tables_NM, positions_N, layer)
     N, Q, H = q_NQH.shape
-    if layer is None:
-        k_pages, v_pages, layer = k_pages[None], v_pages[None], 0
-    L, B, bs, K, Hk = k_pages.shape
-    if v_pages.shape != k_pages.shape or Hk != H or Q % K:
-        raise ValueError(f"paged_attention_tpu: q {q_NQH.shape}, k_pages {k_pages.shape}, "
-                         f"v_pages {v_pages.shape}: need equal page shapes, the same head_dim "
-                         "and heads a multiple of kv_heads")
-    if tables_NM.shape[0] != N or positions_N.shape != (N,):
-        raise ValueError(f"paged_attention_tpu: tables {tables_NM.shape} and positions "
-                         f"{positions_N.shape} must have one row per token ({N})")
+    _, _, bs, K, _ = k_pages.shape
     if k_pages.dtype == jnp.uint16:
         raise ValueError("paged_attention_tpu reads float caches; this one holds uint16 bits "
                          "(a CPU engine's storage): use attention='reference' on CPU")
