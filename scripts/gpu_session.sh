@@ -7,12 +7,14 @@
 #     bash scripts/gpu_session.sh wheels
 # On the device (the tool's `run`, with carry [".whl"]), one phase or several per call:
 #     bash scripts/gpu_session.sh env tests          # ~3 min: versions, GPU-marked tests
-#     bash scripts/gpu_session.sh attention int8     # ~6 min: issue 7 benchmarks
-#     bash scripts/gpu_session.sh decode             # ~6 min: issue 8 benchmarks
+#     bash scripts/gpu_session.sh attention          # ~5 min: issue 7, attention
+#     bash scripts/gpu_session.sh int8 decode        # ~8 min: issue 7 int8, issue 8 decode
 #     bash scripts/gpu_session.sh train125m          # ~6 min: issue 3, llama-125m
 #     bash scripts/gpu_session.sh train1b            # ~7 min: issue 3, llama-1b
 # Each phase writes $OUT/<phase>.jsonl (one JSON object per result) and $OUT/<phase>.log,
 # and prints a short summary last. Record the figures, dated, in docs/benchmarks.md.
+# The per-run time limits add up to more than a session's 30 device minutes; they are
+# ceilings. In that order of priority: tests, attention, int8 + decode, train125m, train1b.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/jds_gpu_out}
@@ -70,8 +72,8 @@ phase_tests() {
 }
 
 phase_attention() {
-  run attention 300 $PY scripts/bench_attention.py --seqs 1024,2048,4096,8192,16384 \
-    --head-dims 64,128
+  run attention 420 $PY scripts/bench_attention.py --seqs 1024,2048,4096,8192,16384 \
+    --head-dims 64,128 --reps 10
 }
 
 phase_int8() {
