@@ -77,13 +77,13 @@ phase_attention() {
 }
 
 phase_int8() {
-  run int8 240 $PY scripts/bench_int8.py --ms 1,8,16,64,256,1024,4096 --ks 4096,8192
+  run int8 180 $PY scripts/bench_int8.py --ms 1,8,16,64,256,1024,4096 --ks 4096,8192
 }
 
 phase_decode() {
-  run decode 200 $PY scripts/bench_decode.py --model llama-1b --max-tokens 1024 \
+  run decode 180 $PY scripts/bench_decode.py --model llama-1b --max-tokens 1024 \
     --max-seqs 32 --requests 96 --dtypes bfloat16,int8
-  run decode 150 $PY scripts/bench_decode.py --model llama-1b --max-tokens 1024 \
+  run decode 120 $PY scripts/bench_decode.py --model llama-1b --max-tokens 1024 \
     --max-seqs 32 --requests 96 --dtypes bfloat16 --attention pallas
 }
 
