@@ -8,13 +8,14 @@
 # On the device (the tool's `run`, with carry [".whl"]), one phase or several per call:
 #     bash scripts/gpu_session.sh env tests          # ~3 min: versions, GPU-marked tests
 #     bash scripts/gpu_session.sh attention          # ~5 min: issue 7, attention
-#     bash scripts/gpu_session.sh int8 decode        # ~8 min: issue 7 int8, issue 8 decode
+#     bash scripts/gpu_session.sh int8               # ~2 min: issue 7, int8 matmuls
+#     bash scripts/gpu_session.sh decode             # ~8 min: issue 8 (18 compiles of 1B first)
 #     bash scripts/gpu_session.sh train125m          # ~6 min: issue 3, llama-125m
 #     bash scripts/gpu_session.sh train1b            # ~7 min: issue 3, llama-1b
 # Each phase writes $OUT/<phase>.jsonl (one JSON object per result) and $OUT/<phase>.log,
 # and prints a short summary last. Record the figures, dated, in docs/benchmarks.md.
 # The per-run time limits add up to more than a session's 30 device minutes; they are
-# ceilings. In that order of priority: tests, attention, int8 + decode, train125m, train1b.
+# ceilings. In that order of priority: tests, attention, int8, decode, train125m, train1b.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/jds_gpu_out}
@@ -81,9 +82,9 @@ phase_int8() {
 }
 
 phase_decode() {
-  run decode 180 $PY scripts/bench_decode.py --model llama-1b --max-tokens 1024 \
+  run decode 300 $PY scripts/bench_decode.py --model llama-1b --max-tokens 1024 \
     --max-seqs 32 --requests 96 --dtypes bfloat16,int8
-  run decode 120 $PY scripts/bench_decode.py --model llama-1b --max-tokens 1024 \
+  run decode 240 $PY scripts/bench_decode.py --model llama-1b --max-tokens 1024 \
     --max-seqs 32 --requests 96 --dtypes bfloat16 --attention pallas
 }
 
