@@ -71,7 +71,8 @@ def _serve(args: argparse.Namespace) -> int:
     config = {"dtype": args.dtype, "tensor_parallel": {"tp_size": args.tp},
               "max_tokens": args.max_tokens, "kv_block_size": args.kv_block_size,
               "max_batch_tokens": args.max_batch_tokens, "max_seqs": args.max_seqs,
-              "decode_steps": args.decode_steps, "attention": args.attention}
+              "decode_steps": args.decode_steps, "attention": args.attention,
+              "prefix_caching": args.prefix_caching}
     engine = init_inference(args.model, config)
     if args.warmup:
         t0 = time.perf_counter()
@@ -305,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=("reference", "pallas", "pallas_tpu"),
                    help="paged attention: XLA (any backend) or the Pallas kernel for GPU "
                    "(Triton) or TPU (Mosaic)")
+    v.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                   help="compute every prompt whole, even a prefix another request computed")
     v.add_argument("--no-warmup", dest="warmup", action="store_false",
                    help="start serving at once; each pass shape compiles on first use")
     v.set_defaults(func=_serve)

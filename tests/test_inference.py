@@ -154,6 +154,55 @@ def test_block_allocator_grows_frees_and_refuses_when_full():
     assert alloc.num_free == alloc.capacity == 3
 
 
+def test_prefix_blocks_are_shared_cached_when_idle_and_evicted_last():
+    from jds.inference.kv_cache import prefix_keys
+
+    alloc = BlockAllocator(num_blocks=5, block_size=2)  # 4 usable blocks
+    keys = prefix_keys([1, 2, 3, 4, 5], 2, 2)
+    assert keys == prefix_keys([1, 2, 3, 4, 9], 2, 2) != prefix_keys([1, 2, 3, 5], 2, 2)
+    assert alloc.grow(1, 4) == [1, 2]
+    alloc.publish(1, 0, keys[0])
+    alloc.publish(1, 1, keys[1])
+    assert alloc.cached_prefix(keys) == [1, 2]
+    alloc.share(2, [1, 2])
+    assert alloc.grow(2, 6) == [1, 2, 3] and alloc.num_free == 1
+    alloc.free(1)  # still held by sequence 2
+    assert alloc.num_free == 1 and alloc.cached_prefix(keys) == [1, 2]
+    alloc.free(2)  # 3 goes back; 1 and 2 stay cached, idle, and count as free
+    assert alloc.num_free == 4 and alloc.idle_count([1, 2]) == 2
+    alloc.share(3, alloc.cached_prefix(keys[:1]))
+    assert alloc.table(3) == [1] and alloc.num_free == 3
+    alloc.free(3)
+    assert alloc.grow(4, 8) == [3, 4, 2, 1]  # free blocks first, then the idle ones, LRU first
+    assert alloc.cached_prefix(keys) == [] and alloc.num_free == 0
+    alloc.free(4)
+    assert alloc.num_free == alloc.capacity
+
+
+def test_prefix_caching_reuses_a_computed_prompt_prefix():
+    """A prompt starting with blocks an earlier request computed starts its prefill after
+    them, and generates what an engine without prefix caching generates."""
+    model = jds.models.build("llama-tiny", vocab_size=V, max_position_embeddings=64)
+    off = jds.init_inference(model, {**SMALL, "prefix_caching": False})
+    on = jds.init_inference(model, SMALL)  # 4-token blocks
+    system = list(range(1, 29))  # 28 tokens: 7 blocks
+    prompts = [system + [40, 41, 42, 43], system + [50, 51, 52], system[:13] + [60]]
+    want = [off.generate([p], 6)[0] for p in prompts]
+    starts = []
+    batch = on._batch
+    on._batch = lambda work, *a, **k: (  # record where each request's first pass starts
+        starts.extend((w.request.rid, w.start) for w in work), batch(work, *a, **k))[1]
+    got = [on.generate([p], 6)[0] for p in prompts]
+    assert got == want
+    first = {}
+    for rid, start in starts:
+        first.setdefault(rid, start)
+    # The first prompt computes everything; the second reuses its 7 blocks (28 tokens); the
+    # third its first 3 (12 of 13 shared tokens: a block is shared only whole).
+    assert list(first.values()) == [0, 28, 12]
+    assert on.allocator.num_free == on.allocator.capacity and not on.allocator.sequences()
+
+
 def test_paged_attention_matches_dense_causal_attention():
     rng = np.random.default_rng(0)
     T, Q, K, H, bs = 10, 4, 2, 8, 4

@@ -76,6 +76,9 @@ class InferenceConfig(BaseModel):
     back on the device. It divides the host's share of each step (planning, building the
     batch, dispatch, reading the tokens back) by that many; a new request waits at most that
     many steps longer to start, and streamed tokens arrive in groups of up to that many.
+    ``prefix_caching``: a prompt that starts with blocks of tokens an earlier request already
+    computed (a shared system prompt, a multi-turn chat) reuses their cached K/V and computes
+    only the rest (``jds.inference.kv_cache``).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -90,6 +93,7 @@ class InferenceConfig(BaseModel):
     attention: Literal["reference", "pallas", "pallas_interpret", "pallas_tpu",
                        "pallas_tpu_interpret"] = "reference"
     decode_steps: int = Field(4, ge=1)
+    prefix_caching: bool = True
 
     @field_validator("dtype", mode="before")
     @classmethod
@@ -268,7 +272,8 @@ class InferenceEngine:
         n_blocks = cfg.num_kv_blocks or cfg.max_seqs * self.max_blocks + 1
         self.allocator = BlockAllocator(n_blocks, bs)
         self.scheduler = Scheduler(self.allocator, max_seqs=cfg.max_seqs,
-                                   max_batch_tokens=cfg.max_batch_tokens)
+                                   max_batch_tokens=cfg.max_batch_tokens,
+                                   prefix_caching=cfg.prefix_caching)
         page_spec = logical_to_spec((None, None, None, "kv_heads", "head_dim"), self.rules,
                                     mesh=self.mesh, shape=(L, n_blocks, bs, K, H), what="cache")
         self._page_sharding = NamedSharding(self.mesh, page_spec)
@@ -497,6 +502,7 @@ class InferenceEngine:
         for w in work:
             r = w.request
             r.cached = w.stop
+            self.scheduler.computed(r)
             if w.sample:
                 events.append(self._emit(r, int(tokens_S[r.slot])))
         return events

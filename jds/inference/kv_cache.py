@@ -10,6 +10,13 @@ its blocks in order, so token ``t`` of the sequence lives at
 Block 0 is never handed out: padded tokens of a bucketed batch write their K/V there, so
 every write in a step is unconditional (no masked scatter) and never touches a live block.
 
+Prefix caching: a block whose tokens are all computed can be *published* under a key that
+names its content and everything before it (``prefix_keys``: a chain of 128-bit BLAKE2b
+digests over the token ids). A later sequence whose prompt starts with the same blocks
+*shares* them (reference-counted) instead of computing them again. When no sequence holds a
+published block it stays cached, idle, until a new block is needed and none is free: then
+the least recently used idle block is evicted. Idle blocks count as free.
+
 ``paged_attention_reference`` is the plain-``jnp`` attention over the pages: each token of
 a flat (ragged) batch gathers its own sequence's blocks and attends causally to the
 positions up to its own. It is the CPU path and the reference a Pallas paged-attention
@@ -18,10 +25,14 @@ kernel (GPU/TPU) must match.
 
 from __future__ import annotations
 
+import collections
+import hashlib
 import math
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 SCRATCH_BLOCK = 0  # padded tokens write here; never allocated to a sequence
 
@@ -47,11 +58,15 @@ class BlockAllocator:
         self.num_blocks, self.block_size = num_blocks, block_size
         self._free = list(range(num_blocks - 1, SCRATCH_BLOCK, -1))  # pop() gives 1, 2, ...
         self._tables: dict[int, list[int]] = {}
+        self._refs: dict[int, int] = {}  # block -> sequences holding it
+        self._by_key: dict[bytes, int] = {}  # prefix key -> published block
+        self._key: dict[int, bytes] = {}  # published block -> its key
+        self._idle: collections.OrderedDict[int, None] = collections.OrderedDict()  # LRU first
 
     @property
     def num_free(self) -> int:
-        """Blocks not held by any sequence (the scratch block not counted)."""
-        return len(self._free)
+        """Blocks no sequence holds (idle cached ones included; the scratch block not)."""
+        return len(self._free) + len(self._idle)
 
     @property
     def capacity(self) -> int:
@@ -65,7 +80,16 @@ class BlockAllocator:
 
     def can_grow(self, seq: int, n_tokens: int) -> bool:
         """Whether ``grow(seq, n_tokens)`` would succeed."""
-        return self.blocks_needed(seq, n_tokens) <= len(self._free)
+        return self.blocks_needed(seq, n_tokens) <= self.num_free
+
+    def _take(self) -> int:
+        if self._free:
+            block = self._free.pop()
+        else:  # evict the least recently used idle cached block
+            block, _ = self._idle.popitem(last=False)
+            del self._by_key[self._key.pop(block)]
+        self._refs[block] = 1
+        return block
 
     def grow(self, seq: int, n_tokens: int) -> list[int]:
         """Make ``seq``'s table long enough for ``n_tokens`` tokens; return the table.
@@ -74,11 +98,11 @@ class BlockAllocator:
           CacheFullError: not enough free blocks (nothing is taken then).
         """
         need = self.blocks_needed(seq, n_tokens)
-        if need > len(self._free):
+        if need > self.num_free:
             raise CacheFullError(f"sequence {seq} needs {need} more KV blocks for {n_tokens} "
-                                 f"tokens; {len(self._free)} free of {self.capacity}")
+                                 f"tokens; {self.num_free} free of {self.capacity}")
         table = self._tables.setdefault(seq, [])
-        table.extend(self._free.pop() for _ in range(need))
+        table.extend(self._take() for _ in range(need))
         return table
 
     def table(self, seq: int) -> list[int]:
@@ -86,12 +110,65 @@ class BlockAllocator:
         return list(self._tables.get(seq, ()))
 
     def free(self, seq: int) -> None:
-        """Return every block of ``seq`` to the free list."""
-        self._free.extend(reversed(self._tables.pop(seq, [])))
+        """Let go of every block of ``seq``: a block no other sequence holds goes back to the
+        free list, or, if published, stays cached as idle."""
+        for block in reversed(self._tables.pop(seq, [])):
+            self._refs[block] -= 1
+            if self._refs[block]:
+                continue
+            del self._refs[block]
+            if block in self._key:
+                self._idle[block] = None
+            else:
+                self._free.append(block)
 
     def sequences(self) -> list[int]:
         """Sequences holding blocks."""
         return sorted(self._tables)
+
+    # ------------------------------------------------------------------ prefix caching
+    def cached_prefix(self, keys: Sequence[bytes]) -> list[int]:
+        """The published blocks of the longest run of ``keys`` from the start."""
+        blocks = []
+        for key in keys:
+            block = self._by_key.get(key)
+            if block is None:
+                break
+            blocks.append(block)
+        return blocks
+
+    def idle_count(self, blocks: Sequence[int]) -> int:
+        """How many of ``blocks`` are idle (sharing them takes them out of the free count)."""
+        return sum(b in self._idle for b in blocks)
+
+    def share(self, seq: int, blocks: Sequence[int]) -> None:
+        """Start ``seq``'s (empty) table with published ``blocks``, held by it too."""
+        if self._tables.get(seq):
+            raise ValueError(f"sequence {seq} already holds blocks; share before it grows")
+        for block in blocks:
+            self._idle.pop(block, None)
+            self._refs[block] = self._refs.get(block, 0) + 1
+        self._tables[seq] = list(blocks)
+
+    def publish(self, seq: int, index: int, key: bytes) -> None:
+        """Make block ``index`` of ``seq`` (all of its tokens computed) findable by ``key``.
+        A key already published (the same prefix computed twice) keeps its first block."""
+        block = self._tables[seq][index]
+        if key not in self._by_key and block not in self._key:
+            self._by_key[key], self._key[block] = block, key
+
+
+def prefix_keys(tokens: Sequence[int], block_size: int, n_blocks: int) -> list[bytes]:
+    """Keys of the first ``n_blocks`` full blocks of ``tokens``: block ``i``'s key digests
+    block ``i - 1``'s key and its own token ids, so equal keys mean equal prefixes (128-bit
+    BLAKE2b: a collision, which would serve another prefix's K/V, is not a practical risk)."""
+    keys, prev = [], b""
+    ids = np.asarray(tokens[:n_blocks * block_size], np.int64)
+    for i in range(n_blocks):
+        prev = hashlib.blake2b(prev + ids[i * block_size:(i + 1) * block_size].tobytes(),
+                               digest_size=16).digest()
+        keys.append(prev)
+    return keys
 
 
 def storage_dtype(dtype: jnp.dtype, platform: str) -> jnp.dtype:
@@ -193,6 +270,7 @@ __all__ = [
     "CacheFullError",
     "from_storage",
     "paged_attention_reference",
+    "prefix_keys",
     "storage_dtype",
     "write_pages",
 ]

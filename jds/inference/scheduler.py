@@ -12,7 +12,9 @@ So a long prompt never stalls the running decodes (it is split over several pass
 fused with them), and every pass does a steady amount of work. A request reserves the KV
 blocks for its whole length (prompt plus ``max_new_tokens``, capped at the model's
 positions) when it is admitted, so a running sequence can never run out of cache; blocks
-are handed out as it grows and all come back when it ends.
+are handed out as it grows and all come back when it ends. With prefix caching, an admitted
+prompt whose first blocks were computed before (and published) shares those blocks and
+starts its prefill after them.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import dataclasses
 import itertools
 import math
 
-from jds.inference.kv_cache import BlockAllocator
+from jds.inference.kv_cache import BlockAllocator, prefix_keys
 
 
 @dataclasses.dataclass
@@ -40,6 +42,8 @@ class Request:
       cached: tokens whose K/V are in the cache.
       output: generated tokens so far.
       finish_reason: None while running; ``"stop"`` or ``"length"``.
+      prefix_keys: keys of the prompt's full blocks that may be shared (prefix caching).
+      published: how many of them this request has published.
     """
 
     rid: int
@@ -55,6 +59,8 @@ class Request:
     cached: int = 0
     output: list[int] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None
+    prefix_keys: list[bytes] = dataclasses.field(default_factory=list)
+    published: int = 0
 
     @property
     def total(self) -> int:
@@ -90,13 +96,14 @@ class Work:
 class Scheduler:
     """Admission, SplitFuse packing and KV-block bookkeeping for the inference engine."""
 
-    def __init__(self, allocator: BlockAllocator, *, max_seqs: int, max_batch_tokens: int
-                 ) -> None:
+    def __init__(self, allocator: BlockAllocator, *, max_seqs: int, max_batch_tokens: int,
+                 prefix_caching: bool = False) -> None:
         if max_seqs < 1 or max_batch_tokens < 1:
             raise ValueError(f"max_seqs and max_batch_tokens must be >= 1; got {max_seqs}, "
                              f"{max_batch_tokens}")
         self.allocator = allocator
         self.max_seqs, self.max_batch_tokens = max_seqs, max_batch_tokens
+        self.prefix_caching = prefix_caching
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: dict[int, Request] = {}  # slot -> request
         self._reserved = 0  # blocks promised to running requests but not yet handed out
@@ -112,6 +119,10 @@ class Scheduler:
             raise ValueError(f"request {req.rid} needs {need} KV blocks ({req.total} tokens) "
                              f"but the cache has {self.allocator.capacity}; raise "
                              "num_kv_blocks or lower max_new_tokens")
+        if self.prefix_caching:
+            # At most up to the prompt's last token, which is computed again for its logits.
+            bs = self.allocator.block_size
+            req.prefix_keys = prefix_keys(req.prompt, bs, (len(req.prompt) - 1) // bs)
         self.waiting.append(req)
 
     def _blocks(self, n_tokens: int) -> int:
@@ -121,14 +132,26 @@ class Scheduler:
         if not self.waiting or len(self.running) >= self.max_seqs:
             return None
         req = self.waiting[0]
-        need = self._blocks(req.total)
-        if need > self.allocator.num_free - self._reserved:
+        shared = self.allocator.cached_prefix(req.prefix_keys)
+        need = self._blocks(req.total) - len(shared)
+        if need + self.allocator.idle_count(shared) > self.allocator.num_free - self._reserved:
             return None
         self.waiting.popleft()
         req.slot = min(set(range(self.max_seqs)) - set(self.running))
         self.running[req.slot] = req
+        if shared:  # its first tokens' K/V are in the cache already: start after them
+            self.allocator.share(req.rid, shared)
+            req.published = len(shared)
+            req.cached = len(shared) * self.allocator.block_size
         self._reserved += need
         return req
+
+    def computed(self, req: Request) -> None:
+        """After a pass: publish the prompt blocks of ``req`` that are now fully computed."""
+        done = min(req.cached // self.allocator.block_size, len(req.prefix_keys))
+        for i in range(req.published, done):
+            self.allocator.publish(req.rid, i, req.prefix_keys[i])
+        req.published = max(req.published, done)
 
     def plan(self) -> list[Work]:
         """The next forward pass: decodes first, then prompt chunks (see module docstring).
@@ -154,7 +177,7 @@ class Scheduler:
             if req.prefilling and budget > 0:
                 take(req, min(len(req.prompt) - req.cached, budget))
         while budget > 0 and (req := self._admit()) is not None:
-            take(req, min(len(req.prompt), budget))
+            take(req, min(len(req.prompt) - req.cached, budget))
         return work
 
     def extend(self, req: Request, n_tokens: int) -> list[int]:
