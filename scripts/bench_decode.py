@@ -7,6 +7,9 @@ One JSON object per result line:
   steps, and the bandwidth limit ``copy bandwidth / bytes of the weights`` (every decode
   step reads every weight once), with the copy bandwidth measured in the same run (a
   jitted copy of a 256 MiB array: read + write bytes / time).
+- ``prefix``: ``--requests`` requests sharing a 192-token prompt prefix (a system prompt)
+  with 8..32-token suffixes and 16 new tokens each, after one request has computed the
+  prefix, on an engine with prefix caching and on one without it (the baseline).
 - ``workload``: ``--requests`` requests with prompts of 8..256 tokens and 4..128 new
   tokens (seeded), run twice on the same engine: continuously batched (every request
   submitted at once; the scheduler admits them as slots free up and packs decodes with
@@ -72,6 +75,15 @@ def workload(engine, reqs: list[tuple[list[int], int]], *, static: bool) -> tupl
     return time.perf_counter() - t0, total
 
 
+def prefix_workload(engine, prefix: list[int], suffixes: list[list[int]], n_new: int
+                    ) -> tuple[float, int]:
+    """(seconds, generated tokens) for prompts ``prefix + suffix`` once the prefix is cached."""
+    engine.generate([prefix + suffixes[0]], n_new)  # computes (and publishes) the prefix
+    t0 = time.perf_counter()
+    out = engine.generate([prefix + s for s in suffixes], n_new)
+    return time.perf_counter() - t0, sum(len(o) for o in out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="llama-tiny", help="preset or Hugging Face folder")
@@ -104,11 +116,27 @@ def main() -> None:
                           "weight_bytes": weights, "copy_bytes_per_s": bw,
                           "bandwidth_limit_tokens_per_s": bw / weights,
                           "fraction_of_limit": tps * weights / bw}), flush=True)
+        prefix = rng.integers(0, V, 192).tolist()
+        suffixes = [rng.integers(0, V, int(rng.integers(8, 33))).tolist()
+                    for _ in range(a.requests)]
+        # Without prefix caching: the baseline here, and the engine of the batching runs
+        # below (which submit the same prompts twice: a cache would serve the second run).
+        plain = jds.init_inference(a.model, {**cfg, "prefix_caching": False},
+                                   devices=jax.devices()[:1])
+        plain.warmup()
+        timed = {True: prefix_workload(engine, prefix, suffixes, 16),
+                 False: prefix_workload(plain, prefix, suffixes, 16)}
+        (on_s, on_n), (off_s, off_n) = timed[True], timed[False]
+        print(json.dumps({"bench": "prefix", **base, "requests": a.requests,
+                          "prefix_tokens": 192, "cached_tokens_per_s": on_n / on_s,
+                          "uncached_tokens_per_s": off_n / off_s,
+                          "speedup": (on_n / on_s) / (off_n / off_s),
+                          "baseline": "prefix_caching off, same workload"}), flush=True)
         reqs = [(rng.integers(0, V, int(rng.integers(8, 257))).tolist(),
                  int(rng.integers(4, 129))) for _ in range(a.requests)]
         reqs = [(p[: a.max_tokens - n - 1], n) for p, n in reqs]
-        cont_s, cont_n = workload(engine, reqs, static=False)
-        stat_s, stat_n = workload(engine, reqs, static=True)
+        cont_s, cont_n = workload(plain, reqs, static=False)
+        stat_s, stat_n = workload(plain, reqs, static=True)
         print(json.dumps({"bench": "workload", **base, "requests": a.requests,
                           "max_seqs": a.max_seqs, "max_batch_tokens": a.max_batch_tokens,
                           "continuous_tokens_per_s": cont_n / cont_s,
