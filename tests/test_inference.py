@@ -200,6 +200,12 @@ def test_prefix_caching_reuses_a_computed_prompt_prefix():
     # The first prompt computes everything; the second reuses its 7 blocks (28 tokens); the
     # third its first 3 (12 of 13 shared tokens: a block is shared only whole).
     assert list(first.values()) == [0, 28, 12]
+    # A chat's next turn: the first turn's prompt and answer (generated blocks too) are
+    # cached; 32 + 6 tokens, 37 of them written, give 9 whole blocks.
+    turn2 = prompts[0] + got[0] + [70, 71]
+    starts.clear()
+    assert on.generate([turn2], 4) == off.generate([turn2], 4)
+    assert starts[0][1] == 36
     assert on.allocator.num_free == on.allocator.capacity and not on.allocator.sequences()
 
 

@@ -530,6 +530,7 @@ class InferenceEngine:
                 if r.finish_reason is not None or j >= d["steps"][r.slot]:
                     continue
                 r.cached += 1
+                self.scheduler.computed(r)
                 events.append(self._emit(r, int(tokens_KS[j, r.slot])))
         return events
 

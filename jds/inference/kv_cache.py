@@ -10,12 +10,12 @@ its blocks in order, so token ``t`` of the sequence lives at
 Block 0 is never handed out: padded tokens of a bucketed batch write their K/V there, so
 every write in a step is unconditional (no masked scatter) and never touches a live block.
 
-Prefix caching: a block whose tokens are all computed can be *published* under a key that
-names its content and everything before it (``prefix_keys``: a chain of 128-bit BLAKE2b
-digests over the token ids). A later sequence whose prompt starts with the same blocks
-*shares* them (reference-counted) instead of computing them again. When no sequence holds a
-published block it stays cached, idle, until a new block is needed and none is free: then
-the least recently used idle block is evicted. Idle blocks count as free.
+Prefix caching: a block whose tokens are all computed (prompt or generated) can be
+*published* under a key that names its content and everything before it (``prefix_keys``:
+a chain of 128-bit BLAKE2b digests over the token ids). A later sequence whose prompt starts
+with the same blocks *shares* them (reference-counted) instead of computing them again. When
+no sequence holds a published block it stays cached, idle, until a new block is needed and
+none is free: then the least recently used idle block is evicted. Idle blocks count as free.
 
 ``paged_attention_reference`` is the plain-``jnp`` attention over the pages: each token of
 a flat (ragged) batch gathers its own sequence's blocks and attends causally to the
@@ -158,13 +158,16 @@ class BlockAllocator:
             self._by_key[key], self._key[block] = block, key
 
 
-def prefix_keys(tokens: Sequence[int], block_size: int, n_blocks: int) -> list[bytes]:
+def prefix_keys(tokens: Sequence[int], block_size: int, n_blocks: int, *,
+                known: Sequence[bytes] = ()) -> list[bytes]:
     """Keys of the first ``n_blocks`` full blocks of ``tokens``: block ``i``'s key digests
     block ``i - 1``'s key and its own token ids, so equal keys mean equal prefixes (128-bit
-    BLAKE2b: a collision, which would serve another prefix's K/V, is not a practical risk)."""
-    keys, prev = [], b""
+    BLAKE2b: a collision, which would serve another prefix's K/V, is not a practical risk).
+    ``known``: keys of the first blocks, already computed; the chain continues from them."""
+    keys = list(known[:n_blocks])
+    prev = keys[-1] if keys else b""
     ids = np.asarray(tokens[:n_blocks * block_size], np.int64)
-    for i in range(n_blocks):
+    for i in range(len(keys), n_blocks):
         prev = hashlib.blake2b(prev + ids[i * block_size:(i + 1) * block_size].tobytes(),
                                digest_size=16).digest()
         keys.append(prev)

@@ -42,8 +42,9 @@ class Request:
       cached: tokens whose K/V are in the cache.
       output: generated tokens so far.
       finish_reason: None while running; ``"stop"`` or ``"length"``.
-      prefix_keys: keys of the prompt's full blocks that may be shared (prefix caching).
-      published: how many of them this request has published.
+      prefix_keys: keys of its full blocks (prefix caching): at first the prompt's, looked
+        up on admission; extended as its blocks fill.
+      published: how many of its blocks it has published.
     """
 
     rid: int
@@ -147,11 +148,17 @@ class Scheduler:
         return req
 
     def computed(self, req: Request) -> None:
-        """After a pass: publish the prompt blocks of ``req`` that are now fully computed."""
-        done = min(req.cached // self.allocator.block_size, len(req.prefix_keys))
-        for i in range(req.published, done):
-            self.allocator.publish(req.rid, i, req.prefix_keys[i])
-        req.published = max(req.published, done)
+        """After a pass: publish the blocks of ``req`` whose tokens are all in the cache now,
+        generated ones too (a chat's next turn starts with this turn's prompt and answer)."""
+        if not self.prefix_caching:
+            return
+        done = req.cached // self.allocator.block_size
+        if done > req.published:
+            req.prefix_keys = prefix_keys(req.tokens(), self.allocator.block_size, done,
+                                          known=req.prefix_keys)
+            for i in range(req.published, done):
+                self.allocator.publish(req.rid, i, req.prefix_keys[i])
+            req.published = done
 
     def plan(self) -> list[Work]:
         """The next forward pass: decodes first, then prompt chunks (see module docstring).
