@@ -7,9 +7,14 @@ engine. Features are chosen here, when the step is built, not as branches inside
 
 Semantics follow DeepSpeed's engine:
 
-- The loss is the Hugging Face causal-LM loss: mean cross-entropy of predicting token t+1
-  from tokens <= t, over every valid target of the *global* batch (labels of -100 are
-  ignored). With unpadded batches this equals DeepSpeed's average of per-micro-batch means.
+- The step differentiates an *objective*: ``(params, frozen, model_state, micro_batch) ->
+  (summed loss, summed metrics, new model state)`` with a parameter-independent *weight*
+  per micro-batch (``jds.models.base.Loss``). The step's loss is the sum over micro-batches
+  divided by the summed weight. A user's ``loss_fn`` is a micro-batch mean of weight 1, so
+  this is DeepSpeed's average of micro-batch means; the causal-LM loss sums cross-entropy
+  and weighs by valid targets, so it is the mean over every valid token of the *global*
+  batch (Hugging Face's loss; labels of -100 ignored). The model state (BatchNorm
+  statistics, RNG counts) is carried from one micro-batch to the next.
 - Gradient accumulation is a ``lax.scan`` over micro-batches, accumulating fp32 gradients
   (fp32 even under bf16/fp16: DeepSpeed's bf16 optimizer keeps fp32 gradient partitions
   too; the ZeRO table's 2 bytes/param of fp16 gradients is the fp16 optimizer's figure).
@@ -20,12 +25,15 @@ Semantics follow DeepSpeed's engine:
     the accumulation boundary. Left to itself XLA's partitioner would all-reduce inside
     the scan, once per micro-batch; ``_local_grads`` prevents that by keeping a leading
     data-parallel axis on the per-shard gradients (a ``vmap`` over per-device batch slices
-    with ``spmd_axis_name``), so nothing is reduced until the final sum.
+    with ``spmd_axis_name``), so nothing is reduced until the final sum. That is only right
+    for a loss that is a sum over rows (``Loss.per_example``, the LM loss) of a model
+    without state: a BatchNorm sees the whole micro-batch, so a user's objective takes
+    gradients over the global micro-batch and XLA reduces them per micro-batch.
   - stage 2 (gradients sharded): every micro-batch's gradients are reduce-scattered
     (``_reduce_scatter``, an explicit ``psum_scatter``) into a sharded accumulator, so no
     device holds a full fp32 accumulation buffer.
   - stage 3 (parameters sharded too): the model gathers each layer's weights inside its
-    layer scan (``jds.partitioning.zero.gather_param``), whose gradient is constrained
+    layer scan (its ``jds.partitioning.zero.ParamGather``), whose gradient is constrained
     back to the sharded layout, so XLA reduces each layer's gradients in the backward scan
     straight into the sharded accumulator.
 - Gradients are unscaled, their global norm measured, and clipped as DeepSpeed's
@@ -40,7 +48,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -48,45 +56,17 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jds.models.base import IGNORE_INDEX, causal_lm_loss_sum
 from jds.partitioning.rules import active_rules, constrain, use_rules
 from jds.partitioning.zero import ZeroPlan
 from jds.precision import LossScaleConfig, all_finite, cast_tree, update_loss_scale
 from jds.state import TrainState
 
 PyTree = Any
-Batch = dict[str, jax.Array]
-ApplyFn = Callable[[PyTree, jax.Array], jax.Array]  # (params, input_ids_BT) -> logits_BTV
-
-IGNORE_INDEX = -100
-
-
-def causal_lm_loss_sum(
-    logits_BTV: jax.Array, input_ids_BT: jax.Array, labels_BT: jax.Array | None = None
-) -> tuple[jax.Array, jax.Array]:
-    """Summed next-token cross-entropy and the number of valid targets.
-
-    Args:
-      logits_BTV: model outputs (any float dtype; the softmax runs in fp32).
-      input_ids_BT: the inputs; used as labels when ``labels_BT`` is None.
-      labels_BT: optional labels, ``-100`` = ignore; shifted here as Hugging Face does.
-
-    Returns:
-      ``(sum of cross-entropy over valid targets, count of valid targets)``, fp32 scalars.
-    """
-    labels_BT = input_ids_BT if labels_BT is None else labels_BT
-    targets_BT = labels_BT[:, 1:]
-    logits_BTV = logits_BTV[:, :-1].astype(jnp.float32)
-    valid_BT = targets_BT != IGNORE_INDEX
-    safe_BT = jnp.where(valid_BT, targets_BT, 0)
-    logz_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
-    # The target's logit as a masked sum over the vocabulary rather than a gather: with the
-    # vocabulary split over ``tensor`` this is a local reduce plus an all-reduce (Megatron's
-    # vocab-parallel cross-entropy), and XLA's partitioner cannot split a gather on a sharded
-    # dimension inside the pipeline's partly manual ``shard_map``. Exact: one term is kept.
-    vocab_V = jnp.arange(logits_BTV.shape[-1], dtype=safe_BT.dtype)
-    picked_BT = jnp.sum(jnp.where(vocab_V == safe_BT[..., None], logits_BTV, 0.0), axis=-1)
-    ce_BT = jnp.where(valid_BT, logz_BT - picked_BT, 0.0)
-    return ce_BT.sum(), valid_BT.sum().astype(jnp.float32)
+Batch = PyTree  # every leaf [micro_batches, micro_batch_global, ...]
+# (params, frozen, model_state, micro_batch) -> (summed loss, summed metrics, new model state)
+Objective = Callable[[PyTree, PyTree, PyTree, PyTree], tuple[jax.Array, dict, PyTree]]
+WeightFn = Callable[[PyTree], jax.Array]  # micro_batch -> weight (parameter-independent)
 
 
 @dataclass(frozen=True)
@@ -98,11 +78,14 @@ class StepConfig:
       gradient_clipping: max global gradient norm; 0 disables clipping.
       compute_dtype: dtype of ``state.params`` (the compute copy).
       loss_scale: fp16 loss scaling config, or None (fp32/bf16).
-      zero: the ZeRO plan (per-parameter specs of params, gradients, optimizer state);
-        None = everything replicated over the data-parallel group.
-      pipeline: ``(params, ids_ABT, labels_ABT, seed) -> (fp32 grads, summed
-        cross-entropy)`` running the micro-batches through pipeline stages
-        (``jds.partitioning.pipeline``; the engine builds it); None = no pipeline.
+      zero: the ZeRO plan of the trainable parameters (specs of params, gradients,
+        optimizer state); None = everything replicated over the data-parallel group.
+      pipeline: ``(params, batch, seed) -> (fp32 grads, summed loss)`` running the
+        micro-batches through pipeline stages (``jds.partitioning.pipeline``; the engine
+        builds it); None = no pipeline.
+      per_example: the objective is a sum over rows with no cross-row terms
+        (``Loss.per_example``): data-parallel shards may take gradients apart.
+      weight_metric: the metric name of the summed weight (``"tokens"``), or None.
     """
 
     gradient_accumulation_steps: int = 1
@@ -111,6 +94,26 @@ class StepConfig:
     loss_scale: LossScaleConfig | None = None
     zero: ZeroPlan | None = None
     pipeline: Callable[..., tuple[PyTree, jax.Array]] | None = None
+    per_example: bool = False
+    weight_metric: str | None = None
+
+
+class Gradients(NamedTuple):
+    """What ``make_gradients``' function returns.
+
+    Attributes:
+      grads: fp32 gradients of ``scale * loss`` (laid out as the ZeRO stage shards them).
+      loss_sum: the summed loss over the micro-batches (fp32 scalar).
+      weight: the summed weight (the step's divisor, before the guard against 0).
+      aux: the summed metrics.
+      model_state: the model state after the last micro-batch.
+    """
+
+    grads: PyTree
+    loss_sum: jax.Array
+    weight: jax.Array
+    aux: dict[str, jax.Array]
+    model_state: PyTree
 
 
 def clip_by_global_norm_ds(grads: PyTree, max_norm: float) -> tuple[PyTree, jax.Array]:
@@ -177,12 +180,20 @@ def _reduce_scatter(grads_N: PyTree, plan: ZeroPlan, axes: tuple[str, ...]) -> P
     return jax.tree.unflatten(treedef, list(reduced))
 
 
+def _f32(tree: PyTree) -> PyTree:
+    return jax.tree.map(lambda x: x.astype(jnp.float32), tree)
+
+
+def _add(a: PyTree, b: PyTree) -> PyTree:
+    return jax.tree.map(lambda x, y: x + y.astype(jnp.float32), a, b)
+
+
 def _local_grads(
-    grad_fn: Callable, params: PyTree, ids_ABT: jax.Array, labels_ABT: jax.Array,
-    axes: tuple[str, ...], n: int, plan: ZeroPlan | None,
-) -> tuple[PyTree, jax.Array]:
-    """Sum of gradients and of cross-entropy over micro-batches, with the data-parallel
-    reduction placed where DeepSpeed places it.
+    grad_fn: Callable, params: PyTree, batch: Batch, aux0: dict, axes: tuple[str, ...],
+    n: int, plan: ZeroPlan | None,
+) -> tuple[PyTree, jax.Array, dict]:
+    """Sums of gradients, loss and metrics over micro-batches, with the data-parallel
+    reduction placed where DeepSpeed places it (a per-row objective only).
 
     Each of the ``n`` data-parallel shards gets its batch slice and ``vmap(...,
     spmd_axis_name=axes)`` keeps the per-shard gradients apart (``[n, ...]``, sharded on
@@ -196,37 +207,38 @@ def _local_grads(
     """
     mesh, rules = active_rules()
     local_rules = {**rules, "batch": ()}  # the shard axis carries the batch's mesh axes
-    A, B, T = ids_ABT.shape
     lead = NamedSharding(mesh, PartitionSpec(None, axes))
     scatter = plan is not None and bool(plan.layout.grads)
 
-    def split(x_ABT):
-        return jax.lax.with_sharding_constraint(x_ABT.reshape(A, n, B // n, T), lead)
+    def split(x_AB):
+        A, B = x_AB.shape[:2]
+        return jax.lax.with_sharding_constraint(x_AB.reshape(A, n, B // n, *x_AB.shape[2:]),
+                                                lead)
 
-    vgrad = jax.vmap(grad_fn, in_axes=(None, 0, 0), spmd_axis_name=axes)
+    vgrad = jax.vmap(grad_fn, in_axes=(None, 0), spmd_axis_name=axes)
 
     def micro(carry, mb):
-        grads_acc, ce_acc = carry
+        grads_acc, loss_acc, aux_acc = carry
         with use_rules(mesh, local_rules):
-            (_, ce_N), g_N = vgrad(params, mb[0], mb[1])
+            (_, (loss_N, aux_N, _)), g_N = vgrad(params, mb)
         if scatter:
             with use_rules(mesh, rules):
                 g = _reduce_scatter(g_N, plan, axes)
         else:
             g = g_N
-        grads_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads_acc, g)
-        return (grads_acc, ce_acc + ce_N), None
+        # per-shard sums stay apart until after the scan: summing here would all-reduce
+        return (_add(grads_acc, g), loss_acc + loss_N, _add(aux_acc, aux_N)), None
 
     if scatter:
         zeros = _zeros_like(params, plan.shardings(mesh, "grads"))
     else:
         zeros = jax.tree.map(lambda p: jnp.zeros((n, *p.shape), jnp.float32), params)
-    (grads, ce_N), _ = jax.lax.scan(
-        micro, (zeros, jnp.zeros((n,), jnp.float32)), (split(ids_ABT), split(labels_ABT))
-    )
+    aux0_N = jax.tree.map(lambda a: jnp.zeros((n, *a.shape), jnp.float32), aux0)
+    (grads, loss_N, aux_N), _ = jax.lax.scan(
+        micro, (zeros, jnp.zeros((n,), jnp.float32), aux0_N), jax.tree.map(split, batch))
     if not scatter:
         grads = jax.tree.map(lambda g: g.sum(0), grads)
-    return grads, ce_N.sum()
+    return grads, loss_N.sum(), jax.tree.map(lambda a: a.sum(0), aux_N)
 
 
 def _zeros_like(params: PyTree, shardings: PyTree | None) -> PyTree:
@@ -241,70 +253,101 @@ def _select(pred: jax.Array, new: PyTree, old: PyTree) -> PyTree:
     return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
 
 
-def make_gradients(
-    apply_fn: ApplyFn, cfg: StepConfig
-) -> Callable[[PyTree, Batch, jax.Array], tuple[PyTree, jax.Array, jax.Array]]:
-    """Build ``gradients(params, batch, scale) -> (fp32 grads, summed CE, valid targets)``.
+def _constrain_rows(mb: PyTree) -> PyTree:
+    """A micro-batch's leaves with their leading (row) axis on the data-parallel axes."""
+    return jax.tree.map(lambda x: constrain(x, ("batch",) + (None,) * (x.ndim - 1)), mb)
 
-    The gradients are those of ``scale * mean cross-entropy`` over the batch's valid
-    targets (``scale`` is the fp16 loss scale, 1 otherwise), accumulated over the
-    micro-batches with the data-parallel reduction DeepSpeed's ZeRO stage places (see the
+
+def total_weight(weight_fn: WeightFn, batch: Batch) -> jax.Array:
+    """The summed weight of a ``[micro, ...]`` batch's micro-batches."""
+    return jnp.sum(jax.vmap(weight_fn)(batch)).astype(jnp.float32)
+
+
+def _divisor(weight: jax.Array) -> jax.Array:
+    return jnp.where(weight > 0, weight, 1.0)
+
+
+def _aux_zeros(objective: Objective, params: PyTree, frozen: PyTree, model_state: PyTree,
+               batch: Batch) -> dict:
+    mb = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), batch)
+    aux = jax.eval_shape(objective, params, frozen, model_state, mb)[1]
+    return jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), aux)
+
+
+def make_gradients(
+    objective: Objective, weight_fn: WeightFn, cfg: StepConfig
+) -> Callable[[PyTree, PyTree, PyTree, Batch, jax.Array], Gradients]:
+    """Build ``gradients(params, frozen, model_state, batch, scale) -> Gradients``.
+
+    The gradients are those of ``scale * loss`` (``scale``: the fp16 loss scale, 1
+    otherwise), where loss is the micro-batches' summed loss over their summed weight,
+    accumulated with the data-parallel reduction DeepSpeed's ZeRO stage places (see the
     module docstring), or through the pipeline schedule when ``cfg.pipeline`` is set.
     """
 
-    def gradients(params: PyTree, batch: Batch, scale: jax.Array):
-        ids_ABT = batch["input_ids"]
-        labels_ABT = batch.get("labels", ids_ABT)
-        n_valid = (labels_ABT[:, :, 1:] != IGNORE_INDEX).sum().astype(jnp.float32)
-        denom = jnp.maximum(n_valid, 1.0)
+    def gradients(params, frozen, model_state, batch, scale) -> Gradients:
+        weight = total_weight(weight_fn, batch)
+        seed = scale / _divisor(weight)
 
-        def loss_fn(params, ids_BT, labels_BT):
-            logits_BTV = apply_fn(params, ids_BT)
-            ce_sum, _ = causal_lm_loss_sum(logits_BTV, ids_BT, labels_BT)
-            return ce_sum / denom * scale, ce_sum
+        def loss_of(params, mb, state):
+            loss_sum, aux, new_state = objective(params, frozen, state, mb)
+            if jnp.shape(loss_sum) != ():
+                raise ValueError(f"the loss must be a scalar; got shape {jnp.shape(loss_sum)}")
+            return loss_sum * seed, (loss_sum, aux, new_state)
 
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        grad_fn = jax.value_and_grad(loss_of, has_aux=True)
+        if cfg.pipeline is not None:
+            # The schedule runs forwards and backwards itself; seed = d(loss)/d(summed loss).
+            grads, loss_sum = cfg.pipeline(params, batch, seed)
+            return Gradients(grads, loss_sum, weight, {}, model_state)
 
+        aux0 = _aux_zeros(objective, params, frozen, model_state, batch)
         axes, n = _data_axes()
         plan = cfg.zero
         sharded_params = plan is not None and bool(plan.layout.params)
         sharded_grads = plan is not None and bool(plan.layout.grads)
-        if cfg.pipeline is not None:
-            # The schedule runs forwards and backwards itself; seed = d(loss)/d(sum of CE).
-            grads, ce_total = cfg.pipeline(params, ids_ABT, labels_ABT, scale / denom)
-        elif n > 1 and not sharded_params and (sharded_grads or ids_ABT.shape[0] > 1):
-            grads, ce_total = _local_grads(grad_fn, params, ids_ABT, labels_ABT, axes, n, plan)
-        else:
-            # One shard, one micro-batch of replicated gradients (XLA's single all-reduce is
-            # the minimum), or ZeRO-3: parameters are gathered layer by layer inside the
-            # model's scan and XLA reduce-scatters each layer's gradients in the backward
-            # scan, straight into the sharded accumulator.
-            grad_sh = None
-            if plan is not None and sharded_grads and active_rules() is not None:
-                grad_sh = plan.shardings(active_rules()[0], "grads")
-            zeros = _zeros_like(params, grad_sh)
+        n_micro = jax.tree.leaves(batch)[0].shape[0]
+        if (cfg.per_example and not jax.tree.leaves(model_state) and n > 1
+                and not sharded_params and (sharded_grads or n_micro > 1)):
+            grads, loss_sum, aux = _local_grads(
+                lambda p, mb: grad_fn(p, mb, model_state), params, batch, aux0, axes, n, plan)
+            return Gradients(grads, loss_sum, weight, aux, model_state)
 
-            def micro(carry, mb):
-                grads_acc, ce_acc = carry
-                ids_BT = constrain(mb[0], ("batch", "seq"))
-                labels_BT = constrain(mb[1], ("batch", "seq"))
-                (_, ce_sum), g = grad_fn(params, ids_BT, labels_BT)
-                g = jax.tree.map(lambda b: b.astype(jnp.float32), g)
-                if grad_sh is not None:
-                    g = jax.lax.with_sharding_constraint(g, grad_sh)
-                grads_acc = jax.tree.map(jnp.add, grads_acc, g)
-                return (grads_acc, ce_acc + ce_sum), None
+        # One shard, one micro-batch of replicated gradients (XLA's single all-reduce is
+        # the minimum), an objective over the whole micro-batch (BatchNorm), or ZeRO-3:
+        # parameters are gathered where the model uses them and XLA reduce-scatters their
+        # gradients in the backward pass, straight into the sharded accumulator.
+        grad_sh = None
+        if plan is not None and sharded_grads and active_rules() is not None:
+            grad_sh = plan.shardings(active_rules()[0], "grads")
 
-            (grads, ce_total), _ = jax.lax.scan(
-                micro, (zeros, jnp.zeros((), jnp.float32)), (ids_ABT, labels_ABT)
-            )
-        return grads, ce_total, n_valid
+        def micro(carry, mb):
+            grads_acc, loss_acc, aux_acc, state = carry
+            (_, (loss_sum, aux, state)), g = grad_fn(params, _constrain_rows(mb), state)
+            g = _f32(g)
+            if grad_sh is not None:
+                g = jax.lax.with_sharding_constraint(g, grad_sh)
+            return (_add(grads_acc, g), loss_acc + loss_sum, _add(aux_acc, aux), state), None
+
+        init = (_zeros_like(params, grad_sh), jnp.zeros((), jnp.float32), aux0, model_state)
+        (grads, loss_sum, aux, model_state), _ = jax.lax.scan(micro, init, batch)
+        return Gradients(grads, loss_sum, weight, aux, model_state)
 
     return gradients
 
 
+def _metrics(loss_sum: jax.Array, weight: jax.Array, aux: dict, weight_metric: str | None
+             ) -> dict[str, jax.Array]:
+    denom = _divisor(weight)
+    out = {"loss": loss_sum / denom, **{k: v / denom for k, v in aux.items()}}
+    if weight_metric is not None:
+        out[weight_metric] = weight
+    return out
+
+
 def make_train_step(
-    apply_fn: ApplyFn,
+    objective: Objective,
+    weight_fn: WeightFn,
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
     cfg: StepConfig,
@@ -312,26 +355,28 @@ def make_train_step(
     """Build ``train_step(state, batch) -> (state, metrics)``.
 
     Args:
-      apply_fn: ``(params, input_ids_BT) -> logits_BTV``.
+      objective: ``(params, frozen, model_state, micro_batch) -> (summed loss, summed
+        metrics, new model state)`` in training mode (``jds.models.base.make_objective``).
+      weight_fn: a micro-batch's weight (the loss's divisor).
       tx: the optax transformation (its state lives in ``state.opt_state``).
       schedule: the learning-rate schedule inside ``tx``, for the ``lr`` metric.
       cfg: static step choices.
 
-    The batch holds ``input_ids`` (and optionally ``labels``) shaped
-    ``[gradient_accumulation_steps, micro_batch_global, seq]``.
+    The batch is any pytree whose leaves are ``[gradient_accumulation_steps,
+    micro_batch_global, ...]``.
 
     Returns:
-      The step function. Metrics (device scalars): ``loss``, ``grad_norm``, ``lr``,
-      ``loss_scale``, ``skipped`` (1.0 if this step was skipped), ``tokens``.
+      The step function. Metrics (device scalars): ``loss``, the loss's own metrics,
+      ``grad_norm``, ``lr``, ``loss_scale``, ``skipped`` (1.0 if this step was skipped),
+      and the summed weight under ``cfg.weight_metric`` (``tokens`` for the LM loss).
     """
 
-    gradients = make_gradients(apply_fn, cfg)
+    gradients = make_gradients(objective, weight_fn, cfg)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         scale = state.loss_scale.scale
-        grads, ce_total, n_valid = gradients(state.params, batch, scale)
-        denom = jnp.maximum(n_valid, 1.0)
-        grads = jax.tree.map(lambda g: g / scale, grads)
+        g = gradients(state.params, state.frozen, state.model_state, batch, scale)
+        grads = jax.tree.map(lambda x: x / scale, g.grads)
         finite = all_finite(grads)
         grads, grad_norm = clip_by_global_norm_ds(grads, cfg.gradient_clipping)
 
@@ -353,38 +398,55 @@ def make_train_step(
             opt_state=new_opt,
             loss_scale=update_loss_scale(state.loss_scale, skipped, cfg.loss_scale),
             skipped=state.skipped + skipped.astype(jnp.int32),
+            # The forward pass ran, skipped or not: its statistics stand (as in PyTorch).
+            model_state=g.model_state,
         )
         metrics = {
-            "loss": ce_total / denom,
+            **_metrics(g.loss_sum, g.weight, g.aux, cfg.weight_metric),
             "grad_norm": grad_norm,
             "lr": jnp.asarray(lr, jnp.float32),
             "loss_scale": scale,
             "skipped": skipped.astype(jnp.float32),
-            "tokens": n_valid,
         }
         return new_state, metrics
 
     return train_step
 
 
-def make_eval_step(apply_fn: ApplyFn) -> Callable[[PyTree, Batch], dict[str, jax.Array]]:
-    """Build ``eval_step(params, batch) -> {"loss", "tokens"}`` (no update).
+def make_eval_step(
+    objective: Objective, weight_fn: WeightFn, weight_metric: str | None = None
+) -> Callable[[PyTree, PyTree, PyTree, Batch], dict[str, jax.Array]]:
+    """Build ``eval_step(params, frozen, model_state, batch) -> metrics`` (no update).
 
-    The batch is ``[micro_batches, micro_batch_global, seq]`` like the train step's.
+    ``objective`` is the evaluation-mode one (Dropout off, BatchNorm on its running
+    statistics); the batch is ``[micro_batches, micro_batch_global, ...]`` like the train
+    step's. Metrics: ``loss``, the loss's own metrics, and the summed weight under
+    ``weight_metric``.
     """
 
-    def eval_step(params: PyTree, batch: Batch) -> dict[str, jax.Array]:
-        ids_ABT = batch["input_ids"]
-        labels_ABT = batch.get("labels", ids_ABT)
+    def eval_step(params: PyTree, frozen: PyTree, model_state: PyTree, batch: Batch
+                  ) -> dict[str, jax.Array]:
+        aux0 = _aux_zeros(objective, params, frozen, model_state, batch)
 
         def micro(carry, mb):
-            ids_BT = constrain(mb[0], ("batch", "seq"))
-            labels_BT = constrain(mb[1], ("batch", "seq"))
-            ce_sum, n = causal_lm_loss_sum(apply_fn(params, ids_BT), ids_BT, labels_BT)
-            return (carry[0] + ce_sum, carry[1] + n), None
+            loss_sum, aux, _ = objective(params, frozen, model_state, _constrain_rows(mb))
+            return (carry[0] + loss_sum, _add(carry[1], aux)), None
 
-        init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-        (ce, n), _ = jax.lax.scan(micro, init, (ids_ABT, labels_ABT))
-        return {"loss": ce / jnp.maximum(n, 1.0), "tokens": n}
+        (loss_sum, aux), _ = jax.lax.scan(micro, (jnp.zeros((), jnp.float32), aux0), batch)
+        return _metrics(loss_sum, total_weight(weight_fn, batch), aux, weight_metric)
 
     return eval_step
+
+
+__all__ = [
+    "IGNORE_INDEX",
+    "Gradients",
+    "Objective",
+    "StepConfig",
+    "causal_lm_loss_sum",
+    "clip_by_global_norm_ds",
+    "make_eval_step",
+    "make_gradients",
+    "make_train_step",
+    "total_weight",
+]

@@ -264,6 +264,11 @@ def _state_to_dict(state: TrainState) -> dict[str, Any]:
     }
     if state.master is not None:
         d["master"] = state.master
+    # Present only when the model has them: a language model's checkpoint keeps its layout.
+    if state.frozen:
+        d["frozen"] = state.frozen
+    if state.model_state:
+        d["model_state"] = state.model_state
     return d
 
 
@@ -276,6 +281,8 @@ def _dict_to_state(d: dict[str, Any], like: TrainState) -> TrainState:
         loss_scale=d["loss_scale"],
         skipped=d["skipped"],
         rng=d["rng"],
+        frozen=d.get("frozen", {}),
+        model_state=d.get("model_state", {}),
     )
 
 

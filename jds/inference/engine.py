@@ -47,6 +47,7 @@ from jds.inference.kv_cache import (
 from jds.inference.scheduler import Request, Scheduler, Work
 from jds.kernels.platform import lowering_for
 from jds.kernels.quant import quantize
+from jds.models.base import is_stacked_decoder, split_model
 from jds.models.layers import QuantizedWeight
 from jds.partitioning.mesh import make_mesh
 from jds.partitioning.rules import DEFAULT_RULES, logical_to_spec, use_rules
@@ -218,6 +219,10 @@ class InferenceEngine:
                  devices: Sequence[jax.Device] | None = None) -> None:
         self.config = cfg = InferenceConfig.load(config)
         model = _load_model(model)
+        if not is_stacked_decoder(model):
+            raise TypeError(f"init_inference serves stacked decoders (jds.models.base."
+                            f"StackedDecoder: jds's Llama and GPT-2); {type(model).__name__} "
+                            "is not one")
         self.model_config = model.config
         devices = list(devices if devices is not None else jax.devices())
         if cfg.tp_size > len(devices):
@@ -241,12 +246,11 @@ class InferenceEngine:
         self.max_len = min(cfg.max_tokens, int(self.model_config.max_positions))
         self.vocab_size = int(self.model_config.vocab_size)
 
-        graphdef, state = nnx.split(model)
-        self._graphdef = graphdef
-        pure = nnx.to_pure_dict(state)
-        axes = nnx.to_pure_dict(jax.tree.map(
-            lambda v: tuple(v.get_metadata()["axes"]), state,
-            is_leaf=lambda x: isinstance(x, nnx.Variable)))
+        # The model's own graph on a copy without a ZeRO gather: a model taken from a
+        # training engine (engine.model) would otherwise constrain to that engine's mesh.
+        split = split_model(model)
+        self._graphdef = split.eval_graphdef
+        pure, axes = split.params, split.params_axes
         self._layer_axes = {k: tuple(a)[1:] for k, a in axes["layers"].items()}
         specs = jax.tree.map(
             lambda a, x: logical_to_spec(tuple(a), self.rules, mesh=self.mesh,

@@ -35,7 +35,7 @@ from jds.models.layers import (
     stacked_params,
 )
 from jds.partitioning.rules import constrain
-from jds.partitioning.zero import gather_param
+from jds.partitioning.zero import ParamGather, gather_param
 
 BTD = ("batch", "res_seq", "embed")  # the residual stream (split over seq under sequence parallel)
 
@@ -211,6 +211,8 @@ class GPT2(nnx.Module):
         cfg = config
         self.config = cfg
         self.remat = cfg.remat
+        # ZeRO-3 gathering; the engine sets it on its copy (jds.partitioning.zero)
+        self.param_gather: ParamGather | None = None
         std, D = cfg.initializer_range, cfg.n_embd
         self.wte = normal_param(rngs, (cfg.vocab_size, D), ("vocab", "embed"), std, param_dtype)
         self.wpe = normal_param(rngs, (cfg.n_positions, D), (None, "embed"), std, param_dtype)
@@ -251,11 +253,15 @@ class GPT2(nnx.Module):
         x_BTD = self.run_layers(stacked_params(self.layers), x_BTD, positions, segment_ids)
         return self.head(x_BTD)
 
+    def _use(self, param: nnx.Param, axes: tuple[str | None, ...]) -> jax.Array:
+        """A non-layer parameter at its point of use (gathered under ZeRO-3)."""
+        return gather_param(param[...], axes, self.param_gather)
+
     # The three parts of ``__call__``, also run separately by pipeline stages.
     def embed(self, input_ids_BT: jax.Array, positions_BT: jax.Array) -> jax.Array:
         """Token plus learned position embeddings ``x_BTD``."""
-        wte_VD = gather_param(self.wte[...], ("vocab", "embed"))  # gathered here under ZeRO-3
-        wpe_PD = gather_param(self.wpe[...], (None, "embed"))
+        wte_VD = self._use(self.wte, ("vocab", "embed"))  # gathered here under ZeRO-3
+        wpe_PD = self._use(self.wpe, (None, "embed"))
         x_BTD = (embed_lookup(wte_VD, input_ids_BT)
                  + embed_lookup(wpe_PD, positions_BT, (None, "embed")))
         return constrain(x_BTD, BTD)
@@ -279,6 +285,7 @@ class GPT2(nnx.Module):
         return scan_layers(
             block, params_L, x_BTD, segment_ids_BT, remat=self.remat,
             axes=stacked_axes(self.layers), group=checkpoint_every,
+            gather=self.param_gather,
         )
 
     def layer_fn(self) -> Callable[..., jax.Array]:
@@ -291,7 +298,7 @@ class GPT2(nnx.Module):
         """Final LayerNorm and the tied output projection: ``logits_BTV``."""
         cfg = self.config
         h_BTD = layer_norm(x_BTD, self.ln_f_scale[...], self.ln_f_bias[...], cfg.layer_norm_epsilon)
-        wte_VD = gather_param(self.wte[...], ("vocab", "embed"))
+        wte_VD = self._use(self.wte, ("vocab", "embed"))
         logits_BTV = jnp.einsum("BTD,VD->BTV", h_BTD, wte_VD)
         return constrain(logits_BTV, ("batch", "seq", "vocab"))
 

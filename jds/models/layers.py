@@ -40,7 +40,7 @@ import numpy as np
 from flax import nnx
 
 from jds.partitioning.rules import active_rules, logical_to_spec, traced_sharding
-from jds.partitioning.zero import GATHERED, gather_param, params_sharded
+from jds.partitioning.zero import GATHERED, ParamGather, gather_param
 
 REMAT_MODES: tuple[str, ...] = ("none", "full", "dots", "offload")
 
@@ -78,15 +78,17 @@ def stacked_axes(module: nnx.Module) -> dict[str, tuple[str | None, ...]]:
     }
 
 
-def gather_layer(p: dict[str, jax.Array], axes: dict[str, tuple[str | None, ...]]) -> dict:
+def gather_layer(p: dict[str, jax.Array], axes: dict[str, tuple[str | None, ...]],
+                 gather: ParamGather | None) -> dict:
     """Constrain one layer's weights to their compute layout (the rules' tensor-parallel
-    spec, nothing over the data-parallel axes).
+    spec, nothing over the data-parallel axes) with the model's ``ParamGather``.
 
     Under ZeRO-3 the stacked weights are sharded over the data-parallel group; this is
     where XLA all-gathers them, one layer at a time inside the scan (and, transposed in
-    the backward pass, reduce-scatters that layer's gradients). Elsewhere it is a no-op.
+    the backward pass, reduce-scatters that layer's gradients). Without a ``gather`` it
+    is the identity.
     """
-    return {k: gather_param(v, axes[k]) for k, v in p.items()}
+    return {k: gather_param(v, axes[k], gather) for k, v in p.items()}
 
 
 def embed_lookup(
@@ -273,6 +275,7 @@ def scan_layers(
     remat: str = "none",
     axes: dict[str, tuple[str | None, ...]] | None = None,
     group: int = 0,
+    gather: ParamGather | None = None,
 ) -> jax.Array:
     """Run ``x = block_fn(params_l, x, *args)`` for every layer ``l`` with ``lax.scan``.
 
@@ -284,12 +287,13 @@ def scan_layers(
       x: the residual stream, e.g. ``x_BTD``.
       *args: per-call inputs shared by every layer (positions, segment ids).
       remat: a mode of ``REMAT_MODES`` (see the module docstring).
-      axes: logical axes of one layer's weights (``stacked_axes``); when given, each
+      axes: logical axes of one layer's weights (``stacked_axes``); with ``gather``, each
         layer's weights are gathered to their compute layout inside the scan
         (``gather_layer``), which is how ZeRO-3 never holds the whole model at once.
       group: ``k > 0`` checkpoints every ``k`` layers instead (DeepSpeed's pipeline
         ``activation_checkpoint_interval``): only each group's input is kept, and the
         backward pass recomputes the group's ``k`` layers; ``remat`` is then unused.
+      gather: the model's ``ParamGather`` (ZeRO-3 / tensor-parallel layouts), or None.
 
     Returns:
       The residual stream after the last layer.
@@ -299,10 +303,10 @@ def scan_layers(
     """
     def layer(p: dict[str, jax.Array], carry: jax.Array, *a: Any) -> jax.Array:
         if axes is not None:  # gathered inside the checkpoint: re-gathered in backward
-            p = gather_layer(p, axes)
+            p = gather_layer(p, axes, gather)
         return block_fn(p, carry, *a)
 
-    if remat == "none" and axes is not None and params_sharded():
+    if remat == "none" and axes is not None and gather is not None and gather.sharded:
         # ZeRO-3 without remat: keep every activation, but not the gathered weights (that
         # would stack an unsharded copy of the whole model for the backward pass); the
         # backward scan gathers each layer again, as DeepSpeed's ZeRO-3 does.

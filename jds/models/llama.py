@@ -40,7 +40,7 @@ from jds.models.layers import (
     stacked_params,
 )
 from jds.partitioning.rules import constrain
-from jds.partitioning.zero import gather_param
+from jds.partitioning.zero import ParamGather, gather_param
 
 BTD = ("batch", "res_seq", "embed")  # the residual stream (split over seq under sequence parallel)
 BTNH = ("batch", "seq", "heads", "head_dim")
@@ -311,6 +311,8 @@ class Llama(nnx.Module):
         cfg = config
         self.config = cfg
         self.remat = cfg.remat
+        # ZeRO-3 gathering; the engine sets it on its copy (jds.partitioning.zero)
+        self.param_gather: ParamGather | None = None
         std = cfg.initializer_range
         V, D = cfg.vocab_size, cfg.hidden_size
         self.embed_tokens = normal_param(rngs, (V, D), ("vocab", "embed"), std, param_dtype)
@@ -355,11 +357,15 @@ class Llama(nnx.Module):
         x_BTD = self.run_layers(stacked_params(self.layers), x_BTD, positions, segment_ids)
         return self.head(x_BTD)
 
+    def _use(self, param: nnx.Param, axes: tuple[str | None, ...]) -> jax.Array:
+        """A non-layer parameter at its point of use (gathered under ZeRO-3)."""
+        return gather_param(param[...], axes, self.param_gather)
+
     # The three parts of ``__call__``, also run separately by pipeline stages.
     def embed(self, input_ids_BT: jax.Array, positions_BT: jax.Array) -> jax.Array:
         """Token embeddings ``x_BTD`` (the positions enter through RoPE in the layers)."""
         del positions_BT
-        embed_VD = gather_param(self.embed_tokens[...], ("vocab", "embed"))  # gathered (ZeRO-3)
+        embed_VD = self._use(self.embed_tokens, ("vocab", "embed"))  # gathered (ZeRO-3)
         return constrain(embed_lookup(embed_VD, input_ids_BT), BTD)
 
     def run_layers(
@@ -379,6 +385,7 @@ class Llama(nnx.Module):
         return scan_layers(
             block, params_L, x_BTD, positions_BT, segment_ids_BT, remat=self.remat,
             axes=stacked_axes(self.layers), group=checkpoint_every,
+            gather=self.param_gather,
         )
 
     def layer_fn(self) -> Callable[..., jax.Array]:
@@ -392,10 +399,10 @@ class Llama(nnx.Module):
         cfg = self.config
         h_BTD = rms_norm(x_BTD, self.norm[...], cfg.rms_norm_eps)
         if self.lm_head is None:
-            embed_VD = gather_param(self.embed_tokens[...], ("vocab", "embed"))
+            embed_VD = self._use(self.embed_tokens, ("vocab", "embed"))
             logits_BTV = jnp.einsum("BTD,VD->BTV", h_BTD, embed_VD)
         else:
-            head_DV = gather_param(self.lm_head[...], ("embed", "vocab"))
+            head_DV = self._use(self.lm_head, ("embed", "vocab"))
             logits_BTV = jnp.einsum("BTD,DV->BTV", h_BTD, head_DV)
         return constrain(logits_BTV, ("batch", "seq", "vocab"))
 

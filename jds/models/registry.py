@@ -101,15 +101,42 @@ PRESETS: dict[str, LlamaConfig | GPT2Config] = {
 }
 
 
+_CLASSES: dict[str, tuple[type, type[nnx.Module]]] = {
+    "llama": (LlamaConfig, Llama),
+    "gpt2": (GPT2Config, GPT2),
+}
+
+
+def _kind(config: Any) -> str:
+    for kind, (cls, _) in _CLASSES.items():
+        if isinstance(config, cls):
+            return kind
+    raise TypeError(f"{type(config).__name__} is not a jds model config (one of "
+                    f"{[c.__name__ for c, _ in _CLASSES.values()]}); build your own model "
+                    "with its own class and pass the module to jds.initialize")
+
+
+def is_known_config(config: Any) -> bool:
+    """Whether ``config`` is one of jds's model configs (``LlamaConfig``, ``GPT2Config``)."""
+    return any(isinstance(config, cls) for cls, _ in _CLASSES.values())
+
+
 def model_class(config: LlamaConfig | GPT2Config) -> type[nnx.Module]:
-    """The module class for a config."""
-    return GPT2 if isinstance(config, GPT2Config) else Llama
+    """The module class for a config.
+
+    Raises:
+      TypeError: not a jds model config.
+    """
+    return _CLASSES[_kind(config)][1]
 
 
 def config_to_dict(config: LlamaConfig | GPT2Config) -> dict[str, Any]:
-    """A JSON-able description of a model config (``config_from_dict`` reads it back)."""
-    kind = "gpt2" if isinstance(config, GPT2Config) else "llama"
-    return {"type": kind, **dataclasses.asdict(config)}
+    """A JSON-able description of a model config (``config_from_dict`` reads it back).
+
+    Raises:
+      TypeError: not a jds model config (``jds.models.base.describe_model`` describes any).
+    """
+    return {"type": _kind(config), **dataclasses.asdict(config)}
 
 
 def config_from_dict(d: dict[str, Any]) -> LlamaConfig | GPT2Config:
@@ -120,10 +147,13 @@ def config_from_dict(d: dict[str, Any]) -> LlamaConfig | GPT2Config:
     """
     d = dict(d)
     kind = d.pop("type", None)
-    classes = {"llama": LlamaConfig, "gpt2": GPT2Config}
-    if kind not in classes:
-        raise ValueError(f"model config type {kind!r} is not one of {sorted(classes)}")
-    cls = classes[kind]
+    if kind == "custom":
+        raise ValueError(f"the checkpoint holds a user model ({d.get('class')}), not one of "
+                         f"jds's {sorted(_CLASSES)}; build that model yourself and restore "
+                         "the checkpoint with engine.load_checkpoint")
+    if kind not in _CLASSES:
+        raise ValueError(f"model config type {kind!r} is not one of {sorted(_CLASSES)}")
+    cls = _CLASSES[kind][0]
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - fields)
     if unknown:
@@ -182,5 +212,6 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "get_config",
+    "is_known_config",
     "model_class",
 ]

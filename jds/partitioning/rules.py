@@ -150,20 +150,50 @@ def _is_var(x: Any) -> bool:
     return isinstance(x, nnx.Variable)
 
 
-def tree_logical_axes(state: Any) -> Any:
-    """Map an ``nnx.State`` (or pure tree of Variables) to each leaf's ``axes`` metadata.
+# Metadata keys that name a variable's logical axes: jds's own ``axes=`` first, then Flax's
+# (``nnx.with_partitioning`` / ``kernel_metadata={"out_sharding": ...}``; older Flax used
+# ``sharding_names`` and ``sharding``).
+AXES_METADATA: tuple[str, ...] = ("axes", "out_sharding", "sharding_names", "sharding")
+
+
+def variable_axes(v: nnx.Variable, what: str = "parameter") -> tuple[str | None, ...]:
+    """A variable's logical axes: its annotation, or ``None`` per dimension when it has none.
+
+    An unannotated variable is legal: it follows no tensor-parallel rule, and ZeRO still
+    splits it over the data-parallel group (``jds.partitioning.zero``).
 
     Raises:
-      ValueError: a parameter was created without ``axes=`` metadata.
+      ValueError: the annotation is not one name (or None) per dimension, or names an axis
+        outside the vocabulary (``jds.partitioning.axes``).
+    """
+    meta = v.get_metadata()
+    ndim = len(getattr(v, "shape", ()) or ())
+    for key in AXES_METADATA:
+        names = meta.get(key)
+        if names is None:
+            continue
+        if isinstance(names, str) or not all(n is None or isinstance(n, str) for n in names):
+            raise ValueError(f"{what}: metadata {key}={names!r} must be one logical axis name "
+                             "(or None) per dimension")
+        names = tuple(names)
+        if len(names) != ndim:
+            raise ValueError(f"{what}: {len(names)} logical axes {names} ({key}=) for a "
+                             f"{ndim}-d variable of shape {tuple(v.shape)}")
+        check_axes(names, what=what)
+        return names
+    return (None,) * ndim
+
+
+def tree_logical_axes(state: Any) -> Any:
+    """Map an ``nnx.State`` (or pure tree of Variables) to each leaf's logical axes
+    (``variable_axes``: ``None`` per dimension for an unannotated variable).
+
+    Raises:
+      ValueError: a malformed annotation (named).
     """
 
     def get(path, v):
-        axes = v.get_metadata().get("axes")
-        name = "/".join(str(getattr(p, "key", p)) for p in path)
-        if axes is None:
-            raise ValueError(f"parameter {name} has no logical axes (create it with axes=...)")
-        check_axes(tuple(axes), what=f"parameter {name}")
-        return tuple(axes)
+        return variable_axes(v, "parameter " + "/".join(str(getattr(p, "key", p)) for p in path))
 
     return jax.tree_util.tree_map_with_path(get, state, is_leaf=_is_var)
 
@@ -172,24 +202,24 @@ def tree_shardings(state: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
     """``NamedSharding`` for every Variable in ``state`` from its logical axes and the rules.
 
     Args:
-      state: an ``nnx.State`` whose leaves are Variables with ``axes`` metadata
-        (abstract or concrete).
+      state: an ``nnx.State`` of Variables (abstract or concrete); unannotated ones are
+        replicated.
 
     Returns:
       A tree of the same structure with ``NamedSharding`` leaves in place of Variables.
     """
 
     def one(path, v):
-        axes = tuple(v.get_metadata()["axes"])
         name = "/".join(str(getattr(p, "key", p)) for p in path)
+        axes = variable_axes(v, name)
         spec = logical_to_spec(axes, rules, mesh=mesh, shape=tuple(v.shape), what=name)
         return NamedSharding(mesh, spec)
 
-    tree_logical_axes(state)  # clear error for a missing axes= first
     return jax.tree_util.tree_map_with_path(one, state, is_leaf=_is_var)
 
 
 __all__ = [
+    "AXES_METADATA",
     "AXIS_LETTERS",
     "DEFAULT_RULES",
     "Rules",
@@ -199,4 +229,5 @@ __all__ = [
     "tree_logical_axes",
     "tree_shardings",
     "use_rules",
+    "variable_axes",
 ]

@@ -38,31 +38,37 @@ Which dimension is split: the largest dimension of the parameter that is not the
 ZeRO) and not already split by the rules (tensor parallel), that divides by the group size.
 If none divides cleanly, a dimension already split by tensor parallelism is split further
 when its size allows; otherwise the parameter stays replicated over the group and
-``jds explain`` shows it. (DeepSpeed pads flat buffers instead; for the shapes of real
-models every weight matrix divides, and only tiny vectors such as biases could remain.)
+``jds explain`` shows it. The rule is the same for a parameter without logical axes (a
+user's ``nnx.Conv`` or ``nnx.Linear``): every dimension is free, so the largest one that
+divides is split. DeepSpeed flattens and pads each parameter instead, so it splits every
+one; a sharding annotation cannot pad (JAX shards only evenly), so in jds a tensor with no
+dimension divisible by the group (a 5 x 5 x 3 x 6 kernel on 8 devices) is kept whole on
+every device, with its optimizer state. That is the small-tensor rule DeepSpeed applies on
+purpose to ZeRO-3 parameters under ``stage3_param_persistence_threshold``; jds does not
+apply the threshold itself (it is accepted and has no effect): every parameter that can be
+split is, so the per-device bytes are the ZeRO table's.
+
+**Gathering is explicit.** A ZeRO-3 model gathers its parameters where it uses them through
+a ``ParamGather`` it holds (``model.param_gather``, set by the engine on its own copy of the
+model, or by hand): the layer scan gathers one layer at a time, the embedding and head at
+their point of use. No ambient state decides it, so a model jitted outside the engine
+behaves the same as inside, and a model without a ``ParamGather`` never gathers (XLA's
+partitioner then decides where the weights move).
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import functools
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jds.partitioning.rules import (
-    Rules,
-    active_rules,
-    logical_to_spec,
-    traced_sharding,
-    tree_logical_axes,
-)
+from jds.partitioning.rules import Rules, logical_to_spec, traced_sharding
 
 ZERO_AXES: tuple[str, ...] = ("fsdp", "data")
 SUBGROUP_AXES: tuple[str, ...] = ("fsdp",)
@@ -136,6 +142,41 @@ PARTITION_KEYS: tuple[str, ...] = (
     "grad_partition_size",
     "optimizer_partition_size",
 )
+
+
+def mesh_sizes(mesh: Mapping[str, Any], zero: Any, n_devices: int) -> dict[str, int]:
+    """The mesh axis sizes for a config, with ``fsdp`` sized for hpZ / MiCS / a partition size.
+
+    A ZeRO sub-group (``zero_hpz_partition_size``, ``mics_shard_size``, or a partition size
+    smaller than the data-parallel group) is the mesh's ``fsdp`` axis. When the config
+    leaves ``mesh.fsdp`` at 1 it is set to the sub-group size here, taking that factor
+    from ``mesh.data``.
+
+    Args:
+      mesh: the config's ``mesh`` section as a dict (``data`` may be -1: every device left).
+      zero: the config's ``zero_optimization`` section.
+      n_devices: devices the mesh will use.
+
+    Raises:
+      ValueError: naming the key, when ``mesh.fsdp`` is set to another size or the
+        sub-group does not divide ``mesh.data`` or the devices.
+    """
+    sizes = {k: v for k, v in mesh.items() if k in ("data", "fsdp", "tensor", "stage")}
+    k, key = subgroup_size(zero)
+    if k <= 1 or sizes["fsdp"] == k:
+        return sizes
+    where = f"zero_optimization.{key}={k}"
+    if sizes["fsdp"] != 1:
+        raise ValueError(f"{where} shards within groups of {k} devices but mesh.fsdp is "
+                         f"{sizes['fsdp']}; set mesh.fsdp to {k} (or leave it out)")
+    data = n_devices if sizes["data"] == -1 else sizes["data"]
+    if data % k:
+        raise ValueError(f"{where} shards within groups of {k} devices, which does not divide "
+                         f"the {data} data-parallel devices; use a divisor of {data}")
+    sizes["fsdp"] = k
+    if sizes["data"] != -1:
+        sizes["data"] //= k
+    return sizes
 
 
 def layout_from_config(zero: Any, mesh_shape: Mapping[str, int]) -> ZeroLayout:
@@ -234,12 +275,6 @@ def add_axes(
 
 
 @dataclasses.dataclass(frozen=True)
-class _Leaf:
-    axes: tuple[str | None, ...]
-    shape: tuple[int, ...]
-
-
-@dataclasses.dataclass(frozen=True)
 class ZeroPlan:
     """Per-parameter specs of one layout on one mesh (pytrees shaped like the params).
 
@@ -266,35 +301,35 @@ class ZeroPlan:
                             is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
-def make_plan(abstract_state: Any, mesh: Mesh, rules: Rules, layout: ZeroLayout) -> ZeroPlan:
+def make_plan(shapes: PyTree, axes: PyTree, mesh: Mesh, rules: Rules,
+              layout: ZeroLayout) -> ZeroPlan:
     """Specs of every parameter under ``layout``.
 
     Args:
-      abstract_state: an ``nnx.State`` whose Variables carry ``axes`` metadata.
+      shapes: the parameters (arrays or ``jax.ShapeDtypeStruct``), a pure tree.
+      axes: the same tree with each parameter's logical axes (a tuple; ``None`` entries
+        for unnamed dimensions: ``jds.partitioning.rules.variable_axes``).
       mesh: the device mesh.
       rules: logical -> mesh rules (tensor parallelism).
       layout: which states are sharded over which axes.
 
     Returns:
-      A ``ZeroPlan`` whose trees are pure dicts (``nnx.to_pure_dict`` structure).
-    """
-    from flax import nnx
+      A ``ZeroPlan`` whose trees have ``shapes``' structure.
 
-    tree_logical_axes(abstract_state)  # a clear error for a parameter without axes=
-    pure = nnx.to_pure_dict(jax.tree.map(
-        lambda v: _Leaf(tuple(v.get_metadata()["axes"]), tuple(v.shape)), abstract_state,
-        is_leaf=lambda x: isinstance(x, nnx.Variable)))
-    is_leaf = lambda x: isinstance(x, _Leaf)  # noqa: E731
-    paths, treedef = jax.tree_util.tree_flatten_with_path(pure, is_leaf=is_leaf)
+    Raises:
+      ValueError: a parameter's axes do not resolve through the rules (named).
+    """
+    paths, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+    axes_leaves = treedef.flatten_up_to(axes) if paths else []
     group = layout.group_size(mesh.shape)
     out: dict[str, list] = {k: [] for k in ("axes", "base", "dims", "params", "grads",
                                             "optimizer")}
-    for path, leaf in paths:
-        axes, shape = leaf.axes, leaf.shape
+    for (path, x), ax in zip(paths, axes_leaves, strict=True):
+        ax, shape = tuple(ax), tuple(x.shape)
         name = "/".join(str(getattr(p, "key", p)) for p in path)
-        base = logical_to_spec(axes, rules, mesh=mesh, shape=shape, what=name)
-        dim = zero_dim(shape, axes, base, mesh.shape, group)
-        out["axes"].append(axes)
+        base = logical_to_spec(ax, rules, mesh=mesh, shape=shape, what=name)
+        dim = zero_dim(shape, ax, base, mesh.shape, group)
+        out["axes"].append(ax)
         out["base"].append(PartitionSpec(*(list(base) + [None] * (len(shape) - len(base)))))
         out["dims"].append(-1 if dim is None else dim)
         for k in ("params", "grads", "optimizer"):
@@ -303,28 +338,7 @@ def make_plan(abstract_state: Any, mesh: Mesh, rules: Rules, layout: ZeroLayout)
     return ZeroPlan(layout=layout, **trees)
 
 
-_ACTIVE_LAYOUT: contextvars.ContextVar[ZeroLayout | None] = contextvars.ContextVar(
-    "jds_zero_layout", default=None
-)
-
-
-@contextlib.contextmanager
-def use_layout(layout: ZeroLayout | None) -> Iterator[None]:
-    """Make ``layout`` the ZeRO layout ``gather_param`` sees inside the block (trace time)."""
-    token = _ACTIVE_LAYOUT.set(layout)
-    try:
-        yield
-    finally:
-        _ACTIVE_LAYOUT.reset(token)
-
-
 GATHERED = "zero_gathered"  # checkpoint name of a ZeRO-3 parameter gathered for compute
-
-
-def params_sharded() -> bool:
-    """Whether the active ZeRO layout shards parameters (ZeRO-3), at trace time."""
-    layout = _ACTIVE_LAYOUT.get()
-    return layout is not None and bool(layout.params) and active_rules() is not None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
@@ -343,32 +357,68 @@ def _gather_bwd(gathered, sharded, _, ct):
 _gather.defvjp(_gather_fwd, _gather_bwd)
 
 
-def gather_param(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
-    """A parameter at its point of use: gathered to its compute layout (the rules' spec).
+@dataclasses.dataclass(frozen=True)
+class ParamGather:
+    """Where a model's parameters are gathered to compute with: one mesh, rules and layout.
 
-    Under ZeRO-3 (parameters sharded) this is the per-layer all-gather, and its gradient
-    is constrained straight back to the ZeRO gradient layout, so the backward scan emits
-    one reduce-scatter per layer and stacks only gradient *shards* — never a full-size
-    gradient of the layer stack. Without ZeRO-3 it is ``constrain`` (a no-op for a
-    parameter already in its compute layout); outside ``use_rules`` it returns ``x``.
+    A model holds one (``param_gather``) and calls it on each parameter at its point of
+    use. Hashable, so it can sit in an NNX graph definition as static data.
 
-    Args:
-      x: the parameter (one layer's slice inside the scan, or a whole embedding).
-      axes: its logical axes (without ``layers``).
+    Attributes:
+      mesh: the device mesh.
+      rules: logical -> mesh rules, as ``((name, mesh axes), ...)`` (hashable).
+      layout: the ZeRO layout (which states are sharded over which axes).
     """
-    active = active_rules()
-    if active is None:
-        return x
-    mesh, rules = active
-    base = logical_to_spec(axes, rules, mesh=mesh, shape=tuple(x.shape), what=f"param {axes}")
-    layout = _ACTIVE_LAYOUT.get()
-    if layout is None or not layout.params:
-        return jax.lax.with_sharding_constraint(x, traced_sharding(mesh, base))
-    dim = zero_dim(tuple(x.shape), axes, base, mesh.shape, layout.group_size(mesh.shape))
-    grad_spec = add_axes(base, x.ndim, dim, layout.grads)
-    return checkpoint_name(
-        _gather(x, traced_sharding(mesh, base), traced_sharding(mesh, grad_spec)), GATHERED
-    )
+
+    mesh: Mesh
+    rules: tuple[tuple[str, tuple[str, ...]], ...]
+    layout: ZeroLayout
+
+    @classmethod
+    def create(cls, mesh: Mesh, rules: Rules, layout: ZeroLayout) -> ParamGather:
+        """A ``ParamGather`` for ``rules`` given as a mapping."""
+        return cls(mesh, tuple((k, tuple(v)) for k, v in rules.items()), layout)
+
+    @property
+    def sharded(self) -> bool:
+        """Whether parameters are sharded at rest (ZeRO-3), i.e. gathering moves bytes."""
+        return bool(self.layout.params)
+
+    def __call__(self, x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+        """A parameter at its point of use, gathered to its compute layout (the rules' spec).
+
+        Under ZeRO-3 this is the per-layer all-gather, and its gradient is constrained
+        straight back to the ZeRO gradient layout, so the backward scan emits one
+        reduce-scatter per layer and stacks only gradient *shards* — never a full-size
+        gradient of the layer stack. Otherwise it only pins the compute layout.
+
+        Args:
+          x: the parameter (one layer's slice inside the scan, or a whole embedding).
+          axes: its logical axes (without ``layers``).
+        """
+        mesh, rules = self.mesh, dict(self.rules)
+        base = logical_to_spec(axes, rules, mesh=mesh, shape=tuple(x.shape),
+                               what=f"param {axes}")
+        if not self.sharded:
+            return jax.lax.with_sharding_constraint(x, traced_sharding(mesh, base))
+        dim = zero_dim(tuple(x.shape), axes, base, mesh.shape,
+                       self.layout.group_size(mesh.shape))
+        grad_spec = add_axes(base, x.ndim, dim, self.layout.grads)
+        return checkpoint_name(
+            _gather(x, traced_sharding(mesh, base), traced_sharding(mesh, grad_spec)), GATHERED
+        )
+
+    def tree(self, params: PyTree, axes: PyTree) -> PyTree:
+        """``self(x, axes)`` on every leaf of ``params`` (``axes``: the same tree of tuples)."""
+        leaves, treedef = jax.tree.flatten(params)
+        return treedef.unflatten([self(x, tuple(a)) for x, a
+                                  in zip(leaves, treedef.flatten_up_to(axes), strict=True)])
+
+
+def gather_param(x: jax.Array, axes: tuple[str | None, ...],
+                 gather: ParamGather | None) -> jax.Array:
+    """``gather(x, axes)``, or ``x`` unchanged when the model holds no ``ParamGather``."""
+    return x if gather is None else gather(x, axes)
 
 
 __all__ = [
@@ -378,12 +428,12 @@ __all__ = [
     "ZeroLayout",
     "ZeroPlan",
     "GATHERED",
+    "ParamGather",
     "add_axes",
     "gather_param",
     "layout_from_config",
     "make_plan",
-    "params_sharded",
+    "mesh_sizes",
     "subgroup_size",
-    "use_layout",
     "zero_dim",
 ]

@@ -242,8 +242,8 @@ def deepspeed_to_orbax(
 
 def _train_state_tree(model_cfg: Any, ds_config: Any, ds: Any, params: dict) -> tuple[dict, Any]:
     """A full jds train state for ``ds_config``, filled from DeepSpeed's checkpoint."""
-    from jds.engine import train_state_template
     from jds.precision import LossScaleConfig, init_loss_scale, policy_for
+    from jds.state import train_state_template
 
     fp32 = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, np.float32),
                         abstract_params(model_cfg))
