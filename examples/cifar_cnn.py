@@ -65,9 +65,9 @@ def normalise(images_u8: np.ndarray) -> np.ndarray:
 class _DataOnly(pickle.Unpickler):
     """Builds plain data only: CIFAR's batches hold a dict of bytes, lists and one ndarray."""
 
-    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray",
-                                                              "_reconstruct"),
-                ("numpy", "ndarray"), ("numpy", "dtype")}
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"),
+                ("numpy._core.multiarray", "_reconstruct"), ("numpy", "ndarray"),
+                ("numpy", "dtype"), ("_codecs", "encode")}  # bytes in a Python 3 protocol 2
 
     def find_class(self, module: str, name: str):
         if (module, name) in self._ALLOWED:

@@ -30,8 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
+from jds.checkpoint.engine_io import EngineCheckpoints
 from jds.checkpoint.orbax import Checkpointer
 from jds.config import Config, ConfigError
 from jds.distributed import init_distributed, peer_failure_guard
@@ -39,45 +40,18 @@ from jds.kernels.platform import lowering_for
 from jds.models import base
 from jds.partitioning import pipeline as pp
 from jds.partitioning.batch import BatchPlacer
-from jds.partitioning.mesh import data_parallel_size, make_mesh
-from jds.partitioning.rules import DEFAULT_RULES, Rules, logical_to_spec, use_rules
-from jds.partitioning.zero import ParamGather, layout_from_config, make_plan, mesh_sizes
+from jds.partitioning.mesh import data_parallel_size
+from jds.partitioning.rules import DEFAULT_RULES, Rules, axes_shardings, use_rules
+from jds.partitioning.zero import ParamGather, make_plan, parallel_layout
 from jds.precision import policy_for
-from jds.state import TrainState, init_train_state, optimizer_parts, state_shardings
+from jds.state import TrainState, build_state, init_train_state, optimizer_parts
 from jds.train_step import StepConfig, make_eval_step, make_gradients, make_train_step
 
 PyTree = Any
 ModelLike = nnx.Module | str | Callable[[], nnx.Module]
 
 
-def _abstract_model(model: ModelLike) -> tuple[nnx.Module, Callable[[], nnx.Module] | None]:
-    """``(module, factory)``: the module itself, or a preset name / factory built abstractly
-    (``nnx.eval_shape``) with the factory kept to materialise it sharded."""
-    if isinstance(model, nnx.Module):
-        return model, None
-    if isinstance(model, str):
-        from jds import models
-
-        name = model
-        factory = lambda: models.build(name)  # noqa: E731
-    elif callable(model):
-        factory = model
-    else:
-        raise TypeError(
-            f"model must be an nnx.Module, a preset name or a factory; got {type(model)!r}"
-        )
-    return nnx.eval_shape(factory), factory
-
-
-def _specs_of(axes: PyTree, shapes: PyTree, mesh: Mesh, rules: Rules) -> PyTree:
-    """Shardings of non-parameter variables: their rules' spec (replicated if unannotated)."""
-    return jax.tree.map(
-        lambda a, x: NamedSharding(mesh, logical_to_spec(tuple(a), rules, mesh=mesh,
-                                                         shape=tuple(x.shape))),
-        axes, shapes, is_leaf=lambda a: isinstance(a, tuple))
-
-
-class TrainEngine:
+class TrainEngine(EngineCheckpoints):
     """A sharded training run: state, compiled steps and checkpointing.
 
     Attributes:
@@ -110,33 +84,19 @@ class TrainEngine:
     ) -> None:
         self.config = cfg = Config.load(config)
         self.shapes_only = shapes_only
-        n_devices = len(devices) if devices is not None else jax.device_count()
         try:
-            sizes = mesh_sizes(cfg.mesh.model_dump(), cfg.zero_optimization, n_devices)
+            self.mesh, self.rules, self.zero_layout = parallel_layout(
+                cfg.mesh, cfg.zero_optimization, devices, rules)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        self.mesh: Mesh = make_mesh(sizes, devices)
         self.stages = int(self.mesh.shape["stage"])
-        if self.stages > 1 and not rules.get("layers"):
-            rules = {**rules, "layers": ("stage",)}  # each stage holds its block of layers
-        if cfg.mesh.sequence_parallel:
-            if self.mesh.shape["tensor"] == 1:
-                raise ConfigError("mesh.sequence_parallel=true splits the residual stream over "
-                                  "the tensor axis, but mesh.tensor is 1; set mesh.tensor > 1 "
-                                  "or drop sequence_parallel")
-            rules = {**rules, "res_seq": ("tensor",)}
-        self.rules = rules
-        try:
-            self.zero_layout = layout_from_config(cfg.zero_optimization, self.mesh.shape)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
         self.batch = cfg.resolve_batch(data_parallel_size(self.mesh))
         self.policy = policy_for(cfg.precision)
-        self.placer = BatchPlacer(self.mesh, rules)
+        self.placer = BatchPlacer(self.mesh, self.rules)
 
-        module, factory = _abstract_model(model)
+        module, factory = base.resolve_model(model)
         self.loss = base.as_loss(loss_fn, module)
-        self.gather = ParamGather.create(self.mesh, rules, self.zero_layout)
+        self.gather = ParamGather.create(self.mesh, self.rules, self.zero_layout)
         try:
             self.split = base.split_model(module, trainable=trainable, remat=cfg.remat,
                                           gather=self.gather)
@@ -146,19 +106,25 @@ class TrainEngine:
         self.model_config = self.split.config
         self.vocab_size = base.vocab_size_of(module)
 
-        self.pipeline = self._pipeline(loss_fn)  # before the rules' own shape errors
+        self.pipeline = self._pipeline(loss_fn is not None)  # before the rules' own shape errors
         # make_plan resolves every parameter through the rules strictly (errors name it)
         sp = self.split
-        self.zero = make_plan(sp.params, sp.params_axes, self.mesh, rules, self.zero_layout)
+        self.zero = make_plan(sp.params, sp.params_axes, self.mesh, self.rules, self.zero_layout)
         self.param_shardings = self.zero.shardings(self.mesh, "params")
         self.master_shardings = self.zero.shardings(self.mesh, "optimizer")
         self.grad_shardings = self.zero.shardings(self.mesh, "grads")
-        self.frozen_shardings = make_plan(sp.frozen, sp.frozen_axes, self.mesh, rules,
-                                          self.zero_layout).shardings(self.mesh, "params")
-        self.model_state_shardings = _specs_of(sp.state_axes, sp.model_state, self.mesh, rules)
+        self.frozen_plan = make_plan(sp.frozen, sp.frozen_axes, self.mesh, self.rules,
+                                     self.zero_layout)
+        self.frozen_shardings = self.frozen_plan.shardings(self.mesh, "params")
+        self.model_state_shardings = axes_shardings(sp.state_axes, sp.model_state, self.mesh,
+                                                     self.rules)
         self._replicated = NamedSharding(self.mesh, PartitionSpec())
         self.schedule, self.tx, self.loss_scale_cfg = optimizer_parts(cfg)
-        self._build_state(factory, trainable)
+        self.state, self.state_shardings = build_state(
+            cfg, self.tx, sp, params=self.param_shardings, master=self.master_shardings,
+            frozen=self.frozen_shardings, model_state=self.model_state_shardings,
+            replicated=self._replicated, factory=factory, trainable=trainable,
+            shapes_only=shapes_only, tracing=self._tracing)
 
         step_cfg = StepConfig(
             gradient_accumulation_steps=self.batch.gradient_accumulation_steps,
@@ -201,40 +167,23 @@ class TrainEngine:
         with use_rules(self.mesh, self.rules):
             yield
 
-    def _pipeline(self, loss_fn: Any) -> pp.ModelPipeline | None:
-        """The model cut into pipeline stages (None without stages), checked against the
-        model contract.
-
-        Raises:
-          ConfigError: naming the key, when the model is not a stacked decoder, trains with
-            its own loss, frozen parameters or model state, or its layers do not split.
-        """
+    def _pipeline(self, own_loss: bool) -> pp.ModelPipeline | None:
+        """The model cut into pipeline stages, or None without stages (ConfigError naming
+        the key when the model or the schedule cannot be)."""
         if self.stages == 1:
             return None
-        sp, pc, where = self.split, self.config.pipeline, f"mesh.stage={self.stages}"
-        if not sp.stacked:
-            raise ConfigError(
-                f"{where} needs a stacked decoder (jds.models.base.StackedDecoder: a 'layers' "
-                f"module and embed/run_layers/head, as jds's Llama and GPT-2); "
-                f"{sp.module_type.__name__} is not one; set mesh.stage to 1")
-        if loss_fn is not None or jax.tree.leaves(sp.frozen) or jax.tree.leaves(sp.model_state):
-            raise ConfigError(f"{where}: pipeline stages train a stacked decoder with its "
-                              "causal-LM loss, every parameter trainable and no model state; "
-                              "drop loss_fn / trainable, or set mesh.stage to 1")
+        sp = self.split
         try:
-            schedule = pp.pipeline_schedule(pp.layer_count(sp.params), self.stages, pc.schedule,
-                                            self.batch.gradient_accumulation_steps,
-                                            pc.virtual_stages)
+            return pp.model_pipeline(
+                sp, self.mesh, self.rules,
+                make_plan(sp.params, sp.params_axes, self.mesh, self.rules, self.zero_layout),
+                pipeline_cfg=self.config.pipeline, own_loss=own_loss,
+                micro_batches=self.batch.gradient_accumulation_steps,
+                head_loss=lambda logits, ids, labels: base.causal_lm_loss_sum(
+                    logits, ids, labels)[0],
+                weight=base.valid_targets)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        zero = make_plan(sp.params, sp.params_axes, self.mesh, self.rules, self.zero_layout)
-        return pp.ModelPipeline(
-            graphdef=sp.graphdef, abstract_params=sp.params, mesh=self.mesh, rules=self.rules,
-            zero=zero, schedule=schedule,
-            checkpoint_every=int(pc.activation_checkpoint_interval),
-            head_loss=lambda logits, ids, labels: base.causal_lm_loss_sum(logits, ids,
-                                                                          labels)[0],
-            weight=base.valid_targets)
 
     @property
     def schedule_table(self) -> pp.Schedule | None:
@@ -244,37 +193,6 @@ class TrainEngine:
     def _init_state(self, fp32_params: PyTree, frozen: PyTree, model_state: PyTree
                     ) -> TrainState:
         return init_train_state(self.config, self.tx, fp32_params, frozen, model_state)
-
-    def _build_state(self, factory: Callable | None, trainable: base.Filter) -> None:
-        """Build ``self.state`` and ``self.state_shardings`` (shapes only, or materialised
-        directly sharded)."""
-        sp = self.split
-        shardings = (self.master_shardings, self.frozen_shardings, self.model_state_shardings)
-        f32 = lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32)  # noqa: E731
-        abstract = jax.eval_shape(self._init_state, jax.tree.map(f32, sp.params), sp.frozen,
-                                  sp.model_state)
-        self.state_shardings = state_shardings(
-            abstract, self.tx, params=self.param_shardings, master=self.master_shardings,
-            frozen=self.frozen_shardings, model_state=self.model_state_shardings,
-            replicated=self._replicated)
-        if self.shapes_only:  # shapes and shardings only: for AOT compilation (jds estimate)
-            self.state = jax.tree.map(
-                lambda v, sh: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh),
-                abstract, self.state_shardings)
-            return
-        if factory is None:
-            values = (jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), sp.params),
-                      sp.frozen, sp.model_state)
-            values = jax.device_put(values, shardings)
-        else:
-            def init():
-                params, frozen, model_state = base.materialise(factory, trainable)
-                return jax.tree.map(lambda x: x.astype(jnp.float32), params), frozen, model_state
-
-            with self._tracing():
-                values = jax.jit(init, out_shardings=shardings)()
-        self.state: TrainState = jax.jit(self._init_state,
-                                         out_shardings=self.state_shardings)(*values)
 
     # ----------------------------------------------------------------------------- batches
     def local_rows(self, rows: int | None = None, *, micro_batches: int | None = None
@@ -402,19 +320,16 @@ class TrainEngine:
         rows = self.placer.rows(inputs, what="inputs")
         self.placer.check_split(inputs, rows, 1)
         if self._predict is None:
-            sp, gather = self.split, self.gather
-            gather_all = gather.sharded and not sp.stacked
+            forward = base.make_forward(self.split, self.gather)
 
-            def forward(params, frozen, model_state, x):
-                if gather_all:
-                    params = gather.tree(params, sp.params_axes)
-                    frozen = gather.tree(frozen, sp.frozen_axes)
-                out = sp.merge(params, frozen, model_state, train=False)(x)
+            def sharded_like_rows(params, frozen, model_state, x):
+                n = jax.tree.leaves(x)[0].shape[0]
                 return jax.tree.map(
-                    lambda y: jax.lax.with_sharding_constraint(y, self.placer.sharding(
-                        y.ndim, micro=False)) if y.ndim and y.shape[0] == rows else y, out)
+                    lambda y: jax.lax.with_sharding_constraint(
+                        y, self.placer.sharding(y.ndim, micro=False))
+                    if y.ndim and y.shape[0] == n else y, forward(params, frozen, model_state, x))
 
-            self._predict = jax.jit(forward)
+            self._predict = jax.jit(sharded_like_rows)
         s = self.state
         with self._tracing():
             return self._predict(s.params, s.frozen, s.model_state,
@@ -488,91 +403,6 @@ class TrainEngine:
         ``jds.models.generate``."""
         s = self.state
         return self.split.merge(s.fp32_params, s.frozen, s.model_state, train=False)
-
-    # ----------------------------------------------------------------------------- checkpoints
-    def _checkpointer(self, save_dir: str | os.PathLike) -> Checkpointer:
-        key = os.fspath(os.path.abspath(save_dir))
-        if key not in self._checkpointers:
-            self._checkpointers[key] = Checkpointer(
-                key, max_to_keep=self.config.train.keep_checkpoints
-            )
-        return self._checkpointers[key]
-
-    def save_checkpoint(
-        self,
-        save_dir: str | os.PathLike,
-        tag: int | None = None,
-        client_state: Mapping[str, Any] | None = None,
-    ) -> int:
-        """Save the full train state (async, atomic) under ``save_dir/<step>``.
-
-        Args:
-          save_dir: checkpoint root directory.
-          tag: integer step label; default the current step.
-          client_state: JSON-able extras (e.g. the data loader's ``state_dict()``).
-
-        Returns:
-          The step label written.
-        """
-        self._need_arrays("save_checkpoint")
-        step = int(self.state.step) if tag is None else int(tag)
-        meta = {
-            "kind": "train_state",
-            "config": self.config.to_dict(),
-            "model": base.describe_model(self.split.module_type, self.model_config),
-            "client_state": dict(client_state or {}),
-        }
-        self._checkpointer(save_dir).save(step, self.state, meta)
-        return step
-
-    def load_checkpoint(
-        self, load_dir: str | os.PathLike, tag: int | None = None, *, verify: bool = True
-    ) -> dict:
-        """Restore the train state, re-sharded onto this engine's mesh and ZeRO/TP layout.
-
-        The checkpoint may come from any device count, ZeRO stage or tensor-parallel layout.
-        A weights-only checkpoint (``jds convert hf`` / ``deepspeed`` without the optimizer)
-        loads its fp32 weights and starts a fresh optimizer at step 0.
-
-        Args:
-          load_dir: checkpoint root directory.
-          tag: step label; default the newest intact one (damaged newer steps are skipped
-            with a warning naming the damaged files).
-          verify: check every file against the checkpoint's integrity manifest first.
-
-        Returns:
-          The ``client_state`` saved with it.
-
-        Raises:
-          FileNotFoundError: no checkpoint, or no step ``tag``.
-          CheckpointCorruptError: the step (every step, when ``tag`` is None) is damaged.
-          ValueError: the checkpoint's arrays do not fit this model (each one named).
-        """
-        self._need_arrays("load_checkpoint")
-        state, meta = self._checkpointer(load_dir).restore(
-            tag, self.state, self.state_shardings, verify=verify, init=self._init_from_weights
-        )
-        self.state = state
-        self.client_state = meta.get("client_state", {})
-        return self.client_state
-
-    def _init_from_weights(self, fp32_params: PyTree) -> TrainState:
-        """A fresh train state (step 0, new optimizer state) around restored fp32 weights."""
-        s = self.state
-        return jax.jit(self._init_state, out_shardings=self.state_shardings)(
-            fp32_params, s.frozen, s.model_state)
-
-    def wait_for_checkpoints(self) -> None:
-        """Block until every async save has finished."""
-        for c in self._checkpointers.values():
-            c.wait()
-
-    def close(self) -> None:
-        """Finish pending saves and release checkpoint managers."""
-        for c in self._checkpointers.values():
-            c.close()
-        self._checkpointers.clear()
-
 
 def _to_floats(metrics: Mapping[str, jax.Array]) -> dict[str, float]:
     return {k: float(v) for k, v in jax.device_get(dict(metrics)).items()}

@@ -25,8 +25,9 @@ a mesh or devices (``train_state_template``).
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -143,6 +144,55 @@ def state_shardings(
     )
 
 
+def build_state(
+    cfg: Config, tx: optax.GradientTransformation, split: Any, *, params: PyTree,
+    master: PyTree, frozen: PyTree, model_state: PyTree, replicated: NamedSharding,
+    factory: Callable[[], Any] | None = None, trainable: Any = None,
+    shapes_only: bool = False, tracing: Callable[[], Any] = contextlib.nullcontext,
+) -> tuple[TrainState, TrainState]:
+    """The initial train state, placed directly sharded, and its shardings.
+
+    Args:
+      cfg, tx: the config and optax transformation.
+      split: the model's ``jds.models.base.SplitModel`` (values, or shapes for a factory).
+      params, master, frozen, model_state: sharding trees (compute copy, fp32 master and
+        optimizer state, frozen parameters, model state).
+      replicated: the sharding of scalars.
+      factory: builds the model inside ``jax.jit(out_shardings=...)`` (no parameter ever
+        whole on one device); None: ``split`` holds the values, placed with ``device_put``.
+      trainable: the engine's trainable filter (for ``factory``).
+      shapes_only: return ``jax.ShapeDtypeStruct`` leaves with their shardings instead.
+      tracing: a context the factory runs in (the engine's rules).
+
+    Returns:
+      ``(state, state shardings)``.
+    """
+    from jds.models.base import materialise
+
+    init = lambda p, f, m: init_train_state(cfg, tx, p, f, m)  # noqa: E731
+    f32 = lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32)  # noqa: E731
+    abstract = jax.eval_shape(init, jax.tree.map(f32, split.params), split.frozen,
+                              split.model_state)
+    shardings = state_shardings(abstract, tx, params=params, master=master, frozen=frozen,
+                                model_state=model_state, replicated=replicated)
+    if shapes_only:
+        return jax.tree.map(lambda v, sh: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh),
+                            abstract, shardings), shardings
+    placed = (master, frozen, model_state)
+    if factory is None:
+        values = jax.device_put((jax.tree.map(lambda x: jnp.asarray(x, jnp.float32),
+                                              split.params), split.frozen, split.model_state),
+                                placed)
+    else:
+        def fresh():
+            p, f, m = materialise(factory, trainable)
+            return jax.tree.map(lambda x: x.astype(jnp.float32), p), f, m
+
+        with tracing():
+            values = jax.jit(fresh, out_shardings=placed)()
+    return jax.jit(init, out_shardings=shardings)(*values), shardings
+
+
 def train_state_template(
     config: str | os.PathLike | Mapping | Config, fp32_params: PyTree
 ) -> tuple[TrainState, optax.GradientTransformation, Config]:
@@ -163,6 +213,7 @@ def train_state_template(
 
 __all__ = [
     "TrainState",
+    "build_state",
     "init_train_state",
     "optimizer_parts",
     "state_shardings",

@@ -245,6 +245,16 @@ def test_frozen_parameters_get_no_optimizer_state_and_do_not_move():
     assert opt == 2 * 4 * (84 * 10 + 10)
     grads, _ = e.gradients(bs[0])
     assert set(grads) == {"fc3"}
+    # jds explain's table: frozen rows hold their parameter bytes and nothing else
+    from jds.profiling import memory_report as mr
+
+    rep = mr.explain_report(e, "Net")
+    rows = {r["path"]: r for r in rep["params"]}
+    assert not rows["fc1/kernel"]["trainable"] and rows["fc3/kernel"]["trainable"]
+    assert rows["fc1/kernel"]["bytes_per_device"] == {"params": 400 * 120 * 4, "grads": 0,
+                                                      "optimizer": 0}
+    assert rows["fc3/kernel"]["bytes_per_device"]["optimizer"] > 0
+    assert "(frozen)" in mr.explain_text(rep)
 
 
 def test_frozen_parameters_in_bf16_have_no_master_copy():

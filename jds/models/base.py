@@ -427,6 +427,28 @@ def split_model(model: nnx.Module, *, trainable: Filter = nnx.Param, remat: str 
     )
 
 
+def resolve_model(model: Any) -> tuple[nnx.Module, Callable[[], nnx.Module] | None]:
+    """``(module, factory)``: a module as it is, or a preset name / zero-argument factory
+    built abstractly (``nnx.eval_shape``), the factory kept to materialise it sharded.
+
+    Raises:
+      TypeError: anything else.
+    """
+    if isinstance(model, nnx.Module):
+        return model, None
+    if isinstance(model, str):
+        from jds.models.registry import build
+
+        name = model
+        factory = lambda: build(name)  # noqa: E731
+    elif callable(model):
+        factory = model
+    else:
+        raise TypeError(
+            f"model must be an nnx.Module, a preset name or a factory; got {type(model)!r}")
+    return nnx.eval_shape(factory), factory
+
+
 def materialise(factory: Callable[[], nnx.Module], trainable: Filter
                 ) -> tuple[PyTree, PyTree, PyTree]:
     """``(params, frozen, model state)`` pure trees of a fresh ``factory()`` (traceable: run
@@ -437,22 +459,36 @@ def materialise(factory: Callable[[], nnx.Module], trainable: Filter
 
 
 # ------------------------------------------------------------------------------ the objective
+def _binder(split: SplitModel, gather: ParamGather | None, train: bool
+            ) -> tuple[Callable[[PyTree, PyTree, PyTree], nnx.Module], bool]:
+    """``(bind(params, frozen, model_state) -> module, gathers_all)``.
+
+    A model that is not a ``StackedDecoder`` cannot gather layer by layer, so under ZeRO-3
+    (``gather.sharded``) ``bind`` gathers all its parameters: DeepSpeed's ZeRO-3 at the
+    granularity of the whole model.
+    """
+    gather_all = gather is not None and gather.sharded and not split.stacked
+
+    def bind(params, frozen, model_state):
+        if gather_all:
+            params = gather.tree(params, split.params_axes)
+            frozen = gather.tree(frozen, split.frozen_axes)
+        return split.merge(params, frozen, model_state, train=train)
+
+    return bind, gather_all
+
+
 def make_objective(split: SplitModel, loss: Loss, gather: ParamGather | None, *,
                    train: bool = True) -> Callable[..., tuple[jax.Array, dict, PyTree]]:
     """``(params, frozen, model_state, micro_batch) -> (summed loss, aux, new model state)``.
 
-    A model that is not a ``StackedDecoder`` cannot gather layer by layer, so under ZeRO-3
-    (``gather.sharded``) its parameters are gathered here, all at the start of the forward
-    pass, and not kept for the backward pass (it gathers them again): DeepSpeed's ZeRO-3
-    at the granularity of the whole model.
+    Parameters a plain module gathers whole under ZeRO-3 are not kept for the backward
+    pass (it gathers them again), so they are live one pass at a time.
     """
-    gather_all = gather is not None and gather.sharded and not split.stacked
+    bind, gather_all = _binder(split, gather, train)
 
     def forward(params, frozen, model_state, batch):
-        if gather_all:
-            params = gather.tree(params, split.params_axes)
-            frozen = gather.tree(frozen, split.frozen_axes)
-        model = split.merge(params, frozen, model_state, train=train)
+        model = bind(params, frozen, model_state)
         loss_sum, aux = loss.fn(model, batch)
         return loss_sum, aux, (split.state_of(model) if train else model_state)
 
@@ -461,6 +497,13 @@ def make_objective(split: SplitModel, loss: Loss, gather: ParamGather | None, *,
             forward, policy=jax.checkpoint_policies.save_anything_except_these_names(GATHERED),
             prevent_cse=False)
     return forward
+
+
+def make_forward(split: SplitModel, gather: ParamGather | None
+                 ) -> Callable[[PyTree, PyTree, PyTree, PyTree], PyTree]:
+    """``(params, frozen, model_state, inputs) -> model(inputs)`` in evaluation mode."""
+    bind, _ = _binder(split, gather, train=False)
+    return lambda params, frozen, model_state, x: bind(params, frozen, model_state)(x)
 
 
 # ------------------------------------------------------------------------------ description
@@ -510,9 +553,11 @@ __all__ = [
     "default_loss",
     "describe_model",
     "is_stacked_decoder",
+    "make_forward",
     "make_objective",
     "materialise",
     "mean_loss",
+    "resolve_model",
     "split_model",
     "valid_targets",
     "vocab_size_of",

@@ -218,12 +218,22 @@ def tree_shardings(state: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
     return jax.tree_util.tree_map_with_path(one, state, is_leaf=_is_var)
 
 
+def axes_shardings(axes: Any, shapes: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
+    """``NamedSharding`` per leaf of a pure tree from a same-shaped tree of logical axes
+    (tuples; ``None`` entries replicate), e.g. a model's non-parameter variables."""
+    return jax.tree.map(
+        lambda a, x: NamedSharding(mesh, logical_to_spec(tuple(a), rules, mesh=mesh,
+                                                         shape=tuple(x.shape))),
+        axes, shapes, is_leaf=lambda a: isinstance(a, tuple))
+
+
 __all__ = [
     "AXES_METADATA",
     "AXIS_LETTERS",
     "DEFAULT_RULES",
     "Rules",
     "active_rules",
+    "axes_shardings",
     "constrain",
     "logical_to_spec",
     "tree_logical_axes",

@@ -179,6 +179,31 @@ def mesh_sizes(mesh: Mapping[str, Any], zero: Any, n_devices: int) -> dict[str, 
     return sizes
 
 
+def parallel_layout(mesh_cfg: Any, zero: Any, devices: Any, rules: Rules
+                    ) -> tuple[Mesh, Rules, ZeroLayout]:
+    """The mesh, rules and ZeRO layout a config asks for on ``devices`` (None: all).
+
+    The rules gain ``layers -> stage`` with pipeline stages (each stage holds its block of
+    layers) and ``res_seq -> tensor`` with ``mesh.sequence_parallel``.
+
+    Raises:
+      ValueError: naming the key, for a mesh or ZeRO layout that cannot be.
+    """
+    from jds.partitioning.mesh import make_mesh
+
+    n_devices = len(devices) if devices is not None else jax.device_count()
+    mesh = make_mesh(mesh_sizes(mesh_cfg.model_dump(), zero, n_devices), devices)
+    if mesh.shape["stage"] > 1 and not rules.get("layers"):
+        rules = {**rules, "layers": ("stage",)}
+    if mesh_cfg.sequence_parallel:
+        if mesh.shape["tensor"] == 1:
+            raise ValueError("mesh.sequence_parallel=true splits the residual stream over the "
+                             "tensor axis, but mesh.tensor is 1; set mesh.tensor > 1 or drop "
+                             "sequence_parallel")
+        rules = {**rules, "res_seq": ("tensor",)}
+    return mesh, rules, layout_from_config(zero, mesh.shape)
+
+
 def layout_from_config(zero: Any, mesh_shape: Mapping[str, int]) -> ZeroLayout:
     """The ``ZeroLayout`` for a ``zero_optimization`` config section on a mesh.
 
@@ -434,6 +459,7 @@ __all__ = [
     "layout_from_config",
     "make_plan",
     "mesh_sizes",
+    "parallel_layout",
     "subgroup_size",
     "zero_dim",
 ]

@@ -175,14 +175,17 @@ class ParamRow:
       nbytes: per-device bytes of ``params``, ``grads`` (fp32) and ``optimizer`` (master
         plus optimizer state).
       zero_dim: the dimension ZeRO splits (-1: kept replicated over the ZeRO group).
+      trainable: False for a frozen parameter (no gradient, master copy or optimizer
+        state: its ``grads`` and ``optimizer`` specs are None and their bytes 0).
     """
 
     path: str
     shape: tuple[int, ...]
     axes: tuple[str | None, ...]
-    specs: dict[str, PartitionSpec]
+    specs: dict[str, PartitionSpec | None]
     nbytes: dict[str, int]
     zero_dim: int
+    trainable: bool = True
 
 
 def _path(keys: tuple) -> str:
@@ -237,6 +240,16 @@ def param_rows(engine: TrainEngine) -> list[ParamRow]:
             },
             zero_dim=int(dims[path]),
         ))
+    fz = engine.frozen_plan
+    f_axes = _by_path(fz.axes, is_leaf=lambda x: isinstance(x, tuple))
+    f_specs, f_dims = _by_path(fz.params, is_leaf=_is_spec), _by_path(fz.dims)
+    for path, p in _by_path(engine.state.frozen).items():
+        rows.append(ParamRow(
+            path=path, shape=tuple(p.shape), axes=f_axes[path],
+            specs={"params": f_specs[path], "grads": None, "optimizer": None},
+            nbytes={"params": shard_bytes(p), "grads": 0, "optimizer": 0},
+            zero_dim=int(f_dims[path]), trainable=False,
+        ))
     return rows
 
 
@@ -267,8 +280,8 @@ def explain_report(engine: TrainEngine, model: str) -> dict[str, Any]:
         "num_params": sum(math.prod(r.shape) for r in rows),
         "params": [
             {"path": r.path, "shape": list(r.shape), "axes": list(r.axes),
-             "specs": {k: _spec_dict(v) for k, v in r.specs.items()},
-             "bytes_per_device": r.nbytes, "zero_dim": r.zero_dim}
+             "specs": {k: None if v is None else _spec_dict(v) for k, v in r.specs.items()},
+             "bytes_per_device": r.nbytes, "zero_dim": r.zero_dim, "trainable": r.trainable}
             for r in rows
         ],
         "bytes_per_device": {**totals, "total": sum(totals.values())},
@@ -278,8 +291,10 @@ def explain_report(engine: TrainEngine, model: str) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ text
-def _spec_text(spec: list[Any]) -> str:
-    """``[None, ["fsdp", "data"], "tensor"]`` -> ``- fsdp+data tensor``."""
+def _spec_text(spec: list[Any] | None) -> str:
+    """``[None, ["fsdp", "data"], "tensor"]`` -> ``- fsdp+data tensor``; None -> frozen."""
+    if spec is None:
+        return "(frozen)"
     return " ".join("-" if e is None else e if isinstance(e, str) else "+".join(e)
                     for e in spec) or "(scalar)"
 

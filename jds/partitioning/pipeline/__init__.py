@@ -60,7 +60,12 @@ sharded accumulator, as ZeRO-2/3 do. Known cost: every tick sends one activation
 way, also when a stage idles.
 """
 
-from jds.partitioning.pipeline.assembly import ModelPipeline, layer_count, pipeline_schedule
+from jds.partitioning.pipeline.assembly import (
+    ModelPipeline,
+    layer_count,
+    model_pipeline,
+    pipeline_schedule,
+)
 from jds.partitioning.pipeline.executor import (
     StageFns,
     from_pipeline_order,
@@ -95,6 +100,7 @@ __all__ = [
     "local_specs",
     "layer_count",
     "make_pipeline_grads",
+    "model_pipeline",
     "pipeline_schedule",
     "tick_tables",
     "to_pipeline_order",

@@ -51,6 +51,44 @@ def pipeline_schedule(n_layers: int, stages: int, schedule: str, micro_batches: 
     return build_schedule(schedule, stages, micro_batches, virtual_stages)
 
 
+def model_pipeline(split: Any, mesh: Mesh, rules: Rules, zero: ZeroPlan, *, pipeline_cfg: Any,
+                   micro_batches: int, own_loss: bool, head_loss: HeadLoss,
+                   weight: Callable[[PyTree], jax.Array]) -> ModelPipeline:
+    """A model cut into ``mesh.stage`` pipeline stages, checked against what stages need.
+
+    Args:
+      split: the engine's ``jds.models.base.SplitModel``.
+      mesh, rules, zero: the mesh, rules and ZeRO plan of the trainable parameters.
+      pipeline_cfg: the config's ``pipeline`` section (schedule, virtual stages,
+        activation checkpoint interval).
+      micro_batches: ``gradient_accumulation_steps``.
+      own_loss: the user passed a ``loss_fn``.
+      head_loss, weight: see ``ModelPipeline``.
+
+    Raises:
+      ValueError: naming the key, when the model is not a stacked decoder, trains with its
+        own loss, frozen parameters or model state, or its layers do not split.
+    """
+    stages = int(mesh.shape["stage"])
+    where = f"mesh.stage={stages}"
+    if not split.stacked:
+        raise ValueError(
+            f"{where} needs a stacked decoder (jds.models.base.StackedDecoder: a 'layers' "
+            f"module and embed/run_layers/head, as jds's Llama and GPT-2); "
+            f"{split.module_type.__name__} is not one; set mesh.stage to 1")
+    if own_loss or jax.tree.leaves(split.frozen) or jax.tree.leaves(split.model_state):
+        raise ValueError(f"{where}: pipeline stages train a stacked decoder with its causal-LM "
+                         "loss, every parameter trainable and no model state; drop loss_fn / "
+                         "trainable, or set mesh.stage to 1")
+    schedule = pipeline_schedule(layer_count(split.params), stages, pipeline_cfg.schedule,
+                                 micro_batches, pipeline_cfg.virtual_stages)
+    return ModelPipeline(
+        graphdef=split.graphdef, abstract_params=split.params, mesh=mesh, rules=rules,
+        zero=zero, schedule=schedule,
+        checkpoint_every=int(pipeline_cfg.activation_checkpoint_interval),
+        head_loss=head_loss, weight=weight)
+
+
 class ModelPipeline:
     """A stacked decoder's gradients and evaluation through pipeline stages.
 
@@ -148,4 +186,4 @@ class ModelPipeline:
         return eval_step
 
 
-__all__ = ["ModelPipeline", "layer_count", "pipeline_schedule"]
+__all__ = ["ModelPipeline", "layer_count", "model_pipeline", "pipeline_schedule"]

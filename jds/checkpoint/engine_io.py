@@ -1,0 +1,114 @@
+"""Saving and restoring a training engine's state: the engine's checkpoint methods.
+
+``TrainEngine`` takes these from ``EngineCheckpoints`` (a mixin), so the engine module
+stays wiring. They need from the engine: ``state``, ``state_shardings``, ``config``,
+``split`` and ``model_config`` (for the description of the model), and ``_init_state``
+(a fresh state around restored weights), and ``_need_arrays`` (refuses a shapes-only
+engine).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+
+from jds.checkpoint.orbax import Checkpointer
+from jds.models.base import describe_model
+from jds.state import TrainState
+
+PyTree = Any
+
+
+class EngineCheckpoints:
+    """``save_checkpoint`` / ``load_checkpoint`` (DeepSpeed's names), async and atomic."""
+
+    _checkpointers: dict[str, Checkpointer]
+
+    def _checkpointer(self, save_dir: str | os.PathLike) -> Checkpointer:
+        key = os.fspath(os.path.abspath(save_dir))
+        if key not in self._checkpointers:
+            self._checkpointers[key] = Checkpointer(
+                key, max_to_keep=self.config.train.keep_checkpoints
+            )
+        return self._checkpointers[key]
+
+    def save_checkpoint(
+        self,
+        save_dir: str | os.PathLike,
+        tag: int | None = None,
+        client_state: Mapping[str, Any] | None = None,
+    ) -> int:
+        """Save the full train state (async, atomic) under ``save_dir/<step>``.
+
+        Args:
+          save_dir: checkpoint root directory.
+          tag: integer step label; default the current step.
+          client_state: JSON-able extras (e.g. the data loader's ``state_dict()``).
+
+        Returns:
+          The step label written.
+        """
+        self._need_arrays("save_checkpoint")
+        step = int(self.state.step) if tag is None else int(tag)
+        meta = {
+            "kind": "train_state",
+            "config": self.config.to_dict(),
+            "model": describe_model(self.split.module_type, self.model_config),
+            "client_state": dict(client_state or {}),
+        }
+        self._checkpointer(save_dir).save(step, self.state, meta)
+        return step
+
+    def load_checkpoint(
+        self, load_dir: str | os.PathLike, tag: int | None = None, *, verify: bool = True
+    ) -> dict:
+        """Restore the train state, re-sharded onto this engine's mesh and ZeRO/TP layout.
+
+        The checkpoint may come from any device count, ZeRO stage or tensor-parallel layout.
+        A weights-only checkpoint (``jds convert hf`` / ``deepspeed`` without the optimizer)
+        loads its fp32 weights and starts a fresh optimizer at step 0.
+
+        Args:
+          load_dir: checkpoint root directory.
+          tag: step label; default the newest intact one (damaged newer steps are skipped
+            with a warning naming the damaged files).
+          verify: check every file against the checkpoint's integrity manifest first.
+
+        Returns:
+          The ``client_state`` saved with it.
+
+        Raises:
+          FileNotFoundError: no checkpoint, or no step ``tag``.
+          CheckpointCorruptError: the step (every step, when ``tag`` is None) is damaged.
+          ValueError: the checkpoint's arrays do not fit this model (each one named).
+        """
+        self._need_arrays("load_checkpoint")
+        state, meta = self._checkpointer(load_dir).restore(
+            tag, self.state, self.state_shardings, verify=verify, init=self._init_from_weights
+        )
+        self.state = state
+        self.client_state = meta.get("client_state", {})
+        return self.client_state
+
+    def _init_from_weights(self, fp32_params: PyTree) -> TrainState:
+        """A fresh train state (step 0, new optimizer state) around restored fp32 weights."""
+        s = self.state
+        return jax.jit(self._init_state, out_shardings=self.state_shardings)(
+            fp32_params, s.frozen, s.model_state)
+
+    def wait_for_checkpoints(self) -> None:
+        """Block until every async save has finished."""
+        for c in self._checkpointers.values():
+            c.wait()
+
+    def close(self) -> None:
+        """Finish pending saves and release checkpoint managers."""
+        for c in self._checkpointers.values():
+            c.close()
+        self._checkpointers.clear()
+
+
+__all__ = ["EngineCheckpoints"]
