@@ -3,7 +3,8 @@
 Random tiny jds models (every parameter perturbed, so biases and norm scales are not at their
 trivial init) are saved with ``save_hf`` and loaded by ``transformers`` (torch, fp32, eager
 attention: logits must match jds's) and by ``jds.models.from_pretrained`` (the params must
-come back bit for bit).
+come back bit for bit). A tiny Llama 3 folder (token ids, ``use_cache``, a generation config,
+a tokenizer) goes ``hf-to-orbax`` then ``orbax-to-hf`` and comes back as it went in.
 """
 
 from __future__ import annotations
@@ -334,3 +335,160 @@ def test_hf_config_rejects_what_hf_cannot_express():
         hf_config(base, dtype="fp8")
     with pytest.raises(ValueError, match="max_shard_bytes must be a positive int"):
         save_hf(base, lambda p, i: None, "/nonexistent/never", max_shard_bytes=0)
+
+
+# ------------------------------------------------- a Hugging Face folder, there and back
+def _hub_style(d: dict) -> dict:
+    """``config.json`` as the Llama 3 folders on the Hub have it (transformers 4):
+    ``torch_dtype``, top-level ``rope_theta`` / ``rope_scaling``, one eos id."""
+    d = dict(d)
+    rope = dict(d.pop("rope_parameters"))
+    d["rope_theta"] = rope.pop("rope_theta")
+    d["rope_scaling"] = rope
+    d["torch_dtype"] = d.pop("dtype")
+    d.pop("head_dim")
+    d.update(eos_token_id=6, transformers_version="4.43.0.dev0")
+    return d
+
+
+def _llama3_folder(path, style="transformers5"):
+    """A tiny random Llama 3 folder as ``save_pretrained`` writes it, with token ids,
+    ``use_cache``, a generation config and a tokenizer (a real one, plus a dummy
+    SentencePiece file): everything but the weights that jds does not model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    cfg = tf.LlamaConfig(
+        **SMALL, rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+        bos_token_id=5, eos_token_id=[6, 7], pad_token_id=0, use_cache=False)
+    torch.manual_seed(0)
+    tf.LlamaForCausalLM(cfg).save_pretrained(path)
+    if style == "hub":
+        c = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps(_hub_style(c), indent=2))
+    tf.GenerationConfig(bos_token_id=5, eos_token_id=[6, 7], pad_token_id=0, do_sample=True,
+                        temperature=0.6, top_p=0.9, max_length=64).save_pretrained(path)
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(V)}, unk_token="w1"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tf.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="w5", eos_token="w6",
+                               pad_token="w0", unk_token="w1").save_pretrained(path)
+    (path / "tokenizer.model").write_bytes(b"\x00not really sentencepiece\xff")
+    return path
+
+
+def _json(path):
+    return json.loads(path.read_text())
+
+
+def _changed(a: dict, b: dict) -> set:
+    return {k for k in a.keys() | b.keys() if a.get(k, "absent") != b.get(k, "absent")}
+
+
+@pytest.mark.parametrize("style", ["transformers5", "hub"])
+def test_hf_folder_round_trip_keeps_config_generation_config_and_tokenizer(style, tmp_path):
+    from jds.checkpoint.convert.api import hf_to_orbax, orbax_to_hf
+
+    src = _llama3_folder(tmp_path / "src", style)
+    hf_to_orbax(src, tmp_path / "ck")
+    orbax_to_hf(tmp_path / "ck", tmp_path / "out")
+    out = tmp_path / "out"
+
+    # The folder comes back as it went in: the same files, every config.json field equal,
+    # the generation config and the tokenizer files byte for byte.
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in src.iterdir())
+    assert _json(out / "config.json") == _json(src / "config.json")
+    assert _json(out / "generation_config.json") == _json(src / "generation_config.json")
+    for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"):
+        assert (out / name).read_bytes() == (src / name).read_bytes(), name
+    hf_out = tf.AutoConfig.from_pretrained(out)
+    assert (hf_out.bos_token_id, hf_out.pad_token_id, hf_out.use_cache) == (5, 0, False)
+    gen = tf.GenerationConfig.from_pretrained(out)
+    assert (gen.do_sample, gen.temperature, gen.eos_token_id) == (True, 0.6, [6, 7])
+    tok = tf.AutoTokenizer.from_pretrained(out)
+    assert tok("w3 w9 w96")["input_ids"] == [3, 9, 96] and tok.pad_token_id == 0
+
+    # Same weights, same logits: the exported model, the source and jds agree.
+    ids = _ids()
+    want = _hf_logits(_hf_load(src, dtype=torch.float32), ids)
+    np.testing.assert_array_equal(_hf_logits(_hf_load(out, dtype=torch.float32), ids), want)
+    got = np.asarray(M.from_pretrained(out)(jnp.asarray(ids, jnp.int32)))
+    np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+
+    # Only the dtype changes with --dtype, under the key the source uses for it.
+    orbax_to_hf(tmp_path / "ck", tmp_path / "bf16", dtype="bfloat16")
+    dtype_key = "torch_dtype" if style == "hub" else "dtype"
+    half = _json(tmp_path / "bf16" / "config.json")
+    assert _changed(half, _json(src / "config.json")) == {dtype_key}
+    assert half[dtype_key] == "bfloat16"
+
+
+def test_training_run_from_an_hf_folder_exports_its_config_and_tokenizer(tmp_path):
+    """``jds train --model <HF dir>`` checkpoints record the folder only as
+    ``config.train.model``: orbax-to-hf reads it there while it exists; an explicit
+    ``tokenizer=`` directory is used instead when given."""
+    import jds
+    from jds.checkpoint.convert.api import orbax_to_hf
+
+    src = _llama3_folder(tmp_path / "src")
+    engine = jds.initialize(model=M.from_pretrained(src), config={
+        "train_micro_batch_size_per_gpu": 1, "train": {"model": str(src)}})
+    engine.save_checkpoint(tmp_path / "ck")
+    engine.wait_for_checkpoints()
+    engine.close()
+    orbax_to_hf(tmp_path / "ck", tmp_path / "out")
+    assert _json(tmp_path / "out" / "config.json") == _json(src / "config.json")
+    assert _json(tmp_path / "out" / "generation_config.json") == _json(
+        src / "generation_config.json")
+    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (
+        src / "tokenizer.json").read_bytes()
+
+    other = tmp_path / "tok"
+    other.mkdir()
+    (other / "tokenizer.model").write_bytes(b"another")
+    orbax_to_hf(tmp_path / "ck", tmp_path / "out2", tokenizer=other)
+    assert (tmp_path / "out2" / "tokenizer.model").read_bytes() == b"another"
+    assert not (tmp_path / "out2" / "tokenizer.json").exists()
+
+
+def test_recorded_origin_survives_a_moved_source_folder(tmp_path):
+    from jds.checkpoint.convert.api import hf_to_orbax, orbax_to_hf
+
+    src = _llama3_folder(tmp_path / "src")
+    want_cfg, want_gen = _json(src / "config.json"), _json(src / "generation_config.json")
+    hf_to_orbax(src, tmp_path / "ck")
+    src.rename(tmp_path / "moved")
+    with pytest.warns(UserWarning, match="tokenizer files not copied.*no longer exists"):
+        orbax_to_hf(tmp_path / "ck", tmp_path / "out")
+    out = tmp_path / "out"
+    assert _json(out / "config.json") == want_cfg  # recorded in the checkpoint's meta
+    assert _json(out / "generation_config.json") == want_gen
+    assert not (out / "tokenizer.json").exists()
+    orbax_to_hf(tmp_path / "ck", tmp_path / "out2", tokenizer=tmp_path / "moved")
+    assert (tmp_path / "out2" / "tokenizer.json").is_file()
+
+
+def test_merged_config_keeps_source_fields_and_takes_what_jds_owns(tmp_path):
+    """A source config that no longer describes the model (another architecture, a changed
+    shape): jds's fields win, the tokenizer's and runtime fields of the source stay."""
+    from jds.checkpoint.convert.hf_origin import merged_config
+
+    config = M.LlamaConfig(**SMALL)
+    source = {**hf_config(dataclasses.replace(config, num_hidden_layers=4, rope_theta=5.0)),
+              "bos_token_id": 5, "eos_token_id": [6, 7], "pad_token_id": 0,
+              "use_cache": False, "attention_dropout": 0.1, "transformers_version": "4.43.0",
+              "torch_dtype": "bfloat16"}
+    del source["dtype"]
+    got = merged_config(hf_config(config, architecture="MistralForCausalLM"), source, config)
+    assert M.config_from_hf(got) == config
+    assert got["architectures"] == ["MistralForCausalLM"] and got["model_type"] == "mistral"
+    assert not {"attention_bias", "mlp_bias", "pretraining_tp"} & got.keys()
+    assert {k: got[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id", "use_cache",
+                                "attention_dropout", "transformers_version", "torch_dtype")} \
+        == {"bos_token_id": 5, "eos_token_id": [6, 7], "pad_token_id": 0, "use_cache": False,
+            "attention_dropout": 0.1, "transformers_version": "4.43.0",
+            "torch_dtype": "float32"}
+    (tmp_path / "config.json").write_text(json.dumps(got))
+    hf = tf.AutoConfig.from_pretrained(tmp_path)
+    assert type(hf).__name__ == "MistralConfig" and hf.num_hidden_layers == 2
+    assert hf.pad_token_id == 0 and hf.use_cache is False

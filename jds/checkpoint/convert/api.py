@@ -6,7 +6,10 @@ direction                   what is written
 ``hf_to_orbax``             a weights-only jds checkpoint (``{"params"}`` fp32 + model
                             config); ``engine.load_checkpoint`` starts training from it
 ``orbax_to_hf``             ``config.json`` + ``model.safetensors`` (or shards) that
-                            ``transformers`` loads
+                            ``transformers`` loads; a model that came from a Hugging Face
+                            folder gets that folder's ``config.json`` fields,
+                            ``generation_config.json`` and tokenizer files back
+                            (``hf_origin``)
 ``orbax_to_safetensors``    one consolidated safetensors file (``zero_to_fp32``'s
                             equivalent), jds or Hugging Face names, fp32/bf16/fp16
 ``deepspeed_to_orbax``      from a DeepSpeed ZeRO-1/2/3 checkpoint of a ``transformers``
@@ -37,6 +40,7 @@ import ml_dtypes
 import numpy as np
 import optax
 
+from jds.checkpoint.convert import hf_origin
 from jds.checkpoint.convert.orbax_reader import OrbaxCheckpoint
 from jds.checkpoint.convert.sources import (
     DeepSpeedSource,
@@ -76,6 +80,10 @@ def _write(out: Path, step: int, tree: dict, meta: dict) -> Path:
 def hf_to_orbax(src: str | os.PathLike, out: str | os.PathLike) -> Path:
     """Hugging Face directory -> weights-only jds checkpoint ``out/0``.
 
+    The folder's ``config.json`` (every field) and ``generation_config.json`` are recorded
+    in the meta (``meta["hf"]``, with the folder's path for its tokenizer files), so
+    ``orbax_to_hf`` gives them back.
+
     Args:
       src: a ``save_pretrained`` directory (``config.json`` + safetensors).
       out: new checkpoint root.
@@ -88,7 +96,8 @@ def hf_to_orbax(src: str | os.PathLike, out: str | os.PathLike) -> Path:
     _, config = read_hf_config(src)
     leaves = param_leaves(config, SafetensorsSource(src))
     meta = {"kind": "weights", "model": config_to_dict(config),
-            "source": {"format": "huggingface", "path": str(src.resolve())}}
+            "source": {"format": "huggingface", "path": str(src.resolve())},
+            "hf": hf_origin.record(src)}
     return _write(out, 0, {"params": leaves}, meta)
 
 
@@ -112,8 +121,15 @@ def orbax_to_hf(
     max_shard_bytes: int = 2 * 2**30,
     model: str | os.PathLike | None = None,
     architecture: str | None = None,
+    tokenizer: str | os.PathLike | None = None,
 ) -> list[Path]:
     """jds checkpoint -> Hugging Face directory (``config.json`` + safetensors).
+
+    When the model came from a Hugging Face folder (``hf_to_orbax``'s record, ``model`` given
+    as that folder, or a ``jds train --model <HF dir>`` run whose folder is still there),
+    ``config.json`` keeps every field of the folder's that jds does not own (token ids,
+    ``use_cache``, ...), its ``generation_config.json`` is written and its tokenizer files
+    are copied (``hf_origin``).
 
     Args:
       src: checkpoint root or step directory.
@@ -124,13 +140,16 @@ def orbax_to_hf(
       model: preset or HF directory giving the model config, for checkpoints that do not
         store it.
       architecture: HF class to write (default inferred).
+      tokenizer: a directory to copy the tokenizer files from (default: the origin
+        folder's, when it still exists).
     """
     from jds.checkpoint.convert.hf import save_hf
 
     ckpt = OrbaxCheckpoint(src, step)
     config = _model_config(ckpt, model)
+    origin = hf_origin.find_origin(ckpt.meta, config, model=model, tokenizer=tokenizer)
     return save_hf(config, ckpt.reader(), out, dtype=dtype, max_shard_bytes=max_shard_bytes,
-                   architecture=architecture)
+                   architecture=architecture, origin=origin)
 
 
 def orbax_to_safetensors(
@@ -225,8 +244,9 @@ def deepspeed_to_orbax(
     params = param_leaves(model_cfg, DeepSpeedSource(ds, "fp32"))
     source = {"format": "deepspeed", "path": str(ds.dir), "zero_stage": ds.stage,
               "world_size": ds.world_size, "step": ds.step}
+    hf = {"hf": hf_origin.record(model)} if hf_origin.is_hf_dir(model) else {}
     if not optimizer:
-        meta = {"kind": "weights", "model": config_to_dict(model_cfg), "source": source}
+        meta = {"kind": "weights", "model": config_to_dict(model_cfg), "source": source, **hf}
         return _write(out, ds.step, {"params": params}, meta)
 
     ds_config = config if config is not None else ds.ds_config
@@ -236,7 +256,7 @@ def deepspeed_to_orbax(
         )
     tree, jds_config = _train_state_tree(model_cfg, ds_config, ds, params)
     meta = {"kind": "train_state", "model": config_to_dict(model_cfg), "source": source,
-            "config": jds_config.to_dict(), "client_state": {}}
+            "config": jds_config.to_dict(), "client_state": {}, **hf}
     return _write(out, ds.step, tree, meta)
 
 

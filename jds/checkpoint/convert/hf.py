@@ -15,6 +15,10 @@ Memory: shards are streamed (``safetensors_writer``): one output tensor and its 
 at a time; stacked parameters are read one layer at a time through ``read``, in an order that
 groups the tensors of one jds leaf together.
 
+Given the Hugging Face folder the model came from (``hf_origin.HFOrigin``), ``save_hf`` keeps
+that folder's ``config.json`` fields jds does not own, writes its ``generation_config.json``
+and copies its tokenizer files.
+
     from jds.checkpoint.convert.hf import read_from_model, save_hf
     save_hf(model.config, read_from_model(model), "out/llama-hf", dtype="bfloat16")
 """
@@ -36,6 +40,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from jds.checkpoint.convert.hf_origin import HFOrigin, copy_tokenizer, merged_config
 from jds.models.gpt2 import GPT2Config
 from jds.models.hf import SUPPORTED, _gpt2_targets, _llama_targets
 from jds.models.llama import LlamaConfig
@@ -388,6 +393,7 @@ def save_hf(
     dtype: str = "float32",
     max_shard_bytes: int = 5 * 2**30,
     architecture: str | None = None,
+    origin: HFOrigin | None = None,
 ) -> list[Path]:
     """Write a Hugging Face checkpoint directory, one tensor at a time.
 
@@ -406,10 +412,14 @@ def save_hf(
       dtype: weights' dtype on disk: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
       max_shard_bytes: largest shard (a single larger tensor gets its own shard).
       architecture: the HF class (see ``hf_config``); ``None`` infers it.
+      origin: the Hugging Face folder the model came from (``hf_origin.find_origin``):
+        ``config.json`` starts from its config (``hf_origin.merged_config``: its other
+        fields, token ids, ``use_cache``, ... are kept), its ``generation_config.json`` is
+        written and its tokenizer files are copied.
 
     Returns:
-      The files written in ``out_dir``: the weight file(s), the index if sharded, and
-      ``config.json``.
+      The files written in ``out_dir``: the weight file(s), the index if sharded,
+      ``config.json``, and ``generation_config.json`` and tokenizer files from ``origin``.
 
     Raises:
       FileExistsError: ``out_dir`` exists and is not an empty directory.
@@ -425,7 +435,9 @@ def save_hf(
         or (max_shard_bytes <= 0)
     ):
         raise ValueError(f"max_shard_bytes must be a positive int; got {max_shard_bytes!r}")
-    config_json = hf_config(config, architecture=architecture, dtype=dtype)
+    origin = origin or HFOrigin()
+    config_json = merged_config(hf_config(config, architecture=architecture, dtype=dtype),
+                                origin.config, config)
     plan = hf_tensor_plan(config)
     itemsize = np.dtype(np_dtype).itemsize
     shards = _shards(plan, itemsize, max_shard_bytes)
@@ -468,6 +480,11 @@ def save_hf(
             written.append("model.safetensors.index.json")
         _write_json(tmp / "config.json", config_json)
         written.append("config.json")
+        if origin.generation_config is not None:
+            _write_json(tmp / "generation_config.json", origin.generation_config)
+            written.append("generation_config.json")
+        if origin.tokenizer_dir is not None:
+            written += copy_tokenizer(origin.tokenizer_dir, tmp)
         if out_dir.exists():
             out_dir.rmdir()  # checked empty above; fails (and cleans up) if filled since
         tmp.rename(out_dir)
