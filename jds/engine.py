@@ -175,10 +175,8 @@ class TrainEngine(EngineCheckpoints):
         sp = self.split
         try:
             return pp.model_pipeline(
-                sp, self.mesh, self.rules,
-                make_plan(sp.params, sp.params_axes, self.mesh, self.rules, self.zero_layout),
-                pipeline_cfg=self.config.pipeline, own_loss=own_loss,
-                micro_batches=self.batch.gradient_accumulation_steps,
+                sp, self.mesh, self.rules, self.zero_layout, pipeline_cfg=self.config.pipeline,
+                own_loss=own_loss, micro_batches=self.batch.gradient_accumulation_steps,
                 head_loss=lambda logits, ids, labels: base.causal_lm_loss_sum(
                     logits, ids, labels)[0],
                 weight=base.valid_targets)

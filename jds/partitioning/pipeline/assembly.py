@@ -32,7 +32,7 @@ from jds.partitioning.pipeline.schedules import (
     forward_schedule,
 )
 from jds.partitioning.rules import Rules, logical_to_spec
-from jds.partitioning.zero import ZeroPlan
+from jds.partitioning.zero import ZeroLayout, ZeroPlan, make_plan
 
 PyTree = Any
 # (logits_BTV, ids_BT, labels_BT) -> summed loss (fp32 scalar)
@@ -51,14 +51,15 @@ def pipeline_schedule(n_layers: int, stages: int, schedule: str, micro_batches: 
     return build_schedule(schedule, stages, micro_batches, virtual_stages)
 
 
-def model_pipeline(split: Any, mesh: Mesh, rules: Rules, zero: ZeroPlan, *, pipeline_cfg: Any,
+def model_pipeline(split: Any, mesh: Mesh, rules: Rules, layout: ZeroLayout, *,
+                   pipeline_cfg: Any,
                    micro_batches: int, own_loss: bool, head_loss: HeadLoss,
                    weight: Callable[[PyTree], jax.Array]) -> ModelPipeline:
     """A model cut into ``mesh.stage`` pipeline stages, checked against what stages need.
 
     Args:
       split: the engine's ``jds.models.base.SplitModel``.
-      mesh, rules, zero: the mesh, rules and ZeRO plan of the trainable parameters.
+      mesh, rules, layout: the mesh, rules and ZeRO layout.
       pipeline_cfg: the config's ``pipeline`` section (schedule, virtual stages,
         activation checkpoint interval).
       micro_batches: ``gradient_accumulation_steps``.
@@ -82,6 +83,8 @@ def model_pipeline(split: Any, mesh: Mesh, rules: Rules, zero: ZeroPlan, *, pipe
                          "trainable, or set mesh.stage to 1")
     schedule = pipeline_schedule(layer_count(split.params), stages, pipeline_cfg.schedule,
                                  micro_batches, pipeline_cfg.virtual_stages)
+    # after the layer count's own check: the plan's divisibility errors say less
+    zero = make_plan(split.params, split.params_axes, mesh, rules, layout)
     return ModelPipeline(
         graphdef=split.graphdef, abstract_params=split.params, mesh=mesh, rules=rules,
         zero=zero, schedule=schedule,
