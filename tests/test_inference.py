@@ -373,6 +373,71 @@ def test_serve_answers_completions_streamed_and_not_and_survives_bad_requests():
     assert engine.allocator.num_free == engine.allocator.capacity
 
 
+def _byte_level_hf_tokenizer(path):
+    """A Hugging Face byte-level BPE tokenizer (no merges) whose id ``b`` is byte ``b``: the
+    byte presets' vocabulary, decoded by ``tokenizers`` (U+FFFD for a broken character)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    rest = [b for b in range(256) if b not in printable]
+    char = {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(rest)}
+    tok = Tokenizer(models.BPE({char[b]: b for b in range(256)}, []))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tf.PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(path)
+    return path
+
+
+def test_serve_streamed_text_equals_the_answer_when_it_ends_mid_character(tmp_path):
+    """An answer whose last bytes are an unfinished UTF-8 character ends in U+FFFD, streamed
+    or not, with the byte tokenizer and a Hugging Face one: the decoder's held-back bytes are
+    flushed at the end of the request."""
+    import codecs
+    import json
+    import threading
+    import urllib.request
+
+    from jds.inference.server import ByteTokenizer, CompletionServer, HFTokenizer
+
+    model = jds.models.build("llama-tiny", max_position_embeddings=64)  # byte-level, V=256
+    engine = jds.init_inference(model, SMALL)
+    prompt = list(b"def f(x):")
+    want = engine.generate([prompt], 16)[0]
+    n = None
+    for i in range(1, len(want) + 1):  # the longest prefix ending inside a character
+        dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        dec.decode(bytes(want[:i]))
+        n = i if dec.getstate()[0] else n
+    assert n is not None, f"greedy answer {want} never stops mid-character; change the prompt"
+    full = bytes(want[:n]).decode("utf-8", errors="replace")
+    assert full.endswith("\ufffd")
+    hf = HFTokenizer(_byte_level_hf_tokenizer(tmp_path / "tok"))
+    assert hf.encode("def f(x):") == prompt
+
+    for tokenizer in (ByteTokenizer(), hf):
+        server = CompletionServer(engine, port=0, tokenizer=tokenizer)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            texts = []
+            for stream in (False, True):
+                req = urllib.request.Request(
+                    f"http://127.0.0.1:{server.port}/v1/completions", method="POST",
+                    data=json.dumps({"prompt": "def f(x):", "max_tokens": n, "temperature": 0,
+                                     "stream": stream}).encode())
+                with urllib.request.urlopen(req, timeout=60) as r:
+                    body = r.read().decode()
+                if stream:
+                    chunks = [json.loads(x[6:]) for x in body.splitlines()
+                              if x.startswith("data: {")]
+                    assert [t for c in chunks for t in c["choices"][0]["tokens"]] == want[:n]
+                    texts.append("".join(c["choices"][0]["text"] for c in chunks))
+                else:
+                    texts.append(json.loads(body)["choices"][0]["text"])
+            assert texts == [full, full], (type(tokenizer).__name__, texts, full)
+        finally:
+            server.shutdown()
+
+
 @pytest.mark.parametrize("impl,tp", [("pallas_interpret", 1), ("pallas_interpret", 2),
                                      ("pallas_tpu_interpret", 2)])
 def test_pallas_paged_attention_kernel_serves_the_same_tokens(impl, tp):

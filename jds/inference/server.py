@@ -16,7 +16,10 @@ Requests: ``prompt`` (a string, or a list of token ids), ``max_tokens`` (default
 ``stop_token_ids``, ``stream``. A streaming client that disconnects cancels its request.
 Strings are tokenized by the model's tokenizer: bytes for
 the byte-level presets (vocab 256), a Hugging Face tokenizer (``tokenizer.json`` in the
-model folder, read with ``transformers`` when installed) otherwise.
+model folder, read with ``transformers`` when installed) otherwise. Text is decoded as
+tokens come: a character split across tokens is sent once complete, and one left unfinished
+at the end comes out as U+FFFD, so streamed pieces join into the non-streamed text, which is
+the whole answer decoded at once.
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ import json
 import queue
 import threading
 import time
-from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -48,10 +50,25 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
-    def decoder(self) -> Callable[[list[int]], str]:
+    def decoder(self) -> _ByteDecoder:
         """An incremental decoder: feed token ids, get the text completed so far."""
-        inc = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        return lambda ids: inc.decode(bytes(ids))
+        return _ByteDecoder()
+
+
+class _ByteDecoder:
+    """UTF-8 decoded as bytes arrive: an incomplete character is held back until the bytes
+    that complete it come, or until ``flush``."""
+
+    def __init__(self) -> None:
+        self._inc = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def __call__(self, ids: list[int]) -> str:
+        return self._inc.decode(bytes(ids))
+
+    def flush(self) -> str:
+        """The held-back bytes of an unfinished character, as U+FFFD (``errors="replace"``,
+        what decoding all the bytes at once gives)."""
+        return self._inc.decode(b"", final=True)
 
 
 class HFTokenizer:
@@ -65,18 +82,34 @@ class HFTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(self._tok.encode(text))
 
-    def decoder(self) -> Callable[[list[int]], str]:
-        seen: list[int] = []
-        state = {"text": ""}
+    def decoder(self) -> _HFDecoder:
+        """An incremental decoder: feed token ids, get the text completed so far."""
+        return _HFDecoder(self._tok)
 
-        def feed(ids: list[int]) -> str:
-            seen.extend(ids)
-            text = self._tok.decode(seen, skip_special_tokens=True)
-            if text.endswith("\ufffd"):  # an incomplete character: wait for more tokens
-                return ""
-            new, state["text"] = text[len(state["text"]):], text
-            return new
-        return feed
+
+class _HFDecoder:
+    """A Hugging Face tokenizer's text, grown token by token. Text that ends in U+FFFD (the
+    bytes of a character split across tokens) is held back until a later token completes
+    it, or until ``flush``."""
+
+    def __init__(self, tok: Any) -> None:
+        self._tok, self._ids, self._text = tok, [], ""
+
+    def _new(self, final: bool) -> str:
+        text = self._tok.decode(self._ids, skip_special_tokens=True)
+        if not final and text.endswith("\ufffd"):  # an incomplete character: wait
+            return ""
+        new, self._text = text[len(self._text):], text
+        return new
+
+    def __call__(self, ids: list[int]) -> str:
+        self._ids.extend(ids)
+        return self._new(final=False)
+
+    def flush(self) -> str:
+        """What was held back, as the tokenizer decodes it (U+FFFD for an unfinished
+        character, as decoding the whole answer at once gives)."""
+        return self._new(final=True)
 
 
 def tokenizer_for(model: str | Path, vocab_size: int) -> ByteTokenizer | HFTokenizer | None:
@@ -331,7 +364,10 @@ class CompletionServer:
             if isinstance(item, tuple):
                 if item[0] == "error":
                     raise RuntimeError(item[1], item[2])
-                yield None, filt.flush(), item[1]
+                # bytes of an unfinished last character come out as U+FFFD, as in the
+                # whole answer decoded at once (a stop string may still end inside them)
+                tail = filt.feed(decode.flush()) if decode else ""
+                yield None, tail + filt.flush(), "stop" if filt.hit else item[1]
                 return
             text = filt.feed(decode([item])) if decode else ""
             if filt.hit:
