@@ -36,7 +36,9 @@ def _train(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in {"model": args.model, "steps": args.steps,
                                    "data": args.data}.items() if v is not None}
     if overrides:
+        source = cfg._source
         cfg = Config.load({**cfg.to_dict(), "train": {**cfg.train.model_dump(), **overrides}})
+        cfg._source = source  # errors found later still name the file
     model_tag = Path(cfg.train.model).name
     if args.out:
         out = Path(args.out)
@@ -192,7 +194,8 @@ def _convert(args: argparse.Namespace) -> int:
     elif d == "orbax-to-hf":
         out = api.orbax_to_hf(args.src, args.out, step=args.step, dtype=args.dtype,
                               max_shard_bytes=_size(args.max_shard_size), model=args.model,
-                              architecture=args.architecture)[0].parent
+                              architecture=args.architecture,
+                              tokenizer=args.tokenizer)[0].parent
     elif d == "orbax-to-safetensors":
         out = api.orbax_to_safetensors(args.src, args.out, step=args.step, dtype=args.dtype,
                                        names=args.names, model=args.model)
@@ -244,6 +247,26 @@ def _layout_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
+def _checkpoints(args: argparse.Namespace) -> int:
+    from jds.checkpoint.recovery import checkpoint_root, scan
+
+    root = checkpoint_root(args.dir)
+    steps = scan(root)
+    if not steps:
+        print(f"jds checkpoints verify: no checkpoint steps in {root}", file=sys.stderr)
+        return 2
+    for st in steps:
+        line = f"step {st.step}: {st.status}"
+        if st.status == "unverified":
+            line += " (no integrity manifest: written by something else; readable)"
+        print(line)
+        if st.detail:
+            print("  " + st.detail.replace("\n", "\n  "))
+    damaged = [st.step for st in steps if st.status == "damaged"]
+    print(f"{len(steps)} steps in {root}: " + (f"damaged {damaged}" if damaged else "all intact"))
+    return 1 if damaged else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``jds`` argument parser (subcommands)."""
     p = argparse.ArgumentParser(prog="jds", description="DeepSpeed on JAX/XLA")
@@ -283,6 +306,13 @@ def build_parser() -> argparse.ArgumentParser:
     from jds import launch  # standard library only: no JAX import at parse time
 
     launch.add_parser(sub)
+
+    k = sub.add_parser("checkpoints", help="check checkpoint steps without restoring them")
+    ksub = k.add_subparsers(dest="action", required=True)
+    kv = ksub.add_parser("verify", help="list every step as intact or damaged (each damaged "
+                         "file named); exit 1 if any is damaged")
+    kv.add_argument("dir", help="a run folder (jds train --out) or its checkpoints folder")
+    kv.set_defaults(func=_checkpoints)
 
     v = sub.add_parser("serve", help="serve a model over HTTP (OpenAI /v1/completions)",
                        description="Serve a model with continuous batching: POST "
@@ -330,6 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", help="transformers model dir or jds preset: the architecture "
                    "(needed by deepspeed-to-orbax; for jds checkpoints without a stored one)")
     c.add_argument("--architecture", help="orbax-to-hf: HF class, e.g. MistralForCausalLM")
+    c.add_argument("--tokenizer", help="orbax-to-hf: copy the tokenizer files from this folder "
+                   "(default: the Hugging Face folder the checkpoint came from, if it exists)")
     c.add_argument("--tag", help="deepspeed-to-orbax: DeepSpeed tag (default: 'latest')")
     c.add_argument("--optimizer", action="store_true",
                    help="deepspeed-to-orbax: also map Adam's moments and the step")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from jds.checkpoint.recovery import step_folders
 from jds.config import Config
 from jds.data import BatchLoader, embedded_corpus, eval_batches, load_tokens, unigram_entropy
 from jds.distributed import init_distributed, peer_failure_guard
@@ -133,6 +135,12 @@ def run(config: Config, out_dir: str | os.PathLike, *, resume: bool = False,
     loader = BatchLoader(train_tokens, global_batch=engine.batch.train_batch_size,
                          seq_len=tc.seq_len, seed=config.seed, vocab_size=vocab)
     saved_step = None  # the step whose checkpoint is on disk already (never written twice)
+    if resume and ckpt_dir.is_dir() and not step_folders(ckpt_dir):
+        # The run started here but was stopped before its first save was committed (or
+        # every step was damaged and moved aside): there is nothing to lose by starting over.
+        warnings.warn(f"--resume: {ckpt_dir} holds no checkpoint yet (a run stopped before "
+                      "its first save completed); starting from step 0", stacklevel=2)
+        resume = False
     if resume:
         client = engine.load_checkpoint(ckpt_dir)
         if "data" in client:
@@ -140,6 +148,12 @@ def run(config: Config, out_dir: str | os.PathLike, *, resume: bool = False,
         # else: a converted checkpoint (jds convert) has no data position: start the data
         # from its beginning
         saved_step = int(engine.state.step)
+        if saved_step >= tc.steps:
+            engine.close()
+            raise ValueError(
+                f"{out} is at step {saved_step} already and the run asks for {tc.steps} steps "
+                f"in all (--steps / train.steps): nothing to train. Give --steps greater than "
+                f"{saved_step} to continue")
     primary = jax.process_index() == 0
     if primary:
         (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))

@@ -24,7 +24,7 @@ import pytest
 
 import jds
 from jds.checkpoint import CheckpointCorruptError, Checkpointer, verify_integrity
-from jds.checkpoint.orbax import INTEGRITY_FILE
+from jds.checkpoint.integrity import INTEGRITY_FILE
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64)

@@ -17,9 +17,12 @@ without it (written by something else) is restored with a warning that it is unv
 The cost is one extra read of the checkpoint on save (in the background thread) and on
 restore (``verify=False`` skips it).
 
-**Fallback.** ``restore(None, ...)`` tries the newest step first; a damaged step is reported
-with a warning and the next older one is tried (``jds train --resume`` relies on this). An
-explicit step never falls back: its damage is an error.
+**Fallback.** ``restore(None, ...)`` tries the newest step first; a damaged step is moved
+aside to ``damaged/<step>-<time>/`` (``jds.checkpoint.recovery``: never deleted, and the
+run can save that step number again), reported in one warning naming the step and the
+file, and the next older one is tried (``jds train --resume`` relies on this). An explicit
+step never falls back: its damage is an error, and the step stays where it is. After a
+restore the oldest steps beyond ``max_to_keep`` are deleted, as the next save would.
 
 **Streaming writes.** Converters (``jds convert``) hand ``Checkpointer.save_tree`` a tree of
 ``LazyLeaf``: a shape, a dtype and a function that reads one slice along the first axis
@@ -41,10 +44,10 @@ import asyncio
 import dataclasses
 import glob
 import json
+import logging
 import os
 import re
 import warnings
-import zlib
 from typing import Any
 
 import jax
@@ -52,93 +55,16 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import type_handlers
 
+from jds.checkpoint import recovery
+from jds.checkpoint.integrity import (
+    _TMP_SUFFIX,
+    INTEGRITY_FILE,
+    CheckpointCorruptError,
+    write_integrity,
+)
 from jds.state import TrainState
 
 PyTree = Any
-
-INTEGRITY_FILE = "jds_integrity.json"
-# Orbax rewrites these at commit time (after the manifest is written); their damage shows as
-# a JSON error, which restore reports naming the file.
-_UNTRACKED = frozenset({INTEGRITY_FILE, "_CHECKPOINT_METADATA", "commit_success.txt"})
-_TMP_SUFFIX = ".orbax-checkpoint-tmp"
-_CHUNK = 16 * 1024 * 1024
-
-
-class CheckpointCorruptError(ValueError):
-    """A checkpoint step is damaged or incomplete (the message names the files)."""
-
-
-def _crc32(path: str) -> int:
-    crc = 0
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            crc = zlib.crc32(chunk, crc)
-    return crc
-
-
-def _tracked_files(step_dir: str) -> list[str]:
-    out = []
-    for root, _, files in os.walk(step_dir):
-        for name in files:
-            if name in _UNTRACKED or name.endswith(".tmp"):
-                continue
-            out.append(os.path.relpath(os.path.join(root, name), step_dir))
-    return sorted(out)
-
-
-def write_integrity(step_dir: str | os.PathLike) -> None:
-    """Write ``jds_integrity.json`` (size and CRC-32 of every file) into ``step_dir``.
-
-    The manifest is written to a temporary file, fsynced and renamed, so it is never partial.
-    """
-    step_dir = os.fspath(step_dir)
-    files = {rel: [os.path.getsize(os.path.join(step_dir, rel)),
-                   _crc32(os.path.join(step_dir, rel))] for rel in _tracked_files(step_dir)}
-    tmp = os.path.join(step_dir, INTEGRITY_FILE + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump({"format": 1, "algorithm": "crc32", "files": files}, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, os.path.join(step_dir, INTEGRITY_FILE))
-
-
-def verify_integrity(step_dir: str | os.PathLike) -> bool:
-    """Check ``step_dir`` against its manifest.
-
-    Returns:
-      True if verified, False if the step has no manifest (nothing to check against).
-
-    Raises:
-      CheckpointCorruptError: a file is missing, has another size, or another checksum
-        (every such file named).
-    """
-    step_dir = os.fspath(step_dir)
-    manifest = os.path.join(step_dir, INTEGRITY_FILE)
-    if not os.path.isfile(manifest):
-        return False
-    try:
-        with open(manifest, encoding="utf-8") as fh:
-            files = json.load(fh)["files"]
-    except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
-        raise CheckpointCorruptError(f"{manifest} is damaged ({e})") from e
-    problems = []
-    for rel, (size, crc) in sorted(files.items()):
-        path = os.path.join(step_dir, rel)
-        if not os.path.isfile(path):
-            problems.append(f"{path}: missing")
-            continue
-        actual = os.path.getsize(path)
-        if actual != size:
-            problems.append(f"{path}: {actual} bytes, {size} when saved (truncated or damaged)")
-        elif _crc32(path) != crc:
-            problems.append(f"{path}: contents changed since saving (CRC-32 mismatch)")
-    if problems:
-        raise CheckpointCorruptError(
-            f"checkpoint {step_dir} is damaged ({len(problems)} files):\n  "
-            + "\n  ".join(problems)
-        )
-    return True
-
 
 # ------------------------------------------------------------------------------ lazy leaves
 @dataclasses.dataclass(frozen=True)
@@ -249,7 +175,24 @@ def _one_slice_per_chunk(tspec: dict[str, Any]) -> dict[str, Any]:
     return tspec
 
 
-type_handlers.register_type_handler(LazyLeaf, _LazyLeafHandler(), override=True)
+def _register_lazy_leaf() -> None:
+    """Register the ``LazyLeaf`` handler without Orbax's collision warning.
+
+    The handler shares NumpyHandler's typestr on purpose (its arrays restore as numpy
+    ones); ``register_type_handler`` logs that as a collision through absl on every import
+    of jds, which users read as something wrong. The override is intended, so that one
+    log record is held back.
+    """
+    absl_log = logging.getLogger("absl")
+    level = absl_log.level
+    absl_log.setLevel(logging.ERROR)
+    try:
+        type_handlers.register_type_handler(LazyLeaf, _LazyLeafHandler(), override=True)
+    finally:
+        absl_log.setLevel(level)
+
+
+_register_lazy_leaf()
 
 
 # ------------------------------------------------------------------------------ train state
@@ -315,8 +258,9 @@ class Checkpointer:
         self.directory = os.fspath(os.path.abspath(directory))
         self._async = async_save
         self._saving_step: int | None = None
+        self._max_to_keep = max_to_keep if max_to_keep and max_to_keep > 0 else None
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep if max_to_keep and max_to_keep > 0 else None,
+            max_to_keep=self._max_to_keep,
             # Always the async checkpointer: it is the one with a hook between "all files
             # written" and "renamed into place", where the integrity manifest goes.
             enable_async_checkpointing=True,
@@ -446,8 +390,14 @@ class Checkpointer:
                 if step is not None:
                     raise
                 failures.append(str(e))
-                warnings.warn(f"{e}\nfalling back to an older checkpoint", stacklevel=2)
+                # Out of the way, or the run dies when it next saves this step number.
+                moved = recovery.quarantine(self.directory, s)
+                self._manager.reload()
+                warnings.warn(f"checkpoint step {s} is damaged "
+                              f"({recovery.first_problem(str(e))}); moved it to {moved}, "
+                              "falling back to an older checkpoint", stacklevel=2)
                 continue
+            self._enforce_retention()
             return state, dict(out["meta"] or {})
         raise CheckpointCorruptError(
             f"every checkpoint in {self.directory} is damaged:\n" + "\n".join(failures)
@@ -456,11 +406,15 @@ class Checkpointer:
     def _stored_tree(self, step: int, verify: bool) -> Any:
         """Verify ``step`` and return its stored array metadata tree."""
         step_dir = self.step_dir(step)
-        if verify and not verify_integrity(step_dir):
-            warnings.warn(
-                f"checkpoint {step_dir} has no {INTEGRITY_FILE}; restoring it unverified",
-                stacklevel=4,
-            )
+        if verify:
+            status = recovery.check_step(step, step_dir)
+            if status.status == "damaged":
+                raise CheckpointCorruptError(status.detail)
+            if status.status == "unverified":
+                warnings.warn(
+                    f"checkpoint {step_dir} has no {INTEGRITY_FILE}; restoring it unverified",
+                    stacklevel=4,
+                )
         try:
             return self._manager.item_metadata(step)["state"]
         except (json.JSONDecodeError, UnicodeDecodeError, ValueError, OSError, KeyError) as e:
@@ -515,6 +469,14 @@ class Checkpointer:
                 f"checkpoint {self.directory}/{step} does not match this run "
                 f"({len(problems)} arrays):\n  " + "\n  ".join(problems[:50])
             )
+
+    def _enforce_retention(self) -> None:
+        """Delete the oldest steps beyond ``max_to_keep`` (a run killed between a save and
+        Orbax's clean-up leaves one more), as the next save would."""
+        if not self._max_to_keep:
+            return
+        for s in self.all_steps()[:-self._max_to_keep]:
+            self._manager.delete(s)
 
     def wait(self) -> None:
         """Block until pending async saves are complete."""

@@ -36,6 +36,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     model_validator,
 )
@@ -266,6 +267,14 @@ class Config(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid")
+    # The file it was loaded from (None for a dict): named in errors found later.
+    _source: str | None = PrivateAttr(default=None)
+
+    def __eq__(self, other: object) -> bool:
+        """Equal fields (where a config was loaded from does not count)."""
+        if not isinstance(other, Config):
+            return NotImplemented
+        return self.__dict__ == other.__dict__
 
     train_batch_size: BatchValue = Field(None, description="Global batch per optimizer step.")
     train_micro_batch_size_per_gpu: BatchValue = Field(
@@ -403,7 +412,9 @@ class Config(BaseModel):
             raise ConfigError(f"config must be a JSON file path, a dict or a jds.Config, got "
                               f"{type(src).__name__}")
         try:
-            return cls.model_validate(_read_json(src))
+            cfg = cls.model_validate(_read_json(src))
+            cfg._source = os.fspath(src)
+            return cfg
         except ConfigError as e:
             msg = str(e)
             raise ConfigError(msg if msg.startswith("config file") else
@@ -450,6 +461,15 @@ class Config(BaseModel):
         return out
 
     def resolve_batch(self, dp_size: int) -> BatchSizes:
+        """``_resolve_batch``, its errors naming the config file the values came from."""
+        try:
+            return self._resolve_batch(dp_size)
+        except ConfigError as e:
+            if self._source is None:
+                raise
+            raise ConfigError(f"config file '{self._source}': {e}") from None
+
+    def _resolve_batch(self, dp_size: int) -> BatchSizes:
         """Resolve the batch triad as DeepSpeed does (``_set_batch_related_parameters``).
 
         ``"auto"`` counts as not given. With all three given they must satisfy

@@ -149,6 +149,10 @@ class BatchLoader:
             )
         if vocab_size is not None and not _ids_fit(tokens, vocab_size):
             lo, hi = int(tokens.min()), int(tokens.max())
+            if lo < 0:
+                raise ValueError(f"the data holds negative token ids (min {lo}); token ids "
+                                 "must be >= 0: the token file is damaged or was written "
+                                 "with another dtype")
             raise ValueError(
                 f"token ids span [{lo}, {hi}] (max id {hi}) but the model's vocab_size is "
                 f"{vocab_size}; use a model with a vocabulary of at least {hi + 1} or "

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jds.checkpoint.orbax import CheckpointCorruptError, verify_integrity
+from jds.checkpoint.integrity import CheckpointCorruptError, verify_integrity
 from jds.models.registry import config_from_dict
 
 
