@@ -83,7 +83,8 @@ KINDS = ["array_flip", "array_truncate", "array_metadata", "loader_position", "m
          "manifest"]
 
 
-@pytest.mark.parametrize("kind", ["array_flip", "loader_position"])
+@pytest.mark.parametrize("kind", ["array_flip",
+                                  pytest.param("loader_position", marks=pytest.mark.slow)])
 def test_damaged_newest_step_costs_only_the_steps_since_the_last_intact_one(straight, tmp_path,
                                                                            kind, capsys):
     cfg4 = write_config(tmp_path / "c4.json", steps=4, save_interval=2, keep_checkpoints=3)
