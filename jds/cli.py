@@ -125,7 +125,17 @@ def _simulated_devices(args: argparse.Namespace, argv: list[str]) -> list | int:
     return proc.returncode
 
 
+def _layout_model(args: argparse.Namespace) -> str:
+    """``--model``, else the config's ``train.model`` (as ``jds train`` reads it)."""
+    if args.model:
+        return args.model
+    from jds.config import Config
+
+    return (Config.load(args.config) if args.config else Config()).train.model
+
+
 def _explain(args: argparse.Namespace, argv: list[str]) -> int:
+    args.model = _layout_model(args)
     devices = _simulated_devices(args, argv)
     if isinstance(devices, int):
         return devices
@@ -159,6 +169,7 @@ def _explain(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _estimate(args: argparse.Namespace, argv: list[str]) -> int:
+    args.model = _layout_model(args)
     devices = _simulated_devices(args, argv)
     if isinstance(devices, int):
         return devices
@@ -237,7 +248,8 @@ examples:
 
 
 def _layout_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="preset name (jds.models.PRESETS)")
+    p.add_argument("--model", help="preset name (jds.models.PRESETS) or Hugging Face folder "
+                   "(default: the config's train.model, else llama-tiny)")
     p.add_argument("--config", help="ds_config.json-style JSON file (default: bf16, ZeRO off, "
                    "one sequence per device)")
     p.add_argument("--devices", type=int, default=8,

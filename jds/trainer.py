@@ -181,7 +181,10 @@ def run(config: Config, out_dir: str | os.PathLike, *, resume: bool = False,
         nonlocal last, t_mark, steps_since, timed_tps
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
         last = m
-        if step % print_every and step != tc.steps:
+        # The bar advances as metrics arrive (one step behind the dispatch), so the loss it
+        # shows is the loss of the step it counts.
+        bar.update(step - bar.n)
+        if step % print_every and step not in (start + 1, tc.steps):
             return
         engine.check_loss_scale()
         now = time.perf_counter()
@@ -208,7 +211,6 @@ def run(config: Config, out_dir: str | os.PathLike, *, resume: bool = False,
                     t_mark = time.perf_counter()
                 steps_since += 1
                 pending = (step, metrics)
-                bar.update(1)
                 if tc.eval_interval and step % tc.eval_interval == 0 and step != tc.steps:
                     val_loss = evaluate()
                     logger.log({"step": step, "val_loss": val_loss})

@@ -114,6 +114,17 @@ def test_two_process_run_resumes_in_one_process(straight, tmp_path):
         np.testing.assert_allclose(got[s]["loss"], want[s]["loss"], rtol=1e-5)
 
 
+def test_the_first_step_is_logged_whatever_steps_per_print(tmp_path):
+    path = tmp_path / "c.json"
+    write_config(path, steps=3)
+    cfg = json.loads(path.read_text())
+    cfg["steps_per_print"] = 10
+    path.write_text(json.dumps(cfg))
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(path), "--out", str(out), "--no-progress"]) == 0
+    assert sorted(train_rows(out)) == [1, 3]  # the first and the last
+
+
 def test_compilation_cache_folder_off_and_jax_override(monkeypatch):
     from jds.cli import compilation_cache
 
@@ -186,6 +197,21 @@ def test_explain_and_estimate_run_on_every_preset(preset, capsys):
     f = est["formula"]["3"]
     assert est["state"]["params"] == f["params"] == 2 * rep["num_params"] / 8
     assert est["state"]["master"] + est["state"]["optimizer"] == f["master"] + f["optimizer"]
+
+
+def test_estimate_and_explain_take_the_model_from_the_config(tmp_path, capsys):
+    cfg = write_config(tmp_path / "c.json", steps=1, model="gpt2-tiny")
+    assert run_json(capsys, "explain", "--config", cfg, "--json")["model"] == "gpt2-tiny"
+    est = run_json(capsys, "estimate", "--config", cfg, "--no-compile", "--json")
+    assert est["model"] == "gpt2-tiny"
+    # a Hugging Face folder: the model its config.json describes, no weights read
+    hf = str(Path(__file__).parent / "fixtures" / "ds_reference" / "model")
+    rep = run_json(capsys, "explain", "--model", hf, "--json")
+    assert rep["num_params"] > 0 and any(p["path"] == "layers/wq" for p in rep["params"])
+    # the pipeline axis is printed as such, not as a second "stage" beside ZeRO's
+    assert main(["explain", "--config", cfg]) == 0
+    head = capsys.readouterr().out.splitlines()[0]
+    assert "pipeline=1" in head and "stage=" not in head
 
 
 @pytest.mark.parametrize("preset", ["llama-tiny", "gpt2-tiny"])

@@ -30,14 +30,17 @@ to, not equal to, what the GPU or TPU compiler assigns (different fusion decisio
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 import optax
+from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jds.config import Config
@@ -140,6 +143,26 @@ def load_config(
     return Config.load(data)
 
 
+def model_factory(model: str) -> str | Any:
+    """What ``shapes_engine`` builds: a preset name as it is, or for a Hugging Face folder
+    a factory of the model its ``config.json`` describes (built abstractly: no weights read).
+
+    Raises:
+      ValueError: neither a preset nor a folder with a ``config.json``.
+    """
+    from jds import models
+
+    if model in models.PRESETS:
+        return model
+    path = Path(model) / "config.json"
+    if not path.is_file():
+        presets = ", ".join(sorted(models.PRESETS))
+        raise ValueError(f"model {model!r} is neither a preset ({presets}) nor a Hugging Face "
+                         "folder with a config.json")
+    cfg = models.config_from_hf(json.loads(path.read_text()))
+    return lambda: models.model_class(cfg)(cfg, rngs=nnx.Rngs(0))
+
+
 def shapes_engine(
     model: str,
     config: str | os.PathLike | Mapping | Config | None,
@@ -151,13 +174,13 @@ def shapes_engine(
     """A ``TrainEngine`` with shapes and shardings only (nothing materialised).
 
     Args:
-      model: a preset name (``jds.models.PRESETS``).
+      model: a preset name (``jds.models.PRESETS``) or a Hugging Face folder.
       config: ``ds_config.json`` path, dict or ``Config``; None = ``DEFAULT_CONFIG``.
       devices: the mesh's devices (``cpu_devices``).
       stage: replaces ``zero_optimization.stage`` when given.
       pipeline: pipeline overrides (``load_config``).
     """
-    return TrainEngine(model, load_config(config, stage=stage, pipeline=pipeline),
+    return TrainEngine(model_factory(model), load_config(config, stage=stage, pipeline=pipeline),
                        devices=devices, shapes_only=True)
 
 
@@ -322,8 +345,13 @@ def _layout_text(head: Mapping[str, Any]) -> str:
     return f"ZeRO-{head['stage']}: " + ", ".join(parts)
 
 
+# The mesh's pipeline axis is called "stage" in code; printed beside "ZeRO-<stage>" it
+# read as a ZeRO stage, so the header calls it what it is.
+_MESH_NAMES = {"stage": "pipeline"}
+
+
 def _setup_line(head: Mapping[str, Any]) -> str:
-    mesh = " ".join(f"{k}={v}" for k, v in head["mesh"].items())
+    mesh = " ".join(f"{_MESH_NAMES.get(k, k)}={v}" for k, v in head["mesh"].items())
     return (f"{head['model']} | {head['devices']} devices | mesh {mesh} | {head['precision']} | "
             + _layout_text(head))
 
