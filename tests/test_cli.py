@@ -125,6 +125,33 @@ def test_the_first_step_is_logged_whatever_steps_per_print(tmp_path):
     assert sorted(train_rows(out)) == [1, 3]  # the first and the last
 
 
+def test_cli_docs_are_generated_from_the_parsers():
+    """docs/cli/ cannot drift from the code: it is what the parsers print."""
+    from jds.cli import cli_doc_pages
+
+    docs = Path(__file__).resolve().parents[1] / "docs" / "cli"
+    pages = cli_doc_pages()
+    assert {p.name for p in docs.glob("*.md")} == set(pages)
+    for name, text in pages.items():
+        assert (docs / name).read_text() == text, (
+            f"docs/cli/{name} is out of date: run python scripts/make_cli_docs.py")
+    assert "--resume" in pages["train.md"] and "(default: 8000)" in pages["serve.md"]
+
+
+def test_version_and_python_dash_m(capsys):
+    import subprocess
+    import sys
+
+    import jds
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"jds {jds.__version__}"
+    r = subprocess.run([sys.executable, "-m", "jds", "--version"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == f"jds {jds.__version__}"
+
+
 def test_compilation_cache_folder_off_and_jax_override(monkeypatch):
     from jds.cli import compilation_cache
 
