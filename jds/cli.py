@@ -259,6 +259,24 @@ def _layout_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
+def _plot(args: argparse.Namespace) -> int:
+    from jds.profiling.curves import plot_runs
+
+    if args.out:
+        out = args.out
+    elif len(args.runs) == 1 and os.path.isdir(args.runs[0]):
+        out = os.path.join(args.runs[0], "curves.png")
+    else:
+        out = "curves.png"
+    try:
+        path = plot_runs(args.runs, out, labels=args.label, title=args.title)
+    except ImportError as e:
+        print(f"jds plot: error: {e}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
 def _checkpoints(args: argparse.Namespace) -> int:
     from jds.checkpoint.recovery import checkpoint_root, scan
 
@@ -388,6 +406,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     launch.add_parser(sub)
 
+    g = sub.add_parser("plot", help="draw a run's loss, val loss, lr, tokens/s and gradient "
+                       "norm curves into a PNG (needs matplotlib: pip install 'jds[plot]')")
+    g.add_argument("runs", nargs="+", metavar="RUN",
+                   help="run folders (jds train --out) or metrics.jsonl files; several "
+                   "runs share one figure, a colour each")
+    g.add_argument("--out", help="the PNG to write (default: RUN/curves.png for one run "
+                   "folder, else ./curves.png)")
+    g.add_argument("--label", action="append",
+                   help="legend label, once per run in order (default: the folder names)")
+    g.add_argument("--title", help="figure title (default: the run's folder name)")
+    g.set_defaults(func=_plot)
+
     k = sub.add_parser("checkpoints", help="check checkpoint steps without restoring them")
     ksub = k.add_subparsers(dest="action", required=True)
     kv = ksub.add_parser("verify", help="list every step as intact or damaged (each damaged "
@@ -430,7 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_CONVERT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("direction", choices=("hf-to-orbax", "orbax-to-hf", "orbax-to-safetensors",
                                          "deepspeed-to-orbax"))
-    c.add_argument("src", help="source checkpoint directory")
+    c.add_argument("src", help="source: a Hugging Face or DeepSpeed checkpoint folder, or a "
+                   "jds run folder (jds train --out), its checkpoints folder or one step")
     c.add_argument("out", help="output directory (a new file for orbax-to-safetensors)")
     c.add_argument("--step", type=int, help="jds checkpoint step (default: newest intact)")
     c.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),

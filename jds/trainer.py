@@ -10,7 +10,9 @@ into ``out_dir``:
 - TensorBoard event files (``tensorboardX``) under ``out_dir/tb``;
 - Orbax checkpoints under ``out_dir/checkpoints`` every ``save_interval`` steps and at the
   end, with the data loader's position so ``resume=True`` continues with the next batch;
-- ``config.json`` (the resolved config) and ``sample.txt`` (text generated at the end).
+- ``config.json`` (the resolved config) and ``sample.txt`` (text generated at the end);
+- ``curves.png``: loss / val loss / lr / tokens-per-s / gradient-norm curves, drawn at the
+  end when matplotlib is installed (``jds plot`` draws them at any time).
 
 Metrics are fetched one step late so the host never stalls the device.
 """
@@ -209,6 +211,7 @@ def run(config: Config, out_dir: str | os.PathLike, *, resume: bool = False,
                 elif t_mark is None:
                     jax.block_until_ready(metrics)  # first step: compile; start the clock after it
                     t_mark = time.perf_counter()
+                    steps_since = -1  # this step ended before the clock started: not timed
                 steps_since += 1
                 pending = (step, metrics)
                 if tc.eval_interval and step % tc.eval_interval == 0 and step != tc.steps:
@@ -242,7 +245,20 @@ def run(config: Config, out_dir: str | os.PathLike, *, resume: bool = False,
     )
     if primary:
         (out / "summary.json").write_text(json.dumps(summary.__dict__, indent=2))
+        _draw_curves(out)
     return summary
+
+
+def _draw_curves(out: Path) -> None:
+    """``out/curves.png`` when matplotlib is there; a picture never fails a finished run."""
+    from jds.profiling.curves import have_matplotlib, plot_runs
+
+    if not have_matplotlib():
+        return
+    try:
+        plot_runs([out], out / "curves.png")
+    except Exception as e:  # noqa: BLE001 - the run is done and saved; say why, go on
+        warnings.warn(f"could not draw {out / 'curves.png'}: {e}", stacklevel=2)
 
 
 def _sample(engine: TrainEngine, n_tokens: int, seed: int) -> str:

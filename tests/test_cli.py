@@ -56,6 +56,7 @@ def test_run_folder_has_metrics_checkpoints_tensorboard_and_sample(straight):
     np.testing.assert_allclose([tr[s]["lr"] for s in (1, 2, 3, 4)], [0, 0, 1.5e-3, 3e-3],
                                rtol=1e-6)
     assert np.isfinite(tr[4]["tokens_per_s"]) and tr[4]["tokens_per_s"] > 0
+    assert np.isnan(tr[1]["tokens_per_s"])  # the compile step is not timed
     final = [r for r in rows(straight) if "val_loss" in r][-1]
     assert final["step"] == 4 and np.isfinite(final["val_loss"])
     assert final["unigram_baseline"] > 0
@@ -63,6 +64,7 @@ def test_run_folder_has_metrics_checkpoints_tensorboard_and_sample(straight):
     assert sorted(int(p.name) for p in (straight / "checkpoints").iterdir()
                   if p.name.isdigit()) == [2, 4]
     assert list((straight / "tb").glob("events.out.tfevents.*"))
+    assert (straight / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((straight / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["val_loss"] == final["val_loss"]
     sample = (straight / "sample.txt").read_text()

@@ -201,7 +201,9 @@ def test_conversion_errors_name_the_problem(tmp_path):
         orbax_to_hf(ck, tmp_path / "hf-out")
 
 
-def test_cli_convert_every_direction_documented_and_runs(tmp_path, capsys):
+def test_cli_convert_every_direction_documented_and_runs(tmp_path, capsys, caplog):
+    import logging
+
     from jds.cli import build_parser, main
 
     helptext = build_parser()._subparsers._group_actions[0].choices["convert"].format_help()
@@ -210,7 +212,10 @@ def test_cli_convert_every_direction_documented_and_runs(tmp_path, capsys):
         assert direction in helptext
     assert main(["convert", "deepspeed-to-orbax", str(DS_CKPTS / "zero1"), str(tmp_path / "a"),
                  "--model", str(HF_MODEL)]) == 0
-    assert main(["convert", "orbax-to-hf", str(tmp_path / "a"), str(tmp_path / "hf")]) == 0
+    with caplog.at_level(logging.WARNING):
+        assert main(["convert", "orbax-to-hf", str(tmp_path / "a"), str(tmp_path / "hf")]) == 0
+    # a correct conversion is silent (Orbax used to warn of a missing _CHECKPOINT_METADATA)
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     out = capsys.readouterr().out
     assert "peak RSS" in out and "wrote" in out
     assert pure(jds.models.from_pretrained(tmp_path / "hf"))["layers"]["wq"].shape == (2, 64, 4, 16)
@@ -236,3 +241,6 @@ def test_jds_train_resumes_a_converted_deepspeed_run(tmp_path):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [7, 8]  # continued from step 6
     assert sorted(int(p.name) for p in (run / "checkpoints").iterdir()) == [6, 8]
+    # the run folder itself is a source for orbax-to-hf (its newest step, 8)
+    assert main(["convert", "orbax-to-hf", str(run), str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "config.json").is_file()

@@ -19,6 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jds.checkpoint.integrity import CheckpointCorruptError, verify_integrity
+from jds.checkpoint.recovery import checkpoint_root
 from jds.models.registry import config_from_dict
 
 
@@ -39,7 +40,8 @@ class OrbaxCheckpoint:
     """One step of a jds checkpoint, read array by array.
 
     Args:
-      path: a checkpoint root (``.../checkpoints``) or one step directory in it.
+      path: a checkpoint root (``.../checkpoints``), one step directory in it, or the
+        ``jds train`` run folder that holds it.
       step: the step under a root; default the newest step that verifies.
       verify: check the integrity manifest first.
 
@@ -50,7 +52,8 @@ class OrbaxCheckpoint:
 
     def __init__(self, path: str | os.PathLike, step: int | None = None, *,
                  verify: bool = True) -> None:
-        path = Path(path).resolve()  # Orbax reads no metadata through a relative path
+        # a jds train run folder stands for its checkpoints folder (as in jds serve)
+        path = Path(checkpoint_root(path)).resolve()  # Orbax needs an absolute path
         if (path / "state").is_dir():
             step_dirs = [path]
         elif path.is_dir():
@@ -84,7 +87,10 @@ class OrbaxCheckpoint:
                 else {}
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointCorruptError(f"{meta_file} is damaged ({e})") from e
-        tree = self._ckptr.metadata(self.dir / "state").item_metadata.tree
+        # The handler, not the checkpointer: a step's _CHECKPOINT_METADATA lies one level up
+        # (the manager writes it beside ``state``), and the checkpointer would warn that it
+        # is missing from ``state`` on every correct checkpoint.
+        tree = ocp.PyTreeCheckpointHandler().metadata(self.dir / "state").tree
         self.arrays: dict[tuple[str, ...], Any] = _leaf_paths(tree)
         self._cache: tuple[tuple[str, ...], np.ndarray] | None = None
         self._sliced: dict[tuple[str, ...], Any] = {}
