@@ -40,7 +40,7 @@ import numpy as np
 from flax import nnx
 
 from jds.partitioning.rules import active_rules, logical_to_spec, traced_sharding
-from jds.partitioning.zero import GATHERED, ParamGather, gather_param
+from jds.partitioning.zero import ParamGather, gather_param, save_all_but_gathered
 
 REMAT_MODES: tuple[str, ...] = ("none", "full", "dots", "offload")
 
@@ -311,7 +311,7 @@ def scan_layers(
         # would stack an unsharded copy of the whole model for the backward pass); the
         # backward scan gathers each layer again, as DeepSpeed's ZeRO-3 does.
         fn = jax.checkpoint(
-            layer, policy=jax.checkpoint_policies.save_anything_except_these_names(GATHERED),
+            layer, policy=save_all_but_gathered,
             prevent_cse=False,
         )
     else:

@@ -366,6 +366,25 @@ def make_plan(shapes: PyTree, axes: PyTree, mesh: Mesh, rules: Rules,
 GATHERED = "zero_gathered"  # checkpoint name of a ZeRO-3 parameter gathered for compute
 
 
+def save_all_but_gathered(prim: Any, *_: Any, **params: Any) -> bool:
+    """A ``jax.checkpoint`` policy: keep every intermediate for the backward pass except
+    ZeRO-3's gathered parameters, which the backward pass gathers again (as DeepSpeed's
+    ZeRO-3 does), so no unsharded copy of the layer stack is kept between the passes.
+
+    ``save_anything_except_these_names(GATHERED)`` is not enough: the gather is a sharding
+    constraint whose output is saveable, so the name (applied after it) is recomputed from
+    the saved, gathered value — a whole ``[layers, ...]`` stack of unsharded weights. Here
+    no sharding constraint's output is saved either; each is recomputed from its input,
+    which is saved when it is an activation, and is a scan input (the sharded stack) when
+    it is a parameter. Measured on an 8-layer Llama over 8 devices
+    (``scripts/bench_zero_peak.py``), the compiled ZeRO-3 step's peak fell from 8.36 to
+    4.51 bytes/parameter in bf16 and from 8.49 to 4.64 in fp32.
+    """
+    if prim.name == "name":
+        return params.get("name") != GATHERED
+    return prim.name != "sharding_constraint"
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def _gather(x: jax.Array, gathered: NamedSharding, sharded: NamedSharding) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, gathered)
