@@ -514,7 +514,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``jds`` console script."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    compilation_cache()
+    if args.command not in ("estimate", "plot"):  # estimate reads XLA's dump of a compile
+        compilation_cache()
     try:
         if args.command in ("estimate", "explain"):
             return args.func(args, argv)

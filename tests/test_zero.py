@@ -345,4 +345,5 @@ def test_zero3_keeps_no_gathered_copy_of_the_layers_for_the_backward_pass():
     keep, layer_bytes = temp("none")
     recompute, _ = temp("full")
     # at 1 x 16 tokens per device the kept activations are small beside the layer stack
-    assert keep - recompute < 0.25 * layer_bytes, (keep, recompute, layer_bytes)
+    # (keeping the gathered weights cost 1.24 layer stacks)
+    assert keep - recompute < 0.5 * layer_bytes, (keep, recompute, layer_bytes)

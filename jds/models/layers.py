@@ -306,10 +306,13 @@ def scan_layers(
             p = gather_layer(p, axes, gather)
         return block_fn(p, carry, *a)
 
-    if remat == "none" and axes is not None and gather is not None and gather.sharded:
-        # ZeRO-3 without remat: keep every activation, but not the gathered weights (that
-        # would stack an unsharded copy of the whole model for the backward pass); the
-        # backward scan gathers each layer again, as DeepSpeed's ZeRO-3 does.
+    if remat == "none" and axes is not None and gather is not None:
+        # Without remat: keep every activation, but not the weights as constrained to
+        # their compute layout. Under ZeRO-3 that is the gathered weights (an unsharded
+        # copy of the whole model; the backward scan gathers each layer again, as
+        # DeepSpeed's ZeRO-3 does); otherwise the constraint's output is a copy of the
+        # layer's weights that the backward pass can read from the stack itself (saving it
+        # stacked a second copy of every layer's weights: 4.4 bytes/param in fp32).
         fn = jax.checkpoint(
             layer, policy=save_all_but_gathered,
             prevent_cse=False,

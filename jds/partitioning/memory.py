@@ -329,6 +329,7 @@ class CompiledMemory:
     host_temp: int
     lower_s: float
     compile_s: float
+    breakdown: Any = None
 
     @property
     def peak(self) -> int:
@@ -336,17 +337,22 @@ class CompiledMemory:
         return self.argument + self.temp + self.output - self.alias
 
     def as_dict(self) -> dict[str, Any]:
-        """Every field plus ``peak``, for JSON reports."""
-        return {**dataclasses.asdict(self), "peak": self.peak}
+        """Every field plus ``peak``, for JSON reports (the breakdown's 12 largest buffers)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["breakdown"] = None if self.breakdown is None else self.breakdown.as_dict(top=12)
+        return {**out, "peak": self.peak}
 
 
-def compiled_memory(engine: Any, seq_len: int) -> CompiledMemory:
+def compiled_memory(engine: Any, seq_len: int, *, breakdown: bool = True) -> CompiledMemory:
     """AOT-compile ``engine``'s train step and read its per-device memory.
 
     Args:
       engine: a ``TrainEngine``, best built with ``shapes_only=True`` (nothing is
         materialised; only shapes and shardings are needed).
       seq_len: tokens per sequence of the ``[train_batch_size, seq_len]`` batch.
+      breakdown: also read what is live at the peak from XLA's buffer assignment
+        (``jds.partitioning.peak``; the same compile, with its dump written to a
+        temporary folder).
 
     Raises:
       ValueError: ``seq_len`` below 1.
@@ -356,7 +362,13 @@ def compiled_memory(engine: Any, seq_len: int) -> CompiledMemory:
     t0 = time.perf_counter()
     lowered = engine.lower_train_step(seq_len)
     t1 = time.perf_counter()
-    compiled = lowered.compile()
+    parts = None
+    if breakdown:
+        from jds.partitioning.peak import compile_with_breakdown
+
+        compiled, parts = compile_with_breakdown(lowered)
+    else:
+        compiled = lowered.compile()
     t2 = time.perf_counter()
     stats = compiled.memory_analysis()
     if stats is None:
@@ -374,6 +386,7 @@ def compiled_memory(engine: Any, seq_len: int) -> CompiledMemory:
         host_temp=int(getattr(stats, "host_temp_size_in_bytes", 0) or 0),
         lower_s=t1 - t0,
         compile_s=t2 - t1,
+        breakdown=parts,
     )
 
 

@@ -533,7 +533,29 @@ def estimate_text(report: Mapping[str, Any]) -> str:
                     right=set(range(6))),
             f"peak estimate (argument + temp + output - alias): {_b(c['peak'])}",
         ]
+        if c.get("breakdown"):
+            lines += _breakdown_lines(c["breakdown"])
     return "\n".join(lines) + "\n"
+
+
+def _breakdown_lines(bd: Mapping[str, Any]) -> list[str]:
+    """What is live at XLA's peak: bytes per category, then the largest buffers."""
+    cats = {k: v for k, v in bd["by_category"].items() if v}
+    lines = ["", f"Live at XLA's simulated peak ({_b(bd['total'])}; jds.partitioning.peak "
+             "explains the categories):"]
+    lines += _table(list(cats), [[_b(v) for v in cats.values()]], right=set(range(len(cats))))
+    lines += ["", "Largest buffers live at the peak:"]
+    lines += _table(["bytes", "category", "what", "shape"],
+                    [[_b(i["bytes"]), i["category"], _short(i["name"], i["where"]), i["shape"]]
+                     for i in bd["items"]], right={0})
+    return lines
+
+
+def _short(name: str, where: str, width: int = 72) -> str:
+    """An XLA name for a table: the argument path or the tail of the op's name stack."""
+    text = f"{where}.{name}" if where.startswith("state") else name
+    text = text.replace("jit(train_step)/", "")
+    return text if len(text) <= width else "..." + text[-(width - 3):]
 
 
 __all__ = [
