@@ -175,6 +175,12 @@ def _estimate(args: argparse.Namespace, argv: list[str]) -> int:
         return devices
     from jds.profiling import memory_report as mr
 
+    if args.fit:
+        report = mr.fit_report(args.config, devices, _size(args.device_memory),
+                               seq_len=args.seq_len, candidates=args.candidates,
+                               nodes=args.nodes)
+        sys.stdout.write(json.dumps(report) + "\n" if args.json else mr.fit_text(report))
+        return 0
     engine = mr.shapes_engine(args.model, args.config, devices, stage=args.stage)
     seq_len = args.seq_len or engine.config.train.seq_len
     report = mr.estimate_report(engine, args.model, seq_len, compile=not args.no_compile,
@@ -387,6 +393,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="nodes the devices span, for DeepSpeed's per-node CPU estimate")
     e.add_argument("--no-compile", action="store_true",
                    help="formulas and state shardings only; skip compiling the train step")
+    e.add_argument("--fit", action="store_true",
+                   help="instead: the largest llama preset whose compiled train step fits "
+                   "--device-memory, per ZeRO stage, beside the formulas' and DeepSpeed's "
+                   "answers (--model is not used)")
+    e.add_argument("--device-memory", default="80GiB",
+                   help="memory per device for --fit (e.g. 80GiB, 24GB)")
+    e.add_argument("--candidates", nargs="+", metavar="PRESET",
+                   help="presets --fit tries (default: every llama preset)")
     e.set_defaults(func=_estimate)
 
     x = sub.add_parser("explain", help="every parameter's sharding and bytes per device; "

@@ -109,3 +109,25 @@ def test_compiled_peak_per_zero_stage_decreases_and_stays_within_its_bound():
     # the breakdown names the state it holds: ZeRO-3 shards params and Adam's moments
     bd = m.breakdown.by_category
     assert bd["params"] and bd["optimizer"]
+
+
+def test_estimate_fit_names_the_largest_preset_per_stage(capsys):
+    from jds.cli import main
+
+    assert main(["estimate", "--fit", "--device-memory", "80MiB", "--json",
+                 "--candidates", "llama-125m", "llama-tiny"]) == 0
+    import json
+
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["device_memory"] == 80 * 2**20 and len(rep["rows"]) == 4
+    for row in rep["rows"]:
+        assert row["fits"] == "llama-tiny" and row["peak"] <= 80 * 2**20
+        # the larger presets were ruled out by their state alone, without compiling
+        assert all(t["peak"] is None and t["state"] > 80 * 2**20
+                   for t in row["tried"] if t["model"] != "llama-tiny")
+        assert row["formula"] == "llama-tiny"
+        assert (row["deepspeed"] is None) == (row["stage"] < 2)
+    # too little memory for anything: every stage says so
+    assert main(["estimate", "--fit", "--device-memory", "1MiB", "--candidates",
+                 "llama-tiny"]) == 0
+    assert capsys.readouterr().out.count("none") >= 4

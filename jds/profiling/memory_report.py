@@ -459,6 +459,111 @@ def estimate_report(
     return report
 
 
+def fit_report(
+    config: str | os.PathLike | Mapping | Config | None,
+    devices: list[jax.Device],
+    device_memory: int,
+    seq_len: int | None = None,
+    candidates: list[str] | None = None,
+    nodes: int = 1,
+) -> dict[str, Any]:
+    """The largest model that fits ``device_memory`` per device, per ZeRO stage.
+
+    For each stage the candidates are tried from the largest down; the first whose
+    compiled train step's peak (argument + temp + output - alias, as ``estimate_report``)
+    fits is the answer. A candidate whose persistent train state alone (from its
+    shardings) exceeds the memory is ruled out without compiling. Beside it: the answer of
+    the ZeRO paper's formula (model states only) and of DeepSpeed's own estimator
+    (stages 2 and 3, no offload; ``estimate_zero{2,3}_model_states_mem_needs``), both of
+    which ignore activations and every temporary buffer — the difference is what the
+    compiled truth adds.
+
+    Args:
+      config: as ``load_config``; the stage is replaced for each row.
+      devices: the mesh's devices.
+      device_memory: bytes per device.
+      seq_len: tokens per sequence (default the config's ``train.seq_len``).
+      candidates: preset names (default every llama preset), any order.
+      nodes: nodes the devices span (DeepSpeed's estimator).
+
+    Raises:
+      ValueError: ``device_memory`` below 1 or an unknown preset.
+    """
+    from jds.models import PRESETS
+
+    if device_memory < 1:
+        raise ValueError(f"--device-memory {device_memory}: give a size such as 80GiB")
+    names = candidates or [n for n in PRESETS if n.startswith("llama-")]
+    for n in names:
+        if n not in PRESETS:
+            raise ValueError(f"unknown model preset {n!r}; choose from {sorted(PRESETS)}")
+    sizes = {n: _preset_params(n)[0] for n in names}
+    order = sorted(names, key=lambda n: -sizes[n])
+    rows = []
+    for stage in range(4):
+        row: dict[str, Any] = {"stage": stage, "fits": None, "peak": None, "tried": []}
+        for n in order:
+            engine = shapes_engine(n, config, devices, stage=stage)
+            state = state_memory(engine.state)["total"]
+            tried = {"model": n, "params": sizes[n], "state": state, "peak": None}
+            row["tried"].append(tried)
+            if state > device_memory:
+                continue
+            tried["peak"] = compiled_memory(
+                engine, seq_len or engine.config.train.seq_len, breakdown=False).peak
+            if tried["peak"] <= device_memory:
+                row["fits"], row["peak"] = n, tried["peak"]
+                break
+        dp = data_parallel_size(engine.mesh)
+        prec = engine.config.precision
+        row["formula"] = next((n for n in order if model_states_per_device(
+            sizes[n], stage, dp, precision=prec).total <= device_memory), None)
+        row["deepspeed"] = None
+        if stage >= 2:
+            for n in order:
+                ds = deepspeed_estimates(sizes[n], _preset_params(n)[1], dp // nodes, nodes)
+                gpu = next(r["gpu_bytes"] for r in ds if r["stage"] == stage
+                           and not r["offload_optimizer"] and not r["offload_param"]
+                           and r["zero_init"] in (None, True))
+                if gpu <= device_memory:
+                    row["deepspeed"] = n
+                    break
+        rows.append(row)
+    return {"device_memory": int(device_memory), "devices": len(devices),
+            "precision": engine.config.precision, "params": sizes, "rows": rows}
+
+
+def _preset_params(name: str) -> tuple[int, int]:
+    """A preset's parameter count and its largest single layer's (a stacked weight counts
+    once per layer), from shapes only (``nnx.eval_shape``: nothing is allocated)."""
+    from jds.models import build
+
+    model = nnx.eval_shape(lambda: build(name))
+    leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+    total = sum(math.prod(x.shape) for x in leaves)
+    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", 1)
+    largest = max(math.prod(x.shape[1:]) if x.shape and x.shape[0] == n_layers
+                  else math.prod(x.shape) for x in leaves)
+    return total, largest
+
+
+def fit_text(report: Mapping[str, Any]) -> str:
+    """``fit_report`` for people."""
+    r = report
+    lines = [f"Largest model that fits {_b(r['device_memory'])} per device, {r['devices']} "
+             f"devices, {r['precision']} (compiled train step vs model-state formulas):"]
+    rows = []
+    for row in r["rows"]:
+        name = row["fits"] or "none"
+        peak = _b(row["peak"]) if row["peak"] is not None else "-"
+        params = _count(r["params"][row["fits"]]) if row["fits"] else "-"
+        rows.append([str(row["stage"]), name, params, peak, row["formula"] or "none",
+                     "-" if row["stage"] < 2 else (row["deepspeed"] or "none")])
+    lines += _table(["stage", "compiled step fits", "params", "peak", "ZeRO formula",
+                     "DeepSpeed estimator"], rows, right={2, 3})
+    return "\n".join(lines) + "\n"
+
+
 def _b(n: float) -> str:
     """Bytes for people: binary units, 3 significant digits."""
     for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
