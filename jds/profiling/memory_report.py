@@ -497,7 +497,8 @@ def fit_report(
     for n in names:
         if n not in PRESETS:
             raise ValueError(f"unknown model preset {n!r}; choose from {sorted(PRESETS)}")
-    sizes = {n: _preset_params(n)[0] for n in names}
+    counts = {n: _preset_params(n) for n in names}  # (parameters, largest layer)
+    sizes = {n: c[0] for n, c in counts.items()}
     order = sorted(names, key=lambda n: -sizes[n])
     rows = []
     for stage in range(4):
@@ -521,7 +522,7 @@ def fit_report(
         row["deepspeed"] = None
         if stage >= 2:
             for n in order:
-                ds = deepspeed_estimates(sizes[n], _preset_params(n)[1], dp // nodes, nodes)
+                ds = deepspeed_estimates(*counts[n], dp // nodes, nodes)
                 gpu = next(r["gpu_bytes"] for r in ds if r["stage"] == stage
                            and not r["offload_optimizer"] and not r["offload_param"]
                            and r["zero_init"] in (None, True))
