@@ -44,8 +44,8 @@ CATEGORIES = ("params", "master", "optimizer", "other state", "batch", "loop car
 
 _NODE = re.compile(r"^([\s│├└─]*)([^\s│├└─].*?) \([\d.]+%, total: ([\d ]+) bytes, "
                    r"current: ([\d ]+) bytes")
-_INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+?) ([\w\-]+)\(.*?"
-                    r"(?:metadata=\{op_name=\"([^\"]*)\")?")
+_INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+?) ([\w\-]+)\(")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +93,7 @@ def _instructions(hlo_text: str) -> dict[str, tuple[str, str, str]]:
     for line in hlo_text.splitlines():
         m = _INSTR.match(line)
         if m:
-            op_name = re.search(r'op_name="([^"]*)"', line)
+            op_name = _OP_NAME.search(line)
             out[m.group(1)] = (m.group(2), m.group(3), op_name.group(1) if op_name else "")
     return out
 
@@ -134,15 +134,12 @@ def parse_peak_tree(report: str) -> tuple[int, list[tuple[tuple[str, ...], str, 
 
 def _category(path: tuple[str, ...], name: str, info: tuple[str, str, str] | None) -> str:
     top = path[1] if len(path) > 1 else name
-    if top == "state":
-        kind = path[2] if len(path) > 2 else name
+    # an argument: a "state" node over its fields, or one dotted path ("state.params.w")
+    if top == "state" or top.startswith("state."):
+        kind = (path[2] if len(path) > 2 else name) if top == "state" else top.split(".")[1]
         return {"params": "params", "master": "master"}.get(
             kind, "optimizer" if kind.startswith("opt_state") else "other state")
-    if top.startswith("state."):
-        kind = top.split(".")[1]
-        return {"params": "params", "master": "master"}.get(
-            kind, "optimizer" if kind.startswith("opt_state") else "other state")
-    if top == "batch" or top.startswith("batch"):
+    if top.startswith("batch"):
         return "batch"
     base = re.sub(r"\{[\d,]*\}$", "", name)
     shape, opcode, op_name = info or ("", "", "")

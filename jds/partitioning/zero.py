@@ -368,8 +368,10 @@ GATHERED = "zero_gathered"  # checkpoint name of a ZeRO-3 parameter gathered for
 
 def save_all_but_gathered(prim: Any, *_: Any, **params: Any) -> bool:
     """A ``jax.checkpoint`` policy: keep every intermediate for the backward pass except
-    ZeRO-3's gathered parameters, which the backward pass gathers again (as DeepSpeed's
-    ZeRO-3 does), so no unsharded copy of the layer stack is kept between the passes.
+    parameters constrained to their compute layout — ZeRO-3's gathered parameters, which
+    the backward pass gathers again (as DeepSpeed's ZeRO-3 does), and under ZeRO 0-2 the
+    constrained copy of a layer's weights, which the backward pass reads from the stack —
+    so no second copy of the layer stack is kept between the passes.
 
     ``save_anything_except_these_names(GATHERED)`` is not enough: the gather is a sharding
     constraint whose output is saveable, so the name (applied after it) is recomputed from
