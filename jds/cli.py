@@ -189,6 +189,34 @@ def _estimate(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def _profile(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    import jds
+    from jds.config import Config
+    from jds.trainer import _model_arg
+
+    cfg = Config.load(args.config) if args.config else Config()
+    d = cfg.to_dict()
+    accumulation = cfg.gradient_accumulation_steps or 1
+    d.update(train_batch_size=args.batch, train_micro_batch_size_per_gpu=None,
+             gradient_accumulation_steps=accumulation)
+    d["flops_profiler"] = {**d.get("flops_profiler", {}), "enabled": True,
+                           "profile_step": args.warmup_steps, "module_depth": args.module_depth,
+                           "top_modules": args.top_modules, "detailed": not args.no_detailed,
+                           "output_file": args.output_file}
+    engine = jds.initialize(_model_arg(args.model or cfg.train.model), d)
+    if engine.vocab_size is None:
+        raise ValueError(f"jds profile feeds random token ids; {args.model!r} is not a language "
+                         "model (profile your own model with jds.profiling.get_model_profile)")
+    seq = args.seq or cfg.train.seq_len
+    rng = np.random.default_rng(cfg.seed)
+    for _ in range(args.warmup_steps + 1):
+        ids = rng.integers(0, engine.vocab_size, (args.batch, seq), dtype=np.int32)
+        engine.train_batch({"input_ids": ids})
+    return 0
+
+
 def _size(text: str) -> int:
     """``2GB`` / ``500MB`` / ``1000000`` -> bytes."""
     units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -402,6 +430,26 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--candidates", nargs="+", metavar="PRESET",
                    help="presets --fit tries (default: every llama preset)")
     e.set_defaults(func=_estimate)
+
+    f = sub.add_parser(
+        "profile", help="the flops profiler on a train step: FLOPs, MACs, params and latency "
+        "per module, step time, TFLOP/s and MFU",
+        description="Train a few steps on random tokens and print the flops_profiler report of "
+        "the step after the warm-up ones (DeepSpeed's flops profiler, for any jds model).")
+    f.add_argument("--model", help="preset name or Hugging Face directory (default: the "
+                   "config's train.model, llama-tiny)")
+    f.add_argument("--config", help="ds_config.json-style JSON file (precision, ZeRO, mesh; "
+                   "its batch size is replaced by --batch)")
+    f.add_argument("--batch", type=int, default=8, help="global batch (sequences per step)")
+    f.add_argument("--seq", type=int, help="tokens per sequence (default train.seq_len)")
+    f.add_argument("--warmup-steps", type=int, default=1,
+                   help="steps run before the profiled one (the first compiles)")
+    f.add_argument("--module-depth", type=int, default=-1, help="deepest level printed; -1 = all")
+    f.add_argument("--top-modules", type=int, default=1,
+                   help="modules per depth in the aggregated profile")
+    f.add_argument("--no-detailed", action="store_true", help="omit the per-module tree")
+    f.add_argument("--output-file", help="write the report here (default: stdout)")
+    f.set_defaults(func=_profile)
 
     x = sub.add_parser("explain", help="every parameter's sharding and bytes per device; "
                        "--pipeline: the pipeline schedule, tick by tick")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -152,6 +153,7 @@ class TrainEngine(EngineCheckpoints):
         self._eval_step = jax.jit(eval_fn, out_shardings=self._replicated)
         self._checkpointers: dict[str, Checkpointer] = {}
         self.client_state: dict[str, Any] = {}
+        self._steps_done: int | None = None  # host copy of state.step, read when needed
 
     # ----------------------------------------------------------------------------- set-up
     def _need_arrays(self, what: str) -> None:
@@ -262,13 +264,51 @@ class TrainEngine(EngineCheckpoints):
                 f"{self.batch.dp_size}); every leaf's leading axis is the global batch"
             )
         placed = self.shard_batch(batch, process_local=process_local)
+        profile = self._profile_due()
+        if profile:  # time this step alone
+            jax.block_until_ready(self.state)
+        t0 = time.perf_counter()
         with peer_failure_guard("train_batch"):
             with self._tracing():
                 self.state, metrics = self._train_step(self.state, placed)
+            if self._steps_done is not None:
+                self._steps_done += 1
+            if profile:
+                jax.block_until_ready(metrics)
+                self._print_flops_profile(placed, time.perf_counter() - t0)
             if not sync:
                 return metrics
             self.check_loss_scale()
             return _to_floats(metrics)
+
+    def _profile_due(self) -> bool:
+        """Whether this step is the ``flops_profiler`` section's ``profile_step``."""
+        fp = self.config.flops_profiler
+        if not fp.enabled:
+            return False
+        if self._steps_done is None:
+            self._steps_done = int(self.state.step)
+        return self._steps_done == fp.profile_step
+
+    def _print_flops_profile(self, placed: PyTree, seconds: float) -> None:
+        """Profile the model's forward on this step's first micro-batch (every process runs
+        it; process 0 prints), beside the step's measured time (``flops_profiler``)."""
+        from jds.profiling import model_profile as mp
+
+        fp, s = self.config.flops_profiler, self.state
+        model = self.split.merge(s.params, s.frozen, s.model_state, train=True)
+        micro = jax.tree.map(lambda x: x[0], placed)
+        with self._tracing():
+            prof = mp.profile_function(lambda m, b: self.loss.fn(m, b)[0], model, micro,
+                                       train=True)
+        text = mp.train_profile_text(
+            prof, step=fp.profile_step, seconds=seconds, mesh_shape=dict(self.mesh.shape),
+            dp=self.batch.dp_size, micro_per_device=self.batch.micro_batch_per_device,
+            accumulation=self.batch.gradient_accumulation_steps,
+            samples=self.batch.train_batch_size, recompute_fwd_factor=fp.recompute_fwd_factor,
+            module_depth=fp.module_depth, top_modules=fp.top_modules, detailed=fp.detailed)
+        if jax.process_index() == 0:
+            mp.emit(text, fp.output_file)
 
     def check_loss_scale(self) -> None:
         """Raise as DeepSpeed does when an fp16 overflow arrives at the minimum loss scale.

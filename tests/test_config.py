@@ -578,7 +578,7 @@ def test_not_implemented_top_level_key_warns_when_on(key):
 
 
 @pytest.mark.parametrize("value", [False, None, {}, {"enabled": False}])
-@pytest.mark.parametrize("key", ["flops_profiler", "wall_clock_breakdown", "tensorboard"])
+@pytest.mark.parametrize("key", ["comms_logger", "wall_clock_breakdown", "tensorboard"])
 def test_not_implemented_key_switched_off_is_silent(key, value):
     quiet_load({key: value})
 

@@ -90,6 +90,7 @@ class EngineCheckpoints:
             tag, self.state, self.state_shardings, verify=verify, init=self._init_from_weights
         )
         self.state = state
+        self._steps_done = None  # re-read from the restored state when needed
         self.client_state = meta.get("client_state", {})
         return self.client_state
 

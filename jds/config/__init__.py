@@ -49,6 +49,7 @@ from jds.config.sections import (
     BF16Config,
     ConfigError,
     ConfigWarning,
+    FlopsProfilerConfig,
     FP16Config,
     Int,
     LambParams,
@@ -76,7 +77,6 @@ _OFFLOAD_NOTE = ("host offload is not in jds yet; states stay in device memory, 
 # off (false, null, {}, {"enabled": false}, or DeepSpeed's default in _DS_DEFAULTS); dotted
 # keys inside modelled sections unless at their default (offload sections: device "none").
 NOT_IMPLEMENTED: dict[str, str] = {
-    "flops_profiler": "jds.profiling reports FLOPs and MFU",
     "comms_logger": "XLA inserts the collectives; read them from the compiled HLO",
     "wandb": "jds train writes TensorBoard and JSONL logs", "tensorboard": "DeepSpeed's monitor",
     "csv_monitor": "DeepSpeed's monitor", "comet": "DeepSpeed's monitor",
@@ -295,6 +295,8 @@ class Config(BaseModel):
         None, description="Layer remat (see Config.remat); null = train.remat decides.")
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig,
                                      description="Pipeline schedule (stages: mesh.stage).")
+    flops_profiler: FlopsProfilerConfig = Field(
+        default_factory=FlopsProfilerConfig, description="Profile the train step once.")
 
     def __init__(self, **data: Any) -> None:
         try:
@@ -542,7 +544,8 @@ __all__ = [
     "BATCH_KEYS", "DEFAULT_TRAIN", "NOT_IMPLEMENTED", "OPTIMIZER_PARAMS", "SCHEDULER_PARAMS",
     "ActivationCheckpointingConfig", "AdamParams", "BF16Config", "BatchSizes", "Config",
     "ConfigError", "ConfigWarning",
-    "FP16Config", "LRRangeTestParams", "LambParams", "LionParams", "MeshConfig",
+    "FP16Config", "FlopsProfilerConfig", "LRRangeTestParams", "LambParams", "LionParams",
+    "MeshConfig",
     "OffloadOptimizerConfig", "OffloadParamConfig", "OneCycleParams", "OptimizerConfig",
     "SchedulerConfig", "TrainConfig", "WarmupCosineLRParams", "WarmupDecayLRParams",
     "WarmupLRParams", "ZeroConfig",

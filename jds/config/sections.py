@@ -595,6 +595,23 @@ class ActivationCheckpointingConfig(_Section):
         return "offload" if self.cpu_checkpointing else "full"
 
 
+class FlopsProfilerConfig(_Section):
+    """DeepSpeed's ``flops_profiler`` section: the train step's profile at ``profile_step``
+    (``jds.profiling.model_profile``: FLOPs, MACs, parameters and latency per module, the
+    measured step time, achieved FLOP/s and MFU)."""
+
+    enabled: Bool = Field(False, description="Print the profile once, at profile_step.")
+    recompute_fwd_factor: Num = Field(
+        0.0, ge=0, description="Forward passes recomputed in backward (1.0 with full "
+        "activation checkpointing): the step counts (3 + this) x forward FLOPs.")
+    profile_step: Int = Field(1, ge=0, description="Optimizer steps completed before the "
+                              "profiled one (the first step compiles).")
+    module_depth: Int = Field(-1, ge=-1, description="Deepest module level printed; -1 = all.")
+    top_modules: Int = Field(1, gt=0, description="Modules per depth in the aggregated profile.")
+    detailed: Bool = Field(True, description="Print the per-module tree.")
+    output_file: str | None = Field(None, description="Write the profile here; null = stdout.")
+
+
 class PipelineConfig(_Section):
     """The ``pipeline`` section: DeepSpeed's pipeline keys plus jds's schedule choice.
 

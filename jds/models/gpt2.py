@@ -135,26 +135,33 @@ def gpt2_block(
       The updated residual stream ``x_BTD``.
     """
     eps = cfg.layer_norm_epsilon
-    h_BTD = layer_norm(x_BTD, p["ln_1_scale"], p["ln_1_bias"], eps)
-    q_BTNH = dense("BTD,DNH->BTNH", h_BTD, p["wq"]) + p["bq"]
-    k_BTKH = dense("BTD,DKH->BTKH", h_BTD, p["wk"]) + p["bk"]
-    v_BTKH = dense("BTD,DKH->BTKH", h_BTD, p["wv"]) + p["bv"]
-    q_BTNH = constrain(q_BTNH, ("batch", "seq", "heads", "head_dim"))
-    k_BTKH = constrain(k_BTKH, ("batch", "seq", "kv_heads", "head_dim"))
-    v_BTKH = constrain(v_BTKH, ("batch", "seq", "kv_heads", "head_dim"))
-    if attend is None:
-        o_BTNH = dot_product_attention(q_BTNH, k_BTKH, v_BTKH, causal=True,
-                                       segment_ids=segment_ids_BT,
-                                       implementation=cfg.attention_impl)
-    else:
-        o_BTNH = attend(q_BTNH, k_BTKH, v_BTKH)
-    attn_BTD = dense("BTNH,NHD->BTD", o_BTNH, p["wo"]) + p["bo"]
+    # Named scopes (HF's module names) label the ops for jds.profiling's per-module table.
+    with jax.named_scope("ln_1"):
+        h_BTD = layer_norm(x_BTD, p["ln_1_scale"], p["ln_1_bias"], eps)
+    with jax.named_scope("attn"):
+        q_BTNH = dense("BTD,DNH->BTNH", h_BTD, p["wq"]) + p["bq"]
+        k_BTKH = dense("BTD,DKH->BTKH", h_BTD, p["wk"]) + p["bk"]
+        v_BTKH = dense("BTD,DKH->BTKH", h_BTD, p["wv"]) + p["bv"]
+        q_BTNH = constrain(q_BTNH, ("batch", "seq", "heads", "head_dim"))
+        k_BTKH = constrain(k_BTKH, ("batch", "seq", "kv_heads", "head_dim"))
+        v_BTKH = constrain(v_BTKH, ("batch", "seq", "kv_heads", "head_dim"))
+        with jax.named_scope("attention"):
+            if attend is None:
+                o_BTNH = dot_product_attention(q_BTNH, k_BTKH, v_BTKH, causal=True,
+                                               segment_ids=segment_ids_BT,
+                                               implementation=cfg.attention_impl)
+            else:
+                o_BTNH = attend(q_BTNH, k_BTKH, v_BTKH)
+        attn_BTD = dense("BTNH,NHD->BTD", o_BTNH, p["wo"]) + p["bo"]
     x_BTD = constrain(x_BTD + attn_BTD, BTD)
 
-    h_BTD = layer_norm(x_BTD, p["ln_2_scale"], p["ln_2_bias"], eps)
-    fc_BTF = dense("BTD,DF->BTF", h_BTD, p["w_fc"]) + p["b_fc"]
-    act_BTF = constrain(ACTIVATIONS[cfg.activation_function](fc_BTF), ("batch", "seq", "mlp"))
-    out_BTD = dense("BTF,FD->BTD", act_BTF, p["w_proj"]) + p["b_proj"]
+    with jax.named_scope("ln_2"):
+        h_BTD = layer_norm(x_BTD, p["ln_2_scale"], p["ln_2_bias"], eps)
+    with jax.named_scope("mlp"):
+        fc_BTF = dense("BTD,DF->BTF", h_BTD, p["w_fc"]) + p["b_fc"]
+        act_BTF = constrain(ACTIVATIONS[cfg.activation_function](fc_BTF),
+                            ("batch", "seq", "mlp"))
+        out_BTD = dense("BTF,FD->BTD", act_BTF, p["w_proj"]) + p["b_proj"]
     return constrain(x_BTD + out_BTD, BTD)
 
 
@@ -260,10 +267,12 @@ class GPT2(nnx.Module):
     # The three parts of ``__call__``, also run separately by pipeline stages.
     def embed(self, input_ids_BT: jax.Array, positions_BT: jax.Array) -> jax.Array:
         """Token plus learned position embeddings ``x_BTD``."""
-        wte_VD = self._use(self.wte, ("vocab", "embed"))  # gathered here under ZeRO-3
-        wpe_PD = self._use(self.wpe, (None, "embed"))
-        x_BTD = (embed_lookup(wte_VD, input_ids_BT)
-                 + embed_lookup(wpe_PD, positions_BT, (None, "embed")))
+        with jax.named_scope("wte"):
+            wte_VD = self._use(self.wte, ("vocab", "embed"))  # gathered here under ZeRO-3
+            tok_BTD = embed_lookup(wte_VD, input_ids_BT)
+        with jax.named_scope("wpe"):
+            wpe_PD = self._use(self.wpe, (None, "embed"))
+            x_BTD = tok_BTD + embed_lookup(wpe_PD, positions_BT, (None, "embed"))
         return constrain(x_BTD, BTD)
 
     def run_layers(
@@ -282,11 +291,12 @@ class GPT2(nnx.Module):
         """
         del positions_BT
         block = partial(gpt2_block, cfg=self.config)
-        return scan_layers(
-            block, params_L, x_BTD, segment_ids_BT, remat=self.remat,
-            axes=stacked_axes(self.layers), group=checkpoint_every,
-            gather=self.param_gather,
-        )
+        with jax.named_scope("layers"):
+            return scan_layers(
+                block, params_L, x_BTD, segment_ids_BT, remat=self.remat,
+                axes=stacked_axes(self.layers), group=checkpoint_every,
+                gather=self.param_gather,
+            )
 
     def layer_fn(self) -> Callable[..., jax.Array]:
         """``(p, x_BTD, positions_BT, attend) -> x_BTD``: one layer, for the inference engine
@@ -297,10 +307,13 @@ class GPT2(nnx.Module):
     def head(self, x_BTD: jax.Array) -> jax.Array:
         """Final LayerNorm and the tied output projection: ``logits_BTV``."""
         cfg = self.config
-        h_BTD = layer_norm(x_BTD, self.ln_f_scale[...], self.ln_f_bias[...], cfg.layer_norm_epsilon)
-        wte_VD = self._use(self.wte, ("vocab", "embed"))
-        logits_BTV = jnp.einsum("BTD,VD->BTV", h_BTD, wte_VD)
-        return constrain(logits_BTV, ("batch", "seq", "vocab"))
+        with jax.named_scope("ln_f"):
+            h_BTD = layer_norm(x_BTD, self.ln_f_scale[...], self.ln_f_bias[...],
+                               cfg.layer_norm_epsilon)
+        with jax.named_scope("lm_head"):
+            wte_VD = self._use(self.wte, ("vocab", "embed"))
+            logits_BTV = jnp.einsum("BTD,VD->BTV", h_BTD, wte_VD)
+            return constrain(logits_BTV, ("batch", "seq", "vocab"))
 
 
 __all__ = ["ACTIVATIONS", "GPT2", "GPT2Config", "GPT2Layers", "gpt2_block", "layer_norm"]

@@ -225,36 +225,42 @@ def llama_block(
     Returns:
       The updated residual stream ``x_BTD``.
     """
-    h_BTD = rms_norm(x_BTD, p["attn_norm"], cfg.rms_norm_eps)
-    q_BTNH = dense("BTD,DNH->BTNH", h_BTD, p["wq"])
-    k_BTKH = dense("BTD,DKH->BTKH", h_BTD, p["wk"])
-    v_BTKH = dense("BTD,DKH->BTKH", h_BTD, p["wv"])
-    if cfg.attention_bias:
-        q_BTNH, k_BTKH, v_BTKH = q_BTNH + p["bq"], k_BTKH + p["bk"], v_BTKH + p["bv"]
-    cos_BTH, sin_BTH = rope_cos_sin(positions_BT, cfg)
-    q_BTNH = constrain(apply_rope(q_BTNH, cos_BTH, sin_BTH), BTNH)
-    k_BTKH = constrain(apply_rope(k_BTKH, cos_BTH, sin_BTH), BTKH)
-    v_BTKH = constrain(v_BTKH, BTKH)
-    if attend is None:
-        o_BTNH = dot_product_attention(q_BTNH, k_BTKH, v_BTKH, causal=True,
-                                       segment_ids=segment_ids_BT,
-                                       implementation=cfg.attention_impl)
-    else:
-        o_BTNH = attend(q_BTNH, k_BTKH, v_BTKH)
-    attn_BTD = dense("BTNH,NHD->BTD", o_BTNH, p["wo"])
-    if cfg.attention_out_bias:
-        attn_BTD = attn_BTD + p["bo"]
+    # Named scopes (HF's module names) label the ops for jds.profiling's per-module table.
+    with jax.named_scope("input_layernorm"):
+        h_BTD = rms_norm(x_BTD, p["attn_norm"], cfg.rms_norm_eps)
+    with jax.named_scope("self_attn"):
+        q_BTNH = dense("BTD,DNH->BTNH", h_BTD, p["wq"])
+        k_BTKH = dense("BTD,DKH->BTKH", h_BTD, p["wk"])
+        v_BTKH = dense("BTD,DKH->BTKH", h_BTD, p["wv"])
+        if cfg.attention_bias:
+            q_BTNH, k_BTKH, v_BTKH = q_BTNH + p["bq"], k_BTKH + p["bk"], v_BTKH + p["bv"]
+        cos_BTH, sin_BTH = rope_cos_sin(positions_BT, cfg)
+        q_BTNH = constrain(apply_rope(q_BTNH, cos_BTH, sin_BTH), BTNH)
+        k_BTKH = constrain(apply_rope(k_BTKH, cos_BTH, sin_BTH), BTKH)
+        v_BTKH = constrain(v_BTKH, BTKH)
+        with jax.named_scope("attention"):
+            if attend is None:
+                o_BTNH = dot_product_attention(q_BTNH, k_BTKH, v_BTKH, causal=True,
+                                               segment_ids=segment_ids_BT,
+                                               implementation=cfg.attention_impl)
+            else:
+                o_BTNH = attend(q_BTNH, k_BTKH, v_BTKH)
+        attn_BTD = dense("BTNH,NHD->BTD", o_BTNH, p["wo"])
+        if cfg.attention_out_bias:
+            attn_BTD = attn_BTD + p["bo"]
     x_BTD = constrain(x_BTD + attn_BTD, BTD)
 
-    h_BTD = rms_norm(x_BTD, p["mlp_norm"], cfg.rms_norm_eps)
-    gate_BTF = dense("BTD,DF->BTF", h_BTD, p["w_gate"])
-    up_BTF = dense("BTD,DF->BTF", h_BTD, p["w_up"])
-    if cfg.mlp_bias:
-        gate_BTF, up_BTF = gate_BTF + p["b_gate"], up_BTF + p["b_up"]
-    act_BTF = constrain(jax.nn.silu(gate_BTF) * up_BTF, ("batch", "seq", "mlp"))
-    down_BTD = dense("BTF,FD->BTD", act_BTF, p["w_down"])
-    if cfg.mlp_bias:
-        down_BTD = down_BTD + p["b_down"]
+    with jax.named_scope("post_attention_layernorm"):
+        h_BTD = rms_norm(x_BTD, p["mlp_norm"], cfg.rms_norm_eps)
+    with jax.named_scope("mlp"):
+        gate_BTF = dense("BTD,DF->BTF", h_BTD, p["w_gate"])
+        up_BTF = dense("BTD,DF->BTF", h_BTD, p["w_up"])
+        if cfg.mlp_bias:
+            gate_BTF, up_BTF = gate_BTF + p["b_gate"], up_BTF + p["b_up"]
+        act_BTF = constrain(jax.nn.silu(gate_BTF) * up_BTF, ("batch", "seq", "mlp"))
+        down_BTD = dense("BTF,FD->BTD", act_BTF, p["w_down"])
+        if cfg.mlp_bias:
+            down_BTD = down_BTD + p["b_down"]
     return constrain(x_BTD + down_BTD, BTD)
 
 
@@ -365,8 +371,9 @@ class Llama(nnx.Module):
     def embed(self, input_ids_BT: jax.Array, positions_BT: jax.Array) -> jax.Array:
         """Token embeddings ``x_BTD`` (the positions enter through RoPE in the layers)."""
         del positions_BT
-        embed_VD = self._use(self.embed_tokens, ("vocab", "embed"))  # gathered (ZeRO-3)
-        return constrain(embed_lookup(embed_VD, input_ids_BT), BTD)
+        with jax.named_scope("embed_tokens"):
+            embed_VD = self._use(self.embed_tokens, ("vocab", "embed"))  # gathered (ZeRO-3)
+            return constrain(embed_lookup(embed_VD, input_ids_BT), BTD)
 
     def run_layers(
         self,
@@ -382,11 +389,12 @@ class Llama(nnx.Module):
         ``checkpoint_every=k`` rematerialises in groups of ``k`` layers (see ``scan_layers``).
         """
         block = partial(llama_block, cfg=self.config)
-        return scan_layers(
-            block, params_L, x_BTD, positions_BT, segment_ids_BT, remat=self.remat,
-            axes=stacked_axes(self.layers), group=checkpoint_every,
-            gather=self.param_gather,
-        )
+        with jax.named_scope("layers"):
+            return scan_layers(
+                block, params_L, x_BTD, positions_BT, segment_ids_BT, remat=self.remat,
+                axes=stacked_axes(self.layers), group=checkpoint_every,
+                gather=self.param_gather,
+            )
 
     def layer_fn(self) -> Callable[..., jax.Array]:
         """``(p, x_BTD, positions_BT, attend) -> x_BTD``: one layer, for the inference engine."""
@@ -397,14 +405,16 @@ class Llama(nnx.Module):
     def head(self, x_BTD: jax.Array) -> jax.Array:
         """Final norm and the LM head: ``logits_BTV``."""
         cfg = self.config
-        h_BTD = rms_norm(x_BTD, self.norm[...], cfg.rms_norm_eps)
-        if self.lm_head is None:
-            embed_VD = self._use(self.embed_tokens, ("vocab", "embed"))
-            logits_BTV = jnp.einsum("BTD,VD->BTV", h_BTD, embed_VD)
-        else:
-            head_DV = self._use(self.lm_head, ("embed", "vocab"))
-            logits_BTV = jnp.einsum("BTD,DV->BTV", h_BTD, head_DV)
-        return constrain(logits_BTV, ("batch", "seq", "vocab"))
+        with jax.named_scope("norm"):
+            h_BTD = rms_norm(x_BTD, self.norm[...], cfg.rms_norm_eps)
+        with jax.named_scope("lm_head"):
+            if self.lm_head is None:
+                embed_VD = self._use(self.embed_tokens, ("vocab", "embed"))
+                logits_BTV = jnp.einsum("BTD,VD->BTV", h_BTD, embed_VD)
+            else:
+                head_DV = self._use(self.lm_head, ("embed", "vocab"))
+                logits_BTV = jnp.einsum("BTD,DV->BTV", h_BTD, head_DV)
+            return constrain(logits_BTV, ("batch", "seq", "vocab"))
 
 
 __all__ = ["Llama", "LlamaConfig", "LlamaLayers", "RopeScaling", "llama_block", "rms_norm"]

@@ -115,6 +115,16 @@ class _Config:
         return self.seq_kv - self.seq_q
 
 
+def _cost(cfg: _Config, B: int, N: int, H: int, matmuls: int, arrays: list) -> pl.CostEstimate:
+    """The kernel's cost for XLA's scheduler and ``jds.profiling``: ``matmuls`` products of
+    ``[T, H] x [H, S]`` size per (batch, head), counted dense (no causal discount, as the XLA
+    path computes and as MFU counts attention), one exp per score, every operand and result
+    read or written once."""
+    scores = B * N * cfg.seq_q * cfg.seq_kv
+    return pl.CostEstimate(flops=2 * matmuls * scores * H, transcendentals=scores,
+                           bytes_accessed=sum(int(a.size) * a.dtype.itemsize for a in arrays))
+
+
 def _dot(a: jax.Array, b: jax.Array, cfg: _Config, *, trans_a=False, trans_b=False) -> jax.Array:
     """2-D matmul with fp32 accumulation."""
     if cfg.upcast_dots:
@@ -239,6 +249,7 @@ def _forward(q, k, v, q_seg, k_seg, cfg: _Config):
         ],
         compiler_params=_compiler_params(bq * cfg.blocks.block_k, H, cfg),
         interpret=cfg.interpret,
+        cost_estimate=_cost(cfg, B, N, H, 2, [*args, q, q]),  # QK^T, PV; reads, writes O
         name="jds_flash_attention_fwd",
     )(*args)
     return out, lse
@@ -379,6 +390,7 @@ def _backward_kernels(q, k, v, q_seg, k_seg, out, lse, do, cfg: _Config):
         ],
         compiler_params=_compiler_params(bq * bk, H, cfg),
         interpret=cfg.interpret,
+        cost_estimate=_cost(cfg, B, N, H, 4, [*args, k, v]),  # QK^T, dP, dV, dK
         name="jds_flash_attention_dkdv",
     )(*args)
 
@@ -407,6 +419,7 @@ def _backward_kernels(q, k, v, q_seg, k_seg, out, lse, do, cfg: _Config):
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=_compiler_params(bq * bk, H, cfg),
         interpret=cfg.interpret,
+        cost_estimate=_cost(cfg, B, N, H, 3, [*args, q]),  # QK^T, dP, dQ
         name="jds_flash_attention_dq",
     )(*args)
     return dq, dk, dv
