@@ -211,3 +211,19 @@ def test_flops_profiler_section_prints_at_profile_step(tmp_path):
     # 2 rows per device per micro-batch: the global micro-batch is 8 images
     assert re.search(r"fwd MACs per device \(one micro-batch\): +651.72 KMACs", text)
     assert "(conv1): Conv(" in text and "(fc3): Linear(" in text
+
+
+def test_jds_profile_command(tmp_path, capsys):
+    """``jds profile``: two steps of a preset on random tokens, the second one profiled, on
+    the 8 simulated devices (data parallel)."""
+    from jds.cli import main
+
+    out = tmp_path / "p.txt"
+    assert main(["profile", "--model", "gpt2-tiny", "--batch", "8", "--seq", "16",
+                 "--module-depth", "2", "--output-file", str(out)]) == 0
+    text = out.read_text()
+    assert re.search(r"world size \(devices\): +8", text)
+    assert "(layers): GPT2Layers(" in text and "(attn): named_scope(" in text
+    assert "(attention): named_scope(" not in text  # depth 3: below --module-depth
+    assert main(["profile", "--model", "no-such-model"]) == 2
+    assert "no-such-model" in capsys.readouterr().err
