@@ -12,6 +12,7 @@
 #     bash scripts/gpu_session.sh decode             # ~8 min: issue 8 (18 compiles of 1B first)
 #     bash scripts/gpu_session.sh train125m          # ~6 min: issue 3, llama-125m
 #     bash scripts/gpu_session.sh train1b            # ~7 min: issue 3, llama-1b
+#     bash scripts/gpu_session.sh profile            # ~2 min: issue 20, the flops profiler
 # Each phase writes $OUT/<phase>.jsonl (one JSON object per result) and $OUT/<phase>.log,
 # and prints a short summary last. Record the figures, dated, in docs/benchmarks.md.
 # The per-run time limits add up to more than a session's 30 device minutes; they are
@@ -111,6 +112,13 @@ phase_train1b() {
     --steps 8 --precision bf16 --attention cudnn --skip-baseline
 }
 
+phase_profile() {
+  # The flops profiler on a GPU: per-module latency from the device's per-op events (only
+  # measured on CPU so far) and the train step's MFU; the report lands in $OUT/profile.txt.
+  run profile 240 $PY -m jds profile --model llama-125m --batch 8 --seq 2048 \
+    --module-depth 3 --output-file "$OUT/profile.txt"
+}
+
 summary() {
   [ -f "$OUT/$1.jsonl" ] || return 0
   echo "== $1"
@@ -126,7 +134,7 @@ for line in open(sys.argv[1]):
 EOF
 }
 
-[ $# -gt 0 ] || { echo "usage: $0 wheels | {env,tests,attention,int8,decode,train125m,train1b}..."; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 wheels | {env,tests,attention,int8,decode,train125m,train1b,profile}..."; exit 2; }
 if [ "$1" = wheels ]; then wheels; exit; fi
 for phase in "$@"; do
   declare -F "phase_$phase" >/dev/null || { echo "unknown phase $phase"; exit 2; }
