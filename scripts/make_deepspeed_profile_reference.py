@@ -22,41 +22,24 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import deepspeed  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from deepspeed.profiling.flops_profiler import FlopsProfiler, get_model_profile  # noqa: E402
-from torch import nn  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_deepspeed_cnn_reference import net_class  # noqa: E402  (the tutorial's torch Net)
 
 OUT = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "ds_profile_cnn.json"
 
 
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 6, 5)
-        self.pool = nn.MaxPool2d(2, 2)
-        self.conv2 = nn.Conv2d(6, 16, 5)
-        self.fc1 = nn.Linear(16 * 5 * 5, 120)
-        self.fc2 = nn.Linear(120, 84)
-        self.fc3 = nn.Linear(84, 10)
-
-    def forward(self, x):
-        x = self.pool(F.relu(self.conv1(x)))
-        x = self.pool(F.relu(self.conv2(x)))
-        x = torch.flatten(x, 1)
-        x = F.relu(self.fc1(x))
-        x = F.relu(self.fc2(x))
-        return self.fc3(x)
-
-
 def main() -> None:
     torch.manual_seed(0)
-    net = Net().eval()
+    net = net_class()().eval()
     shape = (1, 3, 32, 32)
     flops, macs, params = get_model_profile(net, input_shape=shape, print_profile=False,
                                             as_string=False)
