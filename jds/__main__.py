@@ -2,6 +2,6 @@
 
 import sys
 
-from jds.cli import main
+from jds.cli import entry
 
-sys.exit(main())
+sys.exit(entry())

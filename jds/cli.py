@@ -572,8 +572,18 @@ def compilation_cache() -> str | None:
     return path
 
 
+def entry() -> int:
+    """The ``jds`` console script and ``python -m jds``: ``main`` in a process whose host
+    allocator backs XLA:CPU's buffers with huge pages (``jds.host_env``; it may re-execute
+    this process once, before JAX is imported)."""
+    from jds.host_env import reexec_with_huge_pages
+
+    reexec_with_huge_pages()
+    return main()
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``jds`` console script."""
+    """The ``jds`` command on ``argv`` (default ``sys.argv[1:]``), in this process."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     if args.command not in ("estimate", "plot"):  # estimate reads XLA's dump of a compile
