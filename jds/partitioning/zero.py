@@ -366,25 +366,48 @@ def make_plan(shapes: PyTree, axes: PyTree, mesh: Mesh, rules: Rules,
 GATHERED = "zero_gathered"  # checkpoint name of a ZeRO-3 parameter gathered for compute
 
 
-def save_all_but_gathered(prim: Any, *_: Any, **params: Any) -> bool:
-    """A ``jax.checkpoint`` policy: keep every intermediate for the backward pass except
-    parameters constrained to their compute layout — ZeRO-3's gathered parameters, which
-    the backward pass gathers again (as DeepSpeed's ZeRO-3 does), and under ZeRO 0-2 the
-    constrained copy of a layer's weights, which the backward pass reads from the stack —
-    so no second copy of the layer stack is kept between the passes.
+# Element-wise and layout primitives: their outputs are recomputed in the backward pass
+# from saved inputs (inside the fusions that use them) rather than kept (see below).
+RECOMPUTED = frozenset("""
+    abs add and broadcast_in_dim concatenate convert_element_type copy copy_p cos div eq erf
+    exp exp2 expand_dims ge gt integer_pow iota le log log1p logistic lt max min mul ne neg
+    not or pad pow reduce_precision reshape rev rsqrt select_n sign sin slice sqrt square
+    squeeze stop_gradient sub tanh transpose
+""".split())
 
-    ``save_anything_except_these_names(GATHERED)`` is not enough: the gather is a sharding
-    constraint whose output is saveable, so the name (applied after it) is recomputed from
-    the saved, gathered value — a whole ``[layers, ...]`` stack of unsharded weights. Here
-    no sharding constraint's output is saved either; each is recomputed from its input,
-    which is saved when it is an activation, and is a scan input (the sharded stack) when
-    it is a parameter. Measured on an 8-layer Llama over 8 devices
+
+def save_all_but_gathered(prim: Any, *_: Any, **params: Any) -> bool:
+    """A ``jax.checkpoint`` policy for training without remat: keep what is costly to
+    recompute for the backward pass (matmul outputs, reductions, custom calls and kernels,
+    anything not listed), but not
+
+    - parameters constrained to their compute layout: ZeRO-3's gathered parameters, which
+      the backward pass gathers again (as DeepSpeed's ZeRO-3 does), and under ZeRO 0-2 the
+      constrained copy of a layer's weights, which the backward pass reads from the stack,
+      so no second copy of the layer stack is kept between the passes;
+    - outputs of element-wise and layout primitives (``RECOMPUTED``): the backward pass
+      recomputes them from their saved inputs inside the fusions that read them.
+
+    ``save_anything_except_these_names(GATHERED)`` is not enough for the first: the gather
+    is a sharding constraint whose output is saveable, so the name (applied after it) is
+    recomputed from the saved, gathered value — a whole ``[layers, ...]`` stack of unsharded
+    weights. Here no sharding constraint's output is saved either; each is recomputed from
+    its input, which is saved when it is an activation, and is a scan input (the sharded
+    stack) when it is a parameter. Measured on an 8-layer Llama over 8 devices
     (``scripts/bench_zero_peak.py``), the compiled ZeRO-3 step's peak fell from 8.36 to
     4.51 bytes/parameter in bf16 and from 8.49 to 4.64 in fp32.
+
+    The second: saving every intermediate kept, per layer, the masked attention scores, a
+    broadcast mask constant, SiLU's sigmoid and product, RMSNorm's normalised copies...
+    each a full activation written in the forward and read back in the backward. On a
+    3.0M-parameter Llama step (8 x 256 tokens, fp32, one CPU device) the step's
+    temporaries fell from 428 to 270 MiB at the same step time (the recomputation is
+    element-wise work fused into ops that read those inputs anyway; issue 25's
+    ``scripts/bench_vs_deepspeed.py``).
     """
     if prim.name == "name":
         return params.get("name") != GATHERED
-    return prim.name != "sharding_constraint"
+    return prim.name != "sharding_constraint" and prim.name not in RECOMPUTED
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
