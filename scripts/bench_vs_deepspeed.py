@@ -99,7 +99,70 @@ def _run_steps(step, batches: np.ndarray) -> tuple[list[float], list[float]]:
     return times, losses
 
 
-def worker_jds(work: Path, batches: np.ndarray, device: str, precision: str) -> dict:
+def _jds_part(op_name: str) -> str:
+    """The model part an HLO op's metadata ``op_name`` belongs to (jds's HF-named scopes)."""
+    for key, part in (("/attention/", "attention (scores, softmax, values)"),
+                      ("self_attn", "attention projections + rope"), ("/mlp", "mlp"),
+                      ("layernorm", "norms"), ("/norm/", "norms"), ("lm_head", "lm_head"),
+                      ("embed", "embedding")):
+        if key in op_name:
+            return part
+    return "loss, clipping, optimizer, scan plumbing" if op_name else "unattributed"
+
+
+def _jds_kind(op: str) -> str:
+    """What an HLO op (by XLA:CPU's instruction name) does."""
+    if op.startswith(("ynn_fusion", "dot", "xnn_fusion", "onednn")):
+        return "matmul (+ fused element-wise)"
+    if "dynamic-update-slice" in op or "dynamic-slice" in op:
+        return "layer-scan stacking (dynamic (update-)slice)"
+    if "copy" in op or "transpose" in op:
+        return "copies / transposes (+ fused element-wise)"
+    if "broadcast" in op:
+        return "broadcasts"
+    return "other element-wise / reductions"
+
+
+def jds_breakdown(engine, ids: np.ndarray, steps: int = 3) -> dict:
+    """Milliseconds per step by model part, forward/backward and op kind, from XLA's
+    per-op times (``jax.profiler``) of the compiled training step."""
+    import re
+
+    from jds.profiling.op_time import op_times
+
+    text = engine.lower_train_step(batch={"input_ids": ids}).compile().as_text()
+    module = re.search(r"HloModule (\S+?),", text).group(1)
+    meta = {m.group(1): (re.search(r'op_name="([^"]+)"', m.group(2)) or [None, ""])[1]
+            for m in re.finditer(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*)$", text, re.M)}
+    times = op_times(lambda: [engine.train_batch({"input_ids": ids}) for _ in range(steps)],
+                     module) or {}
+    out: dict = {"part": {}, "kind": {}, "pass": {}}
+    for op, seconds in times.items():
+        name = meta.get(op, "")
+        for key, label in (("part", _jds_part(name)), ("kind", _jds_kind(op)),
+                           ("pass", "backward" if "transpose(" in name else "forward + update")):
+            out[key][label] = out[key].get(label, 0.0) + seconds * 1e3 / steps
+    return {k: dict(sorted(((a, round(b, 1)) for a, b in v.items()), key=lambda t: -t[1]))
+            for k, v in out.items()} | {"profiled_ms_per_step": round(
+                sum(times.values()) * 1e3 / steps, 1)}
+
+
+def torch_breakdown(step, ids: np.ndarray, steps: int = 3, top: int = 12) -> dict:
+    """Milliseconds per step of the most expensive aten ops (self time), from
+    ``torch.profiler`` over ``steps`` steps."""
+    import torch.profiler
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step(ids)
+    rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
+    total = sum(e.self_cpu_time_total for e in prof.key_averages())
+    return {"top_ops": {e.key: round(e.self_cpu_time_total / 1e3 / steps, 1) for e in rows},
+            "profiled_ms_per_step": round(total / 1e3 / steps, 1)}
+
+
+def worker_jds(work: Path, batches: np.ndarray, device: str, precision: str,
+               breakdown: bool = False) -> dict:
     import jax
 
     import jds
@@ -120,7 +183,8 @@ def worker_jds(work: Path, batches: np.ndarray, device: str, precision: str) -> 
 
     times, losses = _run_steps(step, batches)
     return {"times": times, "losses": losses, "device": f"{dev.platform}:{dev.device_kind}",
-            "impl": f"jax {jax.__version__}"}
+            "impl": f"jax {jax.__version__}",
+            **({"breakdown": jds_breakdown(engine, batches[0])} if breakdown else {})}
 
 
 def _hf_model(work: Path, device: str):
@@ -141,7 +205,8 @@ def _torch_device_name(device: str) -> str:
     return f"cpu:{torch.get_num_threads()} threads"
 
 
-def worker_deepspeed(work: Path, batches: np.ndarray, device: str, precision: str) -> dict:
+def worker_deepspeed(work: Path, batches: np.ndarray, device: str, precision: str,
+                     breakdown: bool = False) -> dict:
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if device == "cpu" else "cuda")
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
                        ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port()))):
@@ -174,10 +239,12 @@ def worker_deepspeed(work: Path, batches: np.ndarray, device: str, precision: st
     times, losses = _run_steps(step, batches)
     return {"times": times, "losses": losses, "device": _torch_device_name(device),
             "impl": f"deepspeed {deepspeed.__version__} ({type(opt).__name__}), "
-                    f"torch {torch.__version__}"}
+                    f"torch {torch.__version__}",
+            **({"breakdown": torch_breakdown(step, batches[0])} if breakdown else {})}
 
 
-def worker_torch(work: Path, batches: np.ndarray, device: str, precision: str) -> dict:
+def worker_torch(work: Path, batches: np.ndarray, device: str, precision: str,
+                 breakdown: bool = False) -> dict:
     import contextlib
 
     import torch
@@ -199,7 +266,8 @@ def worker_torch(work: Path, batches: np.ndarray, device: str, precision: str) -
 
     times, losses = _run_steps(step, batches)
     return {"times": times, "losses": losses, "device": _torch_device_name(device),
-            "impl": f"torch {torch.__version__}"}
+            "impl": f"torch {torch.__version__}",
+            **({"breakdown": torch_breakdown(step, batches[0])} if breakdown else {})}
 
 
 WORKERS = {"jds": worker_jds, "jds-untuned": worker_jds, "deepspeed": worker_deepspeed,
@@ -212,11 +280,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_worker(framework: str, work: Path, args: argparse.Namespace) -> dict:
+def run_worker(framework: str, work: Path, args: argparse.Namespace,
+               breakdown: bool = False) -> dict:
     """One framework in a fresh process; its last stdout line is its JSON result."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", framework,
            "--workdir", str(work), "--device", args.device, "--precision", args.precision,
-           "--steps", str(args.warmup + args.steps)]
+           "--steps", str(args.warmup + (3 if breakdown else args.steps))]
+    if breakdown:
+        cmd.append("--breakdown")
     env = dict(os.environ)
     if framework == "jds":  # the environment the `jds` command gives itself (jds.host_env)
         from jds.host_env import tuned_environ
@@ -287,13 +358,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--workdir", type=Path, default=None,
                     help="where the checkpoint and batches go (default: a temporary folder)")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="after the timed rounds, profile one more process per framework and "
+                    "print where a step's time goes (jds: XLA's per-op times by model part, "
+                    "pass and op kind; PyTorch and DeepSpeed: torch.profiler's top aten ops)")
     ap.add_argument("--worker", choices=FRAMEWORKS + OPTIONAL, default=None,
                     help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if args.worker:
         batches = np.load(args.workdir / "batches.npy")[: args.steps]
-        out = WORKERS[args.worker](args.workdir, batches, args.device, args.precision)
+        out = WORKERS[args.worker](args.workdir, batches, args.device, args.precision,
+                                   breakdown=args.breakdown)
         out["peak_rss_mb"] = _peak_rss_mb()
         out["glibc_tunables"] = os.environ.get("GLIBC_TUNABLES", "")
         print(json.dumps(out), flush=True)
@@ -312,11 +388,16 @@ def main(argv: list[str] | None = None) -> None:
         for order in round_orders(frameworks, args.rounds):
             for fw in order:
                 results[fw].append(run_worker(fw, work, args))
+        breakdowns = {fw: run_worker(fw, work, args, breakdown=True)["breakdown"]
+                      for fw in (frameworks if args.breakdown else [])}
     config = {"size": args.size, "batch": args.batch, "seq": args.seq,
               "precision": args.precision, "optimizer": f"AdamW lr={LR} wd={WEIGHT_DECAY}",
               "clip": CLIP, "rounds": args.rounds, "warmup": args.warmup}
     for row in summarise(results, args.warmup, args.batch * args.seq):
         print(json.dumps({**row, "config": config}), flush=True)
+    for fw, breakdown in breakdowns.items():
+        print(json.dumps({"bench": "vs_deepspeed_breakdown", "framework": fw, **breakdown,
+                          "config": config}), flush=True)
 
 
 if __name__ == "__main__":
