@@ -37,6 +37,7 @@ from jds.checkpoint.engine_io import EngineCheckpoints
 from jds.checkpoint.orbax import Checkpointer
 from jds.config import Config, ConfigError
 from jds.distributed import init_distributed, peer_failure_guard
+from jds.host_env import release_free_heap
 from jds.kernels.platform import lowering_for
 from jds.models import base
 from jds.partitioning import pipeline as pp
@@ -154,6 +155,7 @@ class TrainEngine(EngineCheckpoints):
         self._checkpointers: dict[str, Checkpointer] = {}
         self.client_state: dict[str, Any] = {}
         self._steps_done: int | None = None  # host copy of state.step, read when needed
+        self._compiled_for: set = set()  # batch signatures whose step is compiled
 
     # ----------------------------------------------------------------------------- set-up
     def _need_arrays(self, what: str) -> None:
@@ -270,6 +272,7 @@ class TrainEngine(EngineCheckpoints):
         t0 = time.perf_counter()
         with peer_failure_guard("train_batch"):
             with self._tracing():
+                self._compile_first(placed)
                 self.state, metrics = self._train_step(self.state, placed)
             if self._steps_done is not None:
                 self._steps_done += 1
@@ -280,6 +283,19 @@ class TrainEngine(EngineCheckpoints):
                 return metrics
             self.check_loss_scale()
             return _to_floats(metrics)
+
+    def _compile_first(self, placed: PyTree) -> None:
+        """Compile the step for a new batch signature before it first runs, and give the
+        compiler's freed heap back in between (``jds.host_env.release_free_heap``): the
+        first execution's temporaries then do not stack on it (peak host RSS). The call
+        that follows finds the compiled program in JAX's caches."""
+        key = (jax.tree.structure(placed),
+               tuple((x.shape, x.dtype, x.sharding) for x in jax.tree.leaves(placed)))
+        if key in self._compiled_for:
+            return
+        self._train_step.lower(self.state, placed).compile()
+        self._compiled_for.add(key)
+        release_free_heap()
 
     def _profile_due(self) -> bool:
         """Whether this step is the ``flops_profiler`` section's ``profile_step``."""

@@ -49,3 +49,36 @@ def test_reexec_happens_once_and_keeps_the_command():
     # The first run has no tunable and re-executes; the second has it and carries on.
     assert out == [f"run {os.environ.get('GLIBC_TUNABLES')} ['a', 'b']",
                    f"run {tuned_environ(os.environ)['GLIBC_TUNABLES']} ['a', 'b']"]
+
+
+def test_engine_compiles_a_new_batch_shape_once_and_trims_in_between(caplog, monkeypatch):
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    import jds
+    from jds import host_env
+
+    class Tiny(nnx.Module):
+        def __init__(self, rngs):
+            self.lin = nnx.Linear(4, 1, rngs=rngs)
+
+        def __call__(self, x):
+            return self.lin(x)
+
+    def loss_fn(model, batch):
+        return ((model(batch["x"])[:, 0] - batch["y"]) ** 2).mean()
+
+    trims = []
+    monkeypatch.setattr("jds.engine.release_free_heap",
+                        lambda: trims.append(1) or host_env.release_free_heap())
+    engine = jds.initialize(model=Tiny(nnx.Rngs(0)), loss_fn=loss_fn,
+                            config={"train_batch_size": 8}, devices=jax.devices()[:1])
+    rng = np.random.default_rng(0)
+    batch = {"x": rng.normal(size=(8, 4)).astype(np.float32),
+             "y": rng.normal(size=(8,)).astype(np.float32)}
+    with jax.log_compiles(True), caplog.at_level("WARNING"):
+        losses = [engine.train_batch(batch)["loss"] for _ in range(3)]
+    compiles = [r for r in caplog.records if "Compiling jit(train_step)" in r.getMessage()]
+    assert len(compiles) == 1 and trims == [1]  # compiled ahead, trimmed, then reused
+    assert losses[2] < losses[0]
