@@ -11,7 +11,7 @@ tensors are separate blocks under 32 MiB that malloc reuses from its heap).
 
 What: with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` glibc marks its large blocks
 ``MADV_HUGEPAGE``, so the kernel backs them with 2 MiB pages: about 700 faults per step, and
-the step above runs about 1.4x faster (``docs/benchmarks.md``, 2026-12-06). glibc reads its
+the step above runs 1.2-1.5x faster (``docs/benchmarks.md``, 2026-12-06). glibc reads its
 tunables only when a process starts, so the ``jds`` command (``jds.cli.entry``) re-executes
 itself once with the tunable added, before anything is imported, when all of these hold:
 Linux with glibc, transparent huge pages in ``madvise`` mode (in ``always`` mode every
@@ -81,6 +81,9 @@ def tuned_environ(environ: Mapping[str, str], *, thp: str | None = None,
     return env
 
 
+_LIBC: Any = None  # glibc, loaded on first use; False where there is none
+
+
 def release_free_heap() -> bool:
     """Give memory that malloc holds free back to the system (glibc's ``malloc_trim``);
     False where there is no glibc.
@@ -89,8 +92,8 @@ def release_free_heap() -> bool:
     for a small Llama training step), and glibc keeps it: the step's first execution then
     maps its temporaries on top of it, and the process's peak RSS is compile heap plus
     step. ``TrainEngine.train_batch`` compiles a new batch shape ahead of running it and
-    calls this in between: the 3.0M-parameter Llama step's peak RSS fell from 1,080 to
-    740 MB (``scripts/bench_vs_deepspeed.py``; DeepSpeed's on the same step: 734 MB).
+    calls this in between: the 3.0M-parameter Llama step's peak RSS fell from 950 to
+    751 MB (770 MB in ``scripts/bench_vs_deepspeed.py``'s run, where DeepSpeed's is 735).
     """
     global _LIBC
     if _LIBC is None:
@@ -105,9 +108,6 @@ def release_free_heap() -> bool:
         return False
     _LIBC.malloc_trim(0)
     return True
-
-
-_LIBC: Any = None
 
 
 def reexec_with_huge_pages() -> None:
