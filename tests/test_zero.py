@@ -333,7 +333,7 @@ def test_sequence_parallel_matches_one_device_and_splits_the_residual_stream():
 def test_zero3_keeps_no_gathered_copy_of_the_layers_for_the_backward_pass():
     # DeepSpeed's ZeRO-3 gathers each layer again in the backward pass. Without remat jds
     # keeps every activation, but must not keep the gathered weights: that was an
-    # unsharded copy of the whole layer stack (save_all_but_gathered).
+    # unsharded copy of the whole layer stack (save_costly_not_gathered).
     big = dict(hidden_size=128, intermediate_size=512, vocab_size=512, num_hidden_layers=4)
 
     def temp(remat):

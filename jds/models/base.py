@@ -50,7 +50,7 @@ import numpy as np
 from flax import nnx
 
 from jds.partitioning.rules import variable_axes
-from jds.partitioning.zero import ParamGather, save_all_but_gathered
+from jds.partitioning.zero import ParamGather, save_costly_not_gathered
 
 PyTree = Any
 Filter = Any  # an nnx filter: a Variable type, a predicate, a tuple of filters, ...
@@ -494,7 +494,7 @@ def make_objective(split: SplitModel, loss: Loss, gather: ParamGather | None, *,
 
     if gather_all:
         return jax.checkpoint(
-            forward, policy=save_all_but_gathered,
+            forward, policy=save_costly_not_gathered,
             prevent_cse=False)
     return forward
 

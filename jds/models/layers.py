@@ -40,7 +40,7 @@ import numpy as np
 from flax import nnx
 
 from jds.partitioning.rules import active_rules, logical_to_spec, traced_sharding
-from jds.partitioning.zero import ParamGather, gather_param, save_all_but_gathered
+from jds.partitioning.zero import ParamGather, gather_param, save_costly_not_gathered
 
 REMAT_MODES: tuple[str, ...] = ("none", "full", "dots", "offload")
 
@@ -314,7 +314,7 @@ def scan_layers(
         # layer's weights that the backward pass can read from the stack itself (saving it
         # stacked a second copy of every layer's weights: 4.4 bytes/param in fp32).
         fn = jax.checkpoint(
-            layer, policy=save_all_but_gathered,
+            layer, policy=save_costly_not_gathered,
             prevent_cse=False,
         )
     else:

@@ -376,7 +376,7 @@ RECOMPUTED = frozenset("""
 """.split())
 
 
-def save_all_but_gathered(prim: Any, *_: Any, **params: Any) -> bool:
+def save_costly_not_gathered(prim: Any, *_: Any, **params: Any) -> bool:
     """A ``jax.checkpoint`` policy for training without remat: keep what is costly to
     recompute for the backward pass (matmul outputs, reductions, custom calls and kernels,
     anything not listed), but not
