@@ -13,6 +13,7 @@
 #     bash scripts/gpu_session.sh train125m          # ~6 min: issue 3, llama-125m
 #     bash scripts/gpu_session.sh train1b            # ~7 min: issue 3, llama-1b
 #     bash scripts/gpu_session.sh profile            # ~2 min: issue 20, the flops profiler
+#     bash scripts/gpu_session.sh vsds               # ~6 min: issue 25, jds vs PyTorch/DeepSpeed
 # Each phase writes $OUT/<phase>.jsonl (one JSON object per result) and $OUT/<phase>.log,
 # and prints a short summary last. Record the figures, dated, in docs/benchmarks.md.
 # The per-run time limits add up to more than a session's 30 device minutes; they are
@@ -119,6 +120,15 @@ phase_profile() {
     --module-depth 3 --output-file "$OUT/profile.txt"
 }
 
+phase_vsds() {
+  # Issue 25 on a GPU: jds vs plain PyTorch (and DeepSpeed where the image has it) on the
+  # same HF llama-125m step in bf16, processes alternating (target: jds >= 1.2x DeepSpeed).
+  local fw=jds,torch
+  $PY -c "import deepspeed" 2>/dev/null && fw=jds,deepspeed,torch
+  run vsds 420 $PY scripts/bench_vs_deepspeed.py --device cuda --size 125m --precision bf16 \
+    --batch 8 --seq 2048 --steps 20 --rounds 2 --frameworks "$fw"
+}
+
 summary() {
   [ -f "$OUT/$1.jsonl" ] || return 0
   echo "== $1"
@@ -126,15 +136,16 @@ summary() {
 import json, sys
 keys = ("bench", "impl", "dtype", "attention", "seq", "head_dim", "causal", "pass", "M", "K",
         "model", "tflops", "speedup_vs_bf16", "speedup", "tokens_per_s", "mfu",
-        "fraction_of_limit", "continuous_tokens_per_s", "static_tokens_per_s", "layout")
+        "fraction_of_limit", "continuous_tokens_per_s", "static_tokens_per_s", "layout",
+        "framework", "median_s_per_step", "peak_rss_mb")
 for line in open(sys.argv[1]):
     row = json.loads(line)
     print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
-           if k in keys})
+           if k in keys or "_vs_" in k})
 EOF
 }
 
-[ $# -gt 0 ] || { echo "usage: $0 wheels | {env,tests,attention,int8,decode,train125m,train1b,profile}..."; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 wheels | {env,tests,attention,int8,decode,train125m,train1b,profile,vsds}..."; exit 2; }
 if [ "$1" = wheels ]; then wheels; exit; fi
 for phase in "$@"; do
   declare -F "phase_$phase" >/dev/null || { echo "unknown phase $phase"; exit 2; }
