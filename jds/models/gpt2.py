@@ -21,8 +21,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jds.kernels.attention import check_implementation, dot_product_attention
+from jds.kernels.attention import check_implementation
 from jds.models.layers import (
+    causal_attention,
     check_inputs,
     check_remat,
     const_param,
@@ -145,13 +146,8 @@ def gpt2_block(
         q_BTNH = constrain(q_BTNH, ("batch", "seq", "heads", "head_dim"))
         k_BTKH = constrain(k_BTKH, ("batch", "seq", "kv_heads", "head_dim"))
         v_BTKH = constrain(v_BTKH, ("batch", "seq", "kv_heads", "head_dim"))
-        with jax.named_scope("attention"):
-            if attend is None:
-                o_BTNH = dot_product_attention(q_BTNH, k_BTKH, v_BTKH, causal=True,
-                                               segment_ids=segment_ids_BT,
-                                               implementation=cfg.attention_impl)
-            else:
-                o_BTNH = attend(q_BTNH, k_BTKH, v_BTKH)
+        o_BTNH = causal_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, cfg.attention_impl,
+                                  attend)
         attn_BTD = dense("BTNH,NHD->BTD", o_BTNH, p["wo"]) + p["bo"]
     x_BTD = constrain(x_BTD + attn_BTD, BTD)
 

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jds.kernels.attention import dot_product_attention
 from jds.partitioning.rules import active_rules, logical_to_spec, traced_sharding
 from jds.partitioning.zero import ParamGather, gather_param, save_costly_not_gathered
 
@@ -198,6 +199,21 @@ def dense(subscripts: str, x: jax.Array, w: jax.Array | QuantizedWeight) -> jax.
     return jax.shard_map(local, mesh=mesh, in_specs=(P(*lead, *in_spec), P(*spec),
                                                      P(*out_spec)),
                          out_specs=P(*lead, *out_spec), check_vma=False)(x, w.q, w.scale)
+
+
+def causal_attention(
+    q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array, segment_ids_BT: jax.Array | None,
+    implementation: str | None,
+    attend: Callable[[jax.Array, jax.Array, jax.Array], jax.Array] | None = None,
+) -> jax.Array:
+    """A decoder layer's attention under the named scope ``attention`` (the profiler's row):
+    ``attend(q, k, v)`` when given (the inference engine's paged KV cache), else causal
+    ``dot_product_attention`` over this call's tokens with the model's ``implementation``."""
+    with jax.named_scope("attention"):
+        if attend is not None:
+            return attend(q_BTNH, k_BTKH, v_BTKH)
+        return dot_product_attention(q_BTNH, k_BTKH, v_BTKH, causal=True,
+                                     segment_ids=segment_ids_BT, implementation=implementation)
 
 
 def check_remat(remat: str) -> None:
@@ -400,6 +416,7 @@ def positions_from_segments(segment_ids_BT: jax.Array | None, B: int, T: int) ->
 
 __all__ = [
     "REMAT_MODES",
+    "causal_attention",
     "check_inputs",
     "check_remat",
     "QuantizedWeight",

@@ -26,8 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jds.kernels.attention import check_implementation, dot_product_attention
+from jds.kernels.attention import check_implementation
 from jds.models.layers import (
+    causal_attention,
     check_inputs,
     check_remat,
     const_param,
@@ -238,13 +239,8 @@ def llama_block(
         q_BTNH = constrain(apply_rope(q_BTNH, cos_BTH, sin_BTH), BTNH)
         k_BTKH = constrain(apply_rope(k_BTKH, cos_BTH, sin_BTH), BTKH)
         v_BTKH = constrain(v_BTKH, BTKH)
-        with jax.named_scope("attention"):
-            if attend is None:
-                o_BTNH = dot_product_attention(q_BTNH, k_BTKH, v_BTKH, causal=True,
-                                               segment_ids=segment_ids_BT,
-                                               implementation=cfg.attention_impl)
-            else:
-                o_BTNH = attend(q_BTNH, k_BTKH, v_BTKH)
+        o_BTNH = causal_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, cfg.attention_impl,
+                                  attend)
         attn_BTD = dense("BTNH,NHD->BTD", o_BTNH, p["wo"])
         if cfg.attention_out_bias:
             attn_BTD = attn_BTD + p["bo"]
