@@ -178,10 +178,11 @@ def _estimate(args: argparse.Namespace, argv: list[str]) -> int:
     if args.fit:
         report = mr.fit_report(args.config, devices, _size(args.device_memory),
                                seq_len=args.seq_len, candidates=args.candidates,
-                               nodes=args.nodes)
+                               nodes=args.nodes, offload_optimizer=args.offload_optimizer)
         sys.stdout.write(json.dumps(report) + "\n" if args.json else mr.fit_text(report))
         return 0
-    engine = mr.shapes_engine(args.model, args.config, devices, stage=args.stage)
+    engine = mr.shapes_engine(args.model, args.config, devices, stage=args.stage,
+                              offload_optimizer=args.offload_optimizer)
     seq_len = args.seq_len or engine.config.train.seq_len
     report = mr.estimate_report(engine, args.model, seq_len, compile=not args.no_compile,
                                 nodes=args.nodes)
@@ -421,6 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="nodes the devices span, for DeepSpeed's per-node CPU estimate")
     e.add_argument("--no-compile", action="store_true",
                    help="formulas and state shardings only; skip compiling the train step")
+    e.add_argument("--offload-optimizer", choices=("none", "cpu"),
+                   help="override zero_optimization.offload_optimizer.device: \"cpu\" keeps "
+                   "the master weights and optimizer state in host memory (ZeRO-Offload)")
     e.add_argument("--fit", action="store_true",
                    help="instead: the largest llama preset whose compiled train step fits "
                    "--device-memory, per ZeRO stage, beside the formulas' and DeepSpeed's "

@@ -43,6 +43,7 @@ from jds.models import base
 from jds.partitioning import pipeline as pp
 from jds.partitioning.batch import BatchPlacer
 from jds.partitioning.mesh import data_parallel_size
+from jds.partitioning.offload import DEVICE_KIND, OffloadedStates, offload_plan, with_kind
 from jds.partitioning.rules import DEFAULT_RULES, Rules, axes_shardings, use_rules
 from jds.partitioning.zero import ParamGather, make_plan, parallel_layout
 from jds.precision import policy_for
@@ -112,8 +113,13 @@ class TrainEngine(EngineCheckpoints):
         # make_plan resolves every parameter through the rules strictly (errors name it)
         sp = self.split
         self.zero = make_plan(sp.params, sp.params_axes, self.mesh, self.rules, self.zero_layout)
+        try:
+            self.offload = offload_plan(cfg.zero_optimization, self.mesh.devices.flat)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         self.param_shardings = self.zero.shardings(self.mesh, "params")
-        self.master_shardings = self.zero.shardings(self.mesh, "optimizer")
+        self.master_shardings = self.offload.place(self.zero.shardings(self.mesh, "optimizer"),
+                                                   sp.params)
         self.grad_shardings = self.zero.shardings(self.mesh, "grads")
         self.frozen_plan = make_plan(sp.frozen, sp.frozen_axes, self.mesh, self.rules,
                                      self.zero_layout)
@@ -137,6 +143,7 @@ class TrainEngine(EngineCheckpoints):
             pipeline=None if self.pipeline is None else self.pipeline.gradients(),
             per_example=self.loss.per_example,
             weight_metric=self.loss.weight_metric,
+            offload=self._offloaded_states(),
         )
         self._step_cfg = step_cfg
         self._objective = base.make_objective(sp, self.loss, self.gather)
@@ -156,13 +163,19 @@ class TrainEngine(EngineCheckpoints):
         self.client_state: dict[str, Any] = {}
         self._steps_done: int | None = None  # host copy of state.step, read when needed
         self._compiled_for: set = set()  # batch signatures whose step is compiled
+        self._moved_out: set[str] = set()  # state fields offload_states() moved to host
 
     # ----------------------------------------------------------------------------- set-up
-    def _need_arrays(self, what: str) -> None:
+    def _need_arrays(self, what: str, *, on_device: bool = True) -> None:
         if self.shapes_only:
             raise RuntimeError(
                 f"{what} needs real arrays, but this engine was built with shapes_only=True "
                 "(for AOT compilation and memory estimates); build it without shapes_only"
+            )
+        if on_device and self._moved_out:
+            raise RuntimeError(
+                f"{what} needs the train state where it lives, but offload_states() moved "
+                f"{sorted(self._moved_out)} to host memory; call engine.reload_states() first"
             )
 
     @contextlib.contextmanager
@@ -192,9 +205,64 @@ class TrainEngine(EngineCheckpoints):
         """The pipeline schedule, or None without pipeline stages."""
         return None if self.pipeline is None else self.pipeline.schedule
 
+    def _offloaded_states(self) -> OffloadedStates | None:
+        """The device and home shardings the step streams offloaded states between."""
+        if self.offload.optimizer is None:
+            return None
+        sh = self.state_shardings
+        return OffloadedStates(
+            opt_device=with_kind(sh.opt_state, DEVICE_KIND), opt_home=sh.opt_state,
+            master_device=None if sh.master is None else with_kind(sh.master, DEVICE_KIND),
+            master_home=sh.master)
+
     def _init_state(self, fp32_params: PyTree, frozen: PyTree, model_state: PyTree
                     ) -> TrainState:
         return init_train_state(self.config, self.tx, fp32_params, frozen, model_state)
+
+    # ------------------------------------------------------------------ offload_states
+    def offload_states(self, include: Sequence[str] | None = None, *, pin_memory: bool = True,
+                       non_blocking: bool = False) -> None:
+        """Move train-state arrays to host memory, freeing device memory between phases
+        (DeepSpeed's ``engine.offload_states``; e.g. while an RL rollout or a big evaluation
+        runs), without a checkpoint round trip. ``reload_states()`` brings them back;
+        training, evaluation and prediction refuse to run in between.
+
+        Args:
+          include: DeepSpeed's ``OffloadStateTypeEnum`` names (or their ``.value``):
+            ``"optim_states"`` (optimizer state), ``"hp_params"`` (fp32 master weights),
+            ``"lp_params"`` (the compute copy and frozen parameters), ``"lp_grads"`` and
+            ``"contiguous_grad_buffer"`` (jds keeps no gradients between steps: nothing to
+            move); None = all of them.
+          pin_memory: ``pinned_host`` memory, else ``unpinned_host``.
+          non_blocking: return before the copies finish.
+
+        Raises:
+          ValueError: an unknown name in ``include``.
+        """
+        self._need_arrays("offload_states", on_device=False)
+        fields = _state_fields(include)
+        kind = "pinned_host" if pin_memory else "unpinned_host"
+        self._move_states(fields, kind, non_blocking)
+        self._moved_out |= set(fields)
+
+    def reload_states(self, non_blocking: bool = False) -> None:
+        """Bring back what ``offload_states`` moved (to where the run keeps it: device
+        memory, or host memory for ZeRO-Offload's own states)."""
+        self._need_arrays("reload_states", on_device=False)
+        self._move_states(sorted(self._moved_out), None, non_blocking)
+        self._moved_out.clear()
+
+    def _move_states(self, fields: Sequence[str], kind: str | None, non_blocking: bool) -> None:
+        moved = {}
+        for name in fields:
+            tree, home = getattr(self.state, name), getattr(self.state_shardings, name)
+            if tree is None or not jax.tree.leaves(tree):
+                continue
+            target = home if kind is None else with_kind(home, kind)
+            moved[name] = jax.device_put(tree, target)  # the old buffers go with self.state
+        self.state = self.state.replace(**moved)
+        if not non_blocking:
+            jax.block_until_ready(self.state)
 
     # ----------------------------------------------------------------------------- batches
     def local_rows(self, rows: int | None = None, *, micro_batches: int | None = None
@@ -455,8 +523,30 @@ class TrainEngine(EngineCheckpoints):
     def model(self) -> nnx.Module:
         """The model with the current weights (fp32) in evaluation mode, e.g. for
         ``jds.models.generate``."""
+        if self._moved_out:
+            self._need_arrays("engine.model")  # the error that names reload_states()
         s = self.state
-        return self.split.merge(s.fp32_params, s.frozen, s.model_state, train=False)
+        weights = s.fp32_params
+        if s.master is not None and self.offload.optimizer is not None:
+            weights = jax.device_put(weights, with_kind(self.state_shardings.master, DEVICE_KIND))
+        return self.split.merge(weights, s.frozen, s.model_state, train=False)
+
+
+# DeepSpeed's OffloadStateTypeEnum values -> the TrainState fields they name
+OFFLOAD_STATE_TYPES: dict[str, tuple[str, ...]] = {
+    "optim_states": ("opt_state",), "hp_params": ("master",),
+    "lp_params": ("params", "frozen"), "lp_grads": (), "contiguous_grad_buffer": ()}
+
+
+def _state_fields(include: Sequence[Any] | None) -> list[str]:
+    names = list(OFFLOAD_STATE_TYPES) if include is None else [
+        getattr(x, "value", x) for x in include]
+    bad = [n for n in names if n not in OFFLOAD_STATE_TYPES]
+    if bad:
+        raise ValueError(f"offload_states(include=...): unknown {bad}; choose from "
+                         f"{list(OFFLOAD_STATE_TYPES)}")
+    return sorted({f for n in names for f in OFFLOAD_STATE_TYPES[n]})
+
 
 def _to_floats(metrics: Mapping[str, jax.Array]) -> dict[str, float]:
     return {k: float(v) for k, v in jax.device_get(dict(metrics)).items()}

@@ -178,7 +178,9 @@ def build_state(
     if shapes_only:
         return jax.tree.map(lambda v, sh: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh),
                             abstract, shardings), shardings
-    placed = (master, frozen, model_state)
+    # the fresh weights are made in device memory; init's output shardings place the
+    # master copy and optimizer state where they live (host memory under ZeRO-Offload)
+    placed = (jax.tree.map(lambda s: s.with_memory_kind("device"), master), frozen, model_state)
     if factory is None:
         values = jax.device_put((jax.tree.map(lambda x: jnp.asarray(x, jnp.float32),
                                               split.params), split.frozen, split.model_state),

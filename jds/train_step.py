@@ -59,6 +59,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jds.models.base import IGNORE_INDEX, causal_lm_loss_sum
+from jds.partitioning.offload import OffloadedStates, streamed_update
 from jds.partitioning.rules import active_rules, constrain, use_rules
 from jds.partitioning.zero import ZeroPlan
 from jds.precision import LossScaleConfig, all_finite, cast_tree, update_loss_scale
@@ -88,6 +89,8 @@ class StepConfig:
       per_example: the objective is a sum over rows with no cross-row terms
         (``Loss.per_example``): data-parallel shards may take gradients apart.
       weight_metric: the metric name of the summed weight (``"tokens"``), or None.
+      offload: where host-resident optimizer states are streamed through the device for
+        the update (``jds.partitioning.offload``); None = states in device memory.
     """
 
     gradient_accumulation_steps: int = 1
@@ -98,6 +101,7 @@ class StepConfig:
     pipeline: Callable[..., tuple[PyTree, jax.Array]] | None = None
     per_example: bool = False
     weight_metric: str | None = None
+    offload: OffloadedStates | None = None
 
 
 class Gradients(NamedTuple):
@@ -398,16 +402,25 @@ def make_train_step(
             updates, new_opt = tx.update(grads, opt_state, weights)
             return optax.apply_updates(weights, updates), new_opt
 
-        # A conditional, not a select between the updated and the old state: a select
-        # keeps both alive (a second copy of the weights and the optimizer state, 12
-        # bytes/param under ZeRO-0 with Adam); a skipped step just returns the old ones.
-        new_weights, new_opt = jax.lax.cond(
-            finite, apply, lambda operands: (operands[2], operands[1]),
-            (grads, state.opt_state, weights))
+        new_params = None
+        if cfg.offload is not None:
+            # ZeRO-Offload: master weights and optimizer state stream through the device
+            new_weights, new_opt, new_params = streamed_update(
+                tx, grads, state.opt_state, weights, cfg.offload, finite=finite,
+                factor=factor, compute_dtype=cfg.compute_dtype)
+        else:
+            # A conditional, not a select between the updated and the old state: a select
+            # keeps both alive (a second copy of the weights and the optimizer state, 12
+            # bytes/param under ZeRO-0 with Adam); a skipped step just returns the old ones.
+            new_weights, new_opt = jax.lax.cond(
+                finite, apply, lambda operands: (operands[2], operands[1]),
+                (grads, state.opt_state, weights))
         if state.master is None:
             new_params, new_master = new_weights, None
         else:
-            new_params, new_master = cast_tree(new_weights, cfg.compute_dtype), new_weights
+            if new_params is None:
+                new_params = cast_tree(new_weights, cfg.compute_dtype)
+            new_master = new_weights
         skipped = jnp.logical_not(finite)
         new_state = state.replace(
             step=state.step + 1,

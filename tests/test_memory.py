@@ -154,7 +154,9 @@ def test_estimate_formula_path_for_the_largest_preset_is_fast():
     assert rep["num_params"] == 6_738_415_616
     assert rep["largest_layer_params"] == 32000 * 4096  # embedding / lm head
     assert rep["optimizer_state_bytes_per_param"] == 8
-    assert rep["formula"]["config"] == rep["formula"]["3"]
+    config = rep["formula"]["config"]
+    assert {k: config[k] for k in rep["formula"]["3"]} == rep["formula"]["3"]
+    assert (config["device"], config["host"]) == (config["persistent"], 0)  # no offload
     assert rep["state"]["params"] == rep["formula"]["3"]["params"]
     assert rep["compiled"] is None
 

@@ -51,7 +51,7 @@ class EngineCheckpoints:
         Returns:
           The step label written.
         """
-        self._need_arrays("save_checkpoint")
+        self._need_arrays("save_checkpoint", on_device=False)
         step = int(self.state.step) if tag is None else int(tag)
         meta = {
             "kind": "train_state",
@@ -85,11 +85,12 @@ class EngineCheckpoints:
           CheckpointCorruptError: the step (every step, when ``tag`` is None) is damaged.
           ValueError: the checkpoint's arrays do not fit this model (each one named).
         """
-        self._need_arrays("load_checkpoint")
+        self._need_arrays("load_checkpoint", on_device=False)
         state, meta = self._checkpointer(load_dir).restore(
             tag, self.state, self.state_shardings, verify=verify, init=self._init_from_weights
         )
         self.state = state
+        self._moved_out.clear()  # restored to where the run keeps each state
         self._steps_done = None  # re-read from the restored state when needed
         self.client_state = meta.get("client_state", {})
         return self.client_state
@@ -97,8 +98,12 @@ class EngineCheckpoints:
     def _init_from_weights(self, fp32_params: PyTree) -> TrainState:
         """A fresh train state (step 0, new optimizer state) around restored fp32 weights."""
         s = self.state
+        # computed from device memory; init's output shardings place each state (host
+        # memory for ZeRO-Offload's master weights and optimizer state)
+        on_device = jax.tree.map(lambda sh: sh.with_memory_kind("device"),
+                                 self.state_shardings.fp32_params)
         return jax.jit(self._init_state, out_shardings=self.state_shardings)(
-            fp32_params, s.frozen, s.model_state)
+            jax.device_put(fp32_params, on_device), s.frozen, s.model_state)
 
     def wait_for_checkpoints(self) -> None:
         """Block until every async save has finished."""

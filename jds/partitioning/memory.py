@@ -70,6 +70,12 @@ class ModelStates:
         """All model-state bytes (the ZeRO paper's total)."""
         return self.persistent + self.grads
 
+    def placement(self, offload_optimizer: bool = False) -> dict[str, float]:
+        """Persistent bytes by memory: ``{"device": ..., "host": ...}``; with ZeRO-Offload of
+        the optimizer, the master weights and optimizer state are the host's."""
+        host = self.master + self.optimizer if offload_optimizer else 0.0
+        return {"device": self.persistent - host, "host": host}
+
     def as_dict(self) -> dict[str, float]:
         """The four states plus ``persistent`` and ``total``, for reports."""
         return {**dataclasses.asdict(self), "persistent": self.persistent, "total": self.total}
@@ -291,8 +297,11 @@ def state_memory(state: Any) -> dict[str, int]:
     Returns:
       ``params`` (compute copy), ``master`` (fp32 master weights; 0 in fp32),
       ``optimizer`` (optimizer-state arrays), ``other`` (step counters, loss scale, rng,
-      scalar optimizer counts) and ``total``.
+      scalar optimizer counts), ``total``, and ``total`` split by memory: ``device`` and
+      ``host`` (host-memory kinds: ZeRO-Offload's states).
     """
+    from jds.partitioning.offload import DEVICE_KIND, bytes_by_kind
+
     opt_leaves = jax.tree.leaves(state.opt_state)
     optimizer = sum(shard_bytes(x) for x in opt_leaves if len(x.shape) > 0)
     opt_scalars = sum(shard_bytes(x) for x in opt_leaves if len(x.shape) == 0)
@@ -305,6 +314,9 @@ def state_memory(state: Any) -> dict[str, int]:
         "other": other,
     }
     out["total"] = sum(out.values())
+    kinds = bytes_by_kind(state)
+    out["device"] = kinds.get(DEVICE_KIND, 0)
+    out["host"] = out["total"] - out["device"]
     return out
 
 
@@ -318,6 +330,10 @@ class CompiledMemory:
         fields in bytes (``alias``: outputs sharing an argument's buffer — the donated
         state; ``host_temp``: host-memory temporaries, e.g. remat policy "offload").
       lower_s, compile_s: seconds spent lowering and compiling.
+      host_argument, host_output, host_alias: the parts of ``argument``, ``output`` and
+        ``alias`` in host memory (ZeRO-Offload's states), from the compiled entry layout
+        (``jds.partitioning.offload.entry_memory``; XLA:CPU's analysis lumps them in).
+      breakdown: what is live at the peak (``jds.partitioning.peak``), or None.
     """
 
     state: dict[str, int]
@@ -330,17 +346,25 @@ class CompiledMemory:
     lower_s: float
     compile_s: float
     breakdown: Any = None
+    host_argument: int = 0
+    host_output: int = 0
+    host_alias: int = 0
 
     @property
     def peak(self) -> int:
         """Peak estimate per device: argument + temp + output - alias."""
         return self.argument + self.temp + self.output - self.alias
 
+    @property
+    def device_peak(self) -> int:
+        """``peak`` without the host-memory arguments and outputs (equal without offload)."""
+        return self.peak - (self.host_argument + self.host_output - self.host_alias)
+
     def as_dict(self) -> dict[str, Any]:
         """Every field plus ``peak``, for JSON reports (the breakdown's 12 largest buffers)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["breakdown"] = None if self.breakdown is None else self.breakdown.as_dict(top=12)
-        return {**out, "peak": self.peak}
+        return {**out, "peak": self.peak, "device_peak": self.device_peak}
 
 
 def compiled_memory(engine: Any, seq_len: int, *, breakdown: bool = True) -> CompiledMemory:
@@ -376,17 +400,29 @@ def compiled_memory(engine: Any, seq_len: int, *, breakdown: bool = True) -> Com
             f"the {jax.default_backend()} compiler returned no memory_analysis(); run the "
             "estimate on CPU (jds estimate does) or on a GPU/TPU backend"
         )
+    from jds.partitioning.offload import entry_memory
+
+    # Host-memory arguments (ZeRO-Offload) from the entry layout. XLA:CPU counts them in
+    # argument/output/alias; a backend that reports them apart (host_*_size_in_bytes) has
+    # them added back, so ``peak`` counts both memories everywhere and ``device_peak`` one.
+    spaces = entry_memory(compiled.as_text())
+    apart = {k: int(getattr(stats, f"host_{k}_size_in_bytes", 0) or 0)
+             for k in ("argument", "output", "alias")}
+    host = {k: apart[k] or spaces[f"{k}_host"] for k in apart}
     return CompiledMemory(
         state=state_memory(engine.state),
-        argument=int(stats.argument_size_in_bytes),
-        output=int(stats.output_size_in_bytes),
+        argument=int(stats.argument_size_in_bytes) + apart["argument"],
+        output=int(stats.output_size_in_bytes) + apart["output"],
         temp=int(stats.temp_size_in_bytes),
-        alias=int(stats.alias_size_in_bytes),
+        alias=int(stats.alias_size_in_bytes) + apart["alias"],
         generated_code=int(stats.generated_code_size_in_bytes),
         host_temp=int(getattr(stats, "host_temp_size_in_bytes", 0) or 0),
         lower_s=t1 - t0,
         compile_s=t2 - t1,
         breakdown=parts,
+        host_argument=host["argument"],
+        host_output=host["output"],
+        host_alias=host["alias"],
     )
 
 

@@ -109,6 +109,7 @@ def load_config(
     *,
     stage: int | None = None,
     pipeline: Mapping[str, Any] | None = None,
+    offload_optimizer: str | None = None,
 ) -> Config:
     """The config an estimate or explanation runs with.
 
@@ -125,6 +126,11 @@ def load_config(
     data = cfg.to_dict()
     if stage is not None:
         data["zero_optimization"] = {**data["zero_optimization"], "stage": stage}
+    if offload_optimizer is not None:
+        zero = data["zero_optimization"]
+        zero.pop("cpu_offload", None)
+        zero["offload_optimizer"] = {**(zero.get("offload_optimizer") or {}),
+                                     "device": offload_optimizer}
     over = {k: v for k, v in (pipeline or {}).items() if v is not None}
     if "stages" in over:
         data["mesh"] = {**data.get("mesh", {}), "stage": over["stages"]}
@@ -170,6 +176,7 @@ def shapes_engine(
     *,
     stage: int | None = None,
     pipeline: Mapping[str, Any] | None = None,
+    offload_optimizer: str | None = None,
 ) -> TrainEngine:
     """A ``TrainEngine`` with shapes and shardings only (nothing materialised).
 
@@ -179,9 +186,10 @@ def shapes_engine(
       devices: the mesh's devices (``cpu_devices``).
       stage: replaces ``zero_optimization.stage`` when given.
       pipeline: pipeline overrides (``load_config``).
+      offload_optimizer: replaces ``zero_optimization.offload_optimizer.device`` when given.
     """
-    return TrainEngine(model_factory(model), load_config(config, stage=stage, pipeline=pipeline),
-                       devices=devices, shapes_only=True)
+    cfg = load_config(config, stage=stage, pipeline=pipeline, offload_optimizer=offload_optimizer)
+    return TrainEngine(model_factory(model), cfg, devices=devices, shapes_only=True)
 
 
 # ------------------------------------------------------------------ per-parameter facts
@@ -432,7 +440,9 @@ def estimate_report(
     kw = dict(precision=prec, optimizer_state_bytes=opt_bytes)
     formula = {str(s): model_states_per_device(psi_mp, s, dp, **kw).as_dict() for s in range(4)}
     groups = engine.zero_layout.describe(engine.mesh)
-    formula["config"] = model_states_for_groups(psi_mp, groups, **kw).as_dict()
+    config_states = model_states_for_groups(psi_mp, groups, **kw)
+    formula["config"] = {**config_states.as_dict(),
+                         **config_states.placement(engine.offload.optimizer is not None)}
     largest = _largest_layer_params(rows)
     batch = engine.batch
     report: dict[str, Any] = {
@@ -443,6 +453,7 @@ def estimate_report(
                   "gradient_accumulation_steps": batch.gradient_accumulation_steps,
                   "dp_size": dp},
         "remat": engine.config.remat,
+        "offload": engine.offload.describe(),
         "num_params": psi,
         "params_per_model_parallel_rank": psi_mp,
         "largest_layer_params": largest,
@@ -466,6 +477,7 @@ def fit_report(
     seq_len: int | None = None,
     candidates: list[str] | None = None,
     nodes: int = 1,
+    offload_optimizer: str | None = None,
 ) -> dict[str, Any]:
     """The largest model that fits ``device_memory`` per device, per ZeRO stage.
 
@@ -485,6 +497,8 @@ def fit_report(
       seq_len: tokens per sequence (default the config's ``train.seq_len``).
       candidates: preset names (default every llama preset), any order.
       nodes: nodes the devices span (DeepSpeed's estimator).
+      offload_optimizer: as ``load_config`` ("cpu": ZeRO-Offload; what must fit is then the
+        device-memory part of the state and of the compiled step's peak).
 
     Raises:
       ValueError: ``device_memory`` below 1 or an unknown preset.
@@ -504,34 +518,46 @@ def fit_report(
     for stage in range(4):
         row: dict[str, Any] = {"stage": stage, "fits": None, "peak": None, "tried": []}
         for n in order:
-            engine = shapes_engine(n, config, devices, stage=stage)
-            state = state_memory(engine.state)["total"]
+            engine = shapes_engine(n, config, devices, stage=stage,
+                                   offload_optimizer=offload_optimizer)
+            state = state_memory(engine.state)["device"]
             tried = {"model": n, "params": sizes[n], "state": state, "peak": None}
             row["tried"].append(tried)
             if state > device_memory:
                 continue
             tried["peak"] = compiled_memory(
-                engine, seq_len or engine.config.train.seq_len, breakdown=False).peak
+                engine, seq_len or engine.config.train.seq_len, breakdown=False).device_peak
             if tried["peak"] <= device_memory:
                 row["fits"], row["peak"] = n, tried["peak"]
                 break
         dp = data_parallel_size(engine.mesh)
         prec = engine.config.precision
-        row["formula"] = next((n for n in order if model_states_per_device(
-            sizes[n], stage, dp, precision=prec).total <= device_memory), None)
+        offloaded = engine.offload.optimizer is not None
+        row["formula"] = next((n for n in order if _formula_device_bytes(
+            sizes[n], stage, dp, prec, offloaded) <= device_memory), None)
         row["deepspeed"] = None
         if stage >= 2:
             for n in order:
                 ds = deepspeed_estimates(*counts[n], dp // nodes, nodes)
                 gpu = next(r["gpu_bytes"] for r in ds if r["stage"] == stage
-                           and not r["offload_optimizer"] and not r["offload_param"]
+                           and bool(r["offload_optimizer"]) == offloaded
+                           and not r["offload_param"]
                            and r["zero_init"] in (None, True))
                 if gpu <= device_memory:
                     row["deepspeed"] = n
                     break
         rows.append(row)
     return {"device_memory": int(device_memory), "devices": len(devices),
-            "precision": engine.config.precision, "params": sizes, "rows": rows}
+            "precision": engine.config.precision, "offload": engine.offload.describe(),
+            "params": sizes, "rows": rows}
+
+
+def _formula_device_bytes(psi: int, stage: int, dp: int, precision: str,
+                          offloaded: bool) -> float:
+    """The ZeRO formula's model-state bytes per device left in device memory (gradients
+    included; with optimizer offload, without the master weights and optimizer state)."""
+    states = model_states_per_device(psi, stage, dp, precision=precision)
+    return states.total - states.placement(offloaded)["host"]
 
 
 def _preset_params(name: str) -> tuple[int, int]:
@@ -618,13 +644,15 @@ def estimate_text(report: Mapping[str, Any]) -> str:
           _b(x["cpu_bytes"]), _b(x["gpu_bytes"])] for x in ds["rows"]],
         right={4, 5})
     st, f = r["state"], r["formula"]["config"]
-    lines += ["", "Train state per device, from the shardings (formula for the config layout):"]
+    lines += ["", "Train state per device, from the shardings (formula for the config layout; "
+              f"{r.get('offload', 'no offload')}):"]
     lines += _table(
-        ["", "params", "master", "optimizer", "other", "total"],
-        [["state", *(_b(st[k]) for k in ("params", "master", "optimizer", "other", "total"))],
+        ["", "params", "master", "optimizer", "other", "total", "in device", "in host"],
+        [["state", *(_b(st[k]) for k in ("params", "master", "optimizer", "other", "total",
+                                          "device", "host"))],
          ["formula", *(_b(f[k]) for k in ("params", "master", "optimizer")), "",
-          _b(f["persistent"])]],
-        right=set(range(1, 6)))
+          _b(f["persistent"]), _b(f["device"]), _b(f["host"])]],
+        right=set(range(1, 8)))
     c = r["compiled"]
     if c is None:
         lines += ["", "Compiled train step: skipped (--no-compile)"]
@@ -639,6 +667,10 @@ def estimate_text(report: Mapping[str, Any]) -> str:
                     right=set(range(6))),
             f"peak estimate (argument + temp + output - alias): {_b(c['peak'])}",
         ]
+        if c.get("host_argument"):
+            lines.append(f"  of which in host memory: arguments {_b(c['host_argument'])}, "
+                         f"outputs {_b(c['host_output'])}; device peak "
+                         f"{_b(c['device_peak'])}")
         if c.get("breakdown"):
             lines += _breakdown_lines(c["breakdown"])
     return "\n".join(lines) + "\n"

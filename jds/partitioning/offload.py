@@ -1,0 +1,371 @@
+"""ZeRO-Offload as memory kinds: the fp32 master weights and optimizer state in host memory,
+updated by streaming them through the device inside the one compiled train step.
+
+Every array of the train state has a sharding, and a sharding has a memory kind: ``device``,
+``pinned_host`` or ``unpinned_host`` (JAX's memory kinds; the CPU backend has them too). DeepSpeed's
+``zero_optimization.offload_optimizer: {"device": "cpu"}`` is, in jds, nothing more than the
+host memory kind on the shardings of ``state.master`` and ``state.opt_state`` (``pin_memory``
+picks ``pinned_host`` or ``unpinned_host``), with the ZeRO stage's partitioning unchanged:
+under stage 1-3 every data-parallel device's host holds its own shard. The compute copy
+(bf16/fp16 ``state.params``), the gradients and the activations stay in device memory, so
+the persistent device bytes are DeepSpeed's ZeRO-Offload figures (2 bytes/param of bf16
+parameters under stage 1/2, ``2/Nd`` under stage 3).
+
+**Where the update runs.** ``streamed_update`` brings the states to the device a chunk at a
+time inside the compiled step, after the gradients exist, applies the optax update there
+and sends the results back to host memory; the next chunk's host-to-device copy is ordered
+after the previous-but-one chunk's results (double buffering, with
+``jax.lax.optimization_barrier``), so the device holds at most two chunks of
+master/optimizer state at any time, not the whole 12 bytes/param. A chunk is one parameter
+leaf (for jds's scanned models, one weight matrix of every layer: ``[layers, ...]``) or
+several small leaves merged up to the size of the largest one. XLA schedules the copies as
+asynchronous transfers on GPU and TPU, so they overlap the update of the chunk before.
+
+Not taken: running the update on the host with ``jax.experimental.compute_on("device_host")``
+(DeepSpeed's CPU-Adam path, which moves fewer bytes: gradients down and bf16 weights up).
+In JAX 0.10 an array in ``pinned_host`` memory is *typed* as host memory inside ``jit``, and
+``jax.lax`` refuses to mix it with device-typed values; optax and jds's optimizers create
+device-typed arrays inside ``update`` (the step counter's increment under the skip
+condition, a ``jnp.where`` in LAMB), so a host-side update fails to trace for Adam under
+``lax.cond`` and for LAMB at all (tried; ``ValueError: memory_space of all inputs passed to
+select_n must be the same``). The streamed update needs no such typing: every optimizer
+computes on device arrays, as without offload. On a GPU the streamed update also keeps the
+optimizer on the fast processor: DeepSpeed's CPU Adam is what its users find slow.
+
+**Chunking by zero-size leaves.** The optimizers jds builds (``jds.optim``: Adam, AdamW,
+LAMB, Lion) are per-leaf: a leaf's new value and moments depend only on that leaf and the
+scalar step counts. So one chunk's update is ``tx.update`` on the whole tree with every
+leaf outside the chunk replaced by a zero-size array (no work, no bytes), and the chunk's
+leaves are read back from its result; scalar states (the counts) are equal in every
+chunk's result. A transformation with cross-leaf state (a global norm kept in the state)
+would not be per-leaf; jds builds none.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+
+PyTree = Any
+
+HOST_KINDS: tuple[str, ...] = ("pinned_host", "unpinned_host")
+DEVICE_KIND = "device"
+
+
+@dataclasses.dataclass(frozen=True)
+class OffloadPlan:
+    """Which states live in host memory, and which memory kind that is.
+
+    Attributes:
+      optimizer: the memory kind of the fp32 master weights and the optimizer state
+        (``"pinned_host"``/``"unpinned_host"``), or None (device memory).
+      ratio: the fraction of them offloaded (DeepSpeed's Twin-Flow ``ratio``): whole
+        parameters, in tree order, until that fraction of the parameters is reached; the
+        rest stay in device memory and are updated there.
+    """
+
+    optimizer: str | None = None
+    ratio: float = 1.0
+
+    @property
+    def any(self) -> bool:
+        """Whether anything is offloaded."""
+        return self.optimizer is not None
+
+    def describe(self) -> str:
+        """One line for logs and ``jds estimate``."""
+        if self.optimizer is None:
+            return "no offload"
+        part = "" if self.ratio >= 1 else f" for a {self.ratio:g} share of the parameters"
+        return f"master weights and optimizer state in host memory ({self.optimizer}){part}"
+
+    def place(self, shardings: PyTree, shapes: PyTree) -> PyTree:
+        """The master weights' shardings with this plan's memory kinds.
+
+        Args:
+          shardings: ``NamedSharding`` per trainable parameter (device memory).
+          shapes: the parameters (anything with ``.shape``), to count the ratio's share.
+        """
+        if self.optimizer is None:
+            return shardings
+        if self.ratio >= 1:
+            return with_kind(shardings, self.optimizer)
+        leaves, treedef = jax.tree.flatten(shardings)
+        sizes = [int(np.prod(x.shape)) for x in treedef.flatten_up_to(shapes)]
+        total, used, out = sum(sizes), 0, []
+        for sh, size in zip(leaves, sizes, strict=True):
+            # whole parameters, while the offloaded share stays nearest to the ratio
+            host = abs(used + size - self.ratio * total) <= abs(used - self.ratio * total)
+            used += size if host else 0
+            out.append(sh.with_memory_kind(self.optimizer if host else DEVICE_KIND))
+        return treedef.unflatten(out)
+
+
+def _memory_kinds(devices: Sequence[jax.Device]) -> set[str]:
+    try:
+        return {m.kind for m in devices[0].addressable_memories()}
+    except (AttributeError, NotImplementedError, RuntimeError):
+        return {DEVICE_KIND}
+
+
+def offload_plan(zero: Any, devices: Sequence[jax.Device] | None = None) -> OffloadPlan:
+    """The ``OffloadPlan`` of a ``zero_optimization`` section.
+
+    ``offload_optimizer.device: "cpu"`` (or DeepSpeed's deprecated ``cpu_offload: true``)
+    offloads the master weights and optimizer state, to ``pinned_host`` unless
+    ``pin_memory`` (or ``cpu_offload_use_pin_memory``) is false. ``"nvme"`` and
+    ``offload_param`` are not built yet (the config loader warns; states stay on device).
+    ``ratio`` (stage 3; DeepSpeed's Twin-Flow) offloads that share of the parameters' states.
+
+    Raises:
+      ValueError: the devices have no memory space of the requested kind (naming the key).
+    """
+    opt = zero.offload_optimizer
+    wanted = (opt is not None and opt.device == "cpu") or (
+        opt is None and bool(zero.cpu_offload))
+    if not wanted:
+        return OffloadPlan()
+    pin = opt.pin_memory if opt is not None else zero.cpu_offload_use_pin_memory is not False
+    kind = "pinned_host" if pin else "unpinned_host"
+    devices = jax.devices() if devices is None else devices
+    kinds = _memory_kinds(devices)
+    if kind not in kinds:
+        key = ("zero_optimization.offload_optimizer" if opt is not None
+               else "zero_optimization.cpu_offload")
+        raise ValueError(
+            f"{key}: the {devices[0].platform} devices have no {kind!r} memory space (they "
+            f"have {sorted(kinds)}), so the optimizer state cannot be placed in host memory; "
+            + ("set pin_memory to false, or " if kind == "pinned_host"
+               and "unpinned_host" in kinds else "")
+            + "remove the offload section")
+    return OffloadPlan(optimizer=kind, ratio=1.0 if opt is None else float(opt.ratio))
+
+
+def with_kind(shardings: PyTree, kind: str | None) -> PyTree:
+    """``shardings`` (a tree of ``NamedSharding``) in memory ``kind`` (None: unchanged)."""
+    if kind is None:
+        return shardings
+    return jax.tree.map(lambda s: s.with_memory_kind(kind), shardings,
+                        is_leaf=lambda s: isinstance(s, NamedSharding))
+
+
+def memory_kind(x: Any) -> str:
+    """The memory kind of an array or ``ShapeDtypeStruct`` (``"device"`` when unset)."""
+    sharding = getattr(x, "sharding", None)
+    kind = getattr(sharding, "memory_kind", None)
+    return DEVICE_KIND if kind is None else kind
+
+
+def bytes_by_kind(tree: PyTree) -> dict[str, int]:
+    """Per-device bytes of ``tree``'s leaves, by memory kind (``{"device": n, ...}``)."""
+    from jds.partitioning.memory import shard_bytes
+
+    out: dict[str, int] = {}
+    for x in jax.tree.leaves(tree):
+        kind = memory_kind(x)
+        out[kind] = out.get(kind, 0) + shard_bytes(x)
+    return out
+
+
+# XLA's memory space number for host memory in layouts (``f32[2,4]{1,0:S(5)}``).
+_HOST_SPACE = "S(5)"
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2,
+                "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8,
+                "f64": 8, "c64": 8, "c128": 16}
+_ARRAY = re.compile(r"(\w+)\[([\d,]*)\](\{[^}]*\})?")
+
+
+def _arrays(text: str) -> list[tuple[int, bool]]:
+    """``(bytes, in host memory)`` of each array type in an HLO shape list."""
+    out = []
+    for dtype, dims, layout in _ARRAY.findall(text):
+        if dtype not in _DTYPE_BYTES:
+            continue
+        n = int(np.prod([int(d) for d in dims.split(",") if d])) if dims else 1
+        out.append((n * _DTYPE_BYTES[dtype], _HOST_SPACE in (layout or "")))
+    return out
+
+
+def entry_memory(hlo_text: str) -> dict[str, int]:
+    """Per-device bytes of a compiled program's arguments and outputs by memory space, read
+    from its entry layout (``compiled.as_text()``), and the host bytes outputs alias.
+
+    ``memory_analysis()`` on XLA:CPU counts host-memory arguments as device arguments
+    (``host_argument_size_in_bytes`` stays 0), so the split is read from the layouts, where
+    a host-memory array carries memory space 5 (``{1,0:S(5)}``).
+
+    Returns:
+      ``argument_device``, ``argument_host``, ``output_device``, ``output_host``,
+      ``alias_host`` (host bytes of outputs that reuse a donated argument's buffer).
+    """
+    start = hlo_text.find("entry_computation_layout={")
+    if start < 0:
+        raise ValueError("no entry_computation_layout in the HLO text")
+    depth, i = 0, start + len("entry_computation_layout=")
+    while i < len(hlo_text):  # to the layout's closing brace
+        depth += {"{": 1, "}": -1}.get(hlo_text[i], 0)
+        if depth == 0:
+            break
+        i += 1
+    layout = hlo_text[start + len("entry_computation_layout={"):i]
+    arrow = layout.rindex(")->")
+    args, outs = _arrays(layout[:arrow]), _arrays(layout[arrow + 3:])
+    alias_host = 0
+    am = re.search(r"input_output_alias=\{(.*?)\}\s*,\s*entry_computation_layout", hlo_text)
+    if am is not None:
+        for param in re.findall(r"\((\d+), \{[^}]*\}, [\w-]+\)", am.group(1)):
+            size, host = args[int(param)]
+            alias_host += size if host else 0
+    total = lambda xs, host: sum(b for b, h in xs if h == host)  # noqa: E731
+    return {"argument_device": total(args, False), "argument_host": total(args, True),
+            "output_device": total(outs, False), "output_host": total(outs, True),
+            "alias_host": alias_host}
+
+
+def chunk_leaves(sizes: Sequence[int]) -> list[list[int]]:
+    """Leaf indices grouped into update chunks: each leaf alone, or neighbouring small leaves
+    merged while the chunk stays within the largest leaf's size (``sizes``: bytes per leaf).
+    """
+    budget = max(sizes, default=0)
+    chunks: list[list[int]] = []
+    current: list[int] = []
+    used = 0
+    for i, size in enumerate(sizes):
+        if current and used + size > budget:
+            chunks.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += size
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def _empty_like(x: jax.Array) -> jax.Array:
+    return jnp.zeros((0,), x.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class OffloadedStates:
+    """The shardings ``streamed_update`` moves states between (trees like the states).
+
+    Attributes:
+      opt_device, opt_home: the optimizer state in device memory (where a chunk is
+        computed) and in its own, host, memory (where results go).
+      master_device, master_home: the same for the fp32 master weights; None in fp32
+        training, where the weights are the device-resident params.
+    """
+
+    opt_device: PyTree
+    opt_home: PyTree
+    master_device: PyTree | None = None
+    master_home: PyTree | None = None
+
+
+def streamed_update(
+    tx: optax.GradientTransformation,
+    grads: PyTree,
+    opt_state: PyTree,
+    weights: PyTree,
+    where: OffloadedStates,
+    *,
+    finite: jax.Array,
+    factor: jax.Array | None,
+    compute_dtype: Any = None,
+) -> tuple[PyTree, PyTree, PyTree | None]:
+    """The optax update of host-resident states, streamed through the device chunk by chunk.
+
+    Args:
+      tx: the optax transformation (per-leaf; see the module docstring).
+      grads: fp32 gradients on device.
+      opt_state: the optimizer state (host memory).
+      weights: the fp32 weights: the master copy in host memory when
+        ``where.master_device`` is set, else the device-resident params (fp32 training).
+      where: the device and home shardings of the states.
+      finite: whether the gradients are finite; a step that is not keeps the old states.
+      factor: the gradient clipping factor, or None.
+      compute_dtype: with master weights, the dtype of the compute copy made from each
+        chunk's new weights while they are on device.
+
+    Returns:
+      ``(new weights, new optimizer state, new compute copy or None)``: the first two in
+      their home memory, the compute copy (mixed precision) in device memory.
+    """
+    g_leaves, treedef = jax.tree.flatten(grads)
+    w_leaves = treedef.flatten_up_to(weights)
+    n = len(g_leaves)
+    # which parameter each optimizer-state leaf belongs to (-1: a scalar count)
+    owner = jax.tree.leaves(optax.tree_map_params(
+        tx, lambda _, i: i, opt_state, treedef.unflatten(list(range(n))),
+        transform_non_params=lambda _: -1))
+    o_leaves, o_treedef = jax.tree.flatten(opt_state)
+    o_dev = o_treedef.flatten_up_to(where.opt_device)
+    o_home = o_treedef.flatten_up_to(where.opt_home)
+    on_host = where.master_device is not None
+    w_dev = treedef.flatten_up_to(where.master_device) if on_host else None
+    w_home = treedef.flatten_up_to(where.master_home) if on_host else None
+    scalars = [j for j, i in enumerate(owner) if i < 0]
+
+    new_w: list[Any] = [None] * n
+    new_p: list[Any] = [None] * n
+    new_o: list[Any] = [None] * len(o_leaves)
+    done: list[Any] = []  # each chunk's host-bound results, for the double-buffering order
+    pick = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+    for c, chunk in enumerate(chunk_leaves([int(np.prod(g.shape)) for g in g_leaves])):
+        keep = set(chunk)
+        mine = [j for j, i in enumerate(owner) if i in keep] + (scalars if c == 0 else [])
+        host_in = ([o_leaves[j] for j in mine], [w_leaves[i] for i in chunk] if on_host else [])
+        if c >= 2:  # this chunk's copy starts once chunk c-2's results have left the device
+            host_in, _ = jax.lax.optimization_barrier((host_in, done[c - 2]))
+        o_in = dict(zip(mine, host_in[0], strict=True))
+        w_in = dict(zip(chunk, host_in[1], strict=True)) if on_host else {}
+        # this chunk's leaves on device; every other leaf zero-size (no work, no bytes)
+        o_sel = [jax.device_put(o_in.get(j, o_leaves[j]), o_dev[j])
+                 if j in o_in or owner[j] < 0 else _empty_like(o_leaves[j])
+                 for j in range(len(o_leaves))]
+        w_sel = [(jax.device_put(w_in[i], w_dev[i]) if on_host else w_leaves[i])
+                 if i in keep else _empty_like(w_leaves[i]) for i in range(n)]
+        g_sel = [g_leaves[i] if i in keep else _empty_like(g_leaves[i]) for i in range(n)]
+        if factor is not None:
+            g_sel = [g * factor.astype(g.dtype) for g in g_sel]
+        old_w = treedef.unflatten(w_sel)
+        updates, upd_o = tx.update(treedef.unflatten(g_sel), o_treedef.unflatten(o_sel), old_w)
+        upd_w = treedef.flatten_up_to(optax.apply_updates(old_w, updates))
+        upd_o = o_treedef.flatten_up_to(upd_o)
+        out = []
+        for j in mine:
+            new_o[j] = jax.device_put(pick(upd_o[j], o_sel[j]), o_home[j])
+            out.append(new_o[j])
+        for i in chunk:
+            w = pick(upd_w[i], w_sel[i])
+            if on_host:
+                new_p[i] = w.astype(compute_dtype)
+                w = jax.device_put(w, w_home[i])
+                out.append(w)
+            new_w[i] = w
+        done.append(out)
+    params = treedef.unflatten(new_p) if on_host else None
+    return treedef.unflatten(new_w), o_treedef.unflatten(new_o), params
+
+
+__all__ = [
+    "DEVICE_KIND",
+    "HOST_KINDS",
+    "OffloadPlan",
+    "OffloadedStates",
+    "bytes_by_kind",
+    "chunk_leaves",
+    "entry_memory",
+    "memory_kind",
+    "offload_plan",
+    "streamed_update",
+    "with_kind",
+]
