@@ -20,6 +20,7 @@ Metrics are fetched one step late so the host never stalls the device.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 import warnings
@@ -95,9 +96,12 @@ class _Logger:
     def log(self, row: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self._jsonl.write(json.dumps(row) + "\n")
+        # not measured yet (the first step's throughput): null in JSON, absent in TensorBoard
+        known = {k: None if isinstance(v, float) and not math.isfinite(v) else v
+                 for k, v in row.items()}
+        self._jsonl.write(json.dumps(known) + "\n")
         self._jsonl.flush()
-        for k, v in row.items():
+        for k, v in known.items():
             if k != "step" and isinstance(v, int | float):
                 self._tb.add_scalar(k, v, row["step"])
 
