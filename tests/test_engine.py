@@ -158,6 +158,7 @@ def test_preset_name_materialises_sharded_and_matches_module():
                                rtol=2e-7, atol=1e-8)
 
 
+@pytest.mark.slow  # 16 s; tests/test_checkpoint.py resumes bit-exact with fp16 state by default
 def test_checkpoint_roundtrip_resumes_bit_exact(tmp_path):
     bs = batches(6)
     e = jds.initialize(model=make_model(), config=cfg())

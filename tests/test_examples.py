@@ -65,6 +65,7 @@ def test_cifar_example_reads_cifar_python_batches_without_running_code(tmp_path)
         cifar_cnn.load_data(str(folder))
 
 
+@pytest.mark.slow  # 32 s; tests/test_multihost.py runs a two-process launch by default
 def test_cifar_example_under_jds_launch_two_processes():
     cmd = [sys.executable, "-m", "jds.cli", "launch", "--nproc", "2", "--cpu-devices", "4",
            "--", sys.executable, "examples/cifar_cnn.py", "--steps", "2", "--batch", "16",

@@ -130,6 +130,7 @@ def test_batchnorm_resnet_like_one_device_with_running_statistics(stage):
     assert ev["loss"] == pytest.approx(float(want), rel=1e-5)
 
 
+@pytest.mark.slow  # 35 s of training to an accuracy; the ResNet trains under every stage by default
 def test_resnet_example_reaches_90_percent_on_digits():
     res = resnet.train(steps=150, batch=64, log_every=0)
     assert res["eval"]["accuracy"] >= 0.90, res
