@@ -14,6 +14,7 @@
 #     bash scripts/gpu_session.sh train1b            # ~7 min: issue 3, llama-1b
 #     bash scripts/gpu_session.sh profile            # ~2 min: issue 20, the flops profiler
 #     bash scripts/gpu_session.sh vsds               # ~6 min: issue 25, jds vs PyTorch/DeepSpeed
+#     bash scripts/gpu_session.sh offload            # ~5 min: issue 21, ZeRO-Offload's step time
 # Each phase writes $OUT/<phase>.jsonl (one JSON object per result) and $OUT/<phase>.log,
 # and prints a short summary last. Record the figures, dated, in docs/benchmarks.md.
 # The per-run time limits add up to more than a session's 30 device minutes; they are
@@ -129,6 +130,16 @@ phase_vsds() {
     --batch 8 --seq 2048 --steps 20 --rounds 2 --frameworks "$fw"
 }
 
+phase_offload() {
+  # Issue 21 on a GPU: ZeRO-2 with the optimizer state in pinned host memory vs in HBM, same
+  # llama-125m bf16 step (target: within 1.3x), then the offload tests on the real host
+  # memory space, and the largest preset that fits 80 GiB with and without offload.
+  run offload 300 $PY scripts/bench_offload.py --model llama-125m --batch 8 --seq 2048 \
+    --stage 2 --steps 5 --rounds 2 --device-memory 80GiB --no-fit
+  run offload_tests 240 $PY -m pytest -q -p no:cacheprovider tests/test_offload.py \
+    -k "equals_the_device_run or round_trip"
+}
+
 summary() {
   [ -f "$OUT/$1.jsonl" ] || return 0
   echo "== $1"
@@ -137,7 +148,8 @@ import json, sys
 keys = ("bench", "impl", "dtype", "attention", "seq", "head_dim", "causal", "pass", "M", "K",
         "model", "tflops", "speedup_vs_bf16", "speedup", "tokens_per_s", "mfu",
         "fraction_of_limit", "continuous_tokens_per_s", "static_tokens_per_s", "layout",
-        "framework", "median_s_per_step", "peak_rss_mb")
+        "framework", "median_s_per_step", "peak_rss_mb", "setting", "s_per_step",
+        "device_argument_bytes", "host_argument_bytes")
 for line in open(sys.argv[1]):
     row = json.loads(line)
     print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
@@ -145,7 +157,7 @@ for line in open(sys.argv[1]):
 EOF
 }
 
-[ $# -gt 0 ] || { echo "usage: $0 wheels | {env,tests,attention,int8,decode,train125m,train1b,profile,vsds}..."; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 wheels | {env,tests,attention,int8,decode,train125m,train1b,profile,vsds,offload}..."; exit 2; }
 if [ "$1" = wheels ]; then wheels; exit; fi
 for phase in "$@"; do
   declare -F "phase_$phase" >/dev/null || { echo "unknown phase $phase"; exit 2; }
