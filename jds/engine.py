@@ -99,7 +99,15 @@ class TrainEngine(EngineCheckpoints):
 
         module, factory = base.resolve_model(model)
         self.loss = base.as_loss(loss_fn, module)
-        self.gather = ParamGather.create(self.mesh, self.rules, self.zero_layout)
+        try:
+            self.offload = offload_plan(cfg.zero_optimization, self.mesh.devices.flat)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if self.offload.params is not None and self.stages > 1:
+            raise ConfigError("zero_optimization.offload_param with pipeline stages (mesh.stage "
+                              f"{self.stages}) is not built yet; drop one of them")
+        self.gather = ParamGather.create(self.mesh, self.rules, self.zero_layout,
+                                         host=self.offload.params is not None)
         try:
             self.split = base.split_model(module, trainable=trainable, remat=cfg.remat,
                                           gather=self.gather)
@@ -113,17 +121,15 @@ class TrainEngine(EngineCheckpoints):
         # make_plan resolves every parameter through the rules strictly (errors name it)
         sp = self.split
         self.zero = make_plan(sp.params, sp.params_axes, self.mesh, self.rules, self.zero_layout)
-        try:
-            self.offload = offload_plan(cfg.zero_optimization, self.mesh.devices.flat)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        self.param_shardings = self.zero.shardings(self.mesh, "params")
+        self.param_shardings = with_kind(self.zero.shardings(self.mesh, "params"),
+                                         self.offload.params)
         self.master_shardings = self.offload.place(self.zero.shardings(self.mesh, "optimizer"),
                                                    sp.params)
         self.grad_shardings = self.zero.shardings(self.mesh, "grads")
         self.frozen_plan = make_plan(sp.frozen, sp.frozen_axes, self.mesh, self.rules,
                                      self.zero_layout)
-        self.frozen_shardings = self.frozen_plan.shardings(self.mesh, "params")
+        self.frozen_shardings = with_kind(self.frozen_plan.shardings(self.mesh, "params"),
+                                          self.offload.params)
         self.model_state_shardings = axes_shardings(sp.state_axes, sp.model_state, self.mesh,
                                                      self.rules)
         self._replicated = NamedSharding(self.mesh, PartitionSpec())
@@ -144,6 +150,8 @@ class TrainEngine(EngineCheckpoints):
             per_example=self.loss.per_example,
             weight_metric=self.loss.weight_metric,
             offload=self._offloaded_states(),
+            params_device=None if self.offload.params is None else with_kind(
+                self.param_shardings, DEVICE_KIND),
         )
         self._step_cfg = step_cfg
         self._objective = base.make_objective(sp, self.loss, self.gather)
@@ -210,10 +218,13 @@ class TrainEngine(EngineCheckpoints):
         if self.offload.optimizer is None:
             return None
         sh = self.state_shardings
+        # the fp32 weights: the master copy, or in fp32 the params (host-resident with
+        # offload_param: streamed like the master copy)
+        weights = sh.master if sh.master is not None or self.offload.params is None else sh.params
         return OffloadedStates(
             opt_device=with_kind(sh.opt_state, DEVICE_KIND), opt_home=sh.opt_state,
-            master_device=None if sh.master is None else with_kind(sh.master, DEVICE_KIND),
-            master_home=sh.master)
+            master_device=None if weights is None else with_kind(weights, DEVICE_KIND),
+            master_home=weights)
 
     def _init_state(self, fp32_params: PyTree, frozen: PyTree, model_state: PyTree
                     ) -> TrainState:
@@ -525,11 +536,12 @@ class TrainEngine(EngineCheckpoints):
         ``jds.models.generate``."""
         if self._moved_out:
             self._need_arrays("engine.model")  # the error that names reload_states()
-        s = self.state
-        weights = s.fp32_params
-        if s.master is not None and self.offload.optimizer is not None:
-            weights = jax.device_put(weights, with_kind(self.state_shardings.master, DEVICE_KIND))
-        return self.split.merge(weights, s.frozen, s.model_state, train=False)
+        s, sh = self.state, self.state_shardings
+        weights, frozen = s.fp32_params, s.frozen
+        if self.offload.any:  # the model computes on device arrays
+            weights = jax.device_put(weights, with_kind(sh.fp32_params, DEVICE_KIND))
+            frozen = jax.device_put(frozen, with_kind(sh.frozen, DEVICE_KIND))
+        return self.split.merge(weights, frozen, s.model_state, train=False)
 
 
 # DeepSpeed's OffloadStateTypeEnum values -> the TrainState fields they name

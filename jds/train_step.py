@@ -91,6 +91,9 @@ class StepConfig:
       weight_metric: the metric name of the summed weight (``"tokens"``), or None.
       offload: where host-resident optimizer states are streamed through the device for
         the update (``jds.partitioning.offload``); None = states in device memory.
+      params_device: with the parameters resting in host memory (ZeRO-3 ``offload_param``),
+        their shardings in device memory: gradients, whose cotangents arrive in host
+        memory, are brought back to the device (sharded) to be accumulated; None otherwise.
     """
 
     gradient_accumulation_steps: int = 1
@@ -102,6 +105,7 @@ class StepConfig:
     per_example: bool = False
     weight_metric: str | None = None
     offload: OffloadedStates | None = None
+    params_device: Any = None
 
 
 class Gradients(NamedTuple):
@@ -333,6 +337,8 @@ def make_gradients(
         def micro(carry, mb):
             grads_acc, loss_acc, aux_acc, state = carry
             (_, (loss_sum, aux, state)), g = grad_fn(params, _constrain_rows(mb), state)
+            if cfg.params_device is not None:  # host-resident params: their grads to device
+                g = jax.device_put(g, grad_sh or cfg.params_device)
             g = _f32(g)
             if grad_sh is not None:
                 g = jax.lax.with_sharding_constraint(g, grad_sh)
@@ -393,6 +399,8 @@ def make_train_step(
         factor = clip_factor(grad_norm, cfg.gradient_clipping)
 
         weights = state.fp32_params
+        if cfg.params_device is not None and state.master is None and cfg.offload is None:
+            weights = jax.device_put(weights, cfg.params_device)  # fp32 params from the host
         lr = schedule(state.applied_steps)
 
         def apply(operands):

@@ -593,8 +593,9 @@ def test_not_implemented_key_at_deepspeeds_default_is_silent(key, default, other
 
 
 @pytest.mark.parametrize("section, shown", [
-    ({"zero_optimization": {"offload_param": {"device": "cpu"}}},
-     "zero_optimization.offload_param=cpu"),
+    ({"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme",
+                                                          "nvme_path": "/nvme"}}},
+     "zero_optimization.offload_param=nvme"),
     ({"zero_optimization": {"offload_optimizer": {"device": "nvme", "nvme_path": "/nvme"}}},
      "zero_optimization.offload_optimizer=nvme"),
     ({"zero_optimization": {"zero_quantized_weights": True}},
@@ -613,6 +614,7 @@ def test_not_implemented_nested_key_warns_once(section, shown):
                                   {"offload_optimizer": {"device": "none"}},
                                   {"offload_optimizer": {"device": "cpu"}},
                                   {"stage": 2, "cpu_offload": True},
+                                  {"stage": 3, "offload_param": {"device": "cpu"}},
                                   {"stage": 3, "offload_optimizer": {"device": "cpu",
                                                                      "ratio": 0.3}},
                                   {"reduce_bucket_size": 1e6, "overlap_comm": True}])
@@ -634,8 +636,8 @@ def test_auto_outside_the_batch_falls_back_with_one_warning():
 
 def test_direct_construction_warns_once():
     with pytest.warns(ConfigWarning) as record:
-        Config(zero_optimization={"stage": 1, "cpu_offload_param": True}, my_key=1)
-    assert len(record) == 2  # one for the unknown key, one for the offload; no repeats
+        Config(zero_optimization={"stage": 1, "zero_quantized_weights": True}, my_key=1)
+    assert len(record) == 2  # one for the unknown key, one for ZeRO++; no repeats
 
 
 # --- to_dict, default_train, DeepSpeed reads what jds writes ----------------------------------

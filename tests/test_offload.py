@@ -69,19 +69,30 @@ def host_share(tree):
         x.size for x in leaves)
 
 
-@pytest.mark.parametrize("stage, precision, offload", [
-    pytest.param(1, "bf16", {"device": "cpu"}, marks=pytest.mark.slow),
-    (2, "fp16", {"device": "cpu"}),
-    (3, "bf16", {"device": "cpu", "pin_memory": False, "ratio": 0.5}),
-    (2, "fp32", {"device": "cpu"})])
-def test_offloaded_run_equals_the_device_run(stage, precision, offload):
+CPU = {"device": "cpu"}
+
+
+@pytest.mark.parametrize("stage, precision, zero", [
+    pytest.param(1, "bf16", {"offload_optimizer": CPU}, marks=pytest.mark.slow),
+    (2, "fp16", {"offload_optimizer": CPU}),
+    (3, "bf16", {"offload_optimizer": {"device": "cpu", "pin_memory": False, "ratio": 0.5}}),
+    (2, "fp32", {"offload_optimizer": CPU}),
+    (3, "bf16", {"offload_optimizer": CPU, "offload_param": CPU}),
+    pytest.param(3, "fp32", {"offload_param": CPU}, marks=pytest.mark.slow)])
+def test_offloaded_run_equals_the_device_run(stage, precision, zero):
     bs = batches(3)
     ref = jds.initialize(model=lm(), config=config(stage, precision))
-    got = jds.initialize(model=lm(), config=config(stage, precision, offload))
-    host = "pinned_host" if offload.get("pin_memory", True) else "unpinned_host"
+    cfg = config(stage, precision)
+    cfg["zero_optimization"].update(zero)
+    got = jds.initialize(model=lm(), config=cfg)
+    opt = zero.get("offload_optimizer")
+    host = "unpinned_host" if opt and not opt.get("pin_memory", True) else "pinned_host"
     weights = got.state.opt_state if precision == "fp32" else got.state.master
-    assert kinds(got.state.params) == {"device"} and kinds(ref.state.opt_state) == {"device"}
-    if "ratio" in offload:  # whole parameters, near the ratio; the rest stays on device
+    assert kinds(ref.state.opt_state) == kinds(ref.state.params) == {"device"}
+    assert kinds(got.state.params) == {"pinned_host" if "offload_param" in zero else "device"}
+    if opt is None:
+        assert kinds(got.state.opt_state) == {"device"}
+    elif "ratio" in opt:  # whole parameters, near the ratio; the rest stays on device
         assert kinds(got.state.opt_state) == kinds(weights) == {host, "device"}
         assert 0.3 < host_share(weights) < 0.7 and "0.5 share" in got.offload.describe()
     else:
@@ -98,7 +109,8 @@ def test_offloaded_run_equals_the_device_run(stage, precision, offload):
                                rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(flat(got.state.opt_state), flat(ref.state.opt_state),
                                rtol=1e-6, atol=1e-9)
-    assert host in kinds(got.state.opt_state)  # the step sends them home again
+    assert got.eval_batch(bs[0])["loss"] == pytest.approx(ref.eval_batch(bs[0])["loss"],
+                                                          rel=1e-6)
     # the eval-mode model has its weights in device memory
     assert kinds(nnx.state(got.model, nnx.Param)) == {"device"}
 
@@ -126,6 +138,18 @@ def test_user_module_trains_with_offload_like_without():
         runs.append([e.train_batch(b)["loss"] for b in bs])
     assert kinds(e.state.master) == {"pinned_host"}
     np.testing.assert_allclose(runs[1], runs[0], rtol=1e-6)
+
+
+def test_parameter_offload_leaves_only_the_batch_in_device_arguments():
+    cfg = config(3)
+    cfg["zero_optimization"].update(offload_optimizer=CPU, offload_param=CPU)
+    e = mr.shapes_engine("llama-tiny", cfg, jax.devices())
+    psi = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(e.state.params))
+    got = off.entry_memory(e.lower_train_step(16).compile().as_text())
+    # 16 bytes/param of ZeRO-3 state, all of it in host memory: 2 bytes/param / 8 there
+    assert got["argument_host"] == pytest.approx(14 * psi / 8, rel=0.01)
+    assert got["argument_device"] < 0.01 * psi  # the batch and a few counters
+    assert "parameters in host memory" in e.offload.describe()
 
 
 def test_compiled_device_arguments_fall_to_the_zero_offload_figure():
@@ -211,6 +235,23 @@ def test_no_host_memory_space_is_a_config_error(monkeypatch):
     with pytest.raises(ConfigError, match="zero_optimization.offload_optimizer: .* no "
                        "'pinned_host' memory space"):
         jds.initialize(model=lm(), config=config(2, "bf16", {"device": "cpu"}))
+
+
+@pytest.mark.parametrize("zero, match", [
+    ({"stage": 2, "offload_param": CPU}, "offload_param: parameter offload needs "
+     "zero_optimization.stage 3"),
+    ({"stage": 1, "cpu_offload_param": True}, "cpu_offload_param: parameter offload needs"),
+])
+def test_parameter_offload_needs_stage_3(zero, match):
+    with pytest.raises(ConfigError, match=match):
+        jds.initialize(model=lm(), config={**config(0), "zero_optimization": zero})
+
+
+def test_parameter_offload_with_pipeline_stages_is_refused():
+    cfg = {**config(3), "mesh": {"stage": 2}}
+    cfg["zero_optimization"]["offload_param"] = CPU
+    with pytest.raises(ConfigError, match="offload_param with pipeline stages"):
+        jds.initialize(model=lm(), config=cfg)
 
 
 def test_chunks_and_entry_layout_parsing():

@@ -71,10 +71,8 @@ from jds.config.sections import (
 )
 
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
-_OFFLOAD_NOTE = ("parameter offload is not in jds yet; parameters stay in device memory, "
-                 "sharded by the ZeRO stage")
-_NVME_NOTE = ("NVMe offload is not in jds yet; the optimizer state stays in device memory "
-              "(device \"cpu\" puts it in host memory)")
+_NVME_NOTE = ("NVMe offload is not in jds yet; these states stay in device memory "
+              "(device \"cpu\" puts them in host memory)")
 # DeepSpeed keys jds accepts but does not act on yet. Top-level keys are reported unless
 # off (false, null, {}, {"enabled": false}, or DeepSpeed's default in _DS_DEFAULTS); dotted
 # keys inside modelled sections unless at their default (offload sections: device "none").
@@ -109,8 +107,7 @@ NOT_IMPLEMENTED: dict[str, str] = {
     "managed_gradient_accumulation": "jds accumulates inside the compiled step",
     "weight_quantization": "compression is not in jds yet", "vocabulary_size": "the model sets it",
     "zero_optimization.offload_optimizer": _NVME_NOTE,
-    "zero_optimization.offload_param": _OFFLOAD_NOTE,
-    "zero_optimization.cpu_offload_param": _OFFLOAD_NOTE,
+    "zero_optimization.offload_param": _NVME_NOTE,
     "zero_optimization.zero_quantized_weights": "ZeRO++ quantized collectives: not yet",
     "zero_optimization.zero_quantized_nontrainable_weights": "ZeRO++ quantized weights: not yet",
     "zero_optimization.zero_quantized_gradients": "ZeRO++ quantized collectives: not yet",
@@ -187,7 +184,8 @@ def _format_errors(err: ValidationError, auto: Collection[str] = ()) -> str:
 
 
 # Values of a NOT_IMPLEMENTED key that jds does implement (not reported).
-_BUILT: dict[str, tuple[Any, ...]] = {"zero_optimization.offload_optimizer": ("none", "cpu")}
+_BUILT: dict[str, tuple[Any, ...]] = {"zero_optimization.offload_optimizer": ("none", "cpu"),
+                                      "zero_optimization.offload_param": ("none", "cpu")}
 
 
 def _is_off(value: Any, default: Any = None, key: str = "") -> bool:

@@ -304,8 +304,8 @@ class GPT2(nnx.Module):
         """Final LayerNorm and the tied output projection: ``logits_BTV``."""
         cfg = self.config
         with jax.named_scope("ln_f"):
-            h_BTD = layer_norm(x_BTD, self.ln_f_scale[...], self.ln_f_bias[...],
-                               cfg.layer_norm_epsilon)
+            h_BTD = layer_norm(x_BTD, self._use(self.ln_f_scale, ("embed",)),
+                               self._use(self.ln_f_bias, ("embed",)), cfg.layer_norm_epsilon)
         with jax.named_scope("lm_head"):
             wte_VD = self._use(self.wte, ("vocab", "embed"))
             logits_BTV = jnp.einsum("BTD,VD->BTV", h_BTD, wte_VD)

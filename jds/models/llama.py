@@ -402,7 +402,7 @@ class Llama(nnx.Module):
         """Final norm and the LM head: ``logits_BTV``."""
         cfg = self.config
         with jax.named_scope("norm"):
-            h_BTD = rms_norm(x_BTD, self.norm[...], cfg.rms_norm_eps)
+            h_BTD = rms_norm(x_BTD, self._use(self.norm, ("embed",)), cfg.rms_norm_eps)
         with jax.named_scope("lm_head"):
             if self.lm_head is None:
                 embed_VD = self._use(self.embed_tokens, ("vocab", "embed"))

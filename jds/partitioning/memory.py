@@ -70,10 +70,13 @@ class ModelStates:
         """All model-state bytes (the ZeRO paper's total)."""
         return self.persistent + self.grads
 
-    def placement(self, offload_optimizer: bool = False) -> dict[str, float]:
-        """Persistent bytes by memory: ``{"device": ..., "host": ...}``; with ZeRO-Offload of
-        the optimizer, the master weights and optimizer state are the host's."""
-        host = self.master + self.optimizer if offload_optimizer else 0.0
+    def placement(self, offload_optimizer: bool = False,
+                  offload_params: bool = False) -> dict[str, float]:
+        """Persistent bytes by memory: ``{"device": ..., "host": ...}``; ZeRO-Offload of the
+        optimizer moves the master weights and optimizer state to the host, of the
+        parameters (ZeRO-3) the compute copy."""
+        host = (self.master + self.optimizer if offload_optimizer else 0.0) + (
+            self.params if offload_params else 0.0)
         return {"device": self.persistent - host, "host": host}
 
     def as_dict(self) -> dict[str, float]:

@@ -1,5 +1,6 @@
-"""ZeRO-Offload as memory kinds: the fp32 master weights and optimizer state in host memory,
-updated by streaming them through the device inside the one compiled train step.
+"""ZeRO-Offload as memory kinds: the fp32 master weights and optimizer state (and, under
+ZeRO-3, the parameters) in host memory, the update streamed through the device inside the
+one compiled train step.
 
 Every array of the train state has a sharding, and a sharding has a memory kind: ``device``,
 ``pinned_host`` or ``unpinned_host`` (JAX's memory kinds; the CPU backend has them too). DeepSpeed's
@@ -31,6 +32,17 @@ condition, a ``jnp.where`` in LAMB), so a host-side update fails to trace for Ad
 select_n must be the same``). The streamed update needs no such typing: every optimizer
 computes on device arrays, as without offload. On a GPU the streamed update also keeps the
 optimizer on the fast processor: DeepSpeed's CPU Adam is what its users find slow.
+
+**Parameter offload** (ZeRO-Infinity's ``offload_param: {"device": "cpu"}``, stage 3): the
+parameters (the compute copy and frozen ones) rest in host memory too, sharded as ZeRO-3
+shards them. The model's ``ParamGather`` copies each parameter to the device at its point
+of use — one layer's shard inside the layer scan, then the usual per-layer all-gather — so
+the device never holds more than the layers in flight. Under JAX's memory-space typing the
+cotangent of a host-resident parameter is host-resident: each layer's gradient shard goes
+back to host memory in the backward scan, as in DeepSpeed, and the step brings the
+gradients back to the device (ZeRO-3-sharded, ``4/Nd`` bytes/param) to accumulate and
+clip them. With both offloads, the device's persistent state is empty: everything but the
+batch is a host-memory argument of the compiled step.
 
 **Chunking by zero-size leaves.** The optimizers jds builds (``jds.optim``: Adam, AdamW,
 LAMB, Lion) are per-leaf: a leaf's new value and moments depend only on that leaf and the
@@ -67,6 +79,8 @@ class OffloadPlan:
     Attributes:
       optimizer: the memory kind of the fp32 master weights and the optimizer state
         (``"pinned_host"``/``"unpinned_host"``), or None (device memory).
+      params: the memory kind of the parameters (compute copy and frozen ones) at rest
+        (ZeRO-3's ``offload_param``), or None (device memory).
       ratio: the fraction of them offloaded (DeepSpeed's Twin-Flow ``ratio``): whole
         parameters, in tree order, until that fraction of the parameters is reached; the
         rest stay in device memory and are updated there.
@@ -74,18 +88,23 @@ class OffloadPlan:
 
     optimizer: str | None = None
     ratio: float = 1.0
+    params: str | None = None
 
     @property
     def any(self) -> bool:
         """Whether anything is offloaded."""
-        return self.optimizer is not None
+        return self.optimizer is not None or self.params is not None
 
     def describe(self) -> str:
         """One line for logs and ``jds estimate``."""
-        if self.optimizer is None:
-            return "no offload"
-        part = "" if self.ratio >= 1 else f" for a {self.ratio:g} share of the parameters"
-        return f"master weights and optimizer state in host memory ({self.optimizer}){part}"
+        parts = []
+        if self.params is not None:
+            parts.append(f"parameters in host memory ({self.params})")
+        if self.optimizer is not None:
+            share = "" if self.ratio >= 1 else f" for a {self.ratio:g} share of the parameters"
+            parts.append(f"master weights and optimizer state in host memory "
+                         f"({self.optimizer}){share}")
+        return "; ".join(parts) or "no offload"
 
     def place(self, shardings: PyTree, shapes: PyTree) -> PyTree:
         """The master weights' shardings with this plan's memory kinds.
@@ -116,37 +135,52 @@ def _memory_kinds(devices: Sequence[jax.Device]) -> set[str]:
         return {DEVICE_KIND}
 
 
+def _host_kind(key: str, pin: bool, devices: Sequence[jax.Device], what: str) -> str:
+    kind = "pinned_host" if pin else "unpinned_host"
+    kinds = _memory_kinds(devices)
+    if kind not in kinds:
+        raise ValueError(
+            f"{key}: the {devices[0].platform} devices have no {kind!r} memory space (they "
+            f"have {sorted(kinds)}), so {what} cannot be placed in host memory; "
+            + ("set pin_memory to false, or " if kind == "pinned_host"
+               and "unpinned_host" in kinds else "")
+            + "remove the offload section")
+    return kind
+
+
 def offload_plan(zero: Any, devices: Sequence[jax.Device] | None = None) -> OffloadPlan:
     """The ``OffloadPlan`` of a ``zero_optimization`` section.
 
     ``offload_optimizer.device: "cpu"`` (or DeepSpeed's deprecated ``cpu_offload: true``)
     offloads the master weights and optimizer state, to ``pinned_host`` unless
-    ``pin_memory`` (or ``cpu_offload_use_pin_memory``) is false. ``"nvme"`` and
-    ``offload_param`` are not built yet (the config loader warns; states stay on device).
-    ``ratio`` (stage 3; DeepSpeed's Twin-Flow) offloads that share of the parameters' states.
+    ``pin_memory`` (or ``cpu_offload_use_pin_memory``) is false; ``ratio`` (stage 3;
+    DeepSpeed's Twin-Flow) offloads that share of the parameters' states.
+    ``offload_param.device: "cpu"`` (or ``cpu_offload_param: true``; stage 3 only, as in
+    DeepSpeed) keeps the parameters in host memory. ``"nvme"`` is not built yet (the config
+    loader warns; those states stay on device).
 
     Raises:
-      ValueError: the devices have no memory space of the requested kind (naming the key).
+      ValueError: the devices have no memory space of the requested kind, or parameter
+        offload without stage 3 (naming the key).
     """
-    opt = zero.offload_optimizer
-    wanted = (opt is not None and opt.device == "cpu") or (
-        opt is None and bool(zero.cpu_offload))
-    if not wanted:
-        return OffloadPlan()
-    pin = opt.pin_memory if opt is not None else zero.cpu_offload_use_pin_memory is not False
-    kind = "pinned_host" if pin else "unpinned_host"
     devices = jax.devices() if devices is None else devices
-    kinds = _memory_kinds(devices)
-    if kind not in kinds:
+    opt, par = zero.offload_optimizer, zero.offload_param
+    optimizer = params = None
+    if (opt is not None and opt.device == "cpu") or (opt is None and bool(zero.cpu_offload)):
         key = ("zero_optimization.offload_optimizer" if opt is not None
                else "zero_optimization.cpu_offload")
-        raise ValueError(
-            f"{key}: the {devices[0].platform} devices have no {kind!r} memory space (they "
-            f"have {sorted(kinds)}), so the optimizer state cannot be placed in host memory; "
-            + ("set pin_memory to false, or " if kind == "pinned_host"
-               and "unpinned_host" in kinds else "")
-            + "remove the offload section")
-    return OffloadPlan(optimizer=kind, ratio=1.0 if opt is None else float(opt.ratio))
+        pin = opt.pin_memory if opt is not None else zero.cpu_offload_use_pin_memory is not False
+        optimizer = _host_kind(key, pin, devices, "the optimizer state")
+    if (par is not None and par.device == "cpu") or (par is None and bool(zero.cpu_offload_param)):
+        key = ("zero_optimization.offload_param" if par is not None
+               else "zero_optimization.cpu_offload_param")
+        if zero.stage != 3:
+            raise ValueError(f"{key}: parameter offload needs zero_optimization.stage 3 (as in "
+                             f"DeepSpeed), got stage {zero.stage}")
+        pin = par.pin_memory if par is not None else zero.cpu_offload_use_pin_memory is not False
+        params = _host_kind(key, pin, devices, "the parameters")
+    return OffloadPlan(optimizer=optimizer, params=params,
+                       ratio=1.0 if opt is None else float(opt.ratio))
 
 
 def with_kind(shardings: PyTree, kind: str | None) -> PyTree:

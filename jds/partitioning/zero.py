@@ -437,16 +437,21 @@ class ParamGather:
       mesh: the device mesh.
       rules: logical -> mesh rules, as ``((name, mesh axes), ...)`` (hashable).
       layout: the ZeRO layout (which states are sharded over which axes).
+      host: the parameters rest in host memory (ZeRO-Infinity's ``offload_param``): each
+        is copied to the device at its point of use (one layer's slice inside the layer
+        scan), and its gradient goes back to host memory.
     """
 
     mesh: Mesh
     rules: tuple[tuple[str, tuple[str, ...]], ...]
     layout: ZeroLayout
+    host: bool = False
 
     @classmethod
-    def create(cls, mesh: Mesh, rules: Rules, layout: ZeroLayout) -> ParamGather:
+    def create(cls, mesh: Mesh, rules: Rules, layout: ZeroLayout, *,
+               host: bool = False) -> ParamGather:
         """A ``ParamGather`` for ``rules`` given as a mapping."""
-        return cls(mesh, tuple((k, tuple(v)) for k, v in rules.items()), layout)
+        return cls(mesh, tuple((k, tuple(v)) for k, v in rules.items()), layout, host)
 
     @property
     def sharded(self) -> bool:
@@ -469,10 +474,14 @@ class ParamGather:
         base = logical_to_spec(axes, rules, mesh=mesh, shape=tuple(x.shape),
                                what=f"param {axes}")
         if not self.sharded:
+            if self.host:  # to the device (its cotangent goes back to the host)
+                x = jax.device_put(x, traced_sharding(mesh, base).with_memory_kind("device"))
             return jax.lax.with_sharding_constraint(x, traced_sharding(mesh, base))
         dim = zero_dim(tuple(x.shape), axes, base, mesh.shape,
                        self.layout.group_size(mesh.shape))
         grad_spec = add_axes(base, x.ndim, dim, self.layout.grads)
+        if self.host:  # this shard to the device (its cotangent goes back to the host)
+            x = jax.device_put(x, traced_sharding(mesh, grad_spec).with_memory_kind("device"))
         return checkpoint_name(
             _gather(x, traced_sharding(mesh, base), traced_sharding(mesh, grad_spec)), GATHERED
         )

@@ -442,7 +442,8 @@ def estimate_report(
     groups = engine.zero_layout.describe(engine.mesh)
     config_states = model_states_for_groups(psi_mp, groups, **kw)
     formula["config"] = {**config_states.as_dict(),
-                         **config_states.placement(engine.offload.optimizer is not None)}
+                         **config_states.placement(engine.offload.optimizer is not None,
+                                                   engine.offload.params is not None)}
     largest = _largest_layer_params(rows)
     batch = engine.batch
     report: dict[str, Any] = {
@@ -532,18 +533,18 @@ def fit_report(
                 break
         dp = data_parallel_size(engine.mesh)
         prec = engine.config.precision
-        offloaded = engine.offload.optimizer is not None
+        offloaded = (engine.offload.optimizer is not None, engine.offload.params is not None)
         row["formula"] = next((n for n in order if _formula_device_bytes(
             sizes[n], stage, dp, prec, offloaded) <= device_memory), None)
         row["deepspeed"] = None
         if stage >= 2:
             for n in order:
                 ds = deepspeed_estimates(*counts[n], dp // nodes, nodes)
-                gpu = next(r["gpu_bytes"] for r in ds if r["stage"] == stage
-                           and bool(r["offload_optimizer"]) == offloaded
-                           and not r["offload_param"]
-                           and r["zero_init"] in (None, True))
-                if gpu <= device_memory:
+                gpu = next((r["gpu_bytes"] for r in ds if r["stage"] == stage
+                            and bool(r["offload_optimizer"]) == offloaded[0]
+                            and bool(r["offload_param"]) == offloaded[1]
+                            and r["zero_init"] in (None, True)), None)
+                if gpu is not None and gpu <= device_memory:  # None: DeepSpeed has no row
                     row["deepspeed"] = n
                     break
         rows.append(row)
@@ -553,11 +554,11 @@ def fit_report(
 
 
 def _formula_device_bytes(psi: int, stage: int, dp: int, precision: str,
-                          offloaded: bool) -> float:
+                          offloaded: tuple[bool, bool]) -> float:
     """The ZeRO formula's model-state bytes per device left in device memory (gradients
-    included; with optimizer offload, without the master weights and optimizer state)."""
+    included; without what ``offloaded`` = (optimizer, parameters) moves to the host)."""
     states = model_states_per_device(psi, stage, dp, precision=precision)
-    return states.total - states.placement(offloaded)["host"]
+    return states.total - states.placement(*offloaded)["host"]
 
 
 def _preset_params(name: str) -> tuple[int, int]:
