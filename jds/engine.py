@@ -43,7 +43,13 @@ from jds.models import base
 from jds.partitioning import pipeline as pp
 from jds.partitioning.batch import BatchPlacer
 from jds.partitioning.mesh import data_parallel_size
-from jds.partitioning.offload import DEVICE_KIND, OffloadedStates, offload_plan, with_kind
+from jds.partitioning.offload import (
+    DEVICE_KIND,
+    OffloadedStates,
+    check_host_memory,
+    offload_plan,
+    with_kind,
+)
 from jds.partitioning.rules import DEFAULT_RULES, Rules, axes_shardings, use_rules
 from jds.partitioning.zero import ParamGather, make_plan, parallel_layout
 from jds.precision import policy_for
@@ -134,6 +140,15 @@ class TrainEngine(EngineCheckpoints):
                                                      self.rules)
         self._replicated = NamedSharding(self.mesh, PartitionSpec())
         self.schedule, self.tx, self.loss_scale_cfg = optimizer_parts(cfg)
+        if self.offload.any and not shapes_only:  # refuse what cannot fit, before making it
+            shapes, _ = build_state(
+                cfg, self.tx, sp, params=self.param_shardings, master=self.master_shardings,
+                frozen=self.frozen_shardings, model_state=self.model_state_shardings,
+                replicated=self._replicated, shapes_only=True)
+            try:
+                check_host_memory(shapes, self.offload, len(self.mesh.local_devices))
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         self.state, self.state_shardings = build_state(
             cfg, self.tx, sp, params=self.param_shardings, master=self.master_shardings,
             frozen=self.frozen_shardings, model_state=self.model_state_shardings,

@@ -237,6 +237,16 @@ def test_no_host_memory_space_is_a_config_error(monkeypatch):
         jds.initialize(model=lm(), config=config(2, "bf16", {"device": "cpu"}))
 
 
+def test_offload_beyond_the_hosts_memory_is_refused_before_any_work(monkeypatch):
+    monkeypatch.setattr(off, "available_host_memory", lambda: 100_000)
+    with pytest.raises(ConfigError, match=r"zero_optimization.offload_optimizer: the offloaded "
+                       r"states need 0.4 MiB of host memory on this process \(8 device\(s\)\), "
+                       r"but 0.1 MiB is available"):
+        jds.initialize(model=lm(), config=config(2, "bf16", {"device": "cpu"}))
+    monkeypatch.setattr(off, "available_host_memory", lambda: 10**12)
+    jds.initialize(model=lm(), config=config(2, "bf16", {"device": "cpu"}))
+
+
 @pytest.mark.parametrize("zero, match", [
     ({"stage": 2, "offload_param": CPU}, "offload_param: parameter offload needs "
      "zero_optimization.stage 3"),

@@ -56,6 +56,7 @@ would not be per-leaf; jds builds none.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -207,6 +208,54 @@ def bytes_by_kind(tree: PyTree) -> dict[str, int]:
         kind = memory_kind(x)
         out[kind] = out.get(kind, 0) + shard_bytes(x)
     return out
+
+
+def available_host_memory() -> int | None:
+    """Bytes of host memory available to allocate (``MemAvailable`` in ``/proc/meminfo``,
+    else ``sysconf``), or None where the system does not say."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_host_memory(state: PyTree, plan: OffloadPlan, local_devices: int,
+                      available: int | None = None) -> int:
+    """Refuse an offload whose host-resident states do not fit this host, before any
+    array is made.
+
+    Args:
+      state: the train state's shapes with their shardings (``ShapeDtypeStruct``s).
+      plan: the offload plan (for the error's key names).
+      local_devices: this process's devices: each holds its own shard in host memory.
+      available: host bytes available (default ``available_host_memory()``).
+
+    Returns:
+      The host bytes the offloaded states need on this process.
+
+    Raises:
+      ValueError: they need more than is available (naming the keys and both sizes).
+    """
+    need = bytes_by_kind(state)
+    need = sum(v for k, v in need.items() if k != DEVICE_KIND) * local_devices
+    available = available_host_memory() if available is None else available
+    if available is not None and need > available:
+        keys = [k for k, on in (("offload_optimizer", plan.optimizer),
+                                ("offload_param", plan.params)) if on]
+        raise ValueError(
+            f"zero_optimization.{' and '.join(keys)}: the offloaded states need "
+            f"{need / 2**20:,.1f} MiB of host memory on this process ({local_devices} "
+            f"device(s)), but {available / 2**20:,.1f} MiB is available; free host memory, "
+            "offload a share (offload_optimizer.ratio, stage 3), or spread the run over more "
+            "hosts")
+    return need
 
 
 # XLA's memory space number for host memory in layouts (``f32[2,4]{1,0:S(5)}``).
@@ -395,7 +444,9 @@ __all__ = [
     "HOST_KINDS",
     "OffloadPlan",
     "OffloadedStates",
+    "available_host_memory",
     "bytes_by_kind",
+    "check_host_memory",
     "chunk_leaves",
     "entry_memory",
     "memory_kind",
