@@ -181,12 +181,18 @@ def test_estimate_reports_device_and_host_bytes(capsys):
     assert c["device_peak"] == c["peak"] - c["host_argument"] - c["host_output"] + c["host_alias"]
 
 
-@pytest.mark.parametrize("platform", ["cuda", "tpu"])
-def test_step_lowers_for_accelerators_with_host_memory_annotations(platform):
-    e = mr.shapes_engine("llama-tiny", config(3), jax.devices(), offload_optimizer="cpu")
+@pytest.mark.parametrize("platform, params", [("cuda", False), ("tpu", False), ("cuda", True)])
+def test_step_lowers_for_accelerators_with_host_memory_annotations(platform, params):
+    cfg = config(3, "bf16", CPU)
+    if params:
+        cfg["zero_optimization"]["offload_param"] = CPU
+    e = mr.shapes_engine("llama-tiny", cfg, jax.devices())
     text = e.lower_train_step(16, platform=platform).as_text()
     assert 'mhlo.memory_kind = "pinned_host"' in text
     assert 'mhlo.memory_kind = "device"' in text  # the streamed update's copies
+    if params:  # each layer's copy to the device is made inside the layer scan's body
+        bodies = [f for f in text.split("\n  func.func ")[1:] if not f.startswith("public @main")]
+        assert any("annotate_device_placement" in f for f in bodies)
 
 
 def test_checkpoints_move_between_offloaded_and_device_runs(tmp_path):
