@@ -2,15 +2,17 @@
 ZeRO-3, the parameters) in host memory, the update streamed through the device inside the
 one compiled train step.
 
-Every array of the train state has a sharding, and a sharding has a memory kind: ``device``,
-``pinned_host`` or ``unpinned_host`` (JAX's memory kinds; the CPU backend has them too). DeepSpeed's
-``zero_optimization.offload_optimizer: {"device": "cpu"}`` is, in jds, nothing more than the
-host memory kind on the shardings of ``state.master`` and ``state.opt_state`` (``pin_memory``
-picks ``pinned_host`` or ``unpinned_host``), with the ZeRO stage's partitioning unchanged:
-under stage 1-3 every data-parallel device's host holds its own shard. The compute copy
+Every array of the train state has a sharding, and a sharding has a memory kind:
+``device``, ``pinned_host`` or ``unpinned_host`` (JAX's memory kinds; the CPU backend has
+them too). DeepSpeed's ``zero_optimization.offload_optimizer: {"device": "cpu"}`` is, in
+jds, nothing more than the host memory kind on the shardings of ``state.master`` and
+``state.opt_state`` (``pin_memory`` picks ``pinned_host`` or ``unpinned_host``), with the
+ZeRO stage's partitioning unchanged: under stage 1-3 every data-parallel device's host
+holds its own shard. The compute copy
 (bf16/fp16 ``state.params``), the gradients and the activations stay in device memory, so
 the persistent device bytes are DeepSpeed's ZeRO-Offload figures (2 bytes/param of bf16
-parameters under stage 1/2, ``2/Nd`` under stage 3).
+parameters under stage 1/2, ``2/Nd`` under stage 3). ``ratio`` (DeepSpeed's Twin-Flow)
+gives the host kind to that share of the parameters' states only.
 
 **Where the update runs.** ``streamed_update`` brings the states to the device a chunk at a
 time inside the compiled step, after the gradients exist, applies the optax update there
@@ -31,7 +33,8 @@ condition, a ``jnp.where`` in LAMB), so a host-side update fails to trace for Ad
 ``lax.cond`` and for LAMB at all (tried; ``ValueError: memory_space of all inputs passed to
 select_n must be the same``). The streamed update needs no such typing: every optimizer
 computes on device arrays, as without offload. On a GPU the streamed update also keeps the
-optimizer on the fast processor: DeepSpeed's CPU Adam is what its users find slow.
+optimizer on the fast processor (DeepSpeed's CPU Adam is what its users find slow); that it
+is the faster of the two there is reasoning, not yet a measurement (no GPU so far).
 
 **Parameter offload** (ZeRO-Infinity's ``offload_param: {"device": "cpu"}``, stage 3): the
 parameters (the compute copy and frozen ones) rest in host memory too, sharded as ZeRO-3
