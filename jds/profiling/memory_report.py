@@ -674,6 +674,10 @@ def estimate_text(report: Mapping[str, Any]) -> str:
                          f"{_b(c['device_peak'])}")
         if c.get("breakdown"):
             lines += _breakdown_lines(c["breakdown"])
+            if c.get("host_argument"):  # XLA:CPU simulates one heap for both memories
+                lines.append("(XLA:CPU simulates one heap: the host-memory states above — "
+                             f"{r.get('offload', 'offload')} — count in this table; they "
+                             "are not in the device peak)")
     return "\n".join(lines) + "\n"
 
 
