@@ -140,19 +140,17 @@ class TrainEngine(EngineCheckpoints):
                                                      self.rules)
         self._replicated = NamedSharding(self.mesh, PartitionSpec())
         self.schedule, self.tx, self.loss_scale_cfg = optimizer_parts(cfg)
+        placement = dict(params=self.param_shardings, master=self.master_shardings,
+                         frozen=self.frozen_shardings, model_state=self.model_state_shardings,
+                         replicated=self._replicated)
         if self.offload.any and not shapes_only:  # refuse what cannot fit, before making it
-            shapes, _ = build_state(
-                cfg, self.tx, sp, params=self.param_shardings, master=self.master_shardings,
-                frozen=self.frozen_shardings, model_state=self.model_state_shardings,
-                replicated=self._replicated, shapes_only=True)
+            shapes, _ = build_state(cfg, self.tx, sp, **placement, shapes_only=True)
             try:
                 check_host_memory(shapes, self.offload, len(self.mesh.local_devices))
             except ValueError as e:
                 raise ConfigError(str(e)) from None
         self.state, self.state_shardings = build_state(
-            cfg, self.tx, sp, params=self.param_shardings, master=self.master_shardings,
-            frozen=self.frozen_shardings, model_state=self.model_state_shardings,
-            replicated=self._replicated, factory=factory, trainable=trainable,
+            cfg, self.tx, sp, **placement, factory=factory, trainable=trainable,
             shapes_only=shapes_only, tracing=self._tracing)
 
         step_cfg = StepConfig(

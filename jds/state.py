@@ -38,6 +38,7 @@ from jax.sharding import NamedSharding
 
 from jds.config import Config, OptimizerConfig
 from jds.optim import build_optimizer, build_schedule
+from jds.partitioning.offload import DEVICE_KIND, with_kind
 from jds.precision import LossScaleConfig, LossScaleState, cast_tree, init_loss_scale, policy_for
 
 PyTree = Any
@@ -180,7 +181,7 @@ def build_state(
                             abstract, shardings), shardings
     # the fresh weights are made in device memory; init's output shardings place the
     # master copy and optimizer state where they live (host memory under ZeRO-Offload)
-    placed = (jax.tree.map(lambda s: s.with_memory_kind("device"), master), frozen, model_state)
+    placed = (with_kind(master, DEVICE_KIND), frozen, model_state)
     if factory is None:
         values = jax.device_put((jax.tree.map(lambda x: jnp.asarray(x, jnp.float32),
                                               split.params), split.frozen, split.model_state),

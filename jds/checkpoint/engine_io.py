@@ -17,6 +17,7 @@ import jax
 
 from jds.checkpoint.orbax import Checkpointer
 from jds.models.base import describe_model
+from jds.partitioning.offload import DEVICE_KIND, with_kind
 from jds.state import TrainState
 
 PyTree = Any
@@ -100,8 +101,7 @@ class EngineCheckpoints:
         s = self.state
         # computed from device memory; init's output shardings place each state (host
         # memory for ZeRO-Offload's master weights and optimizer state)
-        on_device = jax.tree.map(lambda sh: sh.with_memory_kind("device"),
-                                 self.state_shardings.fp32_params)
+        on_device = with_kind(self.state_shardings.fp32_params, DEVICE_KIND)
         return jax.jit(self._init_state, out_shardings=self.state_shardings)(
             jax.device_put(fp32_params, on_device), s.frozen, s.model_state)
 
