@@ -39,7 +39,9 @@ from jds.config import Config, ConfigError
 from jds.distributed import init_distributed, peer_failure_guard
 from jds.host_env import release_free_heap
 from jds.kernels.platform import lowering_for
+from jds.lora.core import apply as lora_apply
 from jds.models import base
+from jds.models.adapters import is_adapted
 from jds.partitioning import pipeline as pp
 from jds.partitioning.batch import BatchPlacer
 from jds.partitioning.mesh import data_parallel_size
@@ -86,7 +88,7 @@ class TrainEngine(EngineCheckpoints):
         config: str | os.PathLike | Mapping | Config | None = None,
         *,
         loss_fn: base.LossFn | base.Loss | None = None,
-        trainable: base.Filter = nnx.Param,
+        trainable: base.Filter | None = None,
         devices: Sequence[jax.Device] | None = None,
         rules: Rules = DEFAULT_RULES,
         shapes_only: bool = False,
@@ -104,6 +106,11 @@ class TrainEngine(EngineCheckpoints):
         self.placer = BatchPlacer(self.mesh, self.rules)
 
         module, factory = base.resolve_model(model)
+        if cfg.lora.enabled:
+            module, factory = _with_lora(module, factory, cfg)
+        if trainable is None:  # a model with adapters trains them; any other every parameter
+            trainable = nnx.LoRAParam if is_adapted(module) else nnx.Param
+        self.trainable = trainable
         self.loss = base.as_loss(loss_fn, module)
         try:
             self.offload = offload_plan(cfg.zero_optimization, self.mesh.devices.flat)
@@ -573,6 +580,27 @@ def _state_fields(include: Sequence[Any] | None) -> list[str]:
     return sorted({f for n in names for f in OFFLOAD_STATE_TYPES[n]})
 
 
+def _with_lora(module: nnx.Module, factory: Callable[[], nnx.Module] | None, cfg: Config
+               ) -> tuple[nnx.Module, Callable[[], nnx.Module] | None]:
+    """The config's ``lora`` section applied to a copy of the model (the caller's module is
+    never changed), or inside its factory."""
+    c = cfg.lora
+    kwargs = dict(r=c.r, alpha=c.alpha, dropout=c.dropout, target_modules=c.target_modules,
+                  init=c.init, use_rslora=c.use_rslora, quantize_base=c.quantize_base,
+                  seed=int(cfg.seed))
+
+    def adapt(m: nnx.Module) -> nnx.Module:
+        try:
+            return lora_apply(m, **kwargs)
+        except ValueError as e:
+            raise ConfigError(f"lora: {e}") from None
+
+    if factory is not None:
+        made = lambda: adapt(factory())  # noqa: E731
+        return nnx.eval_shape(made), made
+    return adapt(nnx.merge(*nnx.split(module))), None
+
+
 def _to_floats(metrics: Mapping[str, jax.Array]) -> dict[str, float]:
     return {k: float(v) for k, v in jax.device_get(dict(metrics)).items()}
 
@@ -582,7 +610,7 @@ def initialize(
     config: str | os.PathLike | Mapping | Config | None = None,
     *,
     loss_fn: base.LossFn | base.Loss | None = None,
-    trainable: base.Filter = nnx.Param,
+    trainable: base.Filter | None = None,
     devices: Sequence[jax.Device] | None = None,
 ) -> TrainEngine:
     """Create a ``TrainEngine`` (DeepSpeed's ``deepspeed.initialize``).
@@ -593,8 +621,10 @@ def initialize(
       config: ``ds_config.json`` path, dict, or ``jds.Config``; None = defaults.
       loss_fn: ``loss_fn(model, batch) -> loss | (loss, {name: metric})``, the mean loss of
         a micro-batch (a scalar); default the causal-LM loss for jds's language models.
-      trainable: an nnx filter choosing the parameters that train (default every
-        ``nnx.Param``); the others are frozen: no master copy, optimizer state or gradient.
+      trainable: an nnx filter choosing the parameters that train (default: the LoRA
+        adapters, ``nnx.LoRAParam``, when the model has any or the config's ``lora`` section
+        adds them; else every ``nnx.Param``); the others are frozen: no master copy,
+        optimizer state or gradient.
       devices: devices for the mesh; default all (every process's, in a multi-host job:
         ``jds.init_distributed`` joins it first when the environment says so).
 

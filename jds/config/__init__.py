@@ -54,6 +54,7 @@ from jds.config.sections import (
     Int,
     LambParams,
     LionParams,
+    LoRAConfig,
     LRRangeTestParams,
     MeshConfig,
     Num,
@@ -62,6 +63,7 @@ from jds.config.sections import (
     OneCycleParams,
     OptimizerConfig,
     PipelineConfig,
+    ProgressiveLayerDropConfig,
     SchedulerConfig,
     TrainConfig,
     WarmupCosineLRParams,
@@ -81,7 +83,7 @@ NOT_IMPLEMENTED: dict[str, str] = {
     "wandb": "jds train writes TensorBoard and JSONL logs", "tensorboard": "DeepSpeed's monitor",
     "csv_monitor": "DeepSpeed's monitor", "comet": "DeepSpeed's monitor",
     "compression_training": "compression is not in jds yet", "data_efficiency": "not in jds yet",
-    "curriculum_learning": "not in jds yet", "progressive_layer_drop": "not in jds yet",
+    "curriculum_learning": "not in jds yet",
     "eigenvalue": "not in jds yet", "quantize_training": "compression is not in jds yet",
     "sparse_gradients": "JAX gradients are dense", "nebula": "jds checkpoints with Orbax",
     "amp": "use fp16 or bf16", "torch_autocast": "use fp16 or bf16", "aio": "no NVMe offload",
@@ -298,6 +300,9 @@ class Config(BaseModel):
         None, description="Layer remat (see Config.remat); null = train.remat decides.")
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig,
                                      description="Pipeline schedule (stages: mesh.stage).")
+    lora: LoRAConfig = Field(default_factory=LoRAConfig, description="LoRA / QLoRA adapters.")
+    progressive_layer_drop: ProgressiveLayerDropConfig = Field(
+        default_factory=ProgressiveLayerDropConfig, description="Progressive Layer Dropping.")
     flops_profiler: FlopsProfilerConfig = Field(
         default_factory=FlopsProfilerConfig, description="Profile the train step once.")
 
@@ -458,6 +463,11 @@ class Config(BaseModel):
             del out["activation_checkpointing"]
         elif out["activation_checkpointing"]["policy"] is None:
             del out["activation_checkpointing"]["policy"]
+        # jds's own sections, left out when off (DeepSpeed 0.19 rejects progressive_layer_drop)
+        for key, section in (("lora", LoRAConfig), ("progressive_layer_drop",
+                                                    ProgressiveLayerDropConfig)):
+            if out[key] == section().model_dump(mode="json"):
+                del out[key]
         zero = out["zero_optimization"]
         for key, default in _DUMP_OMIT.items():
             if zero.get(key) == default:
@@ -551,7 +561,7 @@ __all__ = [
     "ActivationCheckpointingConfig", "AdamParams", "BF16Config", "BatchSizes", "Config",
     "ConfigError", "ConfigWarning",
     "FP16Config", "FlopsProfilerConfig", "LRRangeTestParams", "LambParams", "LionParams",
-    "MeshConfig",
+    "LoRAConfig", "MeshConfig", "ProgressiveLayerDropConfig",
     "OffloadOptimizerConfig", "OffloadParamConfig", "OneCycleParams", "OptimizerConfig",
     "SchedulerConfig", "TrainConfig", "WarmupCosineLRParams", "WarmupDecayLRParams",
     "WarmupLRParams", "ZeroConfig",

@@ -612,6 +612,40 @@ class FlopsProfilerConfig(_Section):
     output_file: str | None = Field(None, description="Write the profile here; null = stdout.")
 
 
+class LoRAConfig(_Section):
+    """jds's ``lora`` section: train LoRA adapters over a frozen base (``jds.lora.apply``).
+
+    The engine adds the adapters to its copy of the model and trains only them (the default
+    ``trainable`` becomes ``nnx.LoRAParam``). ``quantize_base: "int8"`` is QLoRA's frozen
+    int8 base. ``target_modules``: names (``q_proj``, ``wq``, a user module's path) or one
+    regex over module paths; null = the model's default (Llama: q_proj, v_proj; GPT-2:
+    c_attn; any other model: every ``nnx.Linear``).
+    """
+
+    enabled: Bool = Field(False, description="Add LoRA adapters and train only them.")
+    r: Int = Field(8, gt=0, description="Adapter rank.")
+    alpha: Num | None = Field(None, gt=0, description="Scale numerator (PEFT's lora_alpha); "
+                              "null = r (scale 1).")
+    dropout: Num = Field(0.0, ge=0, lt=1, description="Dropout on the adapters' input.")
+    target_modules: list[str] | str | None = Field(
+        None, description="Module names, or one regex over module paths; null = default.")
+    init: Literal["default", "gaussian", "pissa"] = Field(
+        "default", description="PEFT's Kaiming-uniform A, N(0, 1/r) A, or PiSSA's SVD.")
+    use_rslora: Bool = Field(False, description="Scale by alpha / sqrt(r).")
+    quantize_base: Literal["int8"] | None = Field(
+        None, description="QLoRA: store the frozen base matrices as int8.")
+
+
+class ProgressiveLayerDropConfig(_Section):
+    """DeepSpeed's ``progressive_layer_drop`` section (PLD, ``jds.models.layer_drop``):
+    layer ``l`` of ``L`` is kept with probability ``1 - (l + 1) / L * (1 - theta_t)``, where
+    ``theta_t = (1 - theta) * exp(-gamma * t) + theta`` follows DeepSpeed's schedule."""
+
+    enabled: Bool = Field(False, description="Drop layers stochastically in training.")
+    theta: Num = Field(0.5, gt=0, le=1, description="Keep probability the schedule decays to.")
+    gamma: Num = Field(0.001, ge=0, description="How fast it decays, per step.")
+
+
 class PipelineConfig(_Section):
     """The ``pipeline`` section: DeepSpeed's pipeline keys plus jds's schedule choice.
 

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jds.kernels.attention import check_implementation
+from jds.models.adapters import prepare_layers
 from jds.models.layers import (
     causal_attention,
     check_inputs,
@@ -162,7 +163,17 @@ def gpt2_block(
 
 
 class GPT2Layers(nnx.Module):
-    """The GPT-2 layers' weights, stacked: every parameter has a leading ``layers`` dim."""
+    """The GPT-2 layers' weights, stacked: every parameter has a leading ``layers`` dim.
+
+    ``LINEARS``, ``HF_NAMES``: as ``LlamaLayers`` (q, k and v are one ``c_attn`` in HF).
+    """
+
+    LINEARS = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w_fc": 1, "w_proj": 1}
+    HF_NAMES = {"wq": "attn.c_attn", "wk": "attn.c_attn", "wv": "attn.c_attn",
+                "wo": "attn.c_proj", "w_fc": "mlp.c_fc", "w_proj": "mlp.c_proj"}
+    LORA_DEFAULT_TARGETS = ("wq", "wk", "wv")  # PEFT's default for GPT-2: c_attn
+    HF_PREFIX = "transformer.h"  # the Hugging Face module path of layer i: HF_PREFIX.i
+    HF_FAN_IN_FAN_OUT = True  # HF stores these matrices [in, out] (Conv1D)
 
     def __init__(self, cfg: GPT2Config, *, rngs: nnx.Rngs, param_dtype: Any) -> None:
         L, D, F = cfg.n_layer, cfg.n_embd, cfg.inner_size
@@ -287,11 +298,12 @@ class GPT2(nnx.Module):
         """
         del positions_BT
         block = partial(gpt2_block, cfg=self.config)
+        params_L, bind = prepare_layers(self.layers, params_L)
         with jax.named_scope("layers"):
             return scan_layers(
                 block, params_L, x_BTD, segment_ids_BT, remat=self.remat,
                 axes=stacked_axes(self.layers), group=checkpoint_every,
-                gather=self.param_gather,
+                gather=self.param_gather, bind=bind,
             )
 
     def layer_fn(self) -> Callable[..., jax.Array]:

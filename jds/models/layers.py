@@ -61,13 +61,24 @@ def const_param(
     return nnx.Param(jnp.full(shape, fill, dtype), axes=axes)
 
 
+class QuantScale(nnx.Variable):
+    """The fp32 scales of a frozen int8 layer matrix (QLoRA's quantized base, ``jds.lora``).
+
+    Not an ``nnx.Param``: never trained, and not cast to the compute dtype with the frozen
+    parameters (the engine keeps other variables as they are).
+    """
+
+
+STACKED_VARIABLES = (nnx.Param, QuantScale)
+
+
 def stacked_params(module: nnx.Module) -> dict[str, jax.Array]:
-    """The ``nnx.Param`` arrays held directly by ``module``, by attribute name.
+    """The ``nnx.Param`` (and ``QuantScale``) arrays held directly by ``module``, by name.
 
     Used on the module that holds the layer-stacked weights: every value has a leading
     ``layers`` dimension, so the dict can be scanned over as it is.
     """
-    return {k: v[...] for k, v in vars(module).items() if isinstance(v, nnx.Param)}
+    return {k: v[...] for k, v in vars(module).items() if isinstance(v, STACKED_VARIABLES)}
 
 
 def stacked_axes(module: nnx.Module) -> dict[str, tuple[str | None, ...]]:
@@ -75,7 +86,7 @@ def stacked_axes(module: nnx.Module) -> dict[str, tuple[str | None, ...]]:
     return {
         k: tuple(v.get_metadata()["axes"])[1:]
         for k, v in vars(module).items()
-        if isinstance(v, nnx.Param)
+        if isinstance(v, STACKED_VARIABLES)
     }
 
 
@@ -89,7 +100,7 @@ def gather_layer(p: dict[str, jax.Array], axes: dict[str, tuple[str | None, ...]
     the backward pass, reduce-scatters that layer's gradients). Without a ``gather`` it
     is the identity.
     """
-    return {k: gather_param(v, axes[k], gather) for k, v in p.items()}
+    return {k: gather_param(v, axes[k], gather) if k in axes else v for k, v in p.items()}
 
 
 def embed_lookup(
@@ -148,7 +159,32 @@ class QuantizedWeight:
     axes: tuple = dataclasses.field(metadata={"static": True}, default=())
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LoRAWeight:
+    """A frozen layer matrix with a low-rank adapter: ``x @ W + (dropout(x) @ A) @ B * scale``.
+
+    Built inside the layer scan from one layer's weights (``jds.lora.layer_binder``); the
+    base is the gathered matrix (or a ``QuantizedWeight``: QLoRA), used once.
+
+    Attributes:
+      base: the layer matrix ``[*in, *out]`` or a ``QuantizedWeight``.
+      a: ``[*in, r]``. b: ``[r, *out]``.
+      key: a PRNG key for the adapter's dropout, or None (no dropout: evaluation).
+      scale: ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA), static.
+      rate: the dropout rate on the adapter's input, static.
+    """
+
+    base: Any
+    a: jax.Array
+    b: jax.Array
+    key: jax.Array | None = None
+    scale: float = dataclasses.field(metadata={"static": True}, default=1.0)
+    rate: float = dataclasses.field(metadata={"static": True}, default=0.0)
+
+
 def _int8_local(x: jax.Array, q: jax.Array, scale: jax.Array, n_in: int) -> jax.Array:
+    # differentiable in x (the kernels define their VJP): QLoRA trains through a frozen base
     from jds.kernels.quant import int8_matmul
 
     k = int(np.prod(q.shape[:n_in]))
@@ -156,15 +192,32 @@ def _int8_local(x: jax.Array, q: jax.Array, scale: jax.Array, n_in: int) -> jax.
     return y.reshape(*x.shape[:x.ndim - n_in], *q.shape[n_in:])
 
 
+def _lora_dense(subscripts: str, x: jax.Array, w: LoRAWeight) -> jax.Array:
+    y = dense(subscripts, x, w.base)
+    lhs, out = subscripts.replace(" ", "").split("->")
+    xs, ws = lhs.split(",")
+    n_in = w.a.ndim - 1
+    r = next(c for c in "rzyxwvu" if c not in subscripts)
+    batch = xs[:len(xs) - n_in]
+    if w.key is not None and w.rate > 0.0:
+        keep = jax.random.bernoulli(w.key, 1.0 - w.rate, x.shape)
+        x = jnp.where(keep, x / (1.0 - w.rate), 0).astype(x.dtype)
+    t = jnp.einsum(f"{xs},{ws[:n_in]}{r}->{batch}{r}", x, w.a.astype(x.dtype))
+    delta = jnp.einsum(f"{batch}{r},{r}{ws[n_in:]}->{out}", t, w.b.astype(x.dtype))
+    return y + (delta * w.scale).astype(y.dtype)
+
+
 def _mesh_axes(entry: Any, mesh: jax.sharding.Mesh) -> tuple[str, ...]:
     names = (entry,) if isinstance(entry, str) else tuple(entry or ())
     return tuple(a for a in names if mesh.shape[a] > 1)
 
 
-def dense(subscripts: str, x: jax.Array, w: jax.Array | QuantizedWeight) -> jax.Array:
+def dense(subscripts: str, x: jax.Array, w: jax.Array | QuantizedWeight | LoRAWeight
+          ) -> jax.Array:
     """``jnp.einsum(subscripts, x, w)`` for a layer matrix ``w`` contracted with x's trailing
     dims; for a ``QuantizedWeight`` the weight-only int8 matmul
-    (``jds.kernels.quant.int8_matmul``: Pallas on GPU/TPU, XLA on CPU) in x's dtype.
+    (``jds.kernels.quant.int8_matmul``: Pallas on GPU/TPU, XLA on CPU) in x's dtype; for a
+    ``LoRAWeight`` the base's product plus the adapter's ``(x @ A) @ B * scale``.
 
     A Pallas call is opaque to XLA's partitioner, which would gather a tensor-parallel weight
     whole onto every device before it. So under sharding rules a ``QuantizedWeight`` split
@@ -173,6 +226,8 @@ def dense(subscripts: str, x: jax.Array, w: jax.Array | QuantizedWeight) -> jax.
     dims split, with x split the same way) gives partial sums, added with one ``psum`` —
     the all-reduce XLA would place after the einsum. Batch dims of x stay whole.
     """
+    if isinstance(w, LoRAWeight):
+        return _lora_dense(subscripts, x, w)
     if not isinstance(w, QuantizedWeight):
         return jnp.einsum(subscripts, x, w)
     from jds.partitioning.rules import active_rules, logical_to_spec
@@ -292,6 +347,7 @@ def scan_layers(
     axes: dict[str, tuple[str | None, ...]] | None = None,
     group: int = 0,
     gather: ParamGather | None = None,
+    bind: Callable[[dict], dict] | None = None,
 ) -> jax.Array:
     """Run ``x = block_fn(params_l, x, *args)`` for every layer ``l`` with ``lax.scan``.
 
@@ -310,6 +366,10 @@ def scan_layers(
         ``activation_checkpoint_interval``): only each group's input is kept, and the
         backward pass recomputes the group's ``k`` layers; ``remat`` is then unused.
       gather: the model's ``ParamGather`` (ZeRO-3 / tensor-parallel layouts), or None.
+      bind: ``p -> p`` applied to one layer's gathered weights before ``block_fn``
+        (``jds.lora.layer_binder``: adapters and int8 bases become ``LoRAWeight`` /
+        ``QuantizedWeight``). Entries of ``params_L`` that ``axes`` does not name (per-layer
+        PRNG keys, layer-drop draws) are scanned but not gathered.
 
     Returns:
       The residual stream after the last layer.
@@ -320,6 +380,8 @@ def scan_layers(
     def layer(p: dict[str, jax.Array], carry: jax.Array, *a: Any) -> jax.Array:
         if axes is not None:  # gathered inside the checkpoint: re-gathered in backward
             p = gather_layer(p, axes, gather)
+        if bind is not None:
+            p = bind(p)
         return block_fn(p, carry, *a)
 
     if remat == "none" and axes is not None and gather is not None:
@@ -419,7 +481,10 @@ __all__ = [
     "causal_attention",
     "check_inputs",
     "check_remat",
+    "LoRAWeight",
+    "QuantScale",
     "QuantizedWeight",
+    "STACKED_VARIABLES",
     "const_param",
     "dense",
     "embed_lookup",

@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from jds.kernels.attention import check_implementation
+from jds.models.adapters import prepare_layers
 from jds.models.layers import (
     causal_attention,
     check_inputs,
@@ -262,7 +263,19 @@ def llama_block(
 
 # ------------------------------------------------------------------------------ modules
 class LlamaLayers(nnx.Module):
-    """The decoder layers' weights, stacked: every parameter has a leading ``layers`` dim."""
+    """The decoder layers' weights, stacked: every parameter has a leading ``layers`` dim.
+
+    ``LINEARS`` names the layer matrices (with their number of input dims) that LoRA can
+    adapt and QLoRA quantize (``jds.lora``); ``HF_NAMES`` their Hugging Face module names.
+    """
+
+    LINEARS = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w_gate": 1, "w_up": 1, "w_down": 1}
+    HF_NAMES = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj",
+                "wo": "self_attn.o_proj", "w_gate": "mlp.gate_proj", "w_up": "mlp.up_proj",
+                "w_down": "mlp.down_proj"}
+    LORA_DEFAULT_TARGETS = ("wq", "wv")  # PEFT's default for Llama: q_proj, v_proj
+    HF_PREFIX = "model.layers"  # the Hugging Face module path of layer i: HF_PREFIX.i
+    HF_FAN_IN_FAN_OUT = False  # HF stores these matrices [out, in] (nn.Linear)
 
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, param_dtype: Any) -> None:
         L, D, F = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size
@@ -385,11 +398,12 @@ class Llama(nnx.Module):
         ``checkpoint_every=k`` rematerialises in groups of ``k`` layers (see ``scan_layers``).
         """
         block = partial(llama_block, cfg=self.config)
+        params_L, bind = prepare_layers(self.layers, params_L)
         with jax.named_scope("layers"):
             return scan_layers(
                 block, params_L, x_BTD, positions_BT, segment_ids_BT, remat=self.remat,
                 axes=stacked_axes(self.layers), group=checkpoint_every,
-                gather=self.param_gather,
+                gather=self.param_gather, bind=bind,
             )
 
     def layer_fn(self) -> Callable[..., jax.Array]:

@@ -1,0 +1,319 @@
+"""LoRA on any NNX model: add adapters, quantize the frozen base (QLoRA), merge them back.
+
+``apply(model, ...)`` changes ``model`` in place and returns it:
+
+- a jds stacked decoder (a layers module with ``LINEARS``: ``Llama``, ``GPT2``) gets
+  stacked adapters beside each targeted matrix (``jds.models.adapters``): one adapter per
+  layer, all layers scanned together as before;
+- any ``nnx.Linear`` elsewhere (a user's own model) is wrapped in ``LoRALinear``.
+
+Adapters are ``nnx.LoRAParam``; once a model holds one, the engine's default ``trainable``
+is ``nnx.LoRAParam``, so the base has no master weights, optimizer state or gradients. An
+adapter carries the logical axes of the matrix it adapts (``A``: the input axes and an
+unsplit rank; ``B``: the rank and the output axes), so under tensor parallelism it is split
+as that matrix is, and under ZeRO-3 it is sharded and gathered per layer with it.
+
+Targets (``target_modules``), as PEFT reads them: a list of names, each matching a module
+whose path equals it or ends with ``.name`` (jds names such as ``wq`` or Hugging Face names
+such as ``q_proj`` / ``self_attn.q_proj`` for the stacked decoders), or one string, a regex
+that must match the whole path (``layers.wq``, or a Hugging Face path such as
+``model.layers.3.self_attn.q_proj``; in a stacked decoder a regex must select a matrix in
+every layer or in none, since the layers share one stack).
+
+Initialisation (``init``): ``"default"`` is PEFT's (``A`` Kaiming-uniform with
+``a = sqrt(5)``, i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)); ``B`` zero), ``"gaussian"``
+(``A ~ N(0, 1/r)``, ``B`` zero), ``"pissa"`` (PiSSA: ``A``, ``B`` from the top ``r``
+singular vectors of ``W``, and the base becomes the residual ``W - scale * A @ B``, so the
+model's output is unchanged at step 0).
+
+QLoRA (``quantize_base="int8"``): every adaptable matrix of the base (not only the targets;
+embeddings and the LM head stay) is stored as symmetric int8 with one fp32 scale per output
+channel (``jds.kernels.quant.quantize``) and multiplied with the W8A16 matmul: 1 byte per
+base parameter plus the scales. The adapters train in the compute dtype over it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jds.kernels.quant import quantize
+from jds.models.adapters import LORA_A, LORA_B, QSCALE, AdapterDropout, LoRALinear, LoRASpec
+from jds.models.layers import QuantScale
+
+INITS = ("default", "gaussian", "pissa")
+QUANTIZE_BASE = (None, "int8")
+
+
+def _stacked_layers(model: nnx.Module) -> list[tuple[tuple, nnx.Module]]:
+    return [(tuple(path), m) for path, m in nnx.iter_modules(model)
+            if getattr(type(m), "LINEARS", None)]
+
+
+def _matches(path: str, targets: str | Sequence[str]) -> bool:
+    if isinstance(targets, str):
+        return re.fullmatch(targets, path) is not None
+    return any(path == t or path.endswith("." + t) for t in targets)
+
+
+def _stacked_targets(layers: nnx.Module, targets: str | Sequence[str] | None) -> list[str]:
+    cls = type(layers)
+    if targets is None:
+        return list(cls.LORA_DEFAULT_TARGETS)
+    n_layers = int(next(iter(vars(layers)[n] for n in cls.LINEARS)).shape[0])
+    chosen = []
+    for name in cls.LINEARS:
+        hf = cls.HF_NAMES[name]
+        hits = [_matches(f"layers.{name}", targets)
+                or _matches(f"{cls.HF_PREFIX}.{i}.{hf}", targets) for i in range(n_layers)]
+        if any(hits) and not all(hits):
+            raise ValueError(
+                f"lora.target_modules={targets!r} selects {hf} in some layers only; jds's "
+                f"{cls.__name__} stacks every layer's {name} into one array, so a target "
+                "must select a matrix in every layer or in none")
+        if all(hits):
+            chosen.append(name)
+    return chosen
+
+
+def _init_ab(key: jax.Array, w: np.ndarray | jax.Array, n_in: int, spec: LoRASpec, init: str,
+             dtype: Any) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """``(A [*in, r], B [r, *out], new base or None)`` for one matrix ``w [*in, *out]``."""
+    in_dims, out_dims = w.shape[:n_in], w.shape[n_in:]
+    k, n = int(np.prod(in_dims)), int(np.prod(out_dims))
+    r = spec.r
+    if init == "pissa":
+        w32 = jnp.asarray(w, jnp.float32).reshape(k, n)
+        u, s, vt = jnp.linalg.svd(w32, full_matrices=False)
+        if r > s.shape[0]:
+            raise ValueError(f"lora.init='pissa' needs r <= min(in, out) = {s.shape[0]}; "
+                             f"got r={r}")
+        root = jnp.sqrt(s[:r] / spec.scale)
+        a = u[:, :r] * root
+        b = root[:, None] * vt[:r]
+        residual = (w32 - spec.scale * a @ b).reshape(w.shape).astype(w.dtype)
+        return (a.reshape(*in_dims, r).astype(dtype), b.reshape(r, *out_dims).astype(dtype),
+                residual)
+    if init == "gaussian":
+        a = jax.random.normal(key, (k, r), jnp.float32) / r
+    else:  # PEFT's default: kaiming_uniform(a=sqrt(5)) on lora_A.weight [r, in]
+        bound = 1.0 / math.sqrt(k)
+        a = jax.random.uniform(key, (k, r), jnp.float32, -bound, bound)
+    return (a.reshape(*in_dims, r).astype(dtype), jnp.zeros((r, *out_dims), dtype), None)
+
+
+def _axes(v: nnx.Variable, ndim: int) -> tuple:
+    axes = v.get_metadata().get("axes")
+    return tuple(axes) if axes is not None else (None,) * ndim
+
+
+def _adapt_stacked(layers: nnx.Module, names: list[str], spec: LoRASpec, init: str,
+                   key: jax.Array) -> None:
+    linears = type(layers).LINEARS
+    for name, k in zip(names, jax.random.split(key, len(names)), strict=True):
+        param = getattr(layers, name)
+        w = param[...]
+        if not jnp.issubdtype(w.dtype, jnp.floating):
+            raise ValueError(f"LoRA on {type(layers).__name__}.{name}: the base is {w.dtype}; "
+                             "apply LoRA before quantizing the base (apply(..., "
+                             "quantize_base='int8') does both in that order)")
+        n_in = linears[name]
+        ax = _axes(param, w.ndim)
+        parts = [_init_ab(kk, w[i], n_in, spec, init, w.dtype)
+                 for i, kk in enumerate(jax.random.split(k, w.shape[0]))]
+        a = jnp.stack([p[0] for p in parts])
+        b = jnp.stack([p[1] for p in parts])
+        if init == "pissa":
+            param[...] = jnp.stack([p[2] for p in parts])
+        setattr(layers, name + LORA_A, nnx.LoRAParam(a, axes=(*ax[:1 + n_in], None)))
+        setattr(layers, name + LORA_B, nnx.LoRAParam(b, axes=(ax[0], None, *ax[1 + n_in:])))
+
+
+def _quantize_stacked(layers: nnx.Module) -> None:
+    for name, n_in in type(layers).LINEARS.items():
+        param = getattr(layers, name, None)
+        if param is None or not jnp.issubdtype(param[...].dtype, jnp.floating):
+            continue
+        w = param[...]
+        L, in_dims, out_dims = w.shape[0], w.shape[1:1 + n_in], w.shape[1 + n_in:]
+        k = int(np.prod(in_dims))
+        q, s = jax.vmap(lambda m, k=k: quantize(m.reshape(k, -1), axis=0))(w)
+        ax = _axes(param, w.ndim)
+        setattr(layers, name, nnx.Param(q.reshape(w.shape), axes=ax))
+        setattr(layers, name + QSCALE,
+                QuantScale(s.reshape(L, *out_dims), axes=(ax[0], *ax[1 + n_in:])))
+
+
+def _set_child(model: nnx.Module, path: tuple, value: Any) -> None:
+    parent = model
+    for p in path[:-1]:
+        parent = parent[p] if isinstance(p, int) else getattr(parent, p)
+    last = path[-1]
+    if isinstance(last, int):
+        parent[last] = value
+    else:
+        setattr(parent, last, value)
+
+
+def _wrap_linear(lin: nnx.Linear, spec: LoRASpec, init: str, key: jax.Array, seed: int,
+                 quantize_base: str | None) -> LoRALinear:
+    w = lin.kernel[...]
+    a, b, residual = _init_ab(key, w, 1, spec, init, w.dtype)
+    if residual is not None:
+        lin.kernel[...] = residual
+    ax = _axes(lin.kernel, 2)
+    wrapped = LoRALinear(lin, nnx.LoRAParam(a, axes=(ax[0], None)),
+                         nnx.LoRAParam(b, axes=(None, ax[1])), spec, seed)
+    if quantize_base == "int8":
+        q, s = quantize(lin.kernel[...], axis=0)
+        lin.kernel = nnx.Param(q, axes=ax)
+        wrapped.kernel_scale = QuantScale(s.reshape(-1), axes=(ax[1],))
+    return wrapped
+
+
+def apply(model: nnx.Module, *, r: int = 8, alpha: float | None = None, dropout: float = 0.0,
+          target_modules: str | Sequence[str] | None = None, init: str = "default",
+          use_rslora: bool = False, quantize_base: str | None = None, seed: int = 0
+          ) -> nnx.Module:
+    """Add LoRA adapters to ``model`` (in place) and return it.
+
+    Args:
+      model: any ``nnx.Module``: a jds ``Llama`` / ``GPT2``, or a model of ``nnx.Linear`` s.
+      r: the rank. alpha: the scale's numerator (default ``r``: scale 1; PEFT's default is 8).
+      dropout: dropout on each adapter's input in training (off in ``model.eval()``).
+      target_modules: names or a regex (module docstring); None = the stacked decoder's
+        default (Llama: ``q_proj, v_proj``; GPT-2: ``c_attn``), or every ``nnx.Linear``.
+      init: ``"default"``, ``"gaussian"`` or ``"pissa"`` (module docstring).
+      use_rslora: scale by ``alpha / sqrt(r)``.
+      quantize_base: None, or ``"int8"`` for QLoRA's frozen int8 base.
+      seed: the adapters' initialisation and dropout seed.
+
+    Raises:
+      ValueError: a bad value (named), a model that already has adapters, or targets that
+        select no linear layer.
+    """
+    if init not in INITS:
+        raise ValueError(f"lora.init must be one of {list(INITS)}; got {init!r}")
+    if quantize_base not in QUANTIZE_BASE:
+        raise ValueError(f"lora.quantize_base must be one of {list(QUANTIZE_BASE)}; "
+                         f"got {quantize_base!r}")
+    if any(isinstance(v, nnx.LoRAParam) for _, v in nnx.iter_graph(model)):
+        raise ValueError(f"{type(model).__name__} already has LoRA adapters; merge them "
+                         "(jds.lora.merge) before applying new ones")
+    spec = LoRASpec(r=int(r), alpha=float(r if alpha is None else alpha),
+                    dropout=float(dropout), use_rslora=bool(use_rslora))
+    key = jax.random.key(seed)
+    found = 0
+    stacked = _stacked_layers(model)
+    for i, (_, layers) in enumerate(stacked):
+        names = _stacked_targets(layers, target_modules)
+        if not names:
+            continue
+        _adapt_stacked(layers, names, spec, init, jax.random.fold_in(key, i))
+        layers.lora = spec
+        if spec.dropout:
+            layers.lora_dropout = AdapterDropout(spec.dropout, seed)
+        if quantize_base == "int8":
+            _quantize_stacked(layers)
+        found += len(names)
+    inside = {p for p, _ in stacked}
+    linears = [(tuple(p), m) for p, m in nnx.iter_modules(model)
+               if isinstance(m, nnx.Linear) and not any(tuple(p)[:len(s)] == s for s in inside)]
+    for j, (path, lin) in enumerate(linears):
+        name = ".".join(str(x) for x in path)
+        if target_modules is not None and not _matches(name, target_modules):
+            continue
+        if not path:
+            raise ValueError("jds.lora.apply adapts the linear layers inside a model; "
+                             "wrap this nnx.Linear in a module first")
+        _set_child(model, path, _wrap_linear(lin, spec, init,
+                                             jax.random.fold_in(key, 1000 + j), seed + 1 + j,
+                                             quantize_base))
+        found += 1
+    if not found:
+        raise ValueError(
+            f"lora.target_modules={target_modules!r} selects no linear layer of "
+            f"{type(model).__name__}; name nnx.Linear submodules by path (e.g. 'fc1'), or for "
+            "jds's models matrices such as 'q_proj' / 'wq'")
+    return model
+
+
+def adapter_targets(model: nnx.Module) -> list[str]:
+    """The adapted matrices' paths (``layers.wq``, ``blocks.0.fc1``), in graph order."""
+    out = []
+    for path, m in nnx.iter_modules(model):
+        prefix = ".".join(str(x) for x in path)
+        if isinstance(m, LoRALinear):
+            out.append(prefix)
+        elif getattr(type(m), "LINEARS", None):
+            out += [f"{prefix}.{n}".lstrip(".") for n in type(m).LINEARS
+                    if hasattr(m, n + LORA_A)]
+    return out
+
+
+def _dequantized(q: jax.Array, scale: jax.Array, n_in: int, dtype: Any, *, stacked: bool
+                 ) -> jax.Array:
+    """``q * scale``: ``[L, *in, *out] x [L, *out]`` (stacked) or ``[*in, *out] x [*out]``."""
+    s = jnp.asarray(scale, jnp.float32)
+    if stacked:
+        s = s.reshape(s.shape[:1] + (1,) * n_in + s.shape[1:])
+    return (q.astype(jnp.float32) * s).astype(dtype)
+
+
+def merge(model: nnx.Module, *, dtype: Any = None) -> nnx.Module:
+    """Fold every adapter into its base (``W + scale * A @ B``) and remove it, in place.
+
+    A quantized base is dequantized first; the merged matrices take ``dtype`` (default: the
+    adapters' dtype). The result is the plain model (``nnx.Linear`` s unwrapped), which
+    ``jds.checkpoint.convert`` exports and the inference engine serves.
+    """
+    for path, m in list(nnx.iter_modules(model)):
+        if isinstance(m, LoRALinear):
+            base = m.base
+            dt = dtype or m.lora_a[...].dtype
+            w = base.kernel[...]
+            w = (_dequantized(w, m.kernel_scale[...], 1, jnp.float32, stacked=False)
+                 if m.kernel_scale is not None else w.astype(jnp.float32))
+            delta = m.lora_a[...].astype(jnp.float32) @ m.lora_b[...].astype(jnp.float32)
+            base.kernel = nnx.Param((w + m.lora.scale * delta).astype(dt),
+                                    axes=_axes(base.kernel, 2))
+            _set_child(model, tuple(path), base)
+        elif getattr(type(m), "LINEARS", None):
+            spec: LoRASpec | None = getattr(m, "lora", None)
+            for name, n_in in type(m).LINEARS.items():
+                if not hasattr(m, name):
+                    continue
+                param = getattr(m, name)
+                has_a, has_q = hasattr(m, name + LORA_A), hasattr(m, name + QSCALE)
+                if not has_a and not has_q:
+                    continue
+                dt = dtype or (getattr(m, name + LORA_A)[...].dtype if has_a
+                               else jnp.float32)
+                w = (_dequantized(param[...], getattr(m, name + QSCALE)[...], n_in,
+                                  jnp.float32, stacked=True)
+                     if has_q else param[...].astype(jnp.float32))
+                if has_a:
+                    a = getattr(m, name + LORA_A)[...].astype(jnp.float32)
+                    b = getattr(m, name + LORA_B)[...].astype(jnp.float32)
+                    w = w + spec.scale * jnp.einsum(
+                        "lkr,lrn->lkn", a.reshape(a.shape[0], -1, a.shape[-1]),
+                        b.reshape(b.shape[0], b.shape[1], -1)).reshape(w.shape)
+                    delattr(m, name + LORA_A)
+                    delattr(m, name + LORA_B)
+                if has_q:
+                    delattr(m, name + QSCALE)
+                setattr(m, name, nnx.Param(w.astype(dt), axes=_axes(param, w.ndim)))
+            for attr in ("lora", "lora_dropout"):
+                if hasattr(m, attr):
+                    delattr(m, attr)
+    return model
+
+
+__all__ = ["INITS", "QUANTIZE_BASE", "adapter_targets", "apply", "merge"]
