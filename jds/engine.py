@@ -42,6 +42,7 @@ from jds.kernels.platform import lowering_for
 from jds.lora.core import apply as lora_apply
 from jds.models import base
 from jds.models.adapters import is_adapted
+from jds.models.layer_drop import LayerDrop
 from jds.partitioning import pipeline as pp
 from jds.partitioning.batch import BatchPlacer
 from jds.partitioning.mesh import data_parallel_size
@@ -106,8 +107,11 @@ class TrainEngine(EngineCheckpoints):
         self.placer = BatchPlacer(self.mesh, self.rules)
 
         module, factory = base.resolve_model(model)
-        if cfg.lora.enabled:
-            module, factory = _with_lora(module, factory, cfg)
+        if cfg.progressive_layer_drop.enabled and self.stages > 1:
+            raise ConfigError("progressive_layer_drop with pipeline stages (mesh.stage "
+                              f"{self.stages}) is not built; drop one of them")
+        if cfg.lora.enabled or cfg.progressive_layer_drop.enabled:
+            module, factory = _prepared_model(module, factory, cfg)
         if trainable is None:  # a model with adapters trains them; any other every parameter
             trainable = nnx.LoRAParam if is_adapted(module) else nnx.Param
         self.trainable = trainable
@@ -580,25 +584,33 @@ def _state_fields(include: Sequence[Any] | None) -> list[str]:
     return sorted({f for n in names for f in OFFLOAD_STATE_TYPES[n]})
 
 
-def _with_lora(module: nnx.Module, factory: Callable[[], nnx.Module] | None, cfg: Config
-               ) -> tuple[nnx.Module, Callable[[], nnx.Module] | None]:
-    """The config's ``lora`` section applied to a copy of the model (the caller's module is
-    never changed), or inside its factory."""
-    c = cfg.lora
-    kwargs = dict(r=c.r, alpha=c.alpha, dropout=c.dropout, target_modules=c.target_modules,
-                  init=c.init, use_rslora=c.use_rslora, quantize_base=c.quantize_base,
-                  seed=int(cfg.seed))
+def _prepared_model(module: nnx.Module, factory: Callable[[], nnx.Module] | None,
+                    cfg: Config) -> tuple[nnx.Module, Callable[[], nnx.Module] | None]:
+    """The config's ``lora`` and ``progressive_layer_drop`` sections applied to a copy of the
+    model (the caller's module is never changed), or inside its factory."""
+    c, pld = cfg.lora, cfg.progressive_layer_drop
+    if pld.enabled and not base.is_stacked_decoder(module):
+        raise ConfigError(
+            "progressive_layer_drop drops layers of jds's stacked decoders' layer scan; "
+            f"{type(module).__name__} is not one. Set progressive_layer_drop.enabled false")
 
-    def adapt(m: nnx.Module) -> nnx.Module:
-        try:
-            return lora_apply(m, **kwargs)
-        except ValueError as e:
-            raise ConfigError(f"lora: {e}") from None
+    def prepare(m: nnx.Module) -> nnx.Module:
+        if c.enabled:
+            try:
+                lora_apply(m, r=c.r, alpha=c.alpha, dropout=c.dropout,
+                           target_modules=c.target_modules, init=c.init,
+                           use_rslora=c.use_rslora, quantize_base=c.quantize_base,
+                           seed=int(cfg.seed))
+            except ValueError as e:
+                raise ConfigError(f"lora: {e}") from None
+        if pld.enabled:
+            m.layer_drop = LayerDrop(float(pld.theta), float(pld.gamma), int(cfg.seed))
+        return m
 
     if factory is not None:
-        made = lambda: adapt(factory())  # noqa: E731
+        made = lambda: prepare(factory())  # noqa: E731
         return nnx.eval_shape(made), made
-    return adapt(nnx.merge(*nnx.split(module))), None
+    return prepare(nnx.merge(*nnx.split(module))), None
 
 
 def _to_floats(metrics: Mapping[str, jax.Array]) -> dict[str, float]:

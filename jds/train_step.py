@@ -59,6 +59,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jds.models.base import IGNORE_INDEX, causal_lm_loss_sum
+from jds.models.layer_drop import training_step
 from jds.partitioning.offload import OffloadedStates, streamed_update
 from jds.partitioning.rules import active_rules, constrain, use_rules
 from jds.partitioning.zero import ZeroPlan
@@ -390,7 +391,8 @@ def make_train_step(
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         scale = state.loss_scale.scale
-        g = gradients(state.params, state.frozen, state.model_state, batch, scale)
+        with training_step(state.step):  # step-dependent layers (Progressive Layer Drop)
+            g = gradients(state.params, state.frozen, state.model_state, batch, scale)
         # fp32/bf16 have no loss scale (it stays 1): dividing would copy every gradient
         grads = g.grads if cfg.loss_scale is None else jax.tree.map(lambda x: x / scale,
                                                                      g.grads)

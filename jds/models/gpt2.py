@@ -23,6 +23,7 @@ from flax import nnx
 
 from jds.kernels.attention import check_implementation
 from jds.models.adapters import prepare_layers
+from jds.models.layer_drop import BRANCH_SCALE, with_layer_drop
 from jds.models.layers import (
     causal_attention,
     check_inputs,
@@ -150,6 +151,9 @@ def gpt2_block(
         o_BTNH = causal_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, cfg.attention_impl,
                                   attend)
         attn_BTD = dense("BTNH,NHD->BTD", o_BTNH, p["wo"]) + p["bo"]
+    scale = p.get(BRANCH_SCALE)  # Progressive Layer Dropping's 1 / keep probability
+    if scale is not None:
+        attn_BTD = attn_BTD * scale.astype(attn_BTD.dtype)
     x_BTD = constrain(x_BTD + attn_BTD, BTD)
 
     with jax.named_scope("ln_2"):
@@ -159,6 +163,8 @@ def gpt2_block(
         act_BTF = constrain(ACTIVATIONS[cfg.activation_function](fc_BTF),
                             ("batch", "seq", "mlp"))
         out_BTD = dense("BTF,FD->BTD", act_BTF, p["w_proj"]) + p["b_proj"]
+    if scale is not None:
+        out_BTD = out_BTD * scale.astype(out_BTD.dtype)
     return constrain(x_BTD + out_BTD, BTD)
 
 
@@ -298,7 +304,7 @@ class GPT2(nnx.Module):
         """
         del positions_BT
         block = partial(gpt2_block, cfg=self.config)
-        params_L, bind = prepare_layers(self.layers, params_L)
+        params_L, bind = prepare_layers(self.layers, with_layer_drop(params_L, self))
         with jax.named_scope("layers"):
             return scan_layers(
                 block, params_L, x_BTD, segment_ids_BT, remat=self.remat,

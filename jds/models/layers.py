@@ -40,6 +40,7 @@ import numpy as np
 from flax import nnx
 
 from jds.kernels.attention import dot_product_attention
+from jds.models.layer_drop import PLD_KEEP
 from jds.partitioning.rules import active_rules, logical_to_spec, traced_sharding
 from jds.partitioning.zero import ParamGather, gather_param, save_costly_not_gathered
 
@@ -369,7 +370,8 @@ def scan_layers(
       bind: ``p -> p`` applied to one layer's gathered weights before ``block_fn``
         (``jds.lora.layer_binder``: adapters and int8 bases become ``LoRAWeight`` /
         ``QuantizedWeight``). Entries of ``params_L`` that ``axes`` does not name (per-layer
-        PRNG keys, layer-drop draws) are scanned but not gathered.
+        PRNG keys, layer-drop draws) are scanned but not gathered; a ``PLD_KEEP`` entry
+        (``jds.models.layer_drop``) runs each layer only where its draw is true.
 
     Returns:
       The residual stream after the last layer.
@@ -377,12 +379,20 @@ def scan_layers(
     Raises:
       ValueError: ``group`` does not divide the number of layers.
     """
-    def layer(p: dict[str, jax.Array], carry: jax.Array, *a: Any) -> jax.Array:
+    def run(p: dict[str, jax.Array], carry: jax.Array, *a: Any) -> jax.Array:
         if axes is not None:  # gathered inside the checkpoint: re-gathered in backward
             p = gather_layer(p, axes, gather)
         if bind is not None:
             p = bind(p)
         return block_fn(p, carry, *a)
+
+    def layer(p: dict[str, jax.Array], carry: jax.Array, *a: Any) -> jax.Array:
+        if PLD_KEEP not in p:
+            return run(p, carry, *a)
+        # Progressive Layer Dropping: a dropped layer is skipped whole (no gather, no FLOPs)
+        keep = p[PLD_KEEP]
+        p = {k: v for k, v in p.items() if k != PLD_KEEP}
+        return jax.lax.cond(keep, lambda c: run(p, c, *a), lambda c: c, carry)
 
     if remat == "none" and axes is not None and gather is not None:
         # Without remat: keep every activation, but not the weights as constrained to

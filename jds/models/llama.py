@@ -28,6 +28,7 @@ from flax import nnx
 
 from jds.kernels.attention import check_implementation
 from jds.models.adapters import prepare_layers
+from jds.models.layer_drop import BRANCH_SCALE, with_layer_drop
 from jds.models.layers import (
     causal_attention,
     check_inputs,
@@ -245,6 +246,9 @@ def llama_block(
         attn_BTD = dense("BTNH,NHD->BTD", o_BTNH, p["wo"])
         if cfg.attention_out_bias:
             attn_BTD = attn_BTD + p["bo"]
+    scale = p.get(BRANCH_SCALE)  # Progressive Layer Dropping's 1 / keep probability
+    if scale is not None:
+        attn_BTD = attn_BTD * scale.astype(attn_BTD.dtype)
     x_BTD = constrain(x_BTD + attn_BTD, BTD)
 
     with jax.named_scope("post_attention_layernorm"):
@@ -258,6 +262,8 @@ def llama_block(
         down_BTD = dense("BTF,FD->BTD", act_BTF, p["w_down"])
         if cfg.mlp_bias:
             down_BTD = down_BTD + p["b_down"]
+    if scale is not None:
+        down_BTD = down_BTD * scale.astype(down_BTD.dtype)
     return constrain(x_BTD + down_BTD, BTD)
 
 
@@ -398,7 +404,7 @@ class Llama(nnx.Module):
         ``checkpoint_every=k`` rematerialises in groups of ``k`` layers (see ``scan_layers``).
         """
         block = partial(llama_block, cfg=self.config)
-        params_L, bind = prepare_layers(self.layers, params_L)
+        params_L, bind = prepare_layers(self.layers, with_layer_drop(params_L, self))
         with jax.named_scope("layers"):
             return scan_layers(
                 block, params_L, x_BTD, positions_BT, segment_ids_BT, remat=self.remat,

@@ -1,0 +1,282 @@
+"""LoRA / QLoRA (``jds.lora``) and Progressive Layer Dropping (``jds.models.layer_drop``).
+
+LoRA runs on 8 simulated devices under ZeRO-3 + tensor parallelism with the single-device
+run's losses; the frozen base comes out bit-identical and holds no optimizer state; a user's
+``nnx.Linear`` model trains its adapters too; an exported PEFT folder loads onto the
+``transformers`` model with jds's logits; QLoRA's int8 forward equals the dequantized
+reference. PLD's schedule equals DeepSpeed's step for step, theta = 1 equals the run
+without PLD, and dropped layers are skipped by a conditional in the compiled step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jds
+import jds.models as M
+from jds import lora
+from jds.config import ConfigError
+from jds.models.layer_drop import keep_probabilities, pld_theta
+
+SMALL = M.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+IDS = jnp.array([[1, 5, 9, 3, 7, 2, 8, 4]], jnp.int32)
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _randomize_adapters(model, seed=0, std=0.1):
+    rng = np.random.default_rng(seed)
+    for _, v in nnx.iter_graph(model):
+        if isinstance(v, nnx.LoRAParam):
+            v[...] = jnp.asarray(std * rng.standard_normal(v[...].shape), v[...].dtype)
+
+
+def _copy(model):
+    return nnx.merge(*nnx.split(model))
+
+
+def test_apply_starts_at_the_base_and_merge_folds_adapters():
+    model = M.Llama(SMALL, rngs=nnx.Rngs(0))
+    ref = model(IDS)
+    lora.apply(model, r=4, alpha=8, target_modules=["q_proj", "o_proj", "down_proj"])
+    assert lora.adapter_targets(model) == ["layers.wq", "layers.wo", "layers.w_down"]
+    assert model.layers.wq_lora_a[...].shape == (2, 64, 4)
+    assert model.layers.wo_lora_a[...].shape == (2, 4, 16, 4)  # input dims of wo: heads x dim
+    np.testing.assert_array_equal(model(IDS), ref)  # B = 0: the base model at step 0
+    _randomize_adapters(model)
+    adapted = model(IDS)
+    assert float(jnp.abs(adapted - ref).max()) > 1e-2
+    merged = lora.merge(_copy(model))
+    assert not lora.is_adapted(merged) and not hasattr(merged.layers, "wq_lora_a")
+    np.testing.assert_allclose(merged(IDS), adapted, atol=2e-5)
+
+    pissa = lora.apply(M.Llama(SMALL, rngs=nnx.Rngs(0)), r=4, alpha=8, init="pissa")
+    assert float(jnp.abs(pissa.layers.wq_lora_b[...]).max()) > 0  # principal components
+    np.testing.assert_allclose(pissa(IDS), ref, atol=2e-5)  # base = residual: same output
+
+
+def test_targets_regex_and_errors():
+    model = M.Llama(SMALL, rngs=nnx.Rngs(0))
+    lora.apply(model, r=2, target_modules=r"model\.layers\.\d+\.(self_attn\.q_proj|mlp\.up_proj)")
+    assert lora.adapter_targets(model) == ["layers.wq", "layers.w_up"]
+    with pytest.raises(ValueError, match="already has LoRA adapters"):
+        lora.apply(model, r=2)
+    with pytest.raises(ValueError, match="in some layers only"):
+        lora.apply(M.Llama(SMALL, rngs=nnx.Rngs(0)), target_modules=r"model\.layers\.0\..*")
+    with pytest.raises(ValueError, match="selects no linear layer"):
+        lora.apply(M.Llama(SMALL, rngs=nnx.Rngs(0)), target_modules=["c_fc"])
+    with pytest.raises(ConfigError, match="lora: .*selects no linear layer"):
+        jds.initialize(M.Llama(SMALL, rngs=nnx.Rngs(0)),
+                       {"train_batch_size": 8, "lora": {"enabled": True,
+                                                        "target_modules": ["nope"]}},
+                       devices=jax.devices()[:1])
+    with pytest.raises(ConfigError, match="lora.init"):
+        jds.config.Config.load({"lora": {"init": "svd"}})
+
+
+def _lm_cfg(mesh, stage, **extra):
+    dp = mesh.get("data", 1) * mesh.get("fsdp", 1)
+    return {"train_batch_size": 8, "train_micro_batch_size_per_gpu": 4 // dp or 1,
+            "gradient_accumulation_steps": 2 if dp <= 4 else 1,
+            "zero_optimization": {"stage": stage}, "mesh": mesh, "bf16": {"enabled": False},
+            "optimizer": {"type": "AdamW", "params": {"lr": 1e-2}}, **extra}
+
+
+def _lm_run(model_fn, config, steps=3):
+    n = int(np.prod(list(config["mesh"].values())))
+    engine = jds.initialize(model_fn(), config, devices=jax.devices()[:n])
+    rng = np.random.default_rng(0)
+    batch = {"input_ids": rng.integers(0, 96, (8, 16)).astype(np.int32)}
+    return engine, [engine.train_batch(batch)["loss"] for _ in range(steps)]
+
+
+def _nbytes_on(tree, device):
+    return sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards
+               if s.device == device)
+
+
+def test_lora_under_zero3_and_tensor_parallel_equals_one_device():
+    section = {"lora": {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.1,
+                        "target_modules": ALL}}
+    base = M.Llama(SMALL, rngs=nnx.Rngs(0))
+    frozen0 = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(base, nnx.Param)))
+    one, l1 = _lm_run(lambda: base, _lm_cfg({"data": 1}, 0, **section))
+    eight, l8 = _lm_run(lambda: base, _lm_cfg({"fsdp": 4, "tensor": 2}, 3, **section))
+    np.testing.assert_allclose(l8, l1, rtol=2e-5)
+    assert l1[-1] < l1[0]
+
+    # only the adapters train: optimizer state and masters for them alone ...
+    s = eight.state
+    adapter_elems = sum(x.size for x in jax.tree.leaves(s.params))
+    assert set(s.params["layers"]) == {f"{w}_lora_{ab}" for w in
+                                       ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+                                       for ab in "ab"}
+    opt = [x for x in jax.tree.leaves(s.opt_state) if x.ndim]
+    assert sum(x.size for x in opt) == 2 * adapter_elems  # Adam's m and v
+    dev = jax.devices()[0]
+    # ZeRO-3 splits them over fsdp (4); tensor (2) splits those the rules split
+    assert _nbytes_on(s.opt_state, dev) <= 2 * 4 * adapter_elems / 4 + 1024
+    # ... adapters split as the matrix they adapt (B of wq: heads over tensor) ...
+    assert "tensor" in str(s.params["layers"]["wq_lora_b"].sharding.spec)
+    # ... and the base comes out bit-identical (frozen)
+    for engine in (one, eight):
+        trained = nnx.to_pure_dict(nnx.state(engine.model, nnx.Param))
+        for path, want in jax.tree_util.tree_leaves_with_path(frozen0):
+            got = trained
+            for k in path:
+                got = got[k.key]
+            np.testing.assert_array_equal(np.asarray(got), want)
+
+
+class MLP(nnx.Module):
+    def __init__(self, rngs):
+        self.fc1 = nnx.Linear(12, 32, rngs=rngs)
+        self.fc2 = nnx.Linear(32, 4, rngs=rngs)
+
+    def __call__(self, x):
+        return self.fc2(jax.nn.relu(self.fc1(x)))
+
+
+def _mse(model, batch):
+    return jnp.mean((model(batch["x"]) - batch["y"]) ** 2)
+
+
+def test_lora_on_a_users_linear_model():
+    rng = np.random.default_rng(0)
+    batch = {"x": rng.standard_normal((16, 12)).astype(np.float32),
+             "y": rng.standard_normal((16, 4)).astype(np.float32)}
+    cfg = {"train_batch_size": 16, "optimizer": {"type": "AdamW", "params": {"lr": 1e-2}},
+           "lora": {"enabled": True, "r": 2, "alpha": 4, "target_modules": ["fc1"]}}
+    losses = {}
+    for stage, n in ((0, 1), (2, 8)):
+        engine = jds.initialize(MLP(nnx.Rngs(0)), {**cfg, "zero_optimization": {"stage": stage}},
+                                loss_fn=_mse, devices=jax.devices()[:n])
+        losses[n] = [engine.train_batch(batch)["loss"] for _ in range(4)]
+        assert set(engine.state.params) == {"fc1"}
+        assert set(engine.state.params["fc1"]) == {"lora_a", "lora_b"}
+    np.testing.assert_allclose(losses[8], losses[1], rtol=1e-5)
+    assert losses[1][-1] < losses[1][0]
+    trained = engine.model
+    assert isinstance(trained.fc1, lora.LoRALinear)
+    np.testing.assert_array_equal(trained.fc1.base.kernel[...], MLP(nnx.Rngs(0)).fc1.kernel[...])
+    merged = lora.merge(_copy(trained))
+    assert type(merged.fc1) is nnx.Linear
+    np.testing.assert_allclose(merged(batch["x"]), trained(batch["x"]), atol=1e-5)
+
+
+def test_qlora_int8_forward_equals_dequantized_reference_and_trains():
+    model = lora.apply(M.Llama(SMALL, rngs=nnx.Rngs(0)), r=4, alpha=8, quantize_base="int8")
+    layers = model.layers
+    assert layers.w_up[...].dtype == jnp.int8 and layers.w_up_qscale[...].dtype == jnp.float32
+    assert layers.wq_qscale[...].shape == (2, 4, 16)  # per output channel of [D, N, H]
+    _randomize_adapters(model)
+    reference = lora.merge(_copy(model))  # dequantized base + adapter, in fp32
+    np.testing.assert_allclose(model(IDS), reference(IDS), atol=2e-5)
+
+    section = {"lora": {"enabled": True, "r": 4, "alpha": 8, "quantize_base": "int8"}}
+    one, l1 = _lm_run(lambda: M.Llama(SMALL, rngs=nnx.Rngs(0)), _lm_cfg({"data": 1}, 0,
+                                                                        **section))
+    eight, l8 = _lm_run(lambda: M.Llama(SMALL, rngs=nnx.Rngs(0)),
+                        _lm_cfg({"fsdp": 8}, 3, **section))
+    np.testing.assert_allclose(l8, l1, rtol=2e-5)
+    assert l1[-1] < l1[0]
+    frozen = eight.state.frozen["layers"]
+    assert frozen["w_up"].dtype == jnp.int8
+    per_device = _nbytes_on(frozen["w_up"], jax.devices()[0])
+    assert per_device == frozen["w_up"].size // 8  # 1 byte per base parameter, ZeRO-3 split
+
+
+def test_peft_adapter_round_trip(tmp_path):
+    torch = pytest.importorskip("torch")
+    tf = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from jds.checkpoint.convert.hf import read_from_model, save_hf
+
+    model = M.Llama(SMALL, rngs=nnx.Rngs(0))
+    save_hf(SMALL, read_from_model(model), tmp_path / "base")
+    lora.apply(model, r=4, alpha=16, target_modules=ALL)
+    _randomize_adapters(model)
+    lora.save_peft(model, tmp_path / "adapter", base_model_name_or_path=str(tmp_path / "base"))
+    hf = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32,
+                                                 attn_implementation="eager")
+    peft_model = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter")
+    with torch.no_grad():
+        want = peft_model(torch.tensor(np.asarray(IDS))).logits.numpy()
+    np.testing.assert_allclose(np.asarray(model(IDS)), want, atol=1e-4)
+
+    back = lora.load_peft(M.from_pretrained(tmp_path / "base"), tmp_path / "adapter")
+    np.testing.assert_allclose(back(IDS), model(IDS), atol=1e-6)
+    with pytest.raises(ValueError, match="no place for, e.g. base_model.model.model.layers"):
+        _mismatched(tmp_path)
+    gpt2 = lora.apply(M.build("gpt2-tiny"), r=2)  # q, k, v: one c_attn in Hugging Face
+    with pytest.raises(ValueError, match="c_attn"):
+        lora.save_peft(gpt2, tmp_path / "gpt2")
+
+
+def _mismatched(tmp_path):
+    import json
+
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    cfg["target_modules"] = ["q_proj", "v_proj", "gate_proj"]  # not what the file holds
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "adapter_config.json").write_text(json.dumps(cfg))
+    (tmp_path / "bad" / "adapter_model.safetensors").write_bytes(
+        (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes())
+    lora.load_peft(M.from_pretrained(tmp_path / "base"), tmp_path / "bad")
+
+
+class _DeepSpeedPLD:
+    """DeepSpeed's ``runtime/progressive_layer_drop.py`` (removed from DeepSpeed 0.19, which
+    the test extra installs), line for line, driven as ``DeepSpeedEngine.step`` drives it."""
+
+    def __init__(self, theta=0.5, gamma=0.001):
+        self.theta, self.gamma, self.current_theta = theta, gamma, 1.0
+
+    def get_theta(self):
+        return self.current_theta
+
+    def update_state(self, global_step):
+        def _prob(x, gamma, p):
+            return (1. - p) * np.exp(-gamma * x) + p
+
+        self.current_theta = _prob(global_step, self.gamma, self.theta)
+
+
+@pytest.mark.parametrize("theta,gamma", [(0.5, 0.001), (0.1, 0.05), (0.9, 0.5), (1.0, 0.01)])
+def test_pld_schedule_equals_deepspeed_step_for_step(theta, gamma):
+    ds = _DeepSpeedPLD(theta, gamma)
+    for global_steps in range(40):
+        used = ds.get_theta()  # the forward passes of this step see this value
+        np.testing.assert_allclose(float(pld_theta(global_steps, theta, gamma)), used,
+                                   rtol=1e-6)
+        ds.update_state(global_steps)  # engine.step(): before global_steps += 1
+    p = np.asarray(keep_probabilities(jnp.float32(0.5), 4))
+    np.testing.assert_allclose(p, [1 - 1 / 4 * 0.5, 1 - 2 / 4 * 0.5, 1 - 3 / 4 * 0.5, 0.5])
+
+
+def test_pld_theta_one_is_the_plain_run_and_layouts_agree():
+    plain = _lm_cfg({"data": 1}, 0)
+    _, base = _lm_run(lambda: M.Llama(SMALL, rngs=nnx.Rngs(0)), plain, steps=4)
+    off = {"progressive_layer_drop": {"enabled": True, "theta": 1.0, "gamma": 0.5}}
+    _, same = _lm_run(lambda: M.Llama(SMALL, rngs=nnx.Rngs(0)), {**plain, **off}, steps=4)
+    np.testing.assert_allclose(same, base, rtol=1e-6)
+
+    on = {"progressive_layer_drop": {"enabled": True, "theta": 0.2, "gamma": 1.0}}
+    one, l1 = _lm_run(lambda: M.Llama(SMALL, rngs=nnx.Rngs(0)), {**plain, **on}, steps=4)
+    np.testing.assert_allclose(l1[:2], base[:2], rtol=1e-6)  # theta_t = 1 for steps 0 and 1
+    assert not np.allclose(l1[2:], base[2:])
+    _, l8 = _lm_run(lambda: M.Llama(SMALL, rngs=nnx.Rngs(0)),
+                    _lm_cfg({"fsdp": 4, "tensor": 2}, 3, **on), steps=4)
+    np.testing.assert_allclose(l8, l1, rtol=2e-5)
+    hlo = one.lower_train_step(16).compile().as_text()
+    assert "conditional" in hlo  # a dropped layer is skipped, not computed and discarded
+    with pytest.raises(ConfigError, match="progressive_layer_drop"):
+        jds.initialize(MLP(nnx.Rngs(0)), {"train_batch_size": 8, **on}, loss_fn=_mse,
+                       devices=jax.devices()[:1])
+    assert math.isclose(float(pld_theta(1, 0.2, 1.0)), 1.0)
