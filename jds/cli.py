@@ -35,9 +35,19 @@ def _train(args: argparse.Namespace) -> int:
     cfg = Config.load(args.config) if args.config else Config.default_train()
     overrides = {k: v for k, v in {"model": args.model, "steps": args.steps,
                                    "data": args.data}.items() if v is not None}
-    if overrides:
+    lora = {}
+    if args.lora is not None:
+        from jds.lora import parse_lora_flag
+
+        try:
+            lora = {"lora": {**cfg.lora.model_dump(), **parse_lora_flag(args.lora)}}
+        except ValueError as e:
+            print(f"jds train: {e}", file=sys.stderr)
+            return 2
+    if overrides or lora:
         source = cfg._source
-        cfg = Config.load({**cfg.to_dict(), "train": {**cfg.train.model_dump(), **overrides}})
+        cfg = Config.load({**cfg.to_dict(), "train": {**cfg.train.model_dump(), **overrides},
+                           **lora})
         cfg._source = source  # errors found later still name the file
     model_tag = Path(cfg.train.model).name
     if args.out:
@@ -75,7 +85,12 @@ def _serve(args: argparse.Namespace) -> int:
               "max_batch_tokens": args.max_batch_tokens, "max_seqs": args.max_seqs,
               "decode_steps": args.decode_steps, "attention": args.attention,
               "prefix_caching": args.prefix_caching}
-    engine = init_inference(args.model, config)
+    model = args.model
+    if args.lora is not None:
+        from jds.inference.engine import load_model
+
+        model = load_model(args.model, adapter=args.lora)
+    engine = init_inference(model, config)
     if args.warmup:
         t0 = time.perf_counter()
         n = engine.warmup()
@@ -241,7 +256,7 @@ def _convert(args: argparse.Namespace) -> int:
         out = api.orbax_to_hf(args.src, args.out, step=args.step, dtype=args.dtype,
                               max_shard_bytes=_size(args.max_shard_size), model=args.model,
                               architecture=args.architecture,
-                              tokenizer=args.tokenizer)[0].parent
+                              tokenizer=args.tokenizer, merge_lora=args.merge_lora)[0].parent
     elif d == "orbax-to-safetensors":
         out = api.orbax_to_safetensors(args.src, args.out, step=args.step, dtype=args.dtype,
                                        names=args.names, model=args.model)
@@ -413,6 +428,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "checkpoint in --out (default: start afresh)")
     t.add_argument("--no-progress", action="store_true",
                    help="no progress bar (default: a progress bar)")
+    t.add_argument("--lora", metavar="SPEC", help="fine-tune LoRA adapters only, e.g. "
+                   "r=16,alpha=32,target=q_proj|v_proj (keys: r, alpha, dropout, target, init, "
+                   "rslora, quantize=int8 for QLoRA); the run writes a PEFT adapter folder "
+                   "to OUT/adapter (default: the config's lora section)")
     t.set_defaults(func=_train)
 
     e = sub.add_parser("estimate", help="per-device memory: ZeRO formulas and the compiled step")
@@ -502,6 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=("float32", "bfloat16", "float16", "int8"),
                    help="weights and compute (int8: per-channel int8 layer matrices)")
     v.add_argument("--tp", type=int, default=1, help="tensor-parallel devices")
+    v.add_argument("--lora", metavar="ADAPTER_DIR", help="a PEFT LoRA adapter folder to serve "
+                   "on the base model (merged into its weights at load)")
     v.add_argument("--max-tokens", type=int, default=1024, help="longest sequence")
     v.add_argument("--max-seqs", type=int, default=16, help="sequences batched at once")
     v.add_argument("--max-batch-tokens", type=int, default=256,
@@ -539,6 +560,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", help="transformers model dir or jds preset: the architecture "
                    "(needed by deepspeed-to-orbax; for jds checkpoints without a stored one)")
     c.add_argument("--architecture", help="orbax-to-hf: HF class, e.g. MistralForCausalLM")
+    c.add_argument("--merge-lora", action="store_true",
+                   help="orbax-to-hf of a LoRA/QLoRA run: fold the adapters into the weights")
     c.add_argument("--tokenizer", help="orbax-to-hf: copy the tokenizer files from this folder "
                    "(default: the Hugging Face folder the checkpoint came from, if it exists)")
     c.add_argument("--tag", help="deepspeed-to-orbax: DeepSpeed tag (default: 'latest')")

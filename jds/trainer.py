@@ -138,6 +138,9 @@ def run(config: Config, out_dir: str | os.PathLike, *, resume: bool = False,
     engine = TrainEngine(_model_arg(tc.model), config)
     local_rows = engine.local_rows()
     vocab = engine.vocab_size
+    sizes = [sum(int(np.prod(x.shape)) for x in jax.tree.leaves(t))
+             for t in (engine.split.params, engine.split.frozen)]
+    trained = sizes[0] / max(sum(sizes), 1)  # LoRA: the base gets no weight gradients
     loader = BatchLoader(train_tokens, global_batch=engine.batch.train_batch_size,
                          seq_len=tc.seq_len, seed=config.seed, vocab_size=vocab)
     saved_step = None  # the step whose checkpoint is on disk already (never written twice)
@@ -197,7 +200,8 @@ def run(config: Config, out_dir: str | os.PathLike, *, resume: bool = False,
         if t_mark is not None and steps_since:
             timed_tps = steps_since * tokens_per_step / (now - t_mark)
         t_mark, steps_since = now, 0
-        util = mfu_of(timed_tps, engine.model_config, tc.seq_len, n_dev)
+        util = mfu_of(timed_tps, engine.model_config, tc.seq_len, n_dev,
+                      trainable_fraction=trained)
         row = {"step": step, **{k: m[k] for k in ("loss", "lr", "grad_norm", "loss_scale",
                                                   "skipped")},
                "tokens_per_s": timed_tps, "mfu": util}
@@ -237,6 +241,8 @@ def run(config: Config, out_dir: str | os.PathLike, *, resume: bool = False,
             sample = _sample(engine, tc.sample_tokens, config.seed)
             if primary:
                 (out / "sample.txt").write_text(sample, encoding="utf-8")
+                if config.lora.enabled:
+                    _save_adapter(engine, out / "adapter", tc.model)
             engine.wait_for_checkpoints()
     finally:
         logger.close()
@@ -244,13 +250,25 @@ def run(config: Config, out_dir: str | os.PathLike, *, resume: bool = False,
     seconds = time.perf_counter() - t_start
     summary = RunSummary(
         steps=final_step, train_loss=last["loss"], val_loss=val_loss, unigram_baseline=baseline,
-        tokens_per_s=timed_tps, mfu=mfu_of(timed_tps, engine.model_config, tc.seq_len, n_dev),
+        tokens_per_s=timed_tps, mfu=mfu_of(timed_tps, engine.model_config, tc.seq_len, n_dev,
+                                           trainable_fraction=trained),
         seconds=seconds, out_dir=str(out), sample=sample,
     )
     if primary:
         (out / "summary.json").write_text(json.dumps(summary.__dict__, indent=2))
         _draw_curves(out)
     return summary
+
+
+def _save_adapter(engine: TrainEngine, path: Path, base: str) -> None:
+    """The trained adapters as a PEFT folder beside the checkpoints (when PEFT can hold
+    them: GPT-2's separate q/k/v adapters cannot; the checkpoint still has them)."""
+    from jds.lora import save_peft
+
+    try:
+        save_peft(engine.model, path, base_model_name_or_path=base)
+    except ValueError as e:
+        warnings.warn(f"no PEFT adapter folder written: {e}", stacklevel=2)
 
 
 def _draw_curves(out: Path) -> None:

@@ -22,6 +22,7 @@ import jds
 import jds.models as M
 from jds import lora
 from jds.config import ConfigError
+from jds.inference.engine import load_model
 from jds.models.layer_drop import keep_probabilities, pld_theta
 
 SMALL = M.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -212,6 +213,9 @@ def test_peft_adapter_round_trip(tmp_path):
 
     back = lora.load_peft(M.from_pretrained(tmp_path / "base"), tmp_path / "adapter")
     np.testing.assert_allclose(back(IDS), model(IDS), atol=1e-6)
+    served = load_model(str(tmp_path / "base"), adapter=tmp_path / "adapter")  # jds serve --lora
+    assert not lora.is_adapted(served)  # merged at load
+    np.testing.assert_allclose(served(IDS), model(IDS), atol=2e-5)
     with pytest.raises(ValueError, match="no place for, e.g. base_model.model.model.layers"):
         _mismatched(tmp_path)
     gpt2 = lora.apply(M.build("gpt2-tiny"), r=2)  # q, k, v: one c_attn in Hugging Face
@@ -229,6 +233,33 @@ def _mismatched(tmp_path):
     (tmp_path / "bad" / "adapter_model.safetensors").write_bytes(
         (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes())
     lora.load_peft(M.from_pretrained(tmp_path / "base"), tmp_path / "bad")
+
+
+def test_lora_checkpoint_converts_merged_and_serves(tmp_path):
+    from jds.checkpoint.convert.api import orbax_to_hf
+
+    section = {"lora": {"enabled": True, "r": 4, "alpha": 8, "quantize_base": "int8",
+                        "target_modules": ["q_proj", "o_proj", "up_proj"]}}
+    engine, _ = _lm_run(lambda: M.Llama(SMALL, rngs=nnx.Rngs(0)),
+                        _lm_cfg({"data": 1}, 0, **section), steps=2)
+    engine.save_checkpoint(tmp_path / "ckpt")
+    engine.wait_for_checkpoints()
+    want = lora.merge(_copy(engine.model))(IDS)
+    with pytest.raises(ValueError, match="--merge-lora"):
+        orbax_to_hf(tmp_path / "ckpt", tmp_path / "plain")
+    orbax_to_hf(tmp_path / "ckpt", tmp_path / "hf", merge_lora=True)
+    np.testing.assert_allclose(M.from_pretrained(tmp_path / "hf")(IDS), want, atol=1e-4)
+    np.testing.assert_allclose(load_model(str(tmp_path / "ckpt"))(IDS), want, atol=1e-4)
+
+
+def test_lora_flag():
+    assert lora.parse_lora_flag("r=16,alpha=32,target=q_proj|v_proj,quantize=int8") == {
+        "enabled": True, "r": 16, "alpha": 32.0, "target_modules": ["q_proj", "v_proj"],
+        "quantize_base": "int8"}
+    assert lora.parse_lora_flag(r"target=re:.*\.q_proj,rslora=true")["target_modules"] == (
+        r".*\.q_proj")
+    with pytest.raises(ValueError, match="--lora 'rank=4'"):
+        lora.parse_lora_flag("rank=4")
 
 
 class _DeepSpeedPLD:

@@ -218,7 +218,7 @@ class InferenceEngine:
                  config: Mapping[str, Any] | InferenceConfig | None = None, *,
                  devices: Sequence[jax.Device] | None = None) -> None:
         self.config = cfg = InferenceConfig.load(config)
-        model = _load_model(model)
+        model = load_model(model)
         if not is_stacked_decoder(model):
             raise TypeError(f"init_inference serves stacked decoders (jds.models.base."
                             f"StackedDecoder: jds's Llama and GPT-2); {type(model).__name__} "
@@ -671,19 +671,36 @@ def _from_checkpoint(path: str) -> nnx.Module:
     ckpt = OrbaxCheckpoint(path)
     cfg = ckpt.model_config()
     graphdef, state = nnx.split(nnx.eval_shape(lambda: model_class(cfg)(cfg, rngs=nnx.Rngs(0))))
-    key = ckpt.weights_key
+    read = ckpt.reader(merge_lora=True)  # a LoRA run is served with its adapters merged
     pure = nnx.to_pure_dict(state)
     flat, treedef = jax.tree_util.tree_flatten_with_path(pure)
     loaded = []
     for keypath, leaf in flat:
         names = tuple(str(getattr(k, "key", k)) for k in keypath)
-        value = ckpt.read((key, *names)).astype(np.float32)
+        value = np.asarray(read(names, None)).astype(np.float32)
         if value.shape != tuple(leaf.shape):
             raise ValueError(f"{ckpt.dir}: {'/'.join(names)} has shape {value.shape}, the "
                              f"model config says {tuple(leaf.shape)}")
         loaded.append(value)
     nnx.replace_by_pure_dict(state, jax.tree_util.tree_unflatten(treedef, loaded))
     return nnx.merge(graphdef, state)
+
+
+def load_model(model: nnx.Module | str | os.PathLike, *, adapter: str | os.PathLike | None = None
+               ) -> nnx.Module:
+    """The model ``init_inference`` serves: a module, preset, Hugging Face folder or jds run,
+    plus an optional PEFT LoRA ``adapter`` folder; adapters (and a QLoRA int8 base) are
+    merged into the weights (``jds.lora.merge``) on a copy, so serving costs nothing extra.
+    """
+    from jds import lora
+    from jds.models.layers import QuantScale
+
+    module = _load_model(model)
+    if adapter is not None:
+        module = lora.load_peft(nnx.merge(*nnx.split(module)), adapter)
+    if any(isinstance(v, (nnx.LoRAParam, QuantScale)) for _, v in nnx.iter_graph(module)):
+        module = lora.merge(nnx.merge(*nnx.split(module)))
+    return module
 
 
 def _load_model(model: nnx.Module | str | os.PathLike) -> nnx.Module:
@@ -721,4 +738,5 @@ def init_inference(model: nnx.Module | str | os.PathLike,
     return InferenceEngine(model, config, devices=devices)
 
 
-__all__ = ["InferenceConfig", "InferenceEngine", "init_inference", "quantize_layers"]
+__all__ = ["InferenceConfig", "InferenceEngine", "init_inference", "load_model",
+           "quantize_layers"]

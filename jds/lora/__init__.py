@@ -10,9 +10,9 @@ Or from the config: a ``lora`` section (``jds.config.LoRAConfig``) makes the eng
 it. See ``jds.lora.core`` for the layout and ``jds.lora.peft`` for the file format.
 """
 
-from jds.lora.core import INITS, QUANTIZE_BASE, adapter_targets, apply, merge
+from jds.lora.core import INITS, QUANTIZE_BASE, adapter_targets, apply, merge, parse_lora_flag
 from jds.lora.peft import load_peft, save_peft
 from jds.models.adapters import LoRALinear, LoRASpec, is_adapted
 
 __all__ = ["INITS", "QUANTIZE_BASE", "LoRALinear", "LoRASpec", "adapter_targets", "apply",
-           "is_adapted", "load_peft", "merge", "save_peft"]
+           "is_adapted", "load_peft", "merge", "parse_lora_flag", "save_peft"]

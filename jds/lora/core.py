@@ -316,4 +316,38 @@ def merge(model: nnx.Module, *, dtype: Any = None) -> nnx.Module:
     return model
 
 
-__all__ = ["INITS", "QUANTIZE_BASE", "adapter_targets", "apply", "merge"]
+_FLAG_KEYS = {"r": "r", "alpha": "alpha", "dropout": "dropout", "target": "target_modules",
+              "target_modules": "target_modules", "init": "init", "rslora": "use_rslora",
+              "quantize": "quantize_base", "quantize_base": "quantize_base"}
+
+
+def parse_lora_flag(spec: str) -> dict[str, Any]:
+    """``jds train --lora r=16,alpha=32,target=q_proj|v_proj`` as a ``lora`` config section.
+
+    ``target`` takes module names joined by ``|`` (or ``re:<regex>`` for one regex over
+    module paths); ``rslora`` is ``true``/``false``; ``quantize=int8`` is QLoRA.
+
+    Raises:
+      ValueError: an unknown key or a value that is not ``key=value``, naming the flag.
+    """
+    out: dict[str, Any] = {"enabled": True}
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or key.strip() not in _FLAG_KEYS:
+            raise ValueError(f"--lora {spec!r}: {item!r} is not key=value with a key in "
+                             f"{sorted(_FLAG_KEYS)}")
+        key, value = _FLAG_KEYS[key.strip()], value.strip()
+        if key == "target_modules":
+            out[key] = value[3:] if value.startswith("re:") else value.split("|")
+        elif key == "use_rslora":
+            out[key] = value.lower() in ("1", "true", "yes")
+        elif key in ("r",):
+            out[key] = int(value)
+        elif key in ("alpha", "dropout"):
+            out[key] = float(value)
+        else:
+            out[key] = value
+    return out
+
+
+__all__ = ["INITS", "QUANTIZE_BASE", "adapter_targets", "apply", "merge", "parse_lora_flag"]

@@ -299,9 +299,11 @@ def state_memory(state: Any) -> dict[str, int]:
 
     Returns:
       ``params`` (compute copy), ``master`` (fp32 master weights; 0 in fp32),
-      ``optimizer`` (optimizer-state arrays), ``other`` (step counters, loss scale, rng,
-      scalar optimizer counts), ``total``, and ``total`` split by memory: ``device`` and
-      ``host`` (host-memory kinds: ZeRO-Offload's states).
+      ``optimizer`` (optimizer-state arrays), ``frozen`` (parameters that do not train and
+      the model's other variables: a LoRA run's base, QLoRA's int8 matrices and their
+      scales, BatchNorm statistics), ``other`` (step counters, loss scale, rng, scalar
+      optimizer counts), ``total``, and ``total`` split by memory: ``device`` and ``host``
+      (host-memory kinds: ZeRO-Offload's states).
     """
     from jds.partitioning.offload import DEVICE_KIND, bytes_by_kind
 
@@ -314,6 +316,7 @@ def state_memory(state: Any) -> dict[str, int]:
         "params": _tree_bytes(state.params),
         "master": 0 if state.master is None else _tree_bytes(state.master),
         "optimizer": optimizer,
+        "frozen": _tree_bytes(state.frozen) + _tree_bytes(state.model_state),
         "other": other,
     }
     out["total"] = sum(out.values())

@@ -71,17 +71,22 @@ def _dims(model_config: Any) -> tuple[int, int, int, int, int]:
     return c.n_layer, c.n_embd, inner, c.vocab_size, 4 * c.n_embd * c.n_embd
 
 
-def train_flops_per_token(model_config: Any, seq_len: int) -> float:
+def train_flops_per_token(model_config: Any, seq_len: int, *,
+                          trainable_fraction: float = 1.0) -> float:
     """Training FLOPs per token (forward + backward) for a Llama or GPT-2 config.
 
     Args:
       model_config: ``LlamaConfig`` or ``GPT2Config``.
       seq_len: tokens per sequence (attention cost grows with it).
+      trainable_fraction: the share of the matrices' parameters that get weight gradients
+        (LoRA: about 0, the base frozen): the backward pass's ``2 * N`` for the weights'
+        gradients scales with it; the forward ``2 * N`` and the inputs' gradients ``2 * N``
+        are always spent.
     """
     layers, d, f, v, attn = _dims(model_config)
     mlp = (3 if hasattr(model_config, "num_hidden_layers") else 2) * d * f
-    n_layer_params = layers * (attn + mlp)
-    return 6.0 * (n_layer_params + d * v) + 12.0 * layers * seq_len * d
+    n = layers * (attn + mlp) + d * v
+    return (4.0 + 2.0 * trainable_fraction) * n + 12.0 * layers * seq_len * d
 
 
 def device_peak_flops(device: jax.Device | None = None) -> float:
@@ -99,7 +104,9 @@ def device_peak_flops(device: jax.Device | None = None) -> float:
     return float("nan")
 
 
-def mfu(tokens_per_s: float, model_config: Any, seq_len: int, n_devices: int) -> float:
+def mfu(tokens_per_s: float, model_config: Any, seq_len: int, n_devices: int, *,
+        trainable_fraction: float = 1.0) -> float:
     """Model-FLOPs utilisation: achieved training FLOP/s over the devices' peak."""
     peak = device_peak_flops() * n_devices
-    return tokens_per_s * train_flops_per_token(model_config, seq_len) / peak
+    flops = train_flops_per_token(model_config, seq_len, trainable_fraction=trainable_fraction)
+    return tokens_per_s * flops / peak

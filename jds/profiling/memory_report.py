@@ -435,7 +435,10 @@ def estimate_report(
     # bytes of optimizer state per parameter, from the state itself (Adam 8, Lion 4, ...)
     global_opt = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
                      for x in jax.tree.leaves(engine.state.opt_state) if len(x.shape) > 0)
-    opt_bytes = round(global_opt / psi) if psi else 0
+    psi_trained = sum(math.prod(r.shape) for r in rows if r.trainable)
+    opt_bytes = round(global_opt / psi_trained) if psi_trained else 0
+    frozen_global = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in
+                        jax.tree.leaves((engine.state.frozen, engine.state.model_state)))
     prec = engine.config.precision
     kw = dict(precision=prec, optimizer_state_bytes=opt_bytes)
     formula = {str(s): model_states_per_device(psi_mp, s, dp, **kw).as_dict() for s in range(4)}
@@ -459,6 +462,10 @@ def estimate_report(
         "params_per_model_parallel_rank": psi_mp,
         "largest_layer_params": largest,
         "optimizer_state_bytes_per_param": opt_bytes,
+        "frozen_params": psi - psi_trained,
+        # a frozen (LoRA) base as stored: 1 B/param + scales under QLoRA's int8
+        "frozen_bytes_per_param": frozen_global / (psi - psi_trained) if psi > psi_trained
+        else None,
         "formula": formula,
         "deepspeed": {"num_gpus_per_node": dp // nodes, "num_nodes": nodes,
                       "rows": deepspeed_estimates(psi_mp, largest, dp // nodes, nodes)},
@@ -648,12 +655,17 @@ def estimate_text(report: Mapping[str, Any]) -> str:
     lines += ["", "Train state per device, from the shardings (formula for the config layout; "
               f"{r.get('offload', 'no offload')}):"]
     lines += _table(
-        ["", "params", "master", "optimizer", "other", "total", "in device", "in host"],
-        [["state", *(_b(st[k]) for k in ("params", "master", "optimizer", "other", "total",
-                                          "device", "host"))],
-         ["formula", *(_b(f[k]) for k in ("params", "master", "optimizer")), "",
+        ["", "params", "master", "optimizer", "frozen", "other", "total", "in device",
+         "in host"],
+        [["state", *(_b(st[k]) for k in ("params", "master", "optimizer", "frozen", "other",
+                                          "total", "device", "host"))],
+         ["formula", *(_b(f[k]) for k in ("params", "master", "optimizer")), "", "",
           _b(f["persistent"]), _b(f["device"]), _b(f["host"])]],
-        right=set(range(1, 8)))
+        right=set(range(1, 9)))
+    if r.get("frozen_bytes_per_param") is not None:
+        lines += [f"frozen parameters {_count(r['frozen_params'])} (no gradient, master or "
+                  f"optimizer state): {r['frozen_bytes_per_param']:.2f} B/param as stored "
+                  "(QLoRA's int8 base: 1 B + its fp32 scales; the rest in the compute dtype)"]
     c = r["compiled"]
     if c is None:
         lines += ["", "Compiled train step: skipped (--no-compile)"]

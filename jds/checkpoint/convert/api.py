@@ -122,6 +122,7 @@ def orbax_to_hf(
     model: str | os.PathLike | None = None,
     architecture: str | None = None,
     tokenizer: str | os.PathLike | None = None,
+    merge_lora: bool = False,
 ) -> list[Path]:
     """jds checkpoint -> Hugging Face directory (``config.json`` + safetensors).
 
@@ -142,14 +143,16 @@ def orbax_to_hf(
       architecture: HF class to write (default inferred).
       tokenizer: a directory to copy the tokenizer files from (default: the origin
         folder's, when it still exists).
+      merge_lora: a LoRA run's checkpoint: write ``W + scale * A @ B`` (and a QLoRA base
+        dequantized); such a checkpoint is refused without it.
     """
     from jds.checkpoint.convert.hf import save_hf
 
     ckpt = OrbaxCheckpoint(src, step)
     config = _model_config(ckpt, model)
     origin = hf_origin.find_origin(ckpt.meta, config, model=model, tokenizer=tokenizer)
-    return save_hf(config, ckpt.reader(), out, dtype=dtype, max_shard_bytes=max_shard_bytes,
-                   architecture=architecture, origin=origin)
+    return save_hf(config, ckpt.reader(merge_lora=merge_lora), out, dtype=dtype,
+                   max_shard_bytes=max_shard_bytes, architecture=architecture, origin=origin)
 
 
 def orbax_to_safetensors(

@@ -188,14 +188,56 @@ class OrbaxCheckpoint:
                 f"{self.dir}: reading {'/'.join(path)}[{layer}] failed: "
                 f"{str(e).splitlines()[0][:300]}") from e
 
-    def reader(self, key: str | None = None):
-        """``read(path, layer)`` over the weights, for ``save_hf`` and friends."""
+    def lora_scale(self) -> float | None:
+        """The adapters' scale (``alpha / r``) from the stored config, or None without LoRA."""
+        section = (self.meta.get("config") or {}).get("lora") or {}
+        if not section.get("enabled"):
+            return None
+        r = int(section.get("r", 8))
+        alpha = float(section.get("alpha") or r)
+        return alpha / (r ** 0.5 if section.get("use_rslora") else r)
+
+    def reader(self, key: str | None = None, *, merge_lora: bool = False):
+        """``read(path, layer)`` over the weights, for ``save_hf`` and friends.
+
+        A LoRA run's checkpoint keeps the frozen base under ``frozen`` (int8 with
+        ``model_state`` scales under QLoRA) and the adapters under ``master``/``params``:
+        with ``merge_lora`` each adapted matrix is read as ``W + scale * A @ B``
+        (``jds.lora.merge``'s arithmetic, one layer at a time); without it such a
+        checkpoint is refused, since its base alone is not the trained model.
+        """
         key = key or self.weights_key
+        scale = self.lora_scale()
+
+        def one(path: tuple[str, ...], layer: int | None) -> np.ndarray:
+            if layer is None:
+                return self.read(path)
+            return self.read_layer(path, layer)
 
         def read(path: tuple[str, ...], layer: int | None) -> np.ndarray:
-            if layer is None:
-                return self.read((key, *path))
-            return self.read_layer((key, *path), layer)
+            where = (key, *path) if (key, *path) in self.arrays else ("frozen", *path)
+            w = one(where, layer)
+            *parent, name = path
+            qscale = ("model_state", *parent, name + "_qscale")
+            if qscale in self.arrays:  # QLoRA's int8 base: dequantize per output channel
+                s = one(qscale, layer).astype(np.float32)  # [*out] or [L, *out]
+                if layer is None:
+                    s = s.reshape(s.shape[:1] + (1,) * (w.ndim - s.ndim) + s.shape[1:])
+                w = w.astype(np.float32) * s
+            a_path = (key, *parent, name + "_lora_a")
+            if a_path in self.arrays:
+                if not merge_lora:
+                    raise ValueError(
+                        f"{self.dir} is a LoRA run's checkpoint: {'/'.join(path)} has an "
+                        "adapter. Write the merged model with --merge-lora (jds convert "
+                        "orbax-to-hf --merge-lora), or use the run's PEFT folder (OUT/adapter)")
+                a = one(a_path, layer).astype(np.float32)
+                b = one((key, *parent, name + "_lora_b"), layer).astype(np.float32)
+                lead = a.shape[:1] if layer is None else ()
+                a2 = a.reshape(*lead, -1, a.shape[-1])
+                b2 = b.reshape(*lead, b.shape[len(lead)], -1)
+                w = w.astype(np.float32) + (scale or 1.0) * np.matmul(a2, b2).reshape(w.shape)
+            return w
 
         return read
 
