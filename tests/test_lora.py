@@ -10,6 +10,7 @@ without PLD, and dropped layers are skipped by a conditional in the compiled ste
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -25,10 +26,27 @@ from jds.config import ConfigError
 from jds.inference.engine import load_model
 from jds.models.layer_drop import keep_probabilities, pld_theta
 
-SMALL = M.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+SMALL = M.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
 IDS = jnp.array([[1, 5, 9, 3, 7, 2, 8, 4]], jnp.int32)
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@functools.cache
+def _base():
+    return M.Llama(SMALL, rngs=nnx.Rngs(0))
+
+
+def _llama():
+    """A fresh copy of one tiny Llama (built once: eager initialisation is slow)."""
+    return nnx.merge(*nnx.split(_base()))
+
+
+@nnx.jit
+def fwd(model):
+    """The model's logits on ``IDS``, compiled once per model structure (eager forwards
+    would compile every op)."""
+    return model(IDS)
 
 
 def _randomize_adapters(model, seed=0, std=0.1):
@@ -43,37 +61,37 @@ def _copy(model):
 
 
 def test_apply_starts_at_the_base_and_merge_folds_adapters():
-    model = M.Llama(SMALL, rngs=nnx.Rngs(0))
-    ref = model(IDS)
+    model = _llama()
+    ref = fwd(model)
     lora.apply(model, r=4, alpha=8, target_modules=["q_proj", "o_proj", "down_proj"])
     assert lora.adapter_targets(model) == ["layers.wq", "layers.wo", "layers.w_down"]
     assert model.layers.wq_lora_a[...].shape == (2, 64, 4)
     assert model.layers.wo_lora_a[...].shape == (2, 4, 16, 4)  # input dims of wo: heads x dim
-    np.testing.assert_array_equal(model(IDS), ref)  # B = 0: the base model at step 0
+    np.testing.assert_array_equal(fwd(model), ref)  # B = 0: the base model at step 0
     _randomize_adapters(model)
-    adapted = model(IDS)
+    adapted = fwd(model)
     assert float(jnp.abs(adapted - ref).max()) > 1e-2
     merged = lora.merge(_copy(model))
     assert not lora.is_adapted(merged) and not hasattr(merged.layers, "wq_lora_a")
-    np.testing.assert_allclose(merged(IDS), adapted, atol=2e-5)
+    np.testing.assert_allclose(fwd(merged), adapted, atol=2e-5)
 
-    pissa = lora.apply(M.Llama(SMALL, rngs=nnx.Rngs(0)), r=4, alpha=8, init="pissa")
+    pissa = lora.apply(_llama(), r=4, alpha=8, init="pissa")
     assert float(jnp.abs(pissa.layers.wq_lora_b[...]).max()) > 0  # principal components
-    np.testing.assert_allclose(pissa(IDS), ref, atol=2e-5)  # base = residual: same output
+    np.testing.assert_allclose(fwd(pissa), ref, atol=2e-5)  # base = residual: same output
 
 
 def test_targets_regex_and_errors():
-    model = M.Llama(SMALL, rngs=nnx.Rngs(0))
+    model = _llama()
     lora.apply(model, r=2, target_modules=r"model\.layers\.\d+\.(self_attn\.q_proj|mlp\.up_proj)")
     assert lora.adapter_targets(model) == ["layers.wq", "layers.w_up"]
     with pytest.raises(ValueError, match="already has LoRA adapters"):
         lora.apply(model, r=2)
     with pytest.raises(ValueError, match="in some layers only"):
-        lora.apply(M.Llama(SMALL, rngs=nnx.Rngs(0)), target_modules=r"model\.layers\.0\..*")
+        lora.apply(_llama(), target_modules=r"model\.layers\.0\..*")
     with pytest.raises(ValueError, match="selects no linear layer"):
-        lora.apply(M.Llama(SMALL, rngs=nnx.Rngs(0)), target_modules=["c_fc"])
+        lora.apply(_llama(), target_modules=["c_fc"])
     with pytest.raises(ConfigError, match="lora: .*selects no linear layer"):
-        jds.initialize(M.Llama(SMALL, rngs=nnx.Rngs(0)),
+        jds.initialize(_llama(),
                        {"train_batch_size": 8, "lora": {"enabled": True,
                                                         "target_modules": ["nope"]}},
                        devices=jax.devices()[:1])
@@ -105,7 +123,7 @@ def _nbytes_on(tree, device):
 def test_lora_under_zero3_and_tensor_parallel_equals_one_device():
     section = {"lora": {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.1,
                         "target_modules": ALL}}
-    base = M.Llama(SMALL, rngs=nnx.Rngs(0))
+    base = _llama()
     frozen0 = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(base, nnx.Param)))
     one, l1 = _lm_run(lambda: base, _lm_cfg({"data": 1}, 0, **section))
     eight, l8 = _lm_run(lambda: base, _lm_cfg({"fsdp": 4, "tensor": 2}, 3, **section))
@@ -171,19 +189,48 @@ def test_lora_on_a_users_linear_model():
     np.testing.assert_allclose(merged(batch["x"]), trained(batch["x"]), atol=1e-5)
 
 
-def test_qlora_int8_forward_equals_dequantized_reference_and_trains():
-    model = lora.apply(M.Llama(SMALL, rngs=nnx.Rngs(0)), r=4, alpha=8, quantize_base="int8")
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
+def test_qlora_forward_equals_dequantized_reference(kind):
+    model = lora.apply(_llama(), r=4, alpha=8, quantize_base=kind)
     layers = model.layers
-    assert layers.w_up[...].dtype == jnp.int8 and layers.w_up_qscale[...].dtype == jnp.float32
-    assert layers.wq_qscale[...].shape == (2, 4, 16)  # per output channel of [D, N, H]
+    if kind == "int8":
+        assert layers.w_up[...].dtype == jnp.int8 and layers.w_up_qscale[...].dtype == jnp.float32
+        assert layers.wq_qscale[...].shape == (2, 4, 16)  # per output channel of [D, N, H]
+    else:
+        assert layers.w_up[...].dtype == jnp.uint8 and layers.w_up[...].shape == (2, 32, 128)
+        assert layers.w_up_nf4_absmax[...].dtype == jnp.int8  # double-quantized constants
     _randomize_adapters(model)
     reference = lora.merge(_copy(model))  # dequantized base + adapter, in fp32
-    np.testing.assert_allclose(model(IDS), reference(IDS), atol=2e-5)
+    np.testing.assert_allclose(fwd(model), fwd(reference), atol=2e-5)
 
+
+def test_nf4_quantizer():
+    from jds.kernels.quant.nf4 import NF4_LEVELS, dequantize_nf4, quantize_nf4
+
+    rng = np.random.default_rng(0)
+    w = (0.02 * rng.standard_normal((256, 3, 8))).astype(np.float32)
+    q = quantize_nf4(jnp.asarray(w), 1)
+    assert q.codes.shape == (128, 3, 8) and q.absmax_q.shape == (4, 3, 8)
+    codes = np.stack([np.asarray(q.codes) >> 4, np.asarray(q.codes) & 15], 1).reshape(256, 3, 8)
+    absmax = np.abs(w.reshape(4, 64, 3, 8)).max(1)
+    dq = np.asarray(q.absmax_q, np.float32) * np.asarray(q.absmax_scale) + np.asarray(
+        q.absmax_mean)
+    assert np.abs(dq - absmax).max() <= np.asarray(q.absmax_scale).max() / 2 + 1e-9
+    x = (w.reshape(4, 64, 3, 8) / absmax[:, None]).reshape(256, 3, 8)
+    nearest = np.abs(x[..., None] - NF4_LEVELS).argmin(-1)  # the paper's rounding
+    assert (np.abs(x - NF4_LEVELS[codes]) <= np.abs(x - NF4_LEVELS[nearest]) + 1e-6).all()
+    want = (NF4_LEVELS[codes].reshape(4, 64, 3, 8) * dq[:, None]).reshape(w.shape)
+    np.testing.assert_allclose(dequantize_nf4(q), want, rtol=1e-6, atol=1e-9)
+    bits = 8 * sum(np.asarray(a).nbytes for a in (q.codes, q.absmax_q, q.absmax_scale,
+                                                   q.absmax_mean)) / w.size
+    assert bits == 4 + 8 / 64 + 64 / 256  # codes, int8 constants, per-column (scale, mean)
+
+
+def test_qlora_int8_trains_under_zero3():
     section = {"lora": {"enabled": True, "r": 4, "alpha": 8, "quantize_base": "int8"}}
-    one, l1 = _lm_run(lambda: M.Llama(SMALL, rngs=nnx.Rngs(0)), _lm_cfg({"data": 1}, 0,
+    one, l1 = _lm_run(lambda: _llama(), _lm_cfg({"data": 1}, 0,
                                                                         **section))
-    eight, l8 = _lm_run(lambda: M.Llama(SMALL, rngs=nnx.Rngs(0)),
+    eight, l8 = _lm_run(lambda: _llama(),
                         _lm_cfg({"fsdp": 8}, 3, **section))
     np.testing.assert_allclose(l8, l1, rtol=2e-5)
     assert l1[-1] < l1[0]
@@ -199,7 +246,7 @@ def test_peft_adapter_round_trip(tmp_path):
     peft = pytest.importorskip("peft")
     from jds.checkpoint.convert.hf import read_from_model, save_hf
 
-    model = M.Llama(SMALL, rngs=nnx.Rngs(0))
+    model = _llama()
     save_hf(SMALL, read_from_model(model), tmp_path / "base")
     lora.apply(model, r=4, alpha=16, target_modules=ALL)
     _randomize_adapters(model)
@@ -209,13 +256,13 @@ def test_peft_adapter_round_trip(tmp_path):
     peft_model = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter")
     with torch.no_grad():
         want = peft_model(torch.tensor(np.asarray(IDS))).logits.numpy()
-    np.testing.assert_allclose(np.asarray(model(IDS)), want, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(fwd(model)), want, atol=1e-4)
 
     back = lora.load_peft(M.from_pretrained(tmp_path / "base"), tmp_path / "adapter")
-    np.testing.assert_allclose(back(IDS), model(IDS), atol=1e-6)
+    np.testing.assert_allclose(fwd(back), fwd(model), atol=1e-6)
     served = load_model(str(tmp_path / "base"), adapter=tmp_path / "adapter")  # jds serve --lora
     assert not lora.is_adapted(served)  # merged at load
-    np.testing.assert_allclose(served(IDS), model(IDS), atol=2e-5)
+    np.testing.assert_allclose(fwd(served), fwd(model), atol=2e-5)
     with pytest.raises(ValueError, match="no place for, e.g. base_model.model.model.layers"):
         _mismatched(tmp_path)
     gpt2 = lora.apply(M.build("gpt2-tiny"), r=2)  # q, k, v: one c_attn in Hugging Face
@@ -235,21 +282,22 @@ def _mismatched(tmp_path):
     lora.load_peft(M.from_pretrained(tmp_path / "base"), tmp_path / "bad")
 
 
-def test_lora_checkpoint_converts_merged_and_serves(tmp_path):
+@pytest.mark.parametrize("kind", ["int8", pytest.param("nf4", marks=pytest.mark.slow)])
+def test_lora_checkpoint_converts_merged_and_serves(tmp_path, kind):
     from jds.checkpoint.convert.api import orbax_to_hf
 
-    section = {"lora": {"enabled": True, "r": 4, "alpha": 8, "quantize_base": "int8",
+    section = {"lora": {"enabled": True, "r": 4, "alpha": 8, "quantize_base": kind,
                         "target_modules": ["q_proj", "o_proj", "up_proj"]}}
-    engine, _ = _lm_run(lambda: M.Llama(SMALL, rngs=nnx.Rngs(0)),
+    engine, _ = _lm_run(lambda: _llama(),
                         _lm_cfg({"data": 1}, 0, **section), steps=2)
     engine.save_checkpoint(tmp_path / "ckpt")
     engine.wait_for_checkpoints()
-    want = lora.merge(_copy(engine.model))(IDS)
+    want = fwd(lora.merge(_copy(engine.model)))
     with pytest.raises(ValueError, match="--merge-lora"):
         orbax_to_hf(tmp_path / "ckpt", tmp_path / "plain")
     orbax_to_hf(tmp_path / "ckpt", tmp_path / "hf", merge_lora=True)
-    np.testing.assert_allclose(M.from_pretrained(tmp_path / "hf")(IDS), want, atol=1e-4)
-    np.testing.assert_allclose(load_model(str(tmp_path / "ckpt"))(IDS), want, atol=1e-4)
+    np.testing.assert_allclose(fwd(M.from_pretrained(tmp_path / "hf")), want, atol=1e-4)
+    np.testing.assert_allclose(fwd(load_model(str(tmp_path / "ckpt"))), want, atol=1e-4)
 
 
 def test_lora_flag():
@@ -293,17 +341,17 @@ def test_pld_schedule_equals_deepspeed_step_for_step(theta, gamma):
 
 def test_pld_theta_one_is_the_plain_run_and_layouts_agree():
     plain = _lm_cfg({"data": 1}, 0)
-    _, base = _lm_run(lambda: M.Llama(SMALL, rngs=nnx.Rngs(0)), plain, steps=4)
+    _, base = _lm_run(lambda: _llama(), plain, steps=3)
     off = {"progressive_layer_drop": {"enabled": True, "theta": 1.0, "gamma": 0.5}}
-    _, same = _lm_run(lambda: M.Llama(SMALL, rngs=nnx.Rngs(0)), {**plain, **off}, steps=4)
+    _, same = _lm_run(lambda: _llama(), {**plain, **off}, steps=3)
     np.testing.assert_allclose(same, base, rtol=1e-6)
 
     on = {"progressive_layer_drop": {"enabled": True, "theta": 0.2, "gamma": 1.0}}
-    one, l1 = _lm_run(lambda: M.Llama(SMALL, rngs=nnx.Rngs(0)), {**plain, **on}, steps=4)
+    one, l1 = _lm_run(lambda: _llama(), {**plain, **on}, steps=3)
     np.testing.assert_allclose(l1[:2], base[:2], rtol=1e-6)  # theta_t = 1 for steps 0 and 1
     assert not np.allclose(l1[2:], base[2:])
-    _, l8 = _lm_run(lambda: M.Llama(SMALL, rngs=nnx.Rngs(0)),
-                    _lm_cfg({"fsdp": 4, "tensor": 2}, 3, **on), steps=4)
+    _, l8 = _lm_run(lambda: _llama(),
+                    _lm_cfg({"fsdp": 4, "tensor": 2}, 3, **on), steps=3)
     np.testing.assert_allclose(l8, l1, rtol=2e-5)
     hlo = one.lower_train_step(16).compile().as_text()
     assert "conditional" in hlo  # a dropped layer is skipped, not computed and discarded

@@ -632,8 +632,8 @@ class LoRAConfig(_Section):
     init: Literal["default", "gaussian", "pissa"] = Field(
         "default", description="PEFT's Kaiming-uniform A, N(0, 1/r) A, or PiSSA's SVD.")
     use_rslora: Bool = Field(False, description="Scale by alpha / sqrt(r).")
-    quantize_base: Literal["int8"] | None = Field(
-        None, description="QLoRA: store the frozen base matrices as int8.")
+    quantize_base: Literal["int8", "nf4"] | None = Field(
+        None, description="QLoRA: store the frozen base matrices as int8 or 4-bit NF4.")
 
 
 class ProgressiveLayerDropConfig(_Section):

@@ -26,10 +26,14 @@ Initialisation (``init``): ``"default"`` is PEFT's (``A`` Kaiming-uniform with
 singular vectors of ``W``, and the base becomes the residual ``W - scale * A @ B``, so the
 model's output is unchanged at step 0).
 
-QLoRA (``quantize_base="int8"``): every adaptable matrix of the base (not only the targets;
-embeddings and the LM head stay) is stored as symmetric int8 with one fp32 scale per output
-channel (``jds.kernels.quant.quantize``) and multiplied with the W8A16 matmul: 1 byte per
-base parameter plus the scales. The adapters train in the compute dtype over it.
+QLoRA (``quantize_base``): every adaptable matrix of the base (not only the targets;
+embeddings and the LM head stay) is stored quantized, and the adapters train in the compute
+dtype over it. ``"int8"``: symmetric int8 with one fp32 scale per output channel
+(``jds.kernels.quant.quantize``), multiplied with the W8A16 matmul: 1 byte per base parameter
+plus the scales. ``"nf4"``: QLoRA's 4-bit NormalFloat with double-quantized block constants
+(``jds.kernels.quant.nf4``), expanded per layer in the scan: about 0.52 bytes per parameter.
+The NF4 codes are packed along the input dims, so tensor parallelism splits them only over
+output dims (a row-parallel matrix's NF4 codes are replicated over ``tensor``).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import jax
@@ -45,11 +50,22 @@ import numpy as np
 from flax import nnx
 
 from jds.kernels.quant import quantize
-from jds.models.adapters import LORA_A, LORA_B, QSCALE, AdapterDropout, LoRALinear, LoRASpec
-from jds.models.layers import QuantScale
+from jds.kernels.quant.nf4 import NF4Weight, check_nf4_shape, dequantize_nf4, quantize_nf4
+from jds.models.adapters import (
+    LORA_A,
+    LORA_B,
+    NF4_ABSMAX,
+    NF4_MEAN,
+    NF4_SCALE,
+    QSCALE,
+    AdapterDropout,
+    LoRALinear,
+    LoRASpec,
+)
+from jds.models.layers import QuantizedWeight, QuantScale
 
 INITS = ("default", "gaussian", "pissa")
-QUANTIZE_BASE = (None, "int8")
+QUANTIZE_BASE = (None, "int8", "nf4")
 
 
 def _stacked_layers(model: nnx.Module) -> list[tuple[tuple, nnx.Module]]:
@@ -83,30 +99,36 @@ def _stacked_targets(layers: nnx.Module, targets: str | Sequence[str] | None) ->
     return chosen
 
 
-def _init_ab(key: jax.Array, w: np.ndarray | jax.Array, n_in: int, spec: LoRASpec, init: str,
-             dtype: Any) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-    """``(A [*in, r], B [r, *out], new base or None)`` for one matrix ``w [*in, *out]``."""
-    in_dims, out_dims = w.shape[:n_in], w.shape[n_in:]
+def _init_ab(key: jax.Array, w: jax.Array, n_in: int, spec: LoRASpec, init: str
+             ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """``(A [L, *in, r], B [L, r, *out], new base or None)`` for stacked matrices
+    ``w [L, *in, *out]`` (every layer at once: one compiled computation, not one per layer)."""
+    n_layers, in_dims, out_dims = w.shape[0], w.shape[1:1 + n_in], w.shape[1 + n_in:]
     k, n = int(np.prod(in_dims)), int(np.prod(out_dims))
-    r = spec.r
+    r, dtype = spec.r, w.dtype
     if init == "pissa":
-        w32 = jnp.asarray(w, jnp.float32).reshape(k, n)
+        w32 = w.astype(jnp.float32).reshape(n_layers, k, n)
         u, s, vt = jnp.linalg.svd(w32, full_matrices=False)
-        if r > s.shape[0]:
-            raise ValueError(f"lora.init='pissa' needs r <= min(in, out) = {s.shape[0]}; "
-                             f"got r={r}")
-        root = jnp.sqrt(s[:r] / spec.scale)
-        a = u[:, :r] * root
-        b = root[:, None] * vt[:r]
-        residual = (w32 - spec.scale * a @ b).reshape(w.shape).astype(w.dtype)
-        return (a.reshape(*in_dims, r).astype(dtype), b.reshape(r, *out_dims).astype(dtype),
-                residual)
+        root = jnp.sqrt(s[:, :r] / spec.scale)  # [L, r]
+        a = u[:, :, :r] * root[:, None, :]
+        b = root[:, :, None] * vt[:, :r]
+        residual = (w32 - spec.scale * a @ b).reshape(w.shape).astype(dtype)
+        return (a.reshape(n_layers, *in_dims, r).astype(dtype),
+                b.reshape(n_layers, r, *out_dims).astype(dtype), residual)
     if init == "gaussian":
-        a = jax.random.normal(key, (k, r), jnp.float32) / r
+        a = jax.random.normal(key, (n_layers, k, r), jnp.float32) / r
     else:  # PEFT's default: kaiming_uniform(a=sqrt(5)) on lora_A.weight [r, in]
         bound = 1.0 / math.sqrt(k)
-        a = jax.random.uniform(key, (k, r), jnp.float32, -bound, bound)
-    return (a.reshape(*in_dims, r).astype(dtype), jnp.zeros((r, *out_dims), dtype), None)
+        a = jax.random.uniform(key, (n_layers, k, r), jnp.float32, -bound, bound)
+    return (a.reshape(n_layers, *in_dims, r).astype(dtype),
+            jnp.zeros((n_layers, r, *out_dims), dtype), None)
+
+
+@partial(jax.jit, static_argnums=(2, 3, 4))
+def _init_all(key: jax.Array, weights: tuple, n_ins: tuple, spec: LoRASpec, init: str
+              ) -> tuple:
+    return tuple(_init_ab(k, w, n, spec, init) for w, n, k in
+                 zip(weights, n_ins, jax.random.split(key, len(weights)), strict=True))
 
 
 def _axes(v: nnx.Variable, ndim: int) -> tuple:
@@ -117,38 +139,70 @@ def _axes(v: nnx.Variable, ndim: int) -> tuple:
 def _adapt_stacked(layers: nnx.Module, names: list[str], spec: LoRASpec, init: str,
                    key: jax.Array) -> None:
     linears = type(layers).LINEARS
-    for name, k in zip(names, jax.random.split(key, len(names)), strict=True):
-        param = getattr(layers, name)
-        w = param[...]
-        if not jnp.issubdtype(w.dtype, jnp.floating):
-            raise ValueError(f"LoRA on {type(layers).__name__}.{name}: the base is {w.dtype}; "
-                             "apply LoRA before quantizing the base (apply(..., "
-                             "quantize_base='int8') does both in that order)")
+    params = [getattr(layers, name) for name in names]
+    for name, param in zip(names, params, strict=True):
+        if not jnp.issubdtype(param[...].dtype, jnp.floating):
+            raise ValueError(f"LoRA on {type(layers).__name__}.{name}: the base is "
+                             f"{param[...].dtype}; apply LoRA before quantizing the base "
+                             "(apply(..., quantize_base='int8') does both in that order)")
+    if init == "pissa":
+        for name, param in zip(names, params, strict=True):
+            k, n = (int(np.prod(d)) for d in (param[...].shape[1:1 + linears[name]],
+                                                param[...].shape[1 + linears[name]:]))
+            if spec.r > min(k, n):
+                raise ValueError(f"lora.init='pissa' needs r <= min(in, out) = {min(k, n)} "
+                                 f"for {name}; got r={spec.r}")
+    made = _init_all(key, tuple(p[...] for p in params), tuple(linears[n] for n in names),
+                     spec, init)
+    for name, param, (a, b, residual) in zip(names, params, made, strict=True):
         n_in = linears[name]
-        ax = _axes(param, w.ndim)
-        parts = [_init_ab(kk, w[i], n_in, spec, init, w.dtype)
-                 for i, kk in enumerate(jax.random.split(k, w.shape[0]))]
-        a = jnp.stack([p[0] for p in parts])
-        b = jnp.stack([p[1] for p in parts])
-        if init == "pissa":
-            param[...] = jnp.stack([p[2] for p in parts])
+        ax = _axes(param, param[...].ndim)
+        if residual is not None:
+            param[...] = residual
         setattr(layers, name + LORA_A, nnx.LoRAParam(a, axes=(*ax[:1 + n_in], None)))
         setattr(layers, name + LORA_B, nnx.LoRAParam(b, axes=(ax[0], None, *ax[1 + n_in:])))
 
 
-def _quantize_stacked(layers: nnx.Module) -> None:
-    for name, n_in in type(layers).LINEARS.items():
-        param = getattr(layers, name, None)
-        if param is None or not jnp.issubdtype(param[...].dtype, jnp.floating):
-            continue
+@partial(jax.jit, static_argnums=(1, 2))
+def _quantize_all(weights: tuple, n_ins: tuple, kind: str) -> tuple:
+    out = []
+    for w, n_in in zip(weights, n_ins, strict=True):
+        if kind == "nf4":
+            out.append(jax.vmap(lambda m, n=n_in: quantize_nf4(m, n))(w))
+        else:
+            k = int(np.prod(w.shape[1:1 + n_in]))
+            q, s = jax.vmap(lambda m, k=k: quantize(m.reshape(k, -1), axis=0))(w)
+            out.append((q.reshape(w.shape), s.reshape(w.shape[:1] + w.shape[1 + n_in:])))
+    return tuple(out)
+
+
+def _quantize_stacked(layers: nnx.Module, kind: str) -> None:
+    names = [n for n in type(layers).LINEARS if getattr(layers, n, None) is not None
+             and jnp.issubdtype(getattr(layers, n)[...].dtype, jnp.floating)]
+    n_ins = tuple(type(layers).LINEARS[n] for n in names)
+    if kind == "nf4":
+        for name, n_in in zip(names, n_ins, strict=True):
+            w = getattr(layers, name)[...]
+            check_nf4_shape(int(np.prod(w.shape[1:1 + n_in])), f"{type(layers).__name__}.{name}")
+    made = _quantize_all(tuple(getattr(layers, n)[...] for n in names), n_ins, kind)
+    shapes = []
+    for name, n_in, q in zip(names, n_ins, made, strict=True):
+        param = getattr(layers, name)
         w = param[...]
-        L, in_dims, out_dims = w.shape[0], w.shape[1:1 + n_in], w.shape[1 + n_in:]
-        k = int(np.prod(in_dims))
-        q, s = jax.vmap(lambda m, k=k: quantize(m.reshape(k, -1), axis=0))(w)
         ax = _axes(param, w.ndim)
-        setattr(layers, name, nnx.Param(q.reshape(w.shape), axes=ax))
-        setattr(layers, name + QSCALE,
-                QuantScale(s.reshape(L, *out_dims), axes=(ax[0], *ax[1 + n_in:])))
+        out_ax = ax[1 + n_in:]
+        if kind == "nf4":
+            setattr(layers, name, nnx.Param(q.codes, axes=(ax[0], None, *out_ax)))
+            setattr(layers, name + NF4_ABSMAX, QuantScale(q.absmax_q,
+                                                          axes=(ax[0], None, *out_ax)))
+            setattr(layers, name + NF4_SCALE, QuantScale(q.absmax_scale, axes=(ax[0], *out_ax)))
+            setattr(layers, name + NF4_MEAN, QuantScale(q.absmax_mean, axes=(ax[0], *out_ax)))
+            shapes.append((name, tuple(int(d) for d in w.shape[1:1 + n_in]), ax[1:1 + n_in]))
+        else:
+            setattr(layers, name, nnx.Param(q[0], axes=ax))
+            setattr(layers, name + QSCALE, QuantScale(q[1], axes=(ax[0], *out_ax)))
+    if shapes:
+        layers.nf4_in_shapes = tuple(shapes)
 
 
 def _set_child(model: nnx.Module, path: tuple, value: Any) -> None:
@@ -165,9 +219,13 @@ def _set_child(model: nnx.Module, path: tuple, value: Any) -> None:
 def _wrap_linear(lin: nnx.Linear, spec: LoRASpec, init: str, key: jax.Array, seed: int,
                  quantize_base: str | None) -> LoRALinear:
     w = lin.kernel[...]
-    a, b, residual = _init_ab(key, w, 1, spec, init, w.dtype)
+    if init == "pissa" and spec.r > min(w.shape):
+        raise ValueError(f"lora.init='pissa' needs r <= min(in, out) = {min(w.shape)}; "
+                         f"got r={spec.r}")
+    (a, b, residual), = _init_all(key, (w[None],), (1,), spec, init)
+    a, b = a[0], b[0]
     if residual is not None:
-        lin.kernel[...] = residual
+        lin.kernel[...] = residual[0]
     ax = _axes(lin.kernel, 2)
     wrapped = LoRALinear(lin, nnx.LoRAParam(a, axes=(ax[0], None)),
                          nnx.LoRAParam(b, axes=(None, ax[1])), spec, seed)
@@ -175,6 +233,13 @@ def _wrap_linear(lin: nnx.Linear, spec: LoRASpec, init: str, key: jax.Array, see
         q, s = quantize(lin.kernel[...], axis=0)
         lin.kernel = nnx.Param(q, axes=ax)
         wrapped.kernel_scale = QuantScale(s.reshape(-1), axes=(ax[1],))
+    elif quantize_base == "nf4":
+        check_nf4_shape(int(lin.kernel[...].shape[0]), "nnx.Linear kernel")
+        q = quantize_nf4(lin.kernel[...])
+        lin.kernel = nnx.Param(q.codes, axes=(None, ax[1]))
+        wrapped.kernel_nf4 = (QuantScale(q.absmax_q, axes=(None, ax[1])),
+                              QuantScale(q.absmax_scale, axes=(ax[1],)),
+                              QuantScale(q.absmax_mean, axes=(ax[1],)))
     return wrapped
 
 
@@ -192,7 +257,7 @@ def apply(model: nnx.Module, *, r: int = 8, alpha: float | None = None, dropout:
         default (Llama: ``q_proj, v_proj``; GPT-2: ``c_attn``), or every ``nnx.Linear``.
       init: ``"default"``, ``"gaussian"`` or ``"pissa"`` (module docstring).
       use_rslora: scale by ``alpha / sqrt(r)``.
-      quantize_base: None, or ``"int8"`` for QLoRA's frozen int8 base.
+      quantize_base: None, or QLoRA's frozen base: ``"int8"`` or ``"nf4"``.
       seed: the adapters' initialisation and dropout seed.
 
     Raises:
@@ -220,8 +285,8 @@ def apply(model: nnx.Module, *, r: int = 8, alpha: float | None = None, dropout:
         layers.lora = spec
         if spec.dropout:
             layers.lora_dropout = AdapterDropout(spec.dropout, seed)
-        if quantize_base == "int8":
-            _quantize_stacked(layers)
+        if quantize_base is not None:
+            _quantize_stacked(layers, quantize_base)
         found += len(names)
     inside = {p for p, _ in stacked}
     linears = [(tuple(p), m) for p, m in nnx.iter_modules(model)
@@ -267,6 +332,64 @@ def _dequantized(q: jax.Array, scale: jax.Array, n_in: int, dtype: Any, *, stack
     return (q.astype(jnp.float32) * s).astype(dtype)
 
 
+def _merged_matrix(arrays: dict, n_in: int, in_shape: tuple | None, scale: float,
+                   dtype: Any) -> jax.Array:
+    """One stacked matrix ``[L, *in, *out]``: the base dequantized, plus ``scale * A @ B``."""
+    w = arrays["w"]
+    if "nf4" in arrays:
+        w = jax.vmap(lambda c, q, s, u: dequantize_nf4(NF4Weight(c, q, s, u, in_shape)))(
+            w, *arrays["nf4"])
+    elif "qscale" in arrays:
+        w = _dequantized(w, arrays["qscale"], n_in, jnp.float32, stacked=True)
+    w = w.astype(jnp.float32)
+    if "a" in arrays:
+        a, b = (arrays[k].astype(jnp.float32) for k in "ab")
+        w = w + scale * jnp.einsum("lkr,lrn->lkn", a.reshape(a.shape[0], -1, a.shape[-1]),
+                                   b.reshape(b.shape[0], b.shape[1], -1)).reshape(w.shape)
+    return w.astype(dtype)
+
+
+@partial(jax.jit, static_argnums=(1,))
+def _merge_all(arrays: tuple, static: tuple) -> tuple:
+    return tuple(_merged_matrix(a, *st) for a, st in zip(arrays, static, strict=True))
+
+
+def _merge_stacked(m: nnx.Module, dtype: Any) -> None:
+    spec: LoRASpec | None = getattr(m, "lora", None)
+    nf4 = {e[0]: e for e in getattr(m, "nf4_in_shapes", ())}
+    names, arrays, static, drop = [], [], [], []
+    for name, n_in in type(m).LINEARS.items():
+        if not hasattr(m, name):
+            continue
+        entry: dict[str, Any] = {"w": getattr(m, name)[...]}
+        if hasattr(m, name + NF4_ABSMAX):
+            entry["nf4"] = tuple(getattr(m, name + x)[...] for x in (NF4_ABSMAX, NF4_SCALE,
+                                                                     NF4_MEAN))
+            drop += [name + x for x in (NF4_ABSMAX, NF4_SCALE, NF4_MEAN)]
+        if hasattr(m, name + QSCALE):
+            entry["qscale"] = getattr(m, name + QSCALE)[...]
+            drop.append(name + QSCALE)
+        if hasattr(m, name + LORA_A):
+            entry["a"], entry["b"] = (getattr(m, name + x)[...] for x in (LORA_A, LORA_B))
+            drop += [name + LORA_A, name + LORA_B]
+        if len(entry) == 1:
+            continue
+        dt = dtype or (entry["a"].dtype if "a" in entry else jnp.float32)
+        names.append(name)
+        arrays.append(entry)
+        static.append((n_in, nf4[name][1] if name in nf4 else None,
+                       spec.scale if spec is not None else 1.0, jnp.dtype(dt)))
+    merged = _merge_all(tuple(arrays), tuple(static))
+    for name, w in zip(names, merged, strict=True):
+        ax = _axes(getattr(m, name), getattr(m, name)[...].ndim)
+        if name in nf4:  # codes [L, K/2, *out] -> [L, *in, *out]
+            ax = (ax[0], *nf4[name][2], *ax[2:])
+        setattr(m, name, nnx.Param(w, axes=ax))
+    for attr in (*drop, "lora", "lora_dropout", "nf4_in_shapes"):
+        if hasattr(m, attr):
+            delattr(m, attr)
+
+
 def merge(model: nnx.Module, *, dtype: Any = None) -> nnx.Module:
     """Fold every adapter into its base (``W + scale * A @ B``) and remove it, in place.
 
@@ -278,41 +401,16 @@ def merge(model: nnx.Module, *, dtype: Any = None) -> nnx.Module:
         if isinstance(m, LoRALinear):
             base = m.base
             dt = dtype or m.lora_a[...].dtype
-            w = base.kernel[...]
-            w = (_dequantized(w, m.kernel_scale[...], 1, jnp.float32, stacked=False)
-                 if m.kernel_scale is not None else w.astype(jnp.float32))
+            w = m.base_weight()
+            w = (dequantize_nf4(w) if isinstance(w, NF4Weight) else
+                 _dequantized(w.q, w.scale, 1, jnp.float32, stacked=False)
+                 if isinstance(w, QuantizedWeight) else w.astype(jnp.float32))
             delta = m.lora_a[...].astype(jnp.float32) @ m.lora_b[...].astype(jnp.float32)
             base.kernel = nnx.Param((w + m.lora.scale * delta).astype(dt),
                                     axes=_axes(base.kernel, 2))
             _set_child(model, tuple(path), base)
         elif getattr(type(m), "LINEARS", None):
-            spec: LoRASpec | None = getattr(m, "lora", None)
-            for name, n_in in type(m).LINEARS.items():
-                if not hasattr(m, name):
-                    continue
-                param = getattr(m, name)
-                has_a, has_q = hasattr(m, name + LORA_A), hasattr(m, name + QSCALE)
-                if not has_a and not has_q:
-                    continue
-                dt = dtype or (getattr(m, name + LORA_A)[...].dtype if has_a
-                               else jnp.float32)
-                w = (_dequantized(param[...], getattr(m, name + QSCALE)[...], n_in,
-                                  jnp.float32, stacked=True)
-                     if has_q else param[...].astype(jnp.float32))
-                if has_a:
-                    a = getattr(m, name + LORA_A)[...].astype(jnp.float32)
-                    b = getattr(m, name + LORA_B)[...].astype(jnp.float32)
-                    w = w + spec.scale * jnp.einsum(
-                        "lkr,lrn->lkn", a.reshape(a.shape[0], -1, a.shape[-1]),
-                        b.reshape(b.shape[0], b.shape[1], -1)).reshape(w.shape)
-                    delattr(m, name + LORA_A)
-                    delattr(m, name + LORA_B)
-                if has_q:
-                    delattr(m, name + QSCALE)
-                setattr(m, name, nnx.Param(w.astype(dt), axes=_axes(param, w.ndim)))
-            for attr in ("lora", "lora_dropout"):
-                if hasattr(m, attr):
-                    delattr(m, attr)
+            _merge_stacked(m, dtype)
     return model
 
 

@@ -8,7 +8,9 @@ the part the models themselves run, so that it depends on nothing but ``layers``
   (``nnx.LoRAParam``: their own variable type, so ``trainable`` can select them), the
   module gains a static ``lora`` (``LoRASpec``) and, with dropout, ``lora_dropout``
   (``AdapterDropout``: its PRNG stream and the train/eval switch). A quantized base (QLoRA)
-  is ``wq`` as int8 plus ``wq_qscale [L, *out]`` (``QuantScale``, fp32).
+  is ``wq`` as int8 plus ``wq_qscale [L, *out]`` (``QuantScale``, fp32), or ``wq`` as
+  packed NF4 codes ``[L, K/2, *out]`` plus ``wq_nf4_absmax`` / ``_nf4_scale`` / ``_nf4_mean``
+  (``jds.kernels.quant.nf4``; the input dims in the static ``nf4_in_shapes``).
 - ``prepare_layers`` adds the per-layer dropout keys to the scanned weights and returns the
   ``bind`` that ``scan_layers`` applies to each layer's gathered weights: adapted or
   quantized matrices become ``LoRAWeight`` / ``QuantizedWeight``, which ``dense`` multiplies
@@ -26,9 +28,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jds.kernels.quant.nf4 import NF4Weight
 from jds.models.layers import LoRAWeight, QuantizedWeight, QuantScale, dense
 
 LORA_A, LORA_B, QSCALE = "_lora_a", "_lora_b", "_qscale"
+NF4_ABSMAX, NF4_SCALE, NF4_MEAN = "_nf4_absmax", "_nf4_scale", "_nf4_mean"
 LAYER_KEY = "_lora_key"  # per-layer dropout keys, scanned beside the weights
 
 
@@ -87,8 +91,10 @@ def prepare_layers(layers: nnx.Module, params_L: dict[str, jax.Array]
     linears = _names(layers)
     spec: LoRASpec | None = getattr(layers, "lora", None)
     quantized = [n for n in linears if n + QSCALE in params_L]
+    nf4 = {e[0]: e[1] for e in getattr(layers, "nf4_in_shapes", ())}
+    four_bit = [n for n in linears if n + NF4_ABSMAX in params_L]
     adapted = [n for n in linears if n + LORA_A in params_L]
-    if not quantized and not adapted:
+    if not quantized and not adapted and not four_bit:
         return params_L, None
     drop = getattr(layers, "lora_dropout", None)
     key = drop.key() if isinstance(drop, AdapterDropout) else None
@@ -108,6 +114,10 @@ def prepare_layers(layers: nnx.Module, params_L: dict[str, jax.Array]
         for name in quantized:
             p[name] = QuantizedWeight(q=p[name], scale=p.pop(name + QSCALE),
                                       n_in=linears[name], axes=axes[name])
+        for name in four_bit:
+            p[name] = NF4Weight(codes=p[name], absmax_q=p.pop(name + NF4_ABSMAX),
+                                absmax_scale=p.pop(name + NF4_SCALE),
+                                absmax_mean=p.pop(name + NF4_MEAN), in_shape=nf4[name])
         for name, k in zip(adapted, keys, strict=True):
             p[name] = LoRAWeight(p[name], p.pop(name + LORA_A), p.pop(name + LORA_B), k,
                                  scale=scale, rate=rate)
@@ -132,17 +142,27 @@ class LoRALinear(nnx.Module):
         self.lora_b = b
         self.lora = spec
         self.lora_dropout = AdapterDropout(spec.dropout, seed) if spec.dropout else None
-        self.kernel_scale: QuantScale | None = None
+        self.kernel_scale: QuantScale | None = None  # int8 base: per output channel
+        self.kernel_nf4: tuple[QuantScale, QuantScale, QuantScale] | None = None  # NF4 base
+
+    def base_weight(self) -> jax.Array | QuantizedWeight | NF4Weight:
+        """The base kernel as ``dense`` takes it (int8 / NF4 wrapped with their scales)."""
+        w = self.base.kernel[...]
+        if self.kernel_scale is not None:
+            return QuantizedWeight(q=w, scale=self.kernel_scale[...], n_in=1)
+        if self.kernel_nf4 is not None:
+            absmax, scale, mean = (v[...] for v in self.kernel_nf4)
+            return NF4Weight(codes=w, absmax_q=absmax, absmax_scale=scale, absmax_mean=mean,
+                             in_shape=(2 * int(w.shape[0]),))
+        return w
 
     def __call__(self, x: jax.Array) -> jax.Array:
         base = self.base
-        w = base.kernel[...]
-        if self.kernel_scale is not None:
-            w = QuantizedWeight(q=w, scale=self.kernel_scale[...], n_in=1)
+        w = self.base_weight()
         key = self.lora_dropout.key() if self.lora_dropout is not None else None
         dtype = base.dtype or jnp.result_type(x, self.lora_a[...])
         x = x.astype(dtype)
-        y = dense("...i,io->...o", x, LoRAWeight(w if isinstance(w, QuantizedWeight)
+        y = dense("...i,io->...o", x, LoRAWeight(w if isinstance(w, (QuantizedWeight, NF4Weight))
                                                   else w.astype(dtype),
                                                   self.lora_a[...], self.lora_b[...], key,
                                                   scale=self.lora.scale,
@@ -158,5 +178,5 @@ def is_adapted(model: nnx.Module) -> bool:
 
 
 __all__ = ["AdapterDropout", "LAYER_KEY", "LORA_A", "LORA_B", "LoRALinear", "LoRASpec",
-           "QSCALE", "is_adapted", "prepare_layers"]
+           "NF4_ABSMAX", "NF4_MEAN", "NF4_SCALE", "QSCALE", "is_adapted", "prepare_layers"]
 

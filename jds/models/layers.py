@@ -40,6 +40,7 @@ import numpy as np
 from flax import nnx
 
 from jds.kernels.attention import dot_product_attention
+from jds.kernels.quant.nf4 import NF4Weight, dequantize_nf4
 from jds.models.layer_drop import PLD_KEEP
 from jds.partitioning.rules import active_rules, logical_to_spec, traced_sharding
 from jds.partitioning.zero import ParamGather, gather_param, save_costly_not_gathered
@@ -213,11 +214,12 @@ def _mesh_axes(entry: Any, mesh: jax.sharding.Mesh) -> tuple[str, ...]:
     return tuple(a for a in names if mesh.shape[a] > 1)
 
 
-def dense(subscripts: str, x: jax.Array, w: jax.Array | QuantizedWeight | LoRAWeight
-          ) -> jax.Array:
+def dense(subscripts: str, x: jax.Array,
+          w: jax.Array | QuantizedWeight | NF4Weight | LoRAWeight) -> jax.Array:
     """``jnp.einsum(subscripts, x, w)`` for a layer matrix ``w`` contracted with x's trailing
     dims; for a ``QuantizedWeight`` the weight-only int8 matmul
     (``jds.kernels.quant.int8_matmul``: Pallas on GPU/TPU, XLA on CPU) in x's dtype; for a
+    ``NF4Weight`` the matrix dequantized in x's dtype (``jds.kernels.quant.nf4``); for a
     ``LoRAWeight`` the base's product plus the adapter's ``(x @ A) @ B * scale``.
 
     A Pallas call is opaque to XLA's partitioner, which would gather a tensor-parallel weight
@@ -229,6 +231,8 @@ def dense(subscripts: str, x: jax.Array, w: jax.Array | QuantizedWeight | LoRAWe
     """
     if isinstance(w, LoRAWeight):
         return _lora_dense(subscripts, x, w)
+    if isinstance(w, NF4Weight):  # QLoRA's 4-bit base: expanded per layer, fused by XLA
+        return jnp.einsum(subscripts, x, dequantize_nf4(w, x.dtype))
     if not isinstance(w, QuantizedWeight):
         return jnp.einsum(subscripts, x, w)
     from jds.partitioning.rules import active_rules, logical_to_spec

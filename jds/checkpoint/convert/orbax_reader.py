@@ -197,6 +197,30 @@ class OrbaxCheckpoint:
         alpha = float(section.get("alpha") or r)
         return alpha / (r ** 0.5 if section.get("use_rslora") else r)
 
+    def _nf4(self, path: tuple[str, ...], codes: np.ndarray, parts: list[np.ndarray], *,
+             stacked: bool) -> np.ndarray:
+        """An NF4-stored matrix expanded to fp32, its input dims from the model's shapes."""
+        import jax
+        from flax import nnx
+
+        from jds.kernels.quant.nf4 import NF4Weight, dequantize_nf4
+        from jds.models.registry import model_class
+
+        cfg = self.model_config()
+        abstract = nnx.eval_shape(lambda: model_class(cfg)(cfg, rngs=nnx.Rngs(0)))
+        node = abstract
+        for k in path:
+            node = getattr(node, k)
+        full = tuple(node.shape)[1:]  # one layer's [*in, *out]
+        n_out = codes.ndim - (2 if stacked else 1)
+        in_shape = full[:len(full) - n_out]
+
+        def expand(c, a, sc, mu):
+            return dequantize_nf4(NF4Weight(c, a, sc, mu, in_shape))
+
+        fn = jax.vmap(expand) if stacked else expand
+        return np.asarray(fn(codes, *parts))
+
     def reader(self, key: str | None = None, *, merge_lora: bool = False):
         """``read(path, layer)`` over the weights, for ``save_hf`` and friends.
 
@@ -218,6 +242,10 @@ class OrbaxCheckpoint:
             where = (key, *path) if (key, *path) in self.arrays else ("frozen", *path)
             w = one(where, layer)
             *parent, name = path
+            nf4 = [("model_state", *parent, name + sfx)
+                   for sfx in ("_nf4_absmax", "_nf4_scale", "_nf4_mean")]
+            if nf4[0] in self.arrays:  # QLoRA's NF4 base: the reference dequantizer
+                w = self._nf4(path, w, [one(p, layer) for p in nf4], stacked=layer is None)
             qscale = ("model_state", *parent, name + "_qscale")
             if qscale in self.arrays:  # QLoRA's int8 base: dequantize per output channel
                 s = one(qscale, layer).astype(np.float32)  # [*out] or [L, *out]
