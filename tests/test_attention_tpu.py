@@ -53,7 +53,8 @@ def test_splash_adapter_shape_errors():
 
 
 @pytest.mark.parametrize("layout", [{"mesh": {"tensor": 2}, "zero_optimization": {"stage": 3}},
-                                    {"mesh": {"stage": 2, "tensor": 2}}])
+                                    pytest.param({"mesh": {"stage": 2, "tensor": 2}},
+                                                 marks=pytest.mark.slow)])
 def test_kernel_runs_per_shard_under_zero_tensor_and_pipeline(layout):
     """A Pallas call is opaque to XLA's partitioner: the dispatcher maps it over the batch
     and head shards (inside the pipeline's map too); gradients equal one device's."""

@@ -226,6 +226,7 @@ def test_nf4_quantizer():
     assert bits == 4 + 8 / 64 + 64 / 256  # codes, int8 constants, per-column (scale, mean)
 
 
+@pytest.mark.slow
 def test_qlora_int8_trains_under_zero3():
     section = {"lora": {"enabled": True, "r": 4, "alpha": 8, "quantize_base": "int8"}}
     one, l1 = _lm_run(lambda: _llama(), _lm_cfg({"data": 1}, 0,
@@ -288,8 +289,11 @@ def test_lora_checkpoint_converts_merged_and_serves(tmp_path, kind):
 
     section = {"lora": {"enabled": True, "r": 4, "alpha": 8, "quantize_base": kind,
                         "target_modules": ["q_proj", "o_proj", "up_proj"]}}
-    engine, _ = _lm_run(lambda: _llama(),
-                        _lm_cfg({"data": 1}, 0, **section), steps=2)
+    engine, losses = _lm_run(lambda: _llama(), _lm_cfg({"fsdp": 8}, 3, **section), steps=2)
+    assert losses[1] < losses[0]
+    if kind == "int8":  # the frozen base: 1 byte per parameter, split by ZeRO-3
+        w_up = engine.state.frozen["layers"]["w_up"]
+        assert w_up.dtype == jnp.int8 and _nbytes_on(w_up, jax.devices()[0]) == w_up.size // 8
     engine.save_checkpoint(tmp_path / "ckpt")
     engine.wait_for_checkpoints()
     want = fwd(lora.merge(_copy(engine.model)))
@@ -298,6 +302,40 @@ def test_lora_checkpoint_converts_merged_and_serves(tmp_path, kind):
     orbax_to_hf(tmp_path / "ckpt", tmp_path / "hf", merge_lora=True)
     np.testing.assert_allclose(fwd(M.from_pretrained(tmp_path / "hf")), want, atol=1e-4)
     np.testing.assert_allclose(fwd(load_model(str(tmp_path / "ckpt"))), want, atol=1e-4)
+
+
+def test_cli_lora_finetune_of_an_hf_folder_under_zero3_exports_a_peft_adapter(tmp_path):
+    """Issue 22's "done when": jds train --lora on an HF Llama folder, 8 devices, ZeRO-3;
+    peft loads the adapter it wrote with the logits of the trained run, which jds serves."""
+    import json
+
+    torch = pytest.importorskip("torch")
+    tf = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from jds.checkpoint.convert.hf import read_from_model, save_hf
+    from jds.cli import main
+
+    base = M.build("llama-tiny")  # byte vocabulary: jds train's embedded corpus fits it
+    save_hf(base.config, read_from_model(base), tmp_path / "hf")
+    cfg = {"train_batch_size": 8, "zero_optimization": {"stage": 3}, "bf16": {"enabled": False},
+           "optimizer": {"type": "AdamW", "params": {"lr": 1e-2}},
+           "train": {"steps": 2, "seq_len": 32, "eval_interval": 0, "eval_batches": 1,
+                     "sample_tokens": 4}}
+    (tmp_path / "ds.json").write_text(json.dumps(cfg))
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(tmp_path / "ds.json"), "--model", str(tmp_path / "hf"),
+                 "--lora", "r=4,alpha=8,target=q_proj|v_proj|down_proj", "--out", str(out),
+                 "--no-progress"]) == 0
+    adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter["target_modules"] == ["down_proj", "q_proj", "v_proj"] and adapter["r"] == 4
+    hf = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32,
+                                                 attn_implementation="eager")
+    ids = np.asarray(IDS)
+    with torch.no_grad():
+        want = peft.PeftModel.from_pretrained(hf, out / "adapter")(torch.tensor(ids)).logits
+    served = load_model(str(out))  # the run folder, adapters merged (jds serve RUN)
+    np.testing.assert_allclose(np.asarray(fwd(served)), want.numpy(), atol=1e-4)
+    assert float(np.abs(np.asarray(fwd(served)) - np.asarray(fwd(base))).max()) > 1e-3
 
 
 def test_lora_flag():

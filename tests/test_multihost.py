@@ -202,6 +202,7 @@ def test_jds_launch_two_processes_zero3_matches_one_process_and_checkpoint_resto
                                rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_survivor_of_a_killed_process_exits_with_a_clear_error(tmp_path):
     """Process 1 dies by SIGKILL mid-training: process 0 must say so and exit, not hang.
 

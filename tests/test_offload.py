@@ -77,7 +77,7 @@ CPU = {"device": "cpu"}
     (2, "fp16", {"offload_optimizer": CPU}),
     pytest.param(3, "bf16", {"offload_optimizer": CPU, "offload_param": CPU},
                  marks=pytest.mark.slow),
-    (2, "fp32", {"offload_optimizer": CPU}),
+    pytest.param(2, "fp32", {"offload_optimizer": CPU}, marks=pytest.mark.slow),
     (3, "bf16", {"offload_optimizer": {"device": "cpu", "pin_memory": False, "ratio": 0.5},
                  "offload_param": CPU}),
     pytest.param(3, "fp32", {"offload_param": CPU}, marks=pytest.mark.slow)])

@@ -268,7 +268,7 @@ def test_frozen_parameters_in_bf16_have_no_master_copy():
 
 
 # ----------------------------------------------------------------------------- checkpoints
-@pytest.mark.parametrize("which", ["cnn", "resnet"])
+@pytest.mark.parametrize("which", ["cnn", pytest.param("resnet", marks=pytest.mark.slow)])
 def test_checkpoint_restores_bit_exact_onto_another_device_count(which, tmp_path):
     if which == "cnn":
         model, loss, bs = lambda: cifar.Net(nnx.Rngs(0)), cifar.loss_fn, image_batches(4)
