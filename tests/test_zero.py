@@ -306,8 +306,8 @@ def test_sequence_parallel_matches_one_device_and_splits_the_residual_stream():
     along the sequence (Megatron SP). Same losses as one device; the stacked layer inputs
     that full remat keeps take about half the bytes."""
     def model():
-        return jds.models.build("llama-tiny", hidden_size=128, intermediate_size=128,
-                                num_hidden_layers=4, num_attention_heads=4,
+        return jds.models.build("llama-tiny", hidden_size=256, intermediate_size=256,
+                                num_hidden_layers=8, num_attention_heads=4,
                                 num_key_value_heads=2, vocab_size=64,
                                 max_position_embeddings=256)
 
@@ -324,7 +324,7 @@ def test_sequence_parallel_matches_one_device_and_splits_the_residual_stream():
                                     "mesh": {"tensor": 2, "sequence_parallel": flag}},
                             shapes_only=True)
         temps[flag] = e.lower_train_step(256).compile().memory_analysis().temp_size_in_bytes
-    layer_inputs = 4 * (8 // 4) * 256 * 128 * 4  # L x [B per data shard, T, D] fp32
+    layer_inputs = 8 * (8 // 4) * 256 * 256 * 4  # L x [B per data shard, T, D] fp32
     assert temps[False] - temps[True] >= layer_inputs / 2 / 4, temps
     with pytest.raises(jds.ConfigError, match="mesh.sequence_parallel=true .* mesh.tensor is 1"):
         jds.initialize(model(), {"train_batch_size": 8, "mesh": {"sequence_parallel": True}})
