@@ -26,6 +26,7 @@ _LAZY = {
     "init_inference": ("jds.inference.engine", "init_inference"),
     "init_distributed": ("jds.distributed", "init_distributed"),
     "models": ("jds.models", None),
+    "lora": ("jds.lora", None),
 }
 
 
@@ -51,5 +52,6 @@ __all__ = [
     "init_distributed",
     "init_inference",
     "initialize",
+    "lora",
     "models",
 ]

@@ -13,7 +13,7 @@ layers' mean keep probability is 0.5 from the first step (``gamma`` large, and t
 at its floor), plus the ratio; issue 22's goal is a step approaching 2x fewer layer FLOPs.
 
     python scripts/bench_lora.py                                 # llama-tiny on this host
-    python scripts/bench_lora.py --model llama-125m --batch 8 --seq 512 --stage 3
+    python scripts/bench_lora.py --model llama-125m --batch 4 --seq 128 --devices 1
     python scripts/bench_lora.py --no-pld --settings full lora
 """
 
@@ -28,6 +28,7 @@ import jax
 import numpy as np
 
 import jds
+from jds.models.adapters import frozen_param_count
 from jds.partitioning.memory import state_memory
 
 LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
@@ -80,7 +81,7 @@ def lora_rows(args: argparse.Namespace) -> list[dict]:
     rows = []
     for name, e in engines.items():
         st = state_memory(e.state)
-        n_frozen = sum(x.size for x in jax.tree.leaves(e.state.frozen))
+        n_frozen = frozen_param_count(e.state.frozen, e.state.model_state)
         frozen_bytes = sum(x.size * x.dtype.itemsize for x in
                            jax.tree.leaves((e.state.frozen, e.state.model_state)))
         s = statistics.median(times[name])

@@ -15,6 +15,7 @@
 #     bash scripts/gpu_session.sh profile            # ~2 min: issue 20, the flops profiler
 #     bash scripts/gpu_session.sh vsds               # ~6 min: issue 25, jds vs PyTorch/DeepSpeed
 #     bash scripts/gpu_session.sh offload            # ~5 min: issue 21, ZeRO-Offload's step time
+#     bash scripts/gpu_session.sh lora               # ~6 min: issue 22, LoRA/QLoRA and PLD
 # Each phase writes $OUT/<phase>.jsonl (one JSON object per result) and $OUT/<phase>.log,
 # and prints a short summary last. Record the figures, dated, in docs/benchmarks.md.
 # The per-run time limits add up to more than a session's 30 device minutes; they are
@@ -140,6 +141,15 @@ phase_offload() {
     -k "equals_the_device_run or round_trip"
 }
 
+phase_lora() {
+  # Issue 22 on a GPU: full fine-tuning vs LoRA vs QLoRA (int8, NF4) step time and state
+  # bytes on llama-125m, PLD at a mean keep probability of 0.5 (goal: towards 2x fewer
+  # layer FLOPs), then the LoRA tests (kernels' W8A16 VJP under QLoRA included).
+  run lora 360 $PY scripts/bench_lora.py --model llama-125m --batch 8 --seq 1024 \
+    --devices 1 --steps 5 --rounds 2
+  run lora_tests 180 $PY -m pytest -q -p no:cacheprovider tests/test_lora.py -k "not peft and not cli"
+}
+
 summary() {
   [ -f "$OUT/$1.jsonl" ] || return 0
   echo "== $1"
@@ -149,7 +159,8 @@ keys = ("bench", "impl", "dtype", "attention", "seq", "head_dim", "causal", "pas
         "model", "tflops", "speedup_vs_bf16", "speedup", "tokens_per_s", "mfu",
         "fraction_of_limit", "continuous_tokens_per_s", "static_tokens_per_s", "layout",
         "framework", "median_s_per_step", "peak_rss_mb", "setting", "s_per_step",
-        "device_argument_bytes", "host_argument_bytes")
+        "device_argument_bytes", "host_argument_bytes", "s_per_step_base", "s_per_step_pld",
+        "frozen_bytes_per_param")
 for line in open(sys.argv[1]):
     row = json.loads(line)
     print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
@@ -157,7 +168,7 @@ for line in open(sys.argv[1]):
 EOF
 }
 
-[ $# -gt 0 ] || { echo "usage: $0 wheels | {env,tests,attention,int8,decode,train125m,train1b,profile,vsds,offload}..."; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 wheels | {env,tests,attention,int8,decode,train125m,train1b,profile,vsds,offload,lora}..."; exit 2; }
 if [ "$1" = wheels ]; then wheels; exit; fi
 for phase in "$@"; do
   declare -F "phase_$phase" >/dev/null || { echo "unknown phase $phase"; exit 2; }

@@ -23,9 +23,11 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jds.kernels.quant.nf4 import NF4Weight
@@ -172,11 +174,31 @@ class LoRALinear(nnx.Module):
         return y
 
 
+def frozen_param_count(frozen: Any, model_state: Any) -> int:
+    """How many parameters a frozen tree stands for: an NF4 matrix's packed codes (beside
+    their ``_nf4_absmax`` in the model state) hold two parameters per element."""
+    total = 0
+
+    def walk(node: Any, state: Any) -> None:
+        nonlocal total
+        for k, v in node.items():
+            sub = state.get(k, {}) if isinstance(state, dict) else {}
+            if isinstance(v, dict):
+                walk(v, sub)
+            else:
+                packed = isinstance(state, dict) and k + NF4_ABSMAX in state
+                total += int(np.prod(v.shape)) * (2 if packed else 1)
+
+    walk(frozen, model_state)
+    return total
+
+
 def is_adapted(model: nnx.Module) -> bool:
     """Whether ``model`` holds any LoRA adapter (``nnx.LoRAParam``)."""
     return any(isinstance(v, nnx.LoRAParam) for _, v in nnx.iter_graph(model))
 
 
 __all__ = ["AdapterDropout", "LAYER_KEY", "LORA_A", "LORA_B", "LoRALinear", "LoRASpec",
-           "NF4_ABSMAX", "NF4_MEAN", "NF4_SCALE", "QSCALE", "is_adapted", "prepare_layers"]
+           "NF4_ABSMAX", "NF4_MEAN", "NF4_SCALE", "QSCALE", "frozen_param_count", "is_adapted",
+           "prepare_layers"]
 

@@ -45,6 +45,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jds.config import Config
 from jds.engine import TrainEngine
+from jds.models.adapters import frozen_param_count
 from jds.partitioning.axes import AXIS_LETTERS
 from jds.partitioning.memory import (
     CompiledMemory,
@@ -439,6 +440,7 @@ def estimate_report(
     opt_bytes = round(global_opt / psi_trained) if psi_trained else 0
     frozen_global = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in
                         jax.tree.leaves((engine.state.frozen, engine.state.model_state)))
+    n_frozen = frozen_param_count(engine.state.frozen, engine.state.model_state)
     prec = engine.config.precision
     kw = dict(precision=prec, optimizer_state_bytes=opt_bytes)
     formula = {str(s): model_states_per_device(psi_mp, s, dp, **kw).as_dict() for s in range(4)}
@@ -458,14 +460,13 @@ def estimate_report(
                   "dp_size": dp},
         "remat": engine.config.remat,
         "offload": engine.offload.describe(),
-        "num_params": psi,
+        "num_params": psi_trained + n_frozen,  # NF4 codes count two parameters each
         "params_per_model_parallel_rank": psi_mp,
         "largest_layer_params": largest,
         "optimizer_state_bytes_per_param": opt_bytes,
-        "frozen_params": psi - psi_trained,
-        # a frozen (LoRA) base as stored: 1 B/param + scales under QLoRA's int8
-        "frozen_bytes_per_param": frozen_global / (psi - psi_trained) if psi > psi_trained
-        else None,
+        "frozen_params": n_frozen,
+        # a frozen (LoRA) base as stored: 1 B/param + scales under QLoRA's int8, ~0.5 in NF4
+        "frozen_bytes_per_param": frozen_global / n_frozen if n_frozen else None,
         "formula": formula,
         "deepspeed": {"num_gpus_per_node": dp // nodes, "num_nodes": nodes,
                       "rows": deepspeed_estimates(psi_mp, largest, dp // nodes, nodes)},
