@@ -430,7 +430,6 @@ def estimate_report(
     if nodes < 1 or dp % nodes:
         raise ValueError(f"--nodes {nodes} must divide the {dp} data-parallel devices")
     rows = param_rows(engine)
-    psi = sum(math.prod(r.shape) for r in rows)
     psi_mp = _model_parallel_params(engine)
     state = state_memory(engine.state)
     # bytes of optimizer state per parameter, from the state itself (Adam 8, Lion 4, ...)
