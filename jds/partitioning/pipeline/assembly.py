@@ -80,7 +80,8 @@ def model_pipeline(split: Any, mesh: Mesh, rules: Rules, layout: ZeroLayout, *,
     if own_loss or jax.tree.leaves(split.frozen) or jax.tree.leaves(split.model_state):
         raise ValueError(f"{where}: pipeline stages train a stacked decoder with its causal-LM "
                          "loss, every parameter trainable and no model state; drop loss_fn / "
-                         "trainable, or set mesh.stage to 1")
+                         "trainable (LoRA: the lora section trains the adapters only), or set "
+                         "mesh.stage to 1")
     schedule = pipeline_schedule(layer_count(split.params), stages, pipeline_cfg.schedule,
                                  micro_batches, pipeline_cfg.virtual_stages)
     # after the layer count's own check: the plan's divisibility errors say less
