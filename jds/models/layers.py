@@ -64,7 +64,8 @@ def const_param(
 
 
 class QuantScale(nnx.Variable):
-    """The fp32 scales of a frozen int8 layer matrix (QLoRA's quantized base, ``jds.lora``).
+    """The scales of a frozen quantized layer matrix (QLoRA's base, ``jds.lora``): int8's
+    per-channel fp32 scales, NF4's double-quantized block constants and their scales.
 
     Not an ``nnx.Param``: never trained, and not cast to the compute dtype with the frozen
     parameters (the engine keeps other variables as they are).
@@ -166,11 +167,12 @@ class QuantizedWeight:
 class LoRAWeight:
     """A frozen layer matrix with a low-rank adapter: ``x @ W + (dropout(x) @ A) @ B * scale``.
 
-    Built inside the layer scan from one layer's weights (``jds.lora.layer_binder``); the
-    base is the gathered matrix (or a ``QuantizedWeight``: QLoRA), used once.
+    Built inside the layer scan from one layer's weights
+    (``jds.models.adapters.prepare_layers``); the base is the gathered matrix (or a
+    ``QuantizedWeight`` / ``NF4Weight``: QLoRA), used once.
 
     Attributes:
-      base: the layer matrix ``[*in, *out]`` or a ``QuantizedWeight``.
+      base: the layer matrix ``[*in, *out]``, a ``QuantizedWeight`` or an ``NF4Weight``.
       a: ``[*in, r]``. b: ``[r, *out]``.
       key: a PRNG key for the adapter's dropout, or None (no dropout: evaluation).
       scale: ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA), static.
@@ -372,9 +374,10 @@ def scan_layers(
         backward pass recomputes the group's ``k`` layers; ``remat`` is then unused.
       gather: the model's ``ParamGather`` (ZeRO-3 / tensor-parallel layouts), or None.
       bind: ``p -> p`` applied to one layer's gathered weights before ``block_fn``
-        (``jds.lora.layer_binder``: adapters and int8 bases become ``LoRAWeight`` /
-        ``QuantizedWeight``). Entries of ``params_L`` that ``axes`` does not name (per-layer
-        PRNG keys, layer-drop draws) are scanned but not gathered; a ``PLD_KEEP`` entry
+        (``jds.models.adapters.prepare_layers``: adapters and quantized bases become
+        ``LoRAWeight`` / ``QuantizedWeight`` / ``NF4Weight``). Entries of ``params_L`` that
+        ``axes`` does not name (per-layer PRNG keys, layer-drop draws) are scanned but not
+        gathered; a ``PLD_KEEP`` entry
         (``jds.models.layer_drop``) runs each layer only where its draw is true.
 
     Returns:
