@@ -11,11 +11,14 @@ without PLD, and dropped layers are skipped by a conditional in the compiled ste
 from __future__ import annotations
 
 import functools
+import json
 import math
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -272,8 +275,6 @@ def test_peft_adapter_round_trip(tmp_path):
 
 
 def _mismatched(tmp_path):
-    import json
-
     cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     cfg["target_modules"] = ["q_proj", "v_proj", "gate_proj"]  # not what the file holds
     (tmp_path / "bad").mkdir()
@@ -307,8 +308,6 @@ def test_lora_checkpoint_converts_merged_and_serves(tmp_path, kind):
 def test_cli_lora_finetune_of_an_hf_folder_under_zero3_exports_a_peft_adapter(tmp_path):
     """Issue 22's "done when": jds train --lora on an HF Llama folder, 8 devices, ZeRO-3;
     peft loads the adapter it wrote with the logits of the trained run, which jds serves."""
-    import json
-
     torch = pytest.importorskip("torch")
     tf = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
@@ -348,31 +347,18 @@ def test_lora_flag():
         lora.parse_lora_flag("rank=4")
 
 
-class _DeepSpeedPLD:
-    """DeepSpeed's ``runtime/progressive_layer_drop.py`` (removed from DeepSpeed 0.19, which
-    the test extra installs), line for line, driven as ``DeepSpeedEngine.step`` drives it."""
-
-    def __init__(self, theta=0.5, gamma=0.001):
-        self.theta, self.gamma, self.current_theta = theta, gamma, 1.0
-
-    def get_theta(self):
-        return self.current_theta
-
-    def update_state(self, global_step):
-        def _prob(x, gamma, p):
-            return (1. - p) * np.exp(-gamma * x) + p
-
-        self.current_theta = _prob(global_step, self.gamma, self.theta)
+FIXTURES = Path(__file__).parent / "fixtures"
 
 
-@pytest.mark.parametrize("theta,gamma", [(0.5, 0.001), (0.1, 0.05), (0.9, 0.5), (1.0, 0.01)])
-def test_pld_schedule_equals_deepspeed_step_for_step(theta, gamma):
-    ds = _DeepSpeedPLD(theta, gamma)
-    for global_steps in range(40):
-        used = ds.get_theta()  # the forward passes of this step see this value
-        np.testing.assert_allclose(float(pld_theta(global_steps, theta, gamma)), used,
-                                   rtol=1e-6)
-        ds.update_state(global_steps)  # engine.step(): before global_steps += 1
+def test_pld_schedule_equals_deepspeed_step_for_step():
+    """Against DeepSpeed's own ProgressiveLayerDrop (0.16.0; gone from 0.19), driven as its
+    engine drives it (scripts/make_pld_table.py writes the fixture)."""
+    table = json.loads((FIXTURES / "ds_pld_schedule.json").read_text())
+    assert len(table["cases"]) >= 4
+    for case in table["cases"]:
+        got = [float(pld_theta(t, case["theta"], case["gamma"]))
+               for t in range(len(case["pld_theta"]))]
+        np.testing.assert_allclose(got, case["pld_theta"], rtol=1e-6)
     p = np.asarray(keep_probabilities(jnp.float32(0.5), 4))
     np.testing.assert_allclose(p, [1 - 1 / 4 * 0.5, 1 - 2 / 4 * 0.5, 1 - 3 / 4 * 0.5, 0.5])
 
@@ -393,6 +379,19 @@ def test_pld_theta_one_is_the_plain_run_and_layouts_agree():
     np.testing.assert_allclose(l8, l1, rtol=2e-5)
     hlo = one.lower_train_step(16).compile().as_text()
     assert "conditional" in hlo  # a dropped layer is skipped, not computed and discarded
+
+    # evaluation runs every layer, unscaled: the model without PLD gives the same loss
+    ids = np.random.default_rng(1).integers(0, 96, (8, 16)).astype(np.int32)
+    plain_model = _copy(one.model)
+    del plain_model.layer_drop
+
+    @nnx.jit
+    def loss(model):
+        logits = model(jnp.asarray(ids))[:, :-1].astype(jnp.float32)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
+
+    assert one.eval_batch({"input_ids": ids})["loss"] == pytest.approx(
+        float(loss(plain_model)), rel=1e-5)
     with pytest.raises(ConfigError, match="progressive_layer_drop"):
         jds.initialize(MLP(nnx.Rngs(0)), {"train_batch_size": 8, **on}, loss_fn=_mse,
                        devices=jax.devices()[:1])
