@@ -81,6 +81,7 @@ def test_apply_starts_at_the_base_and_merge_folds_adapters():
     pissa = lora.apply(_llama(), r=4, alpha=8, init="pissa")
     assert float(jnp.abs(pissa.layers.wq_lora_b[...]).max()) > 0  # principal components
     np.testing.assert_allclose(fwd(pissa), ref, atol=2e-5)  # base = residual: same output
+    np.testing.assert_array_equal(fwd(_base()), ref)  # the copy's source is not changed
 
 
 def test_targets_regex_and_errors():

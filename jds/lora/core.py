@@ -157,8 +157,8 @@ def _adapt_stacked(layers: nnx.Module, names: list[str], spec: LoRASpec, init: s
     for name, param, (a, b, residual) in zip(names, params, made, strict=True):
         n_in = linears[name]
         ax = _axes(param, param[...].ndim)
-        if residual is not None:
-            param[...] = residual
+        if residual is not None:  # a new variable: a copy's variables are the original's
+            setattr(layers, name, nnx.Param(residual, axes=ax))
         setattr(layers, name + LORA_A, nnx.LoRAParam(a, axes=(*ax[:1 + n_in], None)))
         setattr(layers, name + LORA_B, nnx.LoRAParam(b, axes=(ax[0], None, *ax[1 + n_in:])))
 
@@ -224,9 +224,9 @@ def _wrap_linear(lin: nnx.Linear, spec: LoRASpec, init: str, key: jax.Array, see
                          f"got r={spec.r}")
     (a, b, residual), = _init_all(key, (w[None],), (1,), spec, init)
     a, b = a[0], b[0]
-    if residual is not None:
-        lin.kernel[...] = residual[0]
     ax = _axes(lin.kernel, 2)
+    if residual is not None:  # a new variable: a copy's variables are the original's
+        lin.kernel = nnx.Param(residual[0], axes=ax)
     wrapped = LoRALinear(lin, nnx.LoRAParam(a, axes=(ax[0], None)),
                          nnx.LoRAParam(b, axes=(None, ax[1])), spec, seed)
     if quantize_base == "int8":
