@@ -241,8 +241,10 @@ def run(config: Config, out_dir: str | os.PathLike, *, resume: bool = False,
             sample = _sample(engine, tc.sample_tokens, config.seed)
             if primary:
                 (out / "sample.txt").write_text(sample, encoding="utf-8")
-                if config.lora.enabled:
-                    _save_adapter(engine, out / "adapter", tc.model)
+                if config.lora.enabled:  # the adapters as a PEFT folder, beside the checkpoints
+                    from jds.lora import save_peft
+
+                    save_peft(engine.model, out / "adapter", base_model_name_or_path=tc.model)
             engine.wait_for_checkpoints()
     finally:
         logger.close()
@@ -258,17 +260,6 @@ def run(config: Config, out_dir: str | os.PathLike, *, resume: bool = False,
         (out / "summary.json").write_text(json.dumps(summary.__dict__, indent=2))
         _draw_curves(out)
     return summary
-
-
-def _save_adapter(engine: TrainEngine, path: Path, base: str) -> None:
-    """The trained adapters as a PEFT folder beside the checkpoints (when PEFT can hold
-    them: GPT-2's separate q/k/v adapters cannot; the checkpoint still has them)."""
-    from jds.lora import save_peft
-
-    try:
-        save_peft(engine.model, path, base_model_name_or_path=base)
-    except ValueError as e:
-        warnings.warn(f"no PEFT adapter folder written: {e}", stacklevel=2)
 
 
 def _draw_curves(out: Path) -> None:

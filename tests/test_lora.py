@@ -270,9 +270,30 @@ def test_peft_adapter_round_trip(tmp_path):
     np.testing.assert_allclose(fwd(served), fwd(model), atol=2e-5)
     with pytest.raises(ValueError, match="no place for, e.g. base_model.model.model.layers"):
         _mismatched(tmp_path)
-    gpt2 = lora.apply(M.build("gpt2-tiny"), r=2)  # q, k, v: one c_attn in Hugging Face
-    with pytest.raises(ValueError, match="c_attn"):
-        lora.save_peft(gpt2, tmp_path / "gpt2")
+
+    # GPT-2: Hugging Face fuses q, k, v into one Conv1D c_attn; jds adapts them apart
+    g2 = M.GPT2Config(vocab_size=96, n_positions=32, n_embd=64, n_layer=2, n_head=4,
+                      n_inner=128)
+    gpt2 = M.GPT2(g2, rngs=nnx.Rngs(0))
+    save_hf(g2, read_from_model(gpt2), tmp_path / "g2")
+    ours = lora.apply(_copy(gpt2), r=4, alpha=8, target_modules=["wq", "wv", "c_fc"])
+    _randomize_adapters(ours)
+    lora.save_peft(ours, tmp_path / "g2-ours")  # one c_attn of rank 3r, B block-diagonal
+    hf = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "g2", dtype=torch.float32,
+                                                 attn_implementation="eager")
+    with torch.no_grad():
+        want = peft.PeftModel.from_pretrained(hf, tmp_path / "g2-ours")(
+            torch.tensor(np.asarray(IDS))).logits.numpy()
+    np.testing.assert_allclose(np.asarray(fwd(ours)), want, atol=1e-4)
+    theirs = peft.get_peft_model(
+        tf.AutoModelForCausalLM.from_pretrained(tmp_path / "g2", dtype=torch.float32,
+                                                attn_implementation="eager"),
+        peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], init_lora_weights=False))
+    theirs.save_pretrained(tmp_path / "g2-theirs")  # one A shared by q, k and v
+    with torch.no_grad():
+        want = theirs(torch.tensor(np.asarray(IDS))).logits.numpy()
+    back = lora.load_peft(M.from_pretrained(tmp_path / "g2"), tmp_path / "g2-theirs")
+    np.testing.assert_allclose(np.asarray(fwd(back)), want, atol=1e-4)
 
 
 def _mismatched(tmp_path):
