@@ -111,6 +111,7 @@ def test_compiled_peak_per_zero_stage_decreases_and_stays_within_its_bound():
     assert bd["params"] and bd["optimizer"]
 
 
+@pytest.mark.slow
 def test_estimate_fit_names_the_largest_preset_per_stage(capsys):
     from jds.cli import main
 
