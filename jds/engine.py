@@ -76,6 +76,8 @@ class TrainEngine(EngineCheckpoints):
       model_config: the model's own config (``model.config``), or None.
       vocab_size: the model's vocabulary size, or None (not a language model).
       zero_layout, zero: the ZeRO layout and the trainable parameters' specs (``ZeroPlan``).
+      trainable: the nnx filter of the parameters that train (``nnx.LoRAParam`` for a model
+        with LoRA adapters unless ``trainable=`` said otherwise).
 
     With ``shapes_only=True`` nothing is materialised: ``state`` holds
     ``jax.ShapeDtypeStruct`` leaves with their shardings, and ``lower_train_step`` compiles
