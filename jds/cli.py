@@ -99,7 +99,7 @@ def _serve(args: argparse.Namespace) -> int:
     server = CompletionServer(engine, host=args.host, port=args.port,
                               model_name=os.path.basename(os.path.normpath(args.model)),
                               tokenizer=tokenizer_for(args.model, engine.vocab_size))
-    print(f"jds serve: {args.model} ({args.dtype}, tensor parallel {args.tp}) on "
+    print(f"jds serve: {args.model} ({engine.dtype_name}, tensor parallel {args.tp}) on "
           f"http://{args.host}:{server.port}/v1/completions", flush=True)
     try:
         server.serve_forever()
@@ -517,9 +517,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "checkpoint folder (jds train --out; newest intact step)")
     v.add_argument("--host", default="127.0.0.1", help="address to listen on")
     v.add_argument("--port", type=int, default=8000, help="0 = any free port")
-    v.add_argument("--dtype", default="bfloat16",
-                   choices=("float32", "bfloat16", "float16", "int8"),
-                   help="weights and compute (int8: per-channel int8 layer matrices)")
+    v.add_argument("--dtype", default="auto",
+                   choices=("auto", "float32", "bfloat16", "float16", "int8"),
+                   help="weights and compute: auto = the checkpoint's own dtype (a Hugging "
+                   "Face folder's torch_dtype, a jds run's training precision); int8: "
+                   "per-channel int8 layer matrices")
     v.add_argument("--tp", type=int, default=1, help="tensor-parallel devices")
     v.add_argument("--lora", metavar="ADAPTER_DIR", help="a PEFT LoRA adapter folder to serve "
                    "on the base model (merged into its weights at load)")

@@ -4,6 +4,7 @@ cache bookkeeping, continuous batching with SplitFuse, int8 weights, sampling, e
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -541,3 +542,22 @@ def test_bf16_cache_bits_read_the_same_by_the_kernel_and_the_reference():
     got = jds.init_inference(model, {**cfg, "attention": "pallas_interpret"}).generate(
         PROMPTS[:2], 5)
     assert got == want
+
+
+def test_dtype_auto_serves_the_checkpoints_own_dtype(tmp_path):
+    """jds serve's default --dtype auto: a Hugging Face folder's torch_dtype (float32 when it
+    names none), a module's parameters' dtype."""
+    import json
+
+    from jds.inference.engine import source_dtype
+
+    for written, want in (({"torch_dtype": "bfloat16"}, "bfloat16"),
+                          ({"dtype": "float16"}, "float16"), ({}, "float32")):
+        d = tmp_path / want
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"model_type": "llama", **written}))
+        assert source_dtype(d) == want
+    assert source_dtype("llama-tiny") == "float32"
+    engine = jds.init_inference(jds.models.build("llama-tiny"), {"dtype": "auto",
+                                                                 "max_tokens": 32})
+    assert engine.dtype_name == "float32" and engine.dtype == jnp.float32

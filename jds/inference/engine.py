@@ -22,6 +22,7 @@ in bf16 with fp32 accumulation.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import warnings
@@ -56,14 +57,17 @@ PyTree = Any
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32",
            "bfloat16": "bfloat16", "bf16": "bfloat16",
-           "float16": "float16", "fp16": "float16", "half": "float16", "int8": "int8"}
+           "float16": "float16", "fp16": "float16", "half": "float16", "int8": "int8",
+           "auto": "auto"}
 
 
 class InferenceConfig(BaseModel):
     """``init_inference``'s config: DeepSpeed's inference keys where they mean something here,
     and jds's own.
 
-    DeepSpeed keys: ``dtype``, ``tensor_parallel.tp_size`` (or the old ``mp_size``),
+    DeepSpeed keys: ``dtype`` (jds adds ``"auto"``: the checkpoint's own dtype,
+    ``source_dtype``; ``jds serve``'s default), ``tensor_parallel.tp_size`` (or the old
+    ``mp_size``),
     ``max_tokens`` (``max_out_tokens``): the longest sequence, prompt included. jds keys:
     ``kv_block_size``, ``max_batch_tokens`` (tokens per forward pass), ``max_seqs``
     (sequences batched at once), ``num_kv_blocks`` (default: room for ``max_seqs`` full
@@ -84,7 +88,7 @@ class InferenceConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    dtype: Literal["float32", "bfloat16", "float16", "int8"] = "bfloat16"
+    dtype: Literal["float32", "bfloat16", "float16", "int8", "auto"] = "bfloat16"
     tp_size: int = Field(1, ge=1)
     max_tokens: int = Field(1024, ge=2)
     kv_block_size: int = Field(16, ge=1)
@@ -101,7 +105,7 @@ class InferenceConfig(BaseModel):
     def _dtype(cls, v: Any) -> Any:
         name = str(v).removeprefix("torch.").lower()
         if name not in _DTYPES:
-            raise ValueError(f"dtype {v!r}: use one of float32, bfloat16, float16, int8")
+            raise ValueError(f"dtype {v!r}: use one of float32, bfloat16, float16, int8, auto")
         return _DTYPES[name]
 
     @classmethod
@@ -218,6 +222,7 @@ class InferenceEngine:
                  config: Mapping[str, Any] | InferenceConfig | None = None, *,
                  devices: Sequence[jax.Device] | None = None) -> None:
         self.config = cfg = InferenceConfig.load(config)
+        self.dtype_name = source_dtype(model) if cfg.dtype == "auto" else cfg.dtype
         model = load_model(model)
         if not is_stacked_decoder(model):
             raise TypeError(f"init_inference serves stacked decoders (jds.models.base."
@@ -242,7 +247,7 @@ class InferenceEngine:
         self.mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": cfg.tp_size, "stage": 1},
                               devices[:cfg.tp_size])
         self.rules = DEFAULT_RULES
-        self.dtype = _compute_dtype(cfg.dtype)
+        self.dtype = _compute_dtype(self.dtype_name)
         self.max_len = min(cfg.max_tokens, int(self.model_config.max_positions))
         self.vocab_size = int(self.model_config.vocab_size)
 
@@ -686,6 +691,35 @@ def _from_checkpoint(path: str) -> nnx.Module:
     return nnx.merge(graphdef, state)
 
 
+def source_dtype(model: nnx.Module | str | os.PathLike) -> str:
+    """``dtype="auto"``: the dtype the model's weights come in.
+
+    A Hugging Face folder: its ``config.json``'s ``torch_dtype`` (or ``dtype``; float32 when
+    absent, as ``transformers`` reads it); a jds run: the compute dtype it trained in (its
+    config's ``bf16`` / ``fp16``); a module: its parameters' floating dtype; a preset:
+    float32.
+    """
+    if isinstance(model, nnx.Module):
+        kinds = {str(v[...].dtype) for _, v in nnx.iter_graph(model)
+                 if isinstance(v, nnx.Param) and jnp.issubdtype(v[...].dtype, jnp.floating)}
+        return next((k for k in ("float32", "bfloat16", "float16") if k in kinds), "float32")
+    if (root := _checkpoint_root(model)) is not None:
+        from jds.checkpoint.convert.orbax_reader import OrbaxCheckpoint
+
+        cfg = OrbaxCheckpoint(root).meta.get("config") or {}
+        for key, name in (("bf16", "bfloat16"), ("fp16", "float16")):
+            if (cfg.get(key) or {}).get("enabled"):
+                return name
+        return "float32"
+    config = os.path.join(os.fspath(model), "config.json")
+    if os.path.isfile(config):
+        with open(config) as f:
+            raw = json.load(f)
+        name = str(raw.get("torch_dtype") or raw.get("dtype") or "float32")
+        return _DTYPES.get(name.removeprefix("torch.").lower(), "float32")
+    return "float32"
+
+
 def load_model(model: nnx.Module | str | os.PathLike, *, adapter: str | os.PathLike | None = None
                ) -> nnx.Module:
     """The model ``init_inference`` serves: a module, preset, Hugging Face folder or jds run,
@@ -739,4 +773,4 @@ def init_inference(model: nnx.Module | str | os.PathLike,
 
 
 __all__ = ["InferenceConfig", "InferenceEngine", "init_inference", "load_model",
-           "quantize_layers"]
+           "quantize_layers", "source_dtype"]
