@@ -340,7 +340,12 @@ def test_serve_answers_completions_streamed_and_not_and_survives_bad_requests():
                            ({"prompt": []}, "prompt"),
                            ({"prompt": [1, 999]}, "vocab_size"),
                            ({"prompt": "x", "temperature": "hot"}, "temperature"),
-                           ({"prompt": "x", "stream": "yes"}, "stream")]:
+                           ({"prompt": "x", "stream": "yes"}, "stream"),
+                           ({"prompt": "x", "n": 2}, "'n'"), ({"prompt": "x", "logprobs": 2},
+                                                            "'logprobs'"),
+                           ({"prompt": "x", "echo": True}, "'echo'"),
+                           ({"prompt": "x", "frequency_penalty": 0.5}, "frequency_penalty"),
+                           ({"prompt": "x", "max_tokens": 64}, "context of 64 tokens")]:
             status, text = post(bad)
             assert status == 400 and field in json.loads(text)["error"]["message"], text
         status, text = post(None, raw=b"{not json")
@@ -348,7 +353,8 @@ def test_serve_answers_completions_streamed_and_not_and_survives_bad_requests():
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(url + "/v2/nothing", timeout=10)
         assert e.value.code == 404
-        status, text = post({"prompt": "def f(x):", "max_tokens": 6, "temperature": 0})
+        status, text = post({"prompt": "def f(x):", "max_tokens": 6, "temperature": 0,
+                             "n": 1, "echo": False, "user": "me"})  # at "off": accepted
         assert status == 200 and json.loads(text)["choices"][0]["tokens"] == want  # still up
 
         # a stop string: the text ends before it, the request is cancelled in the engine

@@ -13,7 +13,13 @@ an error inside the engine fails that request with a 500 and the server keeps se
 Requests: ``prompt`` (a string, or a list of token ids), ``max_tokens`` (default 16),
 ``temperature`` (default 1.0, 0 = greedy), ``top_p``, ``top_k``, ``seed``, ``stop`` (up to
 4 strings: the text ends before the first one and the request is cancelled in the engine),
-``stop_token_ids``, ``stream``. A streaming client that disconnects cancels its request.
+``stop_token_ids``, ``stream``; ``user`` is accepted and ignored. OpenAI fields that would
+change the answer and are not built yet (``n``, ``best_of``, ``logprobs``, ``echo``,
+``suffix``, ``presence_penalty``, ``frequency_penalty``, ``logit_bias``,
+``stream_options``) get a 400 naming
+the field unless they are at their "off" value, and a prompt plus ``max_tokens`` longer
+than the context gets a 400 with the numbers (vLLM's behaviour), instead of being
+silently capped. A streaming client that disconnects cancels its request.
 Strings are tokenized by the model's tokenizer: bytes for
 the byte-level presets (vocab 256), a Hugging Face tokenizer (``tokenizer.json`` in the
 model folder, read with ``transformers`` when installed) otherwise. Text is decoded as
@@ -231,6 +237,16 @@ class _StopFilter:
         return out
 
 
+# OpenAI completion fields that would change the answer and that jds does not implement
+# yet: (name, the value that means "off", what it asks for). ``user`` is accepted and ignored.
+_NOT_YET = (("n", 1, "several choices per prompt"), ("best_of", 1, "several candidates"),
+            ("logprobs", None, "token log-probabilities"), ("echo", False, "the prompt echoed"),
+            ("suffix", None, "text after the completion"),
+            ("presence_penalty", 0, "a presence penalty"),
+            ("frequency_penalty", 0, "a frequency penalty"), ("logit_bias", None, "logit bias"),
+            ("stream_options", None, "usage in the stream"))
+
+
 def _field(body: dict, name: str, kind: type | tuple, default: Any, check=None, hint=""):
     value = body.get(name, default)
     if value is None:
@@ -334,6 +350,16 @@ class CompletionServer:
         }
         if args["top_p"] is not None:
             args["top_p"] = float(args["top_p"])
+        for name, off, what in _NOT_YET:  # OpenAI fields jds does not act on: say so
+            if body.get(name, off) not in (off, None):
+                raise BadRequest(f"'{name}' is not supported by jds serve yet ({what}); "
+                                 f"leave it out or send {off!r}")
+        limit = self.engine.max_len
+        if len(ids) + args["max_new_tokens"] > limit:
+            raise BadRequest(
+                f"the prompt ({len(ids)} tokens) plus 'max_tokens' ({args['max_new_tokens']}) "
+                f"exceed the context of {limit} tokens; ask for at most "
+                f"{max(limit - len(ids), 0)} new tokens (or serve with a larger --max-tokens)")
         stop = body.get("stop")
         stops = [stop] if isinstance(stop, str) else stop
         if stops is not None and not (isinstance(stops, list) and 0 < len(stops) <= 4 and all(
