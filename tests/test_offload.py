@@ -193,6 +193,7 @@ def test_step_lowers_for_accelerators_with_host_memory_annotations(platform, par
         assert any("annotate_device_placement" in f for f in bodies)
 
 
+@pytest.mark.slow
 def test_checkpoints_move_between_offloaded_and_device_runs(tmp_path):
     bs = batches(3)
     off_run = jds.initialize(model=lm(), config=config(2, "bf16", {"device": "cpu"}))
