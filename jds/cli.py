@@ -78,35 +78,45 @@ def _train(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from jds.inference.engine import init_inference
-    from jds.inference.server import CompletionServer, tokenizer_for
+    from jds.inference.server import CompletionServer, require_serve_extra, tokenizer_for
 
+    require_serve_extra()
+    t0 = time.perf_counter()
     config = {"dtype": args.dtype, "tensor_parallel": {"tp_size": args.tp},
               "max_tokens": args.max_tokens, "kv_block_size": args.kv_block_size,
               "max_batch_tokens": args.max_batch_tokens, "max_seqs": args.max_seqs,
               "decode_steps": args.decode_steps, "attention": args.attention,
               "prefix_caching": args.prefix_caching}
+    chat_template = None
+    if args.chat_template is not None:
+        try:
+            chat_template = open(args.chat_template, encoding="utf-8").read()
+        except OSError as e:
+            raise SystemExit(f"jds serve: --chat-template {args.chat_template}: {e}") from None
+    api_key = args.api_key or os.environ.get("JDS_API_KEY") or None
     model = args.model
     if args.lora is not None:
         from jds.inference.engine import load_model
 
         model = load_model(args.model, adapter=args.lora)
     engine = init_inference(model, config)
-    if args.warmup:
-        t0 = time.perf_counter()
+    if args.warmup == "all":
         n = engine.warmup()
         print(f"jds serve: compiled {n} pass shapes in {time.perf_counter() - t0:.0f} s",
               flush=True)
-    server = CompletionServer(engine, host=args.host, port=args.port,
-                              model_name=os.path.basename(os.path.normpath(args.model)),
-                              tokenizer=tokenizer_for(args.model, engine.vocab_size))
-    print(f"jds serve: {args.model} ({engine.dtype_name}, tensor parallel {args.tp}) on "
-          f"http://{args.host}:{server.port}/v1/completions", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.shutdown()
+    name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
+    server = CompletionServer(engine, host=args.host, port=args.port, model_name=name,
+                              tokenizer=tokenizer_for(args.model, engine.vocab_size),
+                              api_key=api_key, chat_template=chat_template,
+                              max_queue=args.max_queue, request_timeout=args.request_timeout,
+                              max_body_bytes=args.max_body_bytes,
+                              shutdown_timeout=args.shutdown_timeout,
+                              warm=args.warmup == "background")
+    print(f"jds serve: {name} ({engine.dtype_name}, tensor parallel {args.tp}) on "
+          f"http://{args.host}:{server.port}/v1 (chat/completions, completions, models), "
+          f"ready {time.perf_counter() - t0:.1f} s after start"
+          + (", API key required" if api_key else ""), flush=True)
+    server.serve_forever()  # SIGINT / SIGTERM: finish in-flight requests, then return
     return 0
 
 
@@ -510,9 +520,11 @@ def build_parser() -> argparse.ArgumentParser:
     kv.add_argument("dir", help="a run folder (jds train --out) or its checkpoints folder")
     kv.set_defaults(func=_checkpoints)
 
-    v = sub.add_parser("serve", help="serve a model over HTTP (OpenAI /v1/completions)",
-                       description="Serve a model with continuous batching: POST "
-                       "/v1/completions (streaming with \"stream\": true), GET /v1/models.")
+    v = sub.add_parser("serve", help="serve a model over HTTP (OpenAI chat/completions API)",
+                       description="Serve a model with continuous batching behind an "
+                       "OpenAI-compatible API: POST /v1/chat/completions and /v1/completions "
+                       "(streamed with \"stream\": true), GET /v1/models, /health, /metrics "
+                       "(Prometheus). Needs the serve extra: pip install 'jds[serve]'.")
     v.add_argument("model", help="Hugging Face model folder, preset name, or a jds run / "
                    "checkpoint folder (jds train --out; newest intact step)")
     v.add_argument("--host", default="127.0.0.1", help="address to listen on")
@@ -539,8 +551,25 @@ def build_parser() -> argparse.ArgumentParser:
                    "(Triton) or TPU (Mosaic)")
     v.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
                    help="compute every prompt whole, even a prefix another request computed")
-    v.add_argument("--no-warmup", dest="warmup", action="store_false",
-                   help="start serving at once; each pass shape compiles on first use")
+    v.add_argument("--warmup", default="background", choices=("background", "all", "none"),
+                   help="pass shapes to compile: background = answer at once, each request "
+                   "compiles what it needs and the rest compile while the server is idle; "
+                   "all = every shape before serving; none = only on first use")
+    v.add_argument("--served-model-name", help="the model id in /v1/models and answers "
+                   "(default: the model folder's name)")
+    v.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template for "
+                   "/v1/chat/completions (default: the tokenizer's own, else one "
+                   "'role: content' line per message)")
+    v.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* "
+                   "(default: $JDS_API_KEY; none = open)")
+    v.add_argument("--max-queue", type=int, default=256, help="requests that may wait beyond "
+                   "--max-seqs; more get 503")
+    v.add_argument("--request-timeout", type=float, default=600.0,
+                   help="seconds a request may run before it is cancelled (504)")
+    v.add_argument("--max-body-bytes", type=int, default=4 << 20,
+                   help="largest request body (413 above)")
+    v.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM/SIGINT, seconds in-flight requests get to finish")
     v.set_defaults(func=_serve)
 
     c = sub.add_parser(

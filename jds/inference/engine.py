@@ -176,6 +176,33 @@ def quantize_layers(layers: dict[str, jax.Array], axes: dict[str, tuple]) -> dic
     return out
 
 
+TOP_LOGPROBS = 20  # most alternatives a request may ask for (OpenAI's top_logprobs limit)
+
+
+def _logprobs(logits_SV: jax.Array, tokens_S: jax.Array, want_S: jax.Array
+              ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The model's log-probability of each row's chosen token and its ``TOP_LOGPROBS`` most
+    likely tokens (ids and log-probabilities), computed only when some row asks (``want_S``).
+
+    They are the model's own distribution, before temperature, top-k and top-p (vLLM's
+    default "raw" log-probabilities), so they do not change with the sampling settings.
+    """
+    S, V = logits_SV.shape
+    top = min(TOP_LOGPROBS, V)
+
+    def compute(_):
+        logp_SV = jax.nn.log_softmax(logits_SV.astype(jnp.float32), axis=-1)
+        chosen_S = jnp.take_along_axis(logp_SV, tokens_S[:, None], axis=-1)[:, 0]
+        values, ids = jax.lax.top_k(logp_SV, top)
+        return chosen_S, values, ids.astype(jnp.int32)
+
+    def skip(_):
+        return (jnp.zeros(S, jnp.float32), jnp.zeros((S, top), jnp.float32),
+                jnp.zeros((S, top), jnp.int32))
+
+    return jax.lax.cond(jnp.any(want_S), compute, skip, None)
+
+
 def _sample(logits_SV: jax.Array, temperature_S: jax.Array, top_k_S: jax.Array,
             top_p_S: jax.Array, seed_S: jax.Array, pos_S: jax.Array) -> jax.Array:
     """Next token per row: argmax where temperature is 0, else top-k / top-p sampling.
@@ -296,7 +323,7 @@ class InferenceEngine:
         self._step = jax.jit(self._forward, donate_argnums=(1, 2),
                              out_shardings=(pages, pages, rep, rep))
         self._decode = jax.jit(self._decode_steps, donate_argnums=(1, 2),
-                               static_argnames=("steps",), out_shardings=(pages, pages, rep))
+                               static_argnames=("steps",), out_shardings=(pages, pages, rep, rep))
         self._requests: dict[int, Request] = {}
 
     # ------------------------------------------------------------------ the compiled pass
@@ -337,12 +364,14 @@ class InferenceEngine:
             logits_SV = model.head(h_1SD)[0].astype(jnp.float32)
             tokens_S = _sample(logits_SV, b["temperature"], b["top_k"], b["top_p"], b["seed"],
                                b["sample_pos"])
-        return k_pages, v_pages, tokens_S, logits_SV
+            logprobs = _logprobs(logits_SV, tokens_S, b["logprobs"])
+        return k_pages, v_pages, tokens_S, logprobs
 
     def _decode_steps(self, params, k_pages, v_pages, d, *, steps: int):
         """``steps`` decode passes in one call: row ``s`` is slot ``s``; each pass feeds the
         token the last one sampled. A row stops writing (to the scratch block) after its
-        ``d["steps"]`` active steps. Returns the cache and the tokens ``[steps, slots]``."""
+        ``d["steps"]`` active steps. Returns the cache, the tokens ``[steps, slots]`` and
+        their log-probabilities (``_logprobs``, each with a leading ``steps`` axis)."""
         S, bs = self.config.max_seqs, self.config.kv_block_size
         rows = jnp.arange(S, dtype=jnp.int32)
 
@@ -355,14 +384,15 @@ class InferenceEngine:
                  "block": jnp.where(active, block, SCRATCH_BLOCK),
                  "offset": jnp.where(active, pos % bs, 0), "tables": d["tables"],
                  "last": rows, "temperature": d["temperature"], "top_k": d["top_k"],
-                 "top_p": d["top_p"], "seed": d["seed"], "sample_pos": pos[:S] + 1}
-            k_pages, v_pages, new_S, _ = self._forward(params, k_pages, v_pages, b)
+                 "top_p": d["top_p"], "seed": d["seed"], "sample_pos": pos[:S] + 1,
+                 "logprobs": d["logprobs"]}
+            k_pages, v_pages, new_S, lp = self._forward(params, k_pages, v_pages, b)
             tok_N = tok_N.at[:S].set(jnp.where(active[:S], new_S, tok_N[:S]))
-            return (k_pages, v_pages, tok_N), tok_N[:S]
+            return (k_pages, v_pages, tok_N), (tok_N[:S], lp)
 
-        (k_pages, v_pages, _), tokens_KS = jax.lax.scan(
+        (k_pages, v_pages, _), (tokens_KS, lp_K) = jax.lax.scan(
             one, (k_pages, v_pages, d["tokens"]), jnp.arange(steps, dtype=jnp.int32))
-        return k_pages, v_pages, tokens_KS
+        return k_pages, v_pages, tokens_KS, lp_K
 
     def _attention(self, q_NQH, k_pages, v_pages, tables_NM, positions_N, layer):
         """Attention of the pass's tokens over the stacked cache's ``layer``."""
@@ -392,8 +422,12 @@ class InferenceEngine:
     # ------------------------------------------------------------------ requests
     def submit(self, prompt: Sequence[int], max_new_tokens: int = 16, *,
                temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-               seed: int = 0, stop_tokens: Iterable[int] | None = None) -> int:
+               seed: int = 0, stop_tokens: Iterable[int] | None = None,
+               logprobs: int | None = None) -> int:
         """Queue a request; ``step()`` advances it. Returns its id.
+
+        ``logprobs`` (0 to ``TOP_LOGPROBS``) records each generated token's log-probability
+        and that many most likely alternatives in ``result(rid).token_logprobs``.
 
         Raises:
           ValueError: an empty or out-of-range prompt, one that leaves no room within
@@ -416,11 +450,13 @@ class InferenceEngine:
             raise ValueError(f"top_k must be in [1, {self.vocab_size}]; got {top_k}")
         if top_p is not None and not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1]; got {top_p}")
+        if logprobs is not None and not 0 <= logprobs <= TOP_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {TOP_LOGPROBS}]; got {logprobs}")
         req = Request(rid=self.scheduler.next_id(), prompt=prompt,
                       max_new_tokens=int(max_new_tokens), temperature=float(temperature),
                       top_k=top_k, top_p=top_p, seed=int(seed),
                       stop_tokens=frozenset(int(t) for t in (stop_tokens or ())),
-                      limit=self.max_len)
+                      limit=self.max_len, logprobs=logprobs)
         self.scheduler.add(req)
         self._requests[req.rid] = req
         return req.rid
@@ -449,7 +485,8 @@ class InferenceEngine:
              "tables": np.full((N, M), SCRATCH_BLOCK, np.int32),
              "last": np.zeros(S, np.int32), "temperature": np.zeros(S, np.float32),
              "top_k": np.zeros(S, np.int32), "top_p": np.zeros(S, np.float32),
-             "seed": np.zeros(S, np.int32), "sample_pos": np.zeros(S, np.int32)}
+             "seed": np.zeros(S, np.int32), "sample_pos": np.zeros(S, np.int32),
+             "logprobs": np.zeros(S, bool)}
         i = 0
         for w in work:
             r = w.request
@@ -468,6 +505,7 @@ class InferenceEngine:
                 b["top_k"][s] = r.top_k or 0
                 b["top_p"][s] = r.top_p or 0.0
                 b["seed"][s], b["sample_pos"][s] = r.seed, w.stop
+                b["logprobs"][s] = r.logprobs is not None
             i += len(toks)
         return b
 
@@ -504,16 +542,18 @@ class InferenceEngine:
                 and max(map(self._remaining, (w.request for w in work))) >= K):
             return self._multi_step(work)
         b = self._batch(work)
-        self.k_pages, self.v_pages, tokens_S, _ = self._step(self.params, self.k_pages,
-                                                             self.v_pages, b)
+        self.k_pages, self.v_pages, tokens_S, lp = self._step(self.params, self.k_pages,
+                                                              self.v_pages, b)
         tokens_S = np.asarray(tokens_S)
+        lp = jax.tree.map(np.asarray, lp) if b["logprobs"].any() else None
         events = []
         for w in work:
             r = w.request
             r.cached = w.stop
             self.scheduler.computed(r)
             if w.sample:
-                events.append(self._emit(r, int(tokens_S[r.slot])))
+                events.append(self._emit(r, int(tokens_S[r.slot]),
+                                         None if lp is None else [x[r.slot] for x in lp]))
         return events
 
     @staticmethod
@@ -530,9 +570,10 @@ class InferenceEngine:
         tables = {r.rid: self.scheduler.extend(r, r.cached + min(steps, remaining[r.rid]))
                   for r in reqs}
         d = self._decode_inputs(reqs, tables, {k: min(steps, v) for k, v in remaining.items()})
-        self.k_pages, self.v_pages, tokens_KS = self._decode(
+        self.k_pages, self.v_pages, tokens_KS, lp = self._decode(
             self.params, self.k_pages, self.v_pages, d, steps=steps)
         tokens_KS = np.asarray(tokens_KS)
+        lp = jax.tree.map(np.asarray, lp) if d["logprobs"].any() else None
         events = []
         for j in range(steps):
             for r in reqs:
@@ -540,7 +581,8 @@ class InferenceEngine:
                     continue
                 r.cached += 1
                 self.scheduler.computed(r)
-                events.append(self._emit(r, int(tokens_KS[j, r.slot])))
+                events.append(self._emit(r, int(tokens_KS[j, r.slot]), None if lp is None
+                                         else [x[j, r.slot] for x in lp]))
         return events
 
     def _decode_inputs(self, reqs: list[Request], tables: dict[int, list[int]],
@@ -554,7 +596,8 @@ class InferenceEngine:
              "steps": np.zeros(N, np.int32),
              "tables": np.full((N, M), SCRATCH_BLOCK, np.int32),
              "temperature": np.zeros(S, np.float32), "top_k": np.zeros(S, np.int32),
-             "top_p": np.zeros(S, np.float32), "seed": np.zeros(S, np.int32)}
+             "top_p": np.zeros(S, np.float32), "seed": np.zeros(S, np.int32),
+             "logprobs": np.zeros(S, bool)}
         for r in reqs:
             s, table = r.slot, tables[r.rid]
             d["tokens"][s], d["positions"][s] = r.tokens()[-1], r.cached
@@ -562,34 +605,52 @@ class InferenceEngine:
             d["tables"][s, :len(table)] = table
             d["temperature"][s], d["top_k"][s] = r.temperature, r.top_k or 0
             d["top_p"][s], d["seed"][s] = r.top_p or 0.0, r.seed
+            d["logprobs"][s] = r.logprobs is not None
         return d
 
-    def warmup(self) -> int:
-        """Compile every pass the scheduler can ask for: each tokens bucket x table width,
-        and the multi-step decode per width, each run once on an all-padding batch (which
-        writes only the scratch block). A server calls it before taking requests, so that no
-        request waits for a compile. Returns how many variants ran."""
+    def warmup_variants(self) -> list[tuple[str, int, int]]:
+        """Every compiled pass the scheduler can ask for: ``("step", tokens bucket, table
+        width)`` and, with ``decode_steps > 1``, ``("decode", 0, table width)``; the small
+        ones (those short requests need) first."""
         mbt = max(self.config.max_batch_tokens, 16)
         widths = sorted({self._table_width(n) for n in range(1, self.max_blocks + 1)})
         buckets = sorted({self._bucket(n) for n in range(1, mbt + 1)})
-        runs = 0
-        for n in buckets:
-            for m in widths:
-                self.k_pages, self.v_pages, _, _ = self._step(
-                    self.params, self.k_pages, self.v_pages, self._batch([], n, m))
-                runs += 1
+        out = [("step", n, m) for m in widths for n in buckets]
         if self.config.decode_steps > 1:
-            for m in widths:
-                self.k_pages, self.v_pages, _ = self._decode(
-                    self.params, self.k_pages, self.v_pages, self._decode_inputs([], {}, {}, m),
-                    steps=self.config.decode_steps)
-                runs += 1
-        jax.block_until_ready(self.k_pages)
-        return runs
+            out += [("decode", 0, m) for m in widths]
+        return sorted(out, key=lambda v: (v[2], v[1]))
 
-    def _emit(self, r: Request, tok: int) -> tuple[int, int, bool]:
-        """Append a sampled token; finish the request on a stop token or its length."""
+    def warm(self, variant: tuple[str, int, int]) -> None:
+        """Compile (and run once, on an all-padding batch that writes only the scratch
+        block) one of ``warmup_variants``. Call it between ``step``s, on the same thread."""
+        kind, n, m = variant
+        if kind == "step":
+            self.k_pages, self.v_pages, _, _ = self._step(
+                self.params, self.k_pages, self.v_pages, self._batch([], n, m))
+        else:
+            self.k_pages, self.v_pages, _, _ = self._decode(
+                self.params, self.k_pages, self.v_pages, self._decode_inputs([], {}, {}, m),
+                steps=self.config.decode_steps)
+
+    def warmup(self) -> int:
+        """Compile every pass the scheduler can ask for (``warmup_variants``), so that no
+        request waits for a compile. Returns how many variants ran. (``jds serve`` instead
+        starts at once and warms them one at a time while it is idle.)"""
+        variants = self.warmup_variants()
+        for v in variants:
+            self.warm(v)
+        jax.block_until_ready(self.k_pages)
+        return len(variants)
+
+    def _emit(self, r: Request, tok: int, lp: list[np.ndarray] | None = None
+              ) -> tuple[int, int, bool]:
+        """Append a sampled token (and its log-probabilities ``lp``: chosen, top values,
+        top ids); finish the request on a stop token or its length."""
         r.output.append(tok)
+        if r.logprobs is not None and lp is not None:
+            chosen, values, ids = lp
+            top = zip(ids[:r.logprobs], values[:r.logprobs], strict=True)
+            r.token_logprobs.append((float(chosen), [(int(i), float(v)) for i, v in top]))
         reason = None
         if tok in r.stop_tokens:
             reason = "stop"

@@ -45,6 +45,10 @@ class Request:
       prefix_keys: keys of its full blocks (prefix caching): at first the prompt's, looked
         up on admission; extended as its blocks fill.
       published: how many of its blocks it has published.
+      logprobs: None, or how many most likely alternatives (0 to ``TOP_LOGPROBS``) to
+        record with each generated token's log-probability.
+      token_logprobs: one ``(log-probability, [(token id, log-probability), ...])`` per
+        generated token when ``logprobs`` is set.
     """
 
     rid: int
@@ -62,6 +66,9 @@ class Request:
     finish_reason: str | None = None
     prefix_keys: list[bytes] = dataclasses.field(default_factory=list)
     published: int = 0
+    logprobs: int | None = None
+    token_logprobs: list[tuple[float, list[tuple[int, float]]]] = dataclasses.field(
+        default_factory=list)
 
     @property
     def total(self) -> int:

@@ -1,167 +1,120 @@
-"""``jds serve``: an OpenAI-compatible ``/v1/completions`` HTTP server over the engine.
+"""``jds serve``: an OpenAI-compatible server over the inference engine.
 
-One background thread owns the ``InferenceEngine`` and runs ``engine.step()`` while any
-request is in flight (continuous batching: requests join and leave between steps); HTTP
-handler threads submit requests to it through a queue and read their tokens from
-per-request queues, so a streamed response (server-sent events, as OpenAI's ``stream:
-true``) sends each token as the step that made it finishes.
+Two layers:
 
-Standard library only (``http.server``): the server has no dependency the core does not.
-A bad request gets a 4xx with an OpenAI-style ``{"error": {...}}`` body naming the field;
-an error inside the engine fails that request with a 500 and the server keeps serving.
+* **The engine thread** (``EngineLoop``) owns the ``InferenceEngine`` and runs
+  ``engine.step()`` while any request is in flight (continuous batching: requests join and
+  leave between steps). It hands each request's tokens to the HTTP side as the step that
+  made them finishes. While nothing is in flight it compiles, one at a time, the pass shapes
+  no request has needed yet (``engine.warmup_variants``), so the server answers within
+  seconds of start and later requests do not wait for compiles.
+* **The HTTP layer** is an ASGI app (Starlette) served by uvicorn (the ``serve`` extra):
+  ``GET /v1/models`` (and ``/v1/models/{id}``), ``POST /v1/completions``, ``POST
+  /v1/chat/completions`` (plain, or streamed as server-sent events with ``stream: true``),
+  ``GET /health``, ``GET /metrics`` (Prometheus text: requests, tokens, queue length, KV-cache
+  use, time to first token, inter-token and request latency). Requests are pydantic models
+  (``protocol.py``: what each OpenAI field does); every refusal is OpenAI's error body with
+  a 4xx naming the field. The body is read with a size limit (413) and a read timeout per
+  chunk (408), JSON that does not parse (nested too deep, say) is a 400, a request that runs
+  past ``request_timeout`` is cancelled (504), and when more than ``max_queue`` requests wait
+  beyond the engine's ``max_seqs`` a new one gets a 503 instead of a place in an unbounded
+  queue. With ``api_key`` set, ``/v1/*`` needs ``Authorization: Bearer <key>`` (401).
+  Shutdown (SIGINT/SIGTERM, or ``shutdown()``) stops accepting connections, lets in-flight
+  requests and streams finish for up to ``shutdown_timeout`` seconds, cancels the rest, and
+  stops the engine thread. A streaming client that disconnects cancels its request; its KV
+  blocks return to the cache.
 
-Requests: ``prompt`` (a string, or a list of token ids), ``max_tokens`` (default 16),
-``temperature`` (default 1.0, 0 = greedy), ``top_p``, ``top_k``, ``seed``, ``stop`` (up to
-4 strings: the text ends before the first one and the request is cancelled in the engine),
-``stop_token_ids``, ``stream``; ``user`` is accepted and ignored. OpenAI fields that would
-change the answer and are not built yet (``n``, ``best_of``, ``logprobs``, ``echo``,
-``suffix``, ``presence_penalty``, ``frequency_penalty``, ``logit_bias``,
-``stream_options``) get a 400 naming
-the field unless they are at their "off" value, and a prompt plus ``max_tokens`` longer
-than the context gets a 400 with the numbers (vLLM's behaviour), instead of being
-silently capped. A streaming client that disconnects cancels its request.
-Strings are tokenized by the model's tokenizer: bytes for
-the byte-level presets (vocab 256), a Hugging Face tokenizer (``tokenizer.json`` in the
-model folder, read with ``transformers`` when installed) otherwise. Text is decoded as
-tokens come: a character split across tokens is sent once complete, and one left unfinished
-at the end comes out as U+FFFD, so streamed pieces join into the non-streamed text, which is
-the whole answer decoded at once.
+Text is decoded as tokens come: a character split across tokens is sent once complete, and
+one left unfinished at the end comes out as U+FFFD, so streamed pieces join into the
+non-streamed text. A stop string ends the text before it (streaming holds back the last
+``longest stop - 1`` characters, so a stop string split across tokens is never sent) and
+cancels the request in the engine. Generation also stops at the tokenizer's end-of-sequence
+ids. ``n`` choices of one prompt share its KV blocks: choice 0 runs first, the others are
+submitted when its prompt is computed and published in the prefix cache.
 """
 
 from __future__ import annotations
 
-import codecs
+import asyncio
+import hmac
 import json
+import logging
 import queue
+import secrets
+import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 from jds.inference.engine import InferenceEngine
+from jds.inference.protocol import BadRequest, ChatRequest, CompletionRequest, parse
+from jds.inference.tokenizer import (
+    DEFAULT_CHAT_TEMPLATE,
+    ByteTokenizer,
+    HFTokenizer,
+    TemplateError,
+    render_chat,
+    tokenizer_for,
+)
+
+log = logging.getLogger("jds.serve")
 
 
-class BadRequest(ValueError):
-    """A request the server refuses with a 4xx (the message names the field)."""
-
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as token ids (the byte-level presets, vocab 256)."""
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def decoder(self) -> _ByteDecoder:
-        """An incremental decoder: feed token ids, get the text completed so far."""
-        return _ByteDecoder()
-
-
-class _ByteDecoder:
-    """UTF-8 decoded as bytes arrive: an incomplete character is held back until the bytes
-    that complete it come, or until ``flush``."""
-
-    def __init__(self) -> None:
-        self._inc = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def __call__(self, ids: list[int]) -> str:
-        return self._inc.decode(bytes(ids))
-
-    def flush(self) -> str:
-        """The held-back bytes of an unfinished character, as U+FFFD (``errors="replace"``,
-        what decoding all the bytes at once gives)."""
-        return self._inc.decode(b"", final=True)
-
-
-class HFTokenizer:
-    """A Hugging Face tokenizer from the model folder (needs ``transformers``)."""
-
-    def __init__(self, path: str | Path) -> None:
-        from transformers import AutoTokenizer
-
-        self._tok = AutoTokenizer.from_pretrained(str(path))
-
-    def encode(self, text: str) -> list[int]:
-        return list(self._tok.encode(text))
-
-    def decoder(self) -> _HFDecoder:
-        """An incremental decoder: feed token ids, get the text completed so far."""
-        return _HFDecoder(self._tok)
-
-
-class _HFDecoder:
-    """A Hugging Face tokenizer's text, grown token by token. Text that ends in U+FFFD (the
-    bytes of a character split across tokens) is held back until a later token completes
-    it, or until ``flush``."""
-
-    def __init__(self, tok: Any) -> None:
-        self._tok, self._ids, self._text = tok, [], ""
-
-    def _new(self, final: bool) -> str:
-        text = self._tok.decode(self._ids, skip_special_tokens=True)
-        if not final and text.endswith("\ufffd"):  # an incomplete character: wait
-            return ""
-        new, self._text = text[len(self._text):], text
-        return new
-
-    def __call__(self, ids: list[int]) -> str:
-        self._ids.extend(ids)
-        return self._new(final=False)
-
-    def flush(self) -> str:
-        """What was held back, as the tokenizer decodes it (U+FFFD for an unfinished
-        character, as decoding the whole answer at once gives)."""
-        return self._new(final=True)
-
-
-def tokenizer_for(model: str | Path, vocab_size: int) -> ByteTokenizer | HFTokenizer | None:
-    """The tokenizer strings are encoded with, or None (token-id prompts only)."""
-    path = Path(str(model))
-    if path.is_dir() and any((path / f).exists() for f in ("tokenizer.json",
-                                                           "tokenizer_config.json")):
-        try:
-            return HFTokenizer(path)
-        except ImportError:
-            return ByteTokenizer() if vocab_size == 256 else None
-    return ByteTokenizer() if vocab_size == 256 else None
+def require_serve_extra() -> None:
+    """Raise a clear ImportError when the ``serve`` extra is missing."""
+    try:
+        import jinja2  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import starlette  # noqa: F401
+        import tokenizers  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"jds serve needs the serve extra ({e.name} is missing): "
+                          "pip install 'jds[serve]'") from None
 
 
 class _Job:
-    def __init__(self, args: dict[str, Any]) -> None:
-        self.args = args
-        self.tokens: queue.Queue = queue.Queue()  # ints, then ("done", reason) or ("error", msg)
+    """One engine request: its arguments, and the events the engine thread sends back
+    (``("token", id, logprobs)``, then ``("done", reason)`` or ``("error", msg, status)``)."""
+
+    def __init__(self, args: dict[str, Any], loop: asyncio.AbstractEventLoop) -> None:
+        self.args, self.loop = args, loop
+        self.events: asyncio.Queue = asyncio.Queue()
         self.rid: int | None = None
+        self.count = 0  # tokens sent so far
+        self.finished = False
+
+    def put(self, item: tuple) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, item)
 
 
 class EngineLoop:
-    """The thread that owns the engine: submits queued jobs, steps, routes tokens."""
+    """The thread that owns the engine: submits jobs, steps, routes tokens, and warms the
+    remaining pass shapes while idle."""
 
-    def __init__(self, engine: InferenceEngine) -> None:
+    def __init__(self, engine: InferenceEngine, *, warm: bool = True) -> None:
         self.engine = engine
-        self._inbox: queue.Queue[_Job] = queue.Queue()
+        self.pending_warm = list(engine.warmup_variants()) if warm else []
+        self.warm_total = len(self.pending_warm)
+        self._inbox: queue.Queue = queue.Queue()
         self._jobs: dict[int, _Job] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="jds-engine", daemon=True)
         self._thread.start()
 
-    def submit(self, args: dict[str, Any]) -> _Job:
-        job = _Job(args)
+    def submit(self, job: _Job) -> None:
         self._inbox.put(job)
-        return job
 
     def cancel(self, job: _Job) -> None:
-        """End ``job`` early (a stop string was seen, or the client left): done on the
+        """End ``job`` early (a stop string, a timeout, the client left): done on the
         engine's thread between steps; its KV blocks return to the cache."""
-        self._inbox.put(("cancel", job))  # type: ignore[arg-type]
+        self._inbox.put(("cancel", job))
 
     def close(self) -> None:
         self._stop.set()
-        self._inbox.put(None)  # type: ignore[arg-type]
-        self._thread.join(timeout=30)
+        self._inbox.put(None)
+        self._thread.join(timeout=60)
 
     def _take(self, block: bool) -> None:
         while True:
@@ -178,24 +131,31 @@ class EngineLoop:
                     self.engine.cancel(victim.rid)
                     self.engine.release(victim.rid)
                     del self._jobs[victim.rid]
-                    victim.tokens.put(("done", "stop"))
+                    victim.put(("done", "cancelled"))
                 continue
             try:
                 job.rid = self.engine.submit(**job.args)
                 self._jobs[job.rid] = job
             except ValueError as e:
-                job.tokens.put(("error", str(e), 400))
+                job.put(("error", str(e), 400))
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._take(block=not self._jobs)
+            self._take(block=not self._jobs and not self.pending_warm)
             if not self._jobs:
+                if self.pending_warm and not self._stop.is_set():
+                    variant = self.pending_warm.pop(0)
+                    try:
+                        self.engine.warm(variant)
+                    except Exception as e:  # noqa: BLE001 - a request will compile it
+                        log.warning("warming %s failed: %s", variant, e)
                 continue
             try:
                 events = self.engine.step()
             except Exception as e:  # noqa: BLE001 - fail the requests, keep serving
+                log.exception("engine step failed")
                 for job in self._jobs.values():
-                    job.tokens.put(("error", f"engine error: {type(e).__name__}: {e}", 500))
+                    job.put(("error", f"engine error: {type(e).__name__}: {e}", 500))
                 for rid in list(self._jobs):
                     req = self.engine.result(rid)
                     if req.finish_reason is None:
@@ -205,9 +165,12 @@ class EngineLoop:
                 continue
             for rid, tok, done in events:
                 job = self._jobs[rid]
-                job.tokens.put(tok)
+                req = self.engine.result(rid)
+                lp = req.token_logprobs[job.count] if req.logprobs is not None else None
+                job.count += 1
+                job.put(("token", tok, lp))
                 if done:
-                    job.tokens.put(("done", self.engine.result(rid).finish_reason))
+                    job.put(("done", req.finish_reason))
                     self.engine.release(rid)
                     del self._jobs[rid]
 
@@ -237,229 +200,539 @@ class _StopFilter:
         return out
 
 
-# OpenAI completion fields that would change the answer and that jds does not implement
-# yet: (name, the value that means "off", what it asks for). ``user`` is accepted and ignored.
-_NOT_YET = (("n", 1, "several choices per prompt"), ("best_of", 1, "several candidates"),
-            ("logprobs", None, "token log-probabilities"), ("echo", False, "the prompt echoed"),
-            ("suffix", None, "text after the completion"),
-            ("presence_penalty", 0, "a presence penalty"),
-            ("frequency_penalty", 0, "a frequency penalty"), ("logit_bias", None, "logit bias"),
-            ("stream_options", None, "usage in the stream"))
+class _Metrics:
+    """Prometheus metrics of one server (its own registry)."""
 
+    def __init__(self, server: CompletionServer) -> None:
+        from prometheus_client import (
+            CollectorRegistry,
+            Counter,
+            Gauge,
+            Histogram,
+            disable_created_metrics,
+        )
 
-def _field(body: dict, name: str, kind: type | tuple, default: Any, check=None, hint=""):
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
-        raise BadRequest(f"'{name}' must be {hint or kind}; got {value!r}")
-    if check is not None and not check(value):
-        raise BadRequest(f"'{name}' must be {hint}; got {value!r}")
-    return value
+        disable_created_metrics()  # no *_created series beside every counter
+
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("jds_requests", "HTTP requests answered", ["endpoint", "status"],
+                                registry=r)
+        self.prompt_tokens = Counter("jds_prompt_tokens", "prompt tokens processed", registry=r)
+        self.generation_tokens = Counter("jds_generation_tokens", "tokens generated",
+                                         registry=r)
+        buckets = (.005, .01, .02, .05, .1, .2, .5, 1, 2, 5, 10, 20, 60)
+        self.ttft = Histogram("jds_time_to_first_token_seconds", "request start to its first "
+                              "token", buckets=buckets, registry=r)
+        self.itl = Histogram("jds_inter_token_latency_seconds", "time between a choice's tokens",
+                             buckets=buckets, registry=r)
+        self.latency = Histogram("jds_request_latency_seconds", "request start to its end",
+                                 buckets=buckets, registry=r)
+        eng = server.engine
+        Gauge("jds_requests_running", "sequences in the engine's batch", registry=r
+              ).set_function(lambda: len(eng.scheduler.running))
+        Gauge("jds_requests_waiting", "engine requests queued behind the batch", registry=r
+              ).set_function(lambda: max(server.in_flight - len(eng.scheduler.running), 0))
+        Gauge("jds_kv_cache_usage_ratio", "fraction of KV-cache blocks in use", registry=r
+              ).set_function(lambda: 1 - eng.allocator.num_free / eng.allocator.capacity)
+        Gauge("jds_compile_pending", "pass shapes not compiled yet", registry=r
+              ).set_function(lambda: len(server.loop.pending_warm))
 
 
 class CompletionServer:
-    """The HTTP server (``serve_forever`` / ``shutdown``) around an ``EngineLoop``."""
+    """The OpenAI-compatible server around an ``EngineLoop`` (see the module docstring).
+
+    ``serve_forever()`` runs it (on this thread; SIGINT/SIGTERM shut it down gracefully when
+    that is the main thread); ``shutdown()`` from another thread does the same. ``port=0``
+    binds a free port (``server.port``).
+    """
 
     def __init__(self, engine: InferenceEngine, *, host: str = "127.0.0.1", port: int = 8000,
-                 model_name: str = "jds", tokenizer: Any = None) -> None:
+                 model_name: str = "jds", tokenizer: Any = None, api_key: str | None = None,
+                 chat_template: str | None = None, max_queue: int = 256,
+                 request_timeout: float = 600.0, read_timeout: float = 30.0,
+                 max_body_bytes: int = 4 << 20, shutdown_timeout: float = 30.0,
+                 warm: bool = True) -> None:
+        require_serve_extra()
         self.engine, self.model_name, self.tokenizer = engine, model_name, tokenizer
-        self.loop = EngineLoop(engine)
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, fmt, *args):  # quiet; errors go to the client
-                pass
-
-            def _send_json(self, status: int, obj: dict) -> None:
-                data = json.dumps(obj).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def _error(self, status: int, message: str) -> None:
-                kind = "invalid_request_error" if status < 500 else "server_error"
-                self._send_json(status, {"error": {"message": message, "type": kind}})
-
-            def do_GET(self):  # noqa: N802
-                if self.path == "/health":
-                    self._send_json(200, {"status": "ok"})
-                elif self.path == "/v1/models":
-                    self._send_json(200, {"object": "list", "data": [
-                        {"id": server.model_name, "object": "model", "owned_by": "jds"}]})
-                else:
-                    self._error(404, f"no route GET {self.path}; try POST /v1/completions")
-
-            def do_POST(self):  # noqa: N802
-                if self.path != "/v1/completions":
-                    self._error(404, f"no route POST {self.path}; try POST /v1/completions")
-                    return
-                try:
-                    n = int(self.headers.get("Content-Length") or 0)
-                    try:
-                        body = json.loads(self.rfile.read(n) or b"null")
-                    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                        raise BadRequest(f"the body is not JSON: {e}") from None
-                    if not isinstance(body, dict):
-                        raise BadRequest("the body must be a JSON object")
-                    args, prompt_ids, stream, stops = server.parse(body)
-                except BadRequest as e:
-                    self._error(e.status, str(e))
-                    return
-                job = server.loop.submit(args)
-                server.respond(self, job, prompt_ids, stream, stops)
-
-        self.httpd = ThreadingHTTPServer((host, port), Handler)
-        self.httpd.daemon_threads = True
+        self.api_key, self.max_queue = api_key, max_queue
+        self.request_timeout, self.read_timeout = request_timeout, read_timeout
+        self.max_body_bytes, self.shutdown_timeout = max_body_bytes, shutdown_timeout
+        self.chat_template = chat_template or (tokenizer.chat_template if tokenizer else None)
+        self.created = int(time.time())
+        self.in_flight = 0  # engine requests admitted and not finished (event-loop thread)
+        self.loop = EngineLoop(engine, warm=warm)
+        self.metrics = _Metrics(self)
+        self.app = self._app()
+        self._sock = socket.create_server((host, port), backlog=2048)
+        self._uvicorn: Any = None
+        self._done = threading.Event()
+        self._done.set()
 
     @property
     def port(self) -> int:
-        return int(self.httpd.server_address[1])
+        return int(self._sock.getsockname()[1])
 
-    def parse(self, body: dict) -> tuple[dict[str, Any], list[int], bool, list[str]]:
-        """Validate a completions request: engine arguments, prompt ids, stream flag, stop
-        strings."""
-        prompt = body.get("prompt")
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise BadRequest("this model has no tokenizer; send 'prompt' as a list of "
-                                 "token ids")
-            ids = self.tokenizer.encode(prompt)
-        elif isinstance(prompt, list) and prompt and all(
-                isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            ids = list(prompt)
-        else:
-            raise BadRequest("'prompt' must be a non-empty string or a list of token ids")
-        args = {
-            "prompt": ids,
-            "max_new_tokens": _field(body, "max_tokens", int, 16, lambda v: v >= 1,
-                                     "an integer >= 1"),
-            "temperature": float(_field(body, "temperature", (int, float), 1.0,
-                                        lambda v: v >= 0, "a number >= 0")),
-            "top_p": _field(body, "top_p", (int, float), None, lambda v: 0 < v <= 1,
-                            "a number in (0, 1]"),
-            "top_k": _field(body, "top_k", int, None, lambda v: v >= 1, "an integer >= 1"),
-            "seed": _field(body, "seed", int, 0, None, "an integer"),
-            "stop_tokens": _field(body, "stop_token_ids", list, None,
-                                  lambda v: all(isinstance(t, int) for t in v),
-                                  "a list of token ids"),
-        }
-        if args["top_p"] is not None:
-            args["top_p"] = float(args["top_p"])
-        for name, off, what in _NOT_YET:  # OpenAI fields jds does not act on: say so
-            if body.get(name, off) not in (off, None):
-                raise BadRequest(f"'{name}' is not supported by jds serve yet ({what}); "
-                                 f"leave it out or send {off!r}")
-        limit = self.engine.max_len
-        if len(ids) + args["max_new_tokens"] > limit:
-            raise BadRequest(
-                f"the prompt ({len(ids)} tokens) plus 'max_tokens' ({args['max_new_tokens']}) "
-                f"exceed the context of {limit} tokens; ask for at most "
-                f"{max(limit - len(ids), 0)} new tokens (or serve with a larger --max-tokens)")
-        stop = body.get("stop")
-        stops = [stop] if isinstance(stop, str) else stop
-        if stops is not None and not (isinstance(stops, list) and 0 < len(stops) <= 4 and all(
-                isinstance(x, str) and x for x in stops)):
-            raise BadRequest(f"'stop' must be a non-empty string or a list of 1 to 4 of them; "
-                             f"got {stop!r}")
-        if stops and self.tokenizer is None:
-            raise BadRequest("'stop' strings need a tokenizer and this model has none; use "
-                             "'stop_token_ids'")
-        stream = _field(body, "stream", bool, False, None, "true or false")
-        return args, ids, stream, stops or []
-
-    def _chunk(self, rid: Any, text: str, tokens: list[int], reason: str | None) -> dict:
-        return {"id": f"cmpl-{rid}", "object": "text_completion", "created": int(time.time()),
-                "model": self.model_name, "choices": [{"index": 0, "text": text,
-                                                       "tokens": tokens,
-                                                       "finish_reason": reason}]}
-
-    def _tokens(self, job: _Job, stops: list[str]):
-        """Yield ``(token ids, text to send, None)`` per generated token, then one
-        ``(ids or None, remaining text, finish reason)``; an engine error is raised as
-        ``RuntimeError(message, status)``. A stop string ends the request early (it is
-        cancelled in the engine) and the text stops before it."""
-        decode = self.tokenizer.decoder() if self.tokenizer is not None else None
-        filt = _StopFilter(stops)
-        while True:
-            item = job.tokens.get()
-            if isinstance(item, tuple):
-                if item[0] == "error":
-                    raise RuntimeError(item[1], item[2])
-                # bytes of an unfinished last character come out as U+FFFD, as in the
-                # whole answer decoded at once (a stop string may still end inside them)
-                tail = filt.feed(decode.flush()) if decode else ""
-                yield None, tail + filt.flush(), "stop" if filt.hit else item[1]
-                return
-            text = filt.feed(decode([item])) if decode else ""
-            if filt.hit:
-                self.loop.cancel(job)
-                while not (isinstance(item := job.tokens.get(), tuple)):
-                    pass  # tokens made before the cancel arrived: past the stop, dropped
-                yield [], text + filt.flush(), "stop"
-                return
-            yield [item], text, None
-
-    def respond(self, handler: BaseHTTPRequestHandler, job: _Job, prompt_ids: list[int],
-                stream: bool, stops: list[str] | None = None) -> None:
-        events = self._tokens(job, stops or [])
-        if not stream:
-            tokens, text, reason = [], "", None
-            try:
-                for toks, piece, last in events:
-                    tokens += toks or []
-                    text, reason = text + piece, last
-            except RuntimeError as e:
-                handler._error(e.args[1], e.args[0])
-                return
-            body = self._chunk(job.rid, text, tokens, reason)
-            body["usage"] = {"prompt_tokens": len(prompt_ids), "completion_tokens": len(tokens),
-                             "total_tokens": len(prompt_ids) + len(tokens)}
-            handler._send_json(200, body)
-            return
-        try:
-            first = next(events)
-        except RuntimeError as e:  # refused before any token (e.g. a prompt too long)
-            handler._error(e.args[1], e.args[0])
-            return
-        handler.send_response(200)
-        handler.send_header("Content-Type", "text/event-stream")
-        handler.send_header("Cache-Control", "no-cache")
-        handler.send_header("Connection", "close")
-        handler.end_headers()
-        handler.close_connection = True
-        try:
-            event = first
-            while True:
-                toks, piece, reason = event
-                handler.wfile.write(
-                    f"data: {json.dumps(self._chunk(job.rid, piece, toks or [], reason))}\n\n"
-                    .encode())
-                handler.wfile.flush()
-                if reason is not None:
-                    break
-                try:
-                    event = next(events)
-                except RuntimeError as e:
-                    err = {"error": {"message": e.args[0], "type": "server_error"}}
-                    handler.wfile.write(f"data: {json.dumps(err)}\n\n".encode())
-                    break
-            handler.wfile.write(b"data: [DONE]\n\n")
-            handler.wfile.flush()
-        except (BrokenPipeError, ConnectionResetError):
-            self.loop.cancel(job)  # the client went away: free its slot and blocks
-
+    # ------------------------------------------------------------------ running
     def serve_forever(self) -> None:
-        self.httpd.serve_forever()
+        import uvicorn
+
+        config = uvicorn.Config(self.app, log_level="warning", access_log=False,
+                                timeout_keep_alive=5, lifespan="off",
+                                timeout_graceful_shutdown=self.shutdown_timeout)
+        self._uvicorn = uvicorn.Server(config)
+        self._done.clear()
+        try:
+            self._uvicorn.run(sockets=[self._sock])
+        finally:
+            self.loop.close()  # after in-flight requests finished (or were cancelled)
+            self._done.set()
 
     def shutdown(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.loop.close()
+        """Stop accepting, let in-flight requests finish (up to ``shutdown_timeout`` s),
+        stop the engine thread."""
+        if self._uvicorn is not None:
+            self._uvicorn.should_exit = True
+            self._done.wait(self.shutdown_timeout + 30)
+        else:
+            self._sock.close()
+            self.loop.close()
+
+    # ------------------------------------------------------------------ the app
+    def _app(self) -> Any:
+        from starlette.applications import Starlette
+        from starlette.exceptions import HTTPException
+        from starlette.responses import JSONResponse
+        from starlette.routing import Route
+
+        async def http_error(request, exc: HTTPException):
+            err = BadRequest(f"no route {request.method} {request.url.path}; see GET "
+                             "/v1/models, POST /v1/completions, POST /v1/chat/completions",
+                             exc.status_code)
+            return JSONResponse(err.body(), status_code=exc.status_code)
+
+        e = self._endpoint
+        routes = [Route("/health", self._health, methods=["GET"]),
+                  Route("/metrics", self._metrics, methods=["GET"]),
+                  Route("/v1/models", e(self._models, "models"), methods=["GET"]),
+                  Route("/v1/models/{model_id:path}", e(self._model, "models"),
+                        methods=["GET"]),
+                  Route("/v1/completions", e(self._completions, "completions"),
+                        methods=["POST"]),
+                  Route("/v1/chat/completions", e(self._chat, "chat"), methods=["POST"])]
+        return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+
+    def _endpoint(self, fn: Any, name: str) -> Any:
+        """``fn`` with the API key check, OpenAI error bodies and the request counter."""
+        from starlette.requests import ClientDisconnect
+        from starlette.responses import JSONResponse, Response
+
+        async def handler(request):
+            status = 500
+            try:
+                self._authorize(request)
+                response = await fn(request)
+                status = response.status_code
+                return response
+            except BadRequest as err:
+                status = err.status
+                headers = {"Retry-After": "1"} if err.status == 503 else {}
+                if err.status in (408, 413):
+                    headers["Connection"] = "close"
+                return JSONResponse(err.body(), status_code=err.status, headers=headers)
+            except ClientDisconnect:
+                status = 499
+                return Response(status_code=499)
+            except Exception as exc:  # noqa: BLE001 - a 500 with the reason, keep serving
+                log.exception("request failed")
+                err = BadRequest(f"internal error: {type(exc).__name__}: {exc}", 500)
+                return JSONResponse(err.body(), status_code=500)
+            finally:
+                self.metrics.requests.labels(name, str(status)).inc()
+
+        return handler
+
+    def _authorize(self, request: Any) -> None:
+        if self.api_key is None:
+            return
+        got = request.headers.get("authorization", "")
+        scheme, _, token = got.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
+                                                                 self.api_key.encode()):
+            raise BadRequest("missing or wrong API key: send 'Authorization: Bearer <key>' "
+                             "with the key jds serve was started with (--api-key)", 401,
+                             code="invalid_api_key")
+
+    async def _health(self, request):
+        from starlette.responses import JSONResponse
+
+        return JSONResponse({"status": "ok", "model": self.model_name,
+                             "compiled": self.loop.warm_total - len(self.loop.pending_warm),
+                             "to_compile": self.loop.warm_total})
+
+    async def _metrics(self, request):
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        from starlette.responses import Response
+
+        return Response(generate_latest(self.metrics.registry),
+                        headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    def _model_card(self) -> dict[str, Any]:
+        return {"id": self.model_name, "object": "model", "created": self.created,
+                "owned_by": "jds", "max_model_len": self.engine.max_len}
+
+    async def _models(self, request):
+        from starlette.responses import JSONResponse
+
+        return JSONResponse({"object": "list", "data": [self._model_card()]})
+
+    async def _model(self, request):
+        from starlette.responses import JSONResponse
+
+        self._check_model(request.path_params["model_id"])
+        return JSONResponse(self._model_card())
+
+    def _check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
+            raise BadRequest(f"The model '{name}' does not exist; this server serves "
+                             f"'{self.model_name}' (jds serve --served-model-name)", 404,
+                             param="model", code="model_not_found")
+
+    async def _read_json(self, request: Any) -> Any:
+        """The body as JSON, read with the size limit (413) and the read timeout (408)."""
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > self.max_body_bytes:
+            raise BadRequest(f"the body is {size} bytes; this server takes at most "
+                             f"{self.max_body_bytes} (--max-body-bytes)", 413)
+        data, stream = bytearray(), request.stream()
+        while True:
+            try:
+                chunk = await asyncio.wait_for(anext(stream), self.read_timeout)
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                raise BadRequest(f"the request body did not arrive within "
+                                 f"{self.read_timeout:g} s", 408) from None
+            data += chunk
+            if len(data) > self.max_body_bytes:
+                raise BadRequest(f"the body is over {self.max_body_bytes} bytes, the most "
+                                 "this server takes (--max-body-bytes)", 413)
+        try:
+            return json.loads(bytes(data) or b"null")
+        except RecursionError:
+            raise BadRequest("the body is not JSON this server reads: nested too deeply"
+                             ) from None
+        except ValueError as e:
+            raise BadRequest(f"the body is not JSON: {e}") from None
+
+    # ------------------------------------------------------------------ requests
+    def _encode_prompts(self, prompt: Any) -> list[tuple[list[int], str | None]]:
+        """A completions ``prompt`` as ``(ids, text)`` per prompt."""
+        many = isinstance(prompt, list) and prompt and not isinstance(prompt[0], int)
+        out = []
+        for p in (prompt if many else [prompt]):
+            if isinstance(p, str):
+                if self.tokenizer is None:
+                    raise BadRequest("this model has no tokenizer; send 'prompt' as a list of "
+                                     "token ids", param="prompt")
+                out.append((self.tokenizer.encode(p), p))
+            else:
+                out.append((list(p), None))
+        if not out or any(not ids for ids, _ in out):
+            raise BadRequest("'prompt' must not be empty", param="prompt")
+        return out
+
+    def _stops(self, stop: str | list[str] | None) -> list[str]:
+        stops = [stop] if isinstance(stop, str) else (stop or [])
+        if len(stops) > 4 or not all(stops):
+            raise BadRequest(f"'stop' must be a non-empty string or a list of 1 to 4 of them; "
+                             f"got {stop!r}", param="stop")
+        if stops and self.tokenizer is None:
+            raise BadRequest("'stop' strings need a tokenizer and this model has none; use "
+                             "'stop_token_ids'", param="stop")
+        return stops
+
+    def _engine_args(self, req: Any, ids: list[int], max_new: int | None,
+                     logprobs: int | None) -> dict[str, Any]:
+        limit = self.engine.max_len
+        if max_new is None:  # chat without a limit: up to the context, as OpenAI
+            max_new = max(limit - len(ids), 1)
+        if len(ids) + max_new > limit:
+            name = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) \
+                else "max_tokens"
+            raise BadRequest(
+                f"the prompt ({len(ids)} tokens) plus '{name}' ({max_new}) exceed the context "
+                f"of {limit} tokens; ask for at most {max(limit - len(ids), 0)} new tokens (or "
+                "serve with a larger --max-tokens)", param=name)
+        stop_ids = list(req.stop_token_ids or []) + list(
+            getattr(self.tokenizer, "eos_ids", ()) or ())
+        return {"prompt": ids, "max_new_tokens": max_new,
+                "temperature": 1.0 if req.temperature is None else float(req.temperature),
+                "top_p": None if req.top_p is None else float(req.top_p), "top_k": req.top_k,
+                "seed": secrets.randbits(31) if req.seed is None else int(req.seed),
+                "stop_tokens": stop_ids, "logprobs": logprobs}
+
+    def _admit(self, n_jobs: int) -> None:
+        room = self.engine.config.max_seqs + self.max_queue - self.in_flight
+        if n_jobs > room:
+            raise BadRequest(f"the server is at capacity ({self.in_flight} requests in flight, "
+                             f"{self.engine.config.max_seqs} running and up to "
+                             f"{self.max_queue} waiting: --max-queue); retry shortly", 503,
+                             code="server_overloaded")
+
+    async def _generate(self, specs: list[tuple[int, dict[str, Any], str]], stops: list[str],
+                        start: float) -> AsyncIterator[tuple]:
+        """Run ``specs`` (``(choice index, engine args, prompt group)``) and yield
+        ``(index, token ids, text, logprobs, finish reason or None)`` as tokens come, from
+        every choice interleaved. Choice 0 of a group runs first and the group's others
+        join once its prompt is in the (prefix) cache."""
+        loop = asyncio.get_running_loop()
+        out: asyncio.Queue = asyncio.Queue()
+        jobs = [_Job(args, loop) for _, args, _ in specs]
+        leaders: dict[str, asyncio.Event] = {}
+        deadline = start + self.request_timeout
+        self.in_flight += len(jobs)
+
+        async def run(index: int, job: _Job, group: str) -> None:
+            leader = group not in leaders
+            ready = leaders.setdefault(group, asyncio.Event())
+            if not leader:
+                await ready.wait()
+            self.loop.submit(job)
+            decode = self.tokenizer.decoder() if self.tokenizer is not None else None
+            filt, last = _StopFilter(stops), None
+            try:
+                while True:
+                    item = await job.events.get()
+                    now = time.perf_counter()
+                    if item[0] != "token":
+                        ready.set()
+                        job.finished = True
+                        if item[0] == "error":
+                            await out.put((index, None, item[1], item[2], "error"))
+                            return
+                        tail = filt.feed(decode.flush()) if decode else ""
+                        await out.put((index, [], tail + filt.flush(), [],
+                                       "stop" if filt.hit else item[1]))
+                        return
+                    ready.set()
+                    _, tok, lp = item
+                    if last is None:
+                        self.metrics.ttft.observe(now - start)
+                    else:
+                        self.metrics.itl.observe(now - last)
+                    last = now
+                    self.metrics.generation_tokens.inc()
+                    text = filt.feed(decode([tok])) if decode else ""
+                    if filt.hit:
+                        self.loop.cancel(job)
+                        job.finished = True
+                        await out.put((index, [tok], text + filt.flush(), [lp] if lp else [],
+                                       "stop"))
+                        return
+                    await out.put((index, [tok], text, [lp] if lp else [], None))
+            finally:
+                ready.set()
+                self.in_flight -= 1
+
+        tasks = [asyncio.create_task(run(i, job, g))
+                 for (i, _, g), job in zip(specs, jobs, strict=True)]
+        remaining = len(tasks)
+        try:
+            while remaining:
+                try:
+                    ev = await asyncio.wait_for(out.get(), max(deadline - time.perf_counter(),
+                                                               0.001))
+                except TimeoutError:
+                    raise BadRequest(f"the request ran past {self.request_timeout:g} s "
+                                     "(--request-timeout) and was cancelled", 504) from None
+                if ev[4] == "error":
+                    raise BadRequest(ev[2], ev[3])
+                if ev[4] is not None:
+                    remaining -= 1
+                yield ev
+        finally:
+            for job, task in zip(jobs, tasks, strict=True):
+                if not job.finished:
+                    self.loop.cancel(job)  # a timeout, an error, or the client left
+                task.cancel()
+            self.metrics.latency.observe(time.perf_counter() - start)
+
+    async def _respond(self, specs, stops, stream: bool, usage_prompt: int, include_usage: bool,
+                       chunk, final) -> Any:
+        """Run the choices; a JSON body built by ``final`` from each choice's ``(ids, text,
+        logprobs, reason)``, or a server-sent event stream of ``chunk(index, ids, text,
+        logprobs, reason)`` objects (and a usage chunk when asked)."""
+        from starlette.responses import JSONResponse, StreamingResponse
+
+        start = time.perf_counter()
+        gen = self._generate(specs, stops, start)
+        usage = {"prompt_tokens": usage_prompt, "completion_tokens": 0, "total_tokens": 0}
+        if not stream:
+            got = {i: ([], "", [], None) for i, _, _ in specs}
+            try:
+                async for index, ids, text, lps, reason in gen:
+                    t, s, p, _ = got[index]
+                    got[index] = (t + ids, s + text, p + lps, reason)
+            finally:
+                await gen.aclose()
+            usage["completion_tokens"] = sum(len(v[0]) for v in got.values())
+            usage["total_tokens"] = usage_prompt + usage["completion_tokens"]
+            return JSONResponse(final([got[i] for i in sorted(got)], usage))
+        first = await anext(gen)  # an error before any token is an HTTP error
+
+        async def events() -> AsyncIterator[bytes]:
+            n_tokens = 0
+            try:
+                ev = first
+                while True:
+                    n_tokens += len(ev[1])
+                    yield f"data: {json.dumps(chunk(*ev))}\n\n".encode()
+                    try:
+                        ev = await anext(gen)
+                    except StopAsyncIteration:
+                        break
+                    except BadRequest as err:
+                        yield f"data: {json.dumps(err.body())}\n\n".encode()
+                        break
+                if include_usage:
+                    usage["completion_tokens"] = n_tokens
+                    usage["total_tokens"] = usage_prompt + n_tokens
+                    yield f"data: {json.dumps(final(None, usage))}\n\n".encode()
+                yield b"data: [DONE]\n\n"
+            finally:
+                await gen.aclose()
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    async def _completions(self, request):
+        req = parse(CompletionRequest, await self._read_json(request))
+        self._check_model(req.model)
+        prompts = self._encode_prompts(req.prompt)
+        stops = self._stops(req.stop)
+        specs = []
+        for p, (ids, _) in enumerate(prompts):
+            args = self._engine_args(req, ids, req.max_tokens, req.logprobs)
+            for j in range(req.n):
+                specs.append((p * req.n + j, {**args, "seed": args["seed"] + j}, str(p)))
+        self._admit(len(specs))
+        self.metrics.prompt_tokens.inc(sum(len(ids) for ids, _ in prompts))
+        rid, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
+        decode = self.tokenizer.decode if self.tokenizer is not None else None
+        echo = {i: "" for i, _, _ in specs}
+        if req.echo:
+            for i, _, g in specs:
+                ids, text = prompts[int(g)]
+                echo[i] = text if text is not None else (decode(ids) if decode else "")
+        offsets = {i: len(echo[i]) for i, _, _ in specs}
+
+        def logprobs(index: int, ids: list[int], lps: list) -> dict | None:
+            if req.logprobs is None:
+                return None
+            tok = self.tokenizer.token_text if self.tokenizer is not None else str
+            out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+            for t, (c, top) in zip(ids, lps, strict=True):
+                out["tokens"].append(tok(t))
+                out["token_logprobs"].append(c)
+                out["top_logprobs"].append({tok(i): v for i, v in top})
+                out["text_offset"].append(offsets[index])
+                offsets[index] += len(out["tokens"][-1])
+            return out
+
+        def head(choices: list) -> dict:
+            return {"id": rid, "object": "text_completion", "created": created,
+                    "model": self.model_name, "choices": choices}
+
+        def chunk(index, ids, text, lps, reason):
+            if echo[index]:
+                text, echo[index] = echo[index] + text, ""
+            return head([{"index": index, "text": text, "tokens": ids,
+                          "logprobs": logprobs(index, ids, lps), "finish_reason": reason}])
+
+        def final(results, usage):
+            if results is None:  # the stream's usage chunk
+                return {**head([]), "usage": usage}
+            return {**head([{"index": i, "text": echo[i] + text, "tokens": ids,
+                             "logprobs": logprobs(i, ids, lps), "finish_reason": reason}
+                            for i, (ids, text, lps, reason) in enumerate(results)]),
+                    "usage": usage}
+
+        include = bool(req.stream_options and req.stream_options.include_usage)
+        return await self._respond(specs, stops, req.stream,
+                                   sum(len(ids) for ids, _ in prompts), include, chunk, final)
+
+    def _chat_prompt(self, req: ChatRequest) -> list[int]:
+        if self.tokenizer is None:
+            raise BadRequest("this model has no tokenizer, which chat needs; use "
+                             "/v1/completions with token ids", param="messages")
+        messages = []
+        for m in req.messages:
+            msg: dict[str, Any] = {"role": m.role, "content": m.text()}
+            if m.name is not None:
+                msg["name"] = m.name
+            messages.append(msg)
+        tok = self.tokenizer
+        try:
+            text = render_chat(self.chat_template or DEFAULT_CHAT_TEMPLATE, messages,
+                               special_tokens=getattr(tok, "special_tokens", {}),
+                               **(req.chat_template_kwargs or {}))
+        except TemplateError as e:
+            raise BadRequest(f"the chat template refused the messages: {e}",
+                             param="messages") from None
+        return tok.encode(text, add_special_tokens=False)
+
+    async def _chat(self, request):
+        req = parse(ChatRequest, await self._read_json(request))
+        self._check_model(req.model)
+        ids = self._chat_prompt(req)
+        stops = self._stops(req.stop)
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        if req.top_logprobs is not None and not req.logprobs:
+            raise BadRequest("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+        args = self._engine_args(req, ids, req.max_completion_tokens or req.max_tokens, top)
+        specs = [(j, {**args, "seed": args["seed"] + j}, "0") for j in range(req.n)]
+        self._admit(len(specs))
+        self.metrics.prompt_tokens.inc(len(ids))
+        rid, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
+        tok = self.tokenizer
+        began: set[int] = set()
+
+        def entry(token: str, logprob: float) -> dict:
+            return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+        def logprobs(ids: list[int], lps: list) -> dict | None:
+            if top is None:
+                return None
+            return {"content": [{**entry(tok.token_text(t), c),
+                                 "top_logprobs": [entry(tok.token_text(i), v) for i, v in tp]}
+                                for t, (c, tp) in zip(ids, lps, strict=True)],
+                    "refusal": None}
+
+        def head(obj: str, choices: list) -> dict:
+            return {"id": rid, "object": obj, "created": created, "model": self.model_name,
+                    "system_fingerprint": None, "choices": choices}
+
+        def chunk(index, ids, text, lps, reason):
+            delta: dict[str, Any] = {"content": text} if text or reason is None else {}
+            if index not in began:
+                began.add(index)
+                delta = {"role": "assistant", **delta, "content": text}
+            return head("chat.completion.chunk", [{"index": index, "delta": delta,
+                                                   "logprobs": logprobs(ids, lps),
+                                                   "finish_reason": reason}])
+
+        def final(results, usage):
+            if results is None:
+                return {**head("chat.completion.chunk", []), "usage": usage}
+            return {**head("chat.completion", [
+                {"index": i, "message": {"role": "assistant", "content": text,
+                                         "refusal": None},
+                 "logprobs": logprobs(ids, lps), "finish_reason": reason}
+                for i, (ids, text, lps, reason) in enumerate(results)]), "usage": usage}
+
+        include = bool(req.stream_options and req.stream_options.include_usage)
+        return await self._respond(specs, stops, req.stream, len(ids), include, chunk, final)
 
 
-__all__ = ["BadRequest", "ByteTokenizer", "CompletionServer", "EngineLoop", "tokenizer_for"]
+__all__ = ["BadRequest", "ByteTokenizer", "CompletionServer", "EngineLoop", "HFTokenizer",
+           "require_serve_extra", "tokenizer_for"]
