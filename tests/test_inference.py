@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import jds
 from jds.config import ConfigError
@@ -90,6 +91,54 @@ def test_continuous_batching_equals_each_request_alone():
     # a 30-token prompt cannot fit a 16-token pass: SplitFuse split it over passes
     assert engine.allocator.num_free == engine.allocator.capacity
     assert engine.scheduler.idle and not engine.allocator.sequences()
+
+
+def test_penalties_logit_bias_and_logprobs_match_a_full_forward_reference():
+    """OpenAI's presence / frequency penalties and logit bias (sampling.py), greedy, batched
+    with a plain request and through multi-step decoding, give the tokens a loop of full
+    forward passes gives with the penalties applied on the host; the log-probabilities are
+    the model's own."""
+    model = jds.models.build("llama-tiny", max_position_embeddings=64)
+    engine = jds.init_inference(model, SMALL)
+    prompt, n = list(b"def f(x):"), 10
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda st, ids: nnx.merge(graphdef, st)(ids))  # causal: pad at the end
+
+    def reference(pres=0.0, freq=0.0, bias=None):
+        seq, out, logp = list(prompt), [], []
+        for _ in range(n):
+            ids = np.zeros((1, 32), np.int32)
+            ids[0, :len(seq)] = seq
+            logits = np.asarray(forward(state, ids)[0, len(seq) - 1], np.float64)
+            logp.append(logits - np.log(np.exp(logits - logits.max()).sum()) - logits.max())
+            c = np.bincount(out, minlength=logits.shape[0])
+            logits = logits - freq * c - pres * (c > 0)
+            for t, v in (bias or {}).items():
+                logits[t] += v
+            out.append(int(np.argmax(logits)))
+            seq.append(out[-1])
+        return out, [lp[t] for lp, t in zip(logp, out, strict=True)]
+
+    plain, _ = reference()
+    cases = [dict(freq=1.5), dict(pres=2.0), dict(bias={plain[0]: -100, 65: 5.0}),
+             dict(pres=-1.0, freq=0.5)]
+    rids = [engine.submit(prompt, n, presence_penalty=c.get("pres", 0), logprobs=2,
+                          frequency_penalty=c.get("freq", 0), logit_bias=c.get("bias"))
+            for c in cases]
+    r0 = engine.submit(prompt, n)
+    while any(engine.result(r).finish_reason is None for r in [*rids, r0]):
+        engine.step()
+    assert engine.result(r0).output == plain
+    for case, rid in zip(cases, rids, strict=True):
+        want, want_lp = reference(case.get("pres", 0), case.get("freq", 0), case.get("bias"))
+        assert engine.result(rid).output == want, case
+        np.testing.assert_allclose([c for c, _ in engine.result(rid).token_logprobs], want_lp,
+                                   atol=1e-4)
+    assert len({tuple(engine.result(r).output) for r in rids}) > 2  # they did change things
+    with pytest.raises(ValueError, match="logit_bias"):
+        engine.submit(prompt, 2, logit_bias={999: 1.0})
+    with pytest.raises(ValueError, match="presence_penalty"):
+        engine.submit(prompt, 2, presence_penalty=3.0)
 
 
 def test_multi_step_decoding_equals_one_step_at_a_time():

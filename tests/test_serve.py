@@ -110,6 +110,10 @@ def test_openai_client_models_completions_chat_n_logprobs(served):
         chunks = list(r) if stream else [r]
         assert "".join(ch.choices[0].text for ch in chunks) == full[:full.index(stop)]
         assert chunks[-1].choices[0].finish_reason == "stop"
+    biased = client.completions.create(model="tiny", prompt="def f(x):", max_tokens=2,
+                                       temperature=0, logit_bias={str(want[0]): -100},
+                                       frequency_penalty=1.0, presence_penalty=0.5)
+    assert biased.choices[0].model_extra["tokens"][0] != want[0]  # sampling.py: parity tests
     echoed = client.completions.create(model="tiny", prompt="def f(x):", max_tokens=6,
                                        temperature=0, echo=True)
     assert echoed.choices[0].text == "def f(x):" + c.text
@@ -144,7 +148,8 @@ def test_openai_client_models_completions_chat_n_logprobs(served):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(want)
 
     # refusals: a 400 naming the field; the server keeps serving
-    for kwargs, field in [(dict(frequency_penalty=0.5), "frequency_penalty"),
+    for kwargs, field in [(dict(frequency_penalty=3.0), "frequency_penalty"),
+                          (dict(logit_bias={"x": 1}), "logit_bias"),
                           (dict(max_tokens=64), "context of 64 tokens"),
                           (dict(tools=[{"type": "function", "function": {"name": "f"}}]),
                            "tools"),

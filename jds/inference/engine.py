@@ -45,6 +45,8 @@ from jds.inference.kv_cache import (
     storage_dtype,
     write_pages,
 )
+from jds.inference import sampling
+from jds.inference.sampling import TOP_LOGPROBS
 from jds.inference.scheduler import Request, Scheduler, Work
 from jds.kernels.platform import lowering_for
 from jds.kernels.quant import quantize
@@ -176,65 +178,6 @@ def quantize_layers(layers: dict[str, jax.Array], axes: dict[str, tuple]) -> dic
     return out
 
 
-TOP_LOGPROBS = 20  # most alternatives a request may ask for (OpenAI's top_logprobs limit)
-
-
-def _logprobs(logits_SV: jax.Array, tokens_S: jax.Array, want_S: jax.Array
-              ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The model's log-probability of each row's chosen token and its ``TOP_LOGPROBS`` most
-    likely tokens (ids and log-probabilities), computed only when some row asks (``want_S``).
-
-    They are the model's own distribution, before temperature, top-k and top-p (vLLM's
-    default "raw" log-probabilities), so they do not change with the sampling settings.
-    """
-    S, V = logits_SV.shape
-    top = min(TOP_LOGPROBS, V)
-
-    def compute(_):
-        logp_SV = jax.nn.log_softmax(logits_SV.astype(jnp.float32), axis=-1)
-        chosen_S = jnp.take_along_axis(logp_SV, tokens_S[:, None], axis=-1)[:, 0]
-        values, ids = jax.lax.top_k(logp_SV, top)
-        return chosen_S, values, ids.astype(jnp.int32)
-
-    def skip(_):
-        return (jnp.zeros(S, jnp.float32), jnp.zeros((S, top), jnp.float32),
-                jnp.zeros((S, top), jnp.int32))
-
-    return jax.lax.cond(jnp.any(want_S), compute, skip, None)
-
-
-def _sample(logits_SV: jax.Array, temperature_S: jax.Array, top_k_S: jax.Array,
-            top_p_S: jax.Array, seed_S: jax.Array, pos_S: jax.Array) -> jax.Array:
-    """Next token per row: argmax where temperature is 0, else top-k / top-p sampling.
-
-    When every row is greedy (the common serving case) the sort behind top-k / top-p is
-    skipped (``lax.cond``).
-    """
-    logits_SV = logits_SV.astype(jnp.float32)
-    greedy_S = jnp.argmax(logits_SV, axis=-1).astype(jnp.int32)
-
-    def sampled(_):
-        V = logits_SV.shape[-1]
-        t_S = jnp.where(temperature_S > 0, temperature_S, 1.0)
-        scaled = logits_SV / t_S[:, None]
-        desc = -jnp.sort(-scaled, axis=-1)
-        k_S = jnp.where((top_k_S > 0) & (top_k_S < V), top_k_S, V)
-        kth = jnp.take_along_axis(desc, (k_S - 1)[:, None], axis=-1)
-        scaled = jnp.where(scaled < kth, -jnp.inf, scaled)
-        desc = jnp.where(jnp.arange(V)[None] < k_S[:, None], desc, -jnp.inf)
-        probs = jax.nn.softmax(desc, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
-        p_S = jnp.where((top_p_S > 0) & (top_p_S < 1), top_p_S, 1.0)
-        keep = (before < p_S[:, None]) & jnp.isfinite(desc)
-        cutoff = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1)
-        scaled = jnp.where(scaled < cutoff[:, None], -jnp.inf, scaled)
-        keys = jax.vmap(lambda s, p: jax.random.fold_in(jax.random.key(s), p))(seed_S, pos_S)
-        drawn_S = jax.vmap(jax.random.categorical)(keys, scaled)
-        return jnp.where(temperature_S > 0, drawn_S, greedy_S).astype(jnp.int32)
-
-    return jax.lax.cond(jnp.any(temperature_S > 0), sampled, lambda _: greedy_S, None)
-
-
 class InferenceEngine:
     """Tensor-parallel generation with a paged KV cache and continuous batching.
 
@@ -317,13 +260,18 @@ class InferenceEngine:
         zeros = jax.jit(lambda: jnp.zeros((L, n_blocks, bs, K, H), cache_dtype),
                         out_shardings=self._page_sharding)
         self.k_pages, self.v_pages = zeros(), zeros()
+        # sampling state per slot (sampling.py): generated-token counts, logit bias
+        rows = NamedSharding(self.mesh, PartitionSpec())
+        self.counts = jax.device_put(np.zeros((cfg.max_seqs, self.vocab_size), np.int32), rows)
+        self.bias = jax.device_put(np.zeros((cfg.max_seqs, self.vocab_size), np.float32), rows)
         # The cache comes back with exactly the sharding it went in with: another spelling
         # of the same layout (P() on one device) would make the next call compile again.
         pages, rep = self._page_sharding, NamedSharding(self.mesh, PartitionSpec())
-        self._step = jax.jit(self._forward, donate_argnums=(1, 2),
-                             out_shardings=(pages, pages, rep, rep))
-        self._decode = jax.jit(self._decode_steps, donate_argnums=(1, 2),
-                               static_argnames=("steps",), out_shardings=(pages, pages, rep, rep))
+        self._step = jax.jit(self._forward, donate_argnums=(1, 2, 3),
+                             out_shardings=(pages, pages, rep, rep, rep))
+        self._decode = jax.jit(self._decode_steps, donate_argnums=(1, 2, 3),
+                               static_argnames=("steps",),
+                               out_shardings=(pages, pages, rep, rep, rep))
         self._requests: dict[int, Request] = {}
 
     # ------------------------------------------------------------------ the compiled pass
@@ -331,8 +279,10 @@ class InferenceEngine:
         shared = {k: v for k, v in params.items() if k != "layers"}
         return nnx.merge(self._graphdef, {**shared, "layers": self._abstract_layers})
 
-    def _forward(self, params, k_pages, v_pages, b):
-        """One ragged pass: write K/V, attend over the pages, sample per sequence row."""
+    def _forward(self, params, k_pages, v_pages, counts, bias, b):
+        """One ragged pass: write K/V, attend over the pages, sample per sequence row
+        (penalties, bias, log-probabilities: ``sampling.py``). Returns the cache, the
+        updated token counts, the tokens and their log-probabilities."""
         with use_rules(self.mesh, self.rules):
             model = self._model(params)
             layer = model.layer_fn()
@@ -362,21 +312,25 @@ class InferenceEngine:
                 (params["layers"], jnp.arange(n_layers, dtype=jnp.int32)))
             h_1SD = x_1ND[:, b["last"]]
             logits_SV = model.head(h_1SD)[0].astype(jnp.float32)
-            tokens_S = _sample(logits_SV, b["temperature"], b["top_k"], b["top_p"], b["seed"],
-                               b["sample_pos"])
-            logprobs = _logprobs(logits_SV, tokens_S, b["logprobs"])
-        return k_pages, v_pages, tokens_S, logprobs
+            adjusted = sampling.adjust(logits_SV, counts, bias, b["presence"], b["frequency"],
+                                       b["use_bias"])
+            tokens_S = sampling.sample(adjusted, b["temperature"], b["top_k"], b["top_p"],
+                                       b["seed"], b["sample_pos"])
+            logprobs = sampling.logprobs(logits_SV, tokens_S, b["logprobs"])
+            counts = sampling.count(counts, tokens_S, b["count"])
+        return k_pages, v_pages, counts, tokens_S, logprobs
 
-    def _decode_steps(self, params, k_pages, v_pages, d, *, steps: int):
+    def _decode_steps(self, params, k_pages, v_pages, counts, bias, d, *, steps: int):
         """``steps`` decode passes in one call: row ``s`` is slot ``s``; each pass feeds the
         token the last one sampled. A row stops writing (to the scratch block) after its
-        ``d["steps"]`` active steps. Returns the cache, the tokens ``[steps, slots]`` and
+        ``d["steps"]`` active steps. Returns the cache, the token counts, the tokens
+        ``[steps, slots]`` and
         their log-probabilities (``_logprobs``, each with a leading ``steps`` axis)."""
         S, bs = self.config.max_seqs, self.config.kv_block_size
         rows = jnp.arange(S, dtype=jnp.int32)
 
         def one(carry, j):
-            k_pages, v_pages, tok_N = carry
+            k_pages, v_pages, counts, tok_N = carry
             active = j < d["steps"]  # [N]; rows past S never are
             pos = d["positions"] + j
             block = jnp.take_along_axis(d["tables"], (pos // bs)[:, None], axis=1)[:, 0]
@@ -385,14 +339,16 @@ class InferenceEngine:
                  "offset": jnp.where(active, pos % bs, 0), "tables": d["tables"],
                  "last": rows, "temperature": d["temperature"], "top_k": d["top_k"],
                  "top_p": d["top_p"], "seed": d["seed"], "sample_pos": pos[:S] + 1,
-                 "logprobs": d["logprobs"]}
-            k_pages, v_pages, new_S, lp = self._forward(params, k_pages, v_pages, b)
+                 "logprobs": d["logprobs"], "presence": d["presence"],
+                 "frequency": d["frequency"], "use_bias": d["use_bias"], "count": active[:S]}
+            k_pages, v_pages, counts, new_S, lp = self._forward(params, k_pages, v_pages,
+                                                                counts, bias, b)
             tok_N = tok_N.at[:S].set(jnp.where(active[:S], new_S, tok_N[:S]))
-            return (k_pages, v_pages, tok_N), (tok_N[:S], lp)
+            return (k_pages, v_pages, counts, tok_N), (tok_N[:S], lp)
 
-        (k_pages, v_pages, _), (tokens_KS, lp_K) = jax.lax.scan(
-            one, (k_pages, v_pages, d["tokens"]), jnp.arange(steps, dtype=jnp.int32))
-        return k_pages, v_pages, tokens_KS, lp_K
+        (k_pages, v_pages, counts, _), (tokens_KS, lp_K) = jax.lax.scan(
+            one, (k_pages, v_pages, counts, d["tokens"]), jnp.arange(steps, dtype=jnp.int32))
+        return k_pages, v_pages, counts, tokens_KS, lp_K
 
     def _attention(self, q_NQH, k_pages, v_pages, tables_NM, positions_N, layer):
         """Attention of the pass's tokens over the stacked cache's ``layer``."""
@@ -423,11 +379,15 @@ class InferenceEngine:
     def submit(self, prompt: Sequence[int], max_new_tokens: int = 16, *,
                temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                seed: int = 0, stop_tokens: Iterable[int] | None = None,
-               logprobs: int | None = None) -> int:
+               logprobs: int | None = None, presence_penalty: float = 0.0,
+               frequency_penalty: float = 0.0,
+               logit_bias: Mapping[int, float] | None = None) -> int:
         """Queue a request; ``step()`` advances it. Returns its id.
 
         ``logprobs`` (0 to ``TOP_LOGPROBS``) records each generated token's log-probability
         and that many most likely alternatives in ``result(rid).token_logprobs``.
+        ``presence_penalty`` / ``frequency_penalty`` (-2 to 2) and ``logit_bias`` ({token id:
+        -100 to 100}) change the logits as OpenAI defines them (``sampling.py``).
 
         Raises:
           ValueError: an empty or out-of-range prompt, one that leaves no room within
@@ -452,11 +412,22 @@ class InferenceEngine:
             raise ValueError(f"top_p must be in (0, 1]; got {top_p}")
         if logprobs is not None and not 0 <= logprobs <= TOP_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {TOP_LOGPROBS}]; got {logprobs}")
+        for name, v in (("presence_penalty", presence_penalty),
+                        ("frequency_penalty", frequency_penalty)):
+            if not -2 <= v <= 2:
+                raise ValueError(f"{name} must be in [-2, 2]; got {v}")
+        bias = {int(t): float(v) for t, v in (logit_bias or {}).items()}
+        bad = [t for t, v in bias.items() if not (0 <= t < self.vocab_size and -100 <= v <= 100)]
+        if bad:
+            raise ValueError(f"logit_bias needs token ids in [0, {self.vocab_size}) and values "
+                             f"in [-100, 100]; got {bad[0]}: {bias[bad[0]]}")
         req = Request(rid=self.scheduler.next_id(), prompt=prompt,
                       max_new_tokens=int(max_new_tokens), temperature=float(temperature),
                       top_k=top_k, top_p=top_p, seed=int(seed),
                       stop_tokens=frozenset(int(t) for t in (stop_tokens or ())),
-                      limit=self.max_len, logprobs=logprobs)
+                      limit=self.max_len, logprobs=logprobs,
+                      presence_penalty=float(presence_penalty),
+                      frequency_penalty=float(frequency_penalty), logit_bias=bias)
         self.scheduler.add(req)
         self._requests[req.rid] = req
         return req.rid
@@ -486,7 +457,9 @@ class InferenceEngine:
              "last": np.zeros(S, np.int32), "temperature": np.zeros(S, np.float32),
              "top_k": np.zeros(S, np.int32), "top_p": np.zeros(S, np.float32),
              "seed": np.zeros(S, np.int32), "sample_pos": np.zeros(S, np.int32),
-             "logprobs": np.zeros(S, bool)}
+             "logprobs": np.zeros(S, bool), "presence": np.zeros(S, np.float32),
+             "frequency": np.zeros(S, np.float32), "use_bias": np.zeros(S, bool),
+             "count": np.zeros(S, bool)}
         i = 0
         for w in work:
             r = w.request
@@ -506,6 +479,8 @@ class InferenceEngine:
                 b["top_p"][s] = r.top_p or 0.0
                 b["seed"][s], b["sample_pos"][s] = r.seed, w.stop
                 b["logprobs"][s] = r.logprobs is not None
+                b["presence"][s], b["frequency"][s] = r.presence_penalty, r.frequency_penalty
+                b["use_bias"][s], b["count"][s] = bool(r.logit_bias), True
             i += len(toks)
         return b
 
@@ -523,7 +498,8 @@ class InferenceEngine:
         # A new closure: traces are cached per function, and the platform changes the trace.
         fn = jax.jit(lambda *args: self._forward(*args))
         with lowering_for(platform):
-            traced = fn.trace(self.params, self.k_pages, self.v_pages, b)
+            traced = fn.trace(self.params, self.k_pages, self.v_pages, self.counts, self.bias,
+                              b)
             return traced.lower(lowering_platforms=None if platform is None else (platform,))
 
     def step(self) -> list[tuple[int, int, bool]]:
@@ -541,9 +517,10 @@ class InferenceEngine:
                         for w in work)
                 and max(map(self._remaining, (w.request for w in work))) >= K):
             return self._multi_step(work)
+        self._sampling_rows(work)
         b = self._batch(work)
-        self.k_pages, self.v_pages, tokens_S, lp = self._step(self.params, self.k_pages,
-                                                              self.v_pages, b)
+        self.k_pages, self.v_pages, self.counts, tokens_S, lp = self._step(
+            self.params, self.k_pages, self.v_pages, self.counts, self.bias, b)
         tokens_S = np.asarray(tokens_S)
         lp = jax.tree.map(np.asarray, lp) if b["logprobs"].any() else None
         events = []
@@ -556,6 +533,21 @@ class InferenceEngine:
                                          None if lp is None else [x[r.slot] for x in lp]))
         return events
 
+    def _sampling_rows(self, work: list[Work]) -> None:
+        """Set up the sampling-state row of each newly admitted request that uses a penalty
+        or a logit bias (its counts zeroed, its bias written): once, before its first pass."""
+        for w in work:
+            r = w.request
+            if r.sampling_row or not (r.presence_penalty or r.frequency_penalty or r.logit_bias):
+                continue
+            n = max(8, 1 << (max(len(r.logit_bias), 1) - 1).bit_length())  # few shapes
+            ids, values = np.zeros(n, np.int32), np.zeros(n, np.float32)
+            ids[:len(r.logit_bias)] = list(r.logit_bias)
+            values[:len(r.logit_bias)] = list(r.logit_bias.values())
+            self.counts, self.bias = sampling.set_row(self.counts, self.bias, np.int32(r.slot),
+                                                      ids, values)
+            r.sampling_row = True
+
     @staticmethod
     def _remaining(r: Request) -> int:
         """Tokens ``r`` may still generate."""
@@ -565,13 +557,14 @@ class InferenceEngine:
         """``decode_steps`` decode passes of every running sequence in one call (one compiled
         variant per table width; rows with fewer tokens left idle after theirs)."""
         reqs = [w.request for w in work]
+        self._sampling_rows(work)
         remaining = {r.rid: self._remaining(r) for r in reqs}
         steps = self.config.decode_steps
         tables = {r.rid: self.scheduler.extend(r, r.cached + min(steps, remaining[r.rid]))
                   for r in reqs}
         d = self._decode_inputs(reqs, tables, {k: min(steps, v) for k, v in remaining.items()})
-        self.k_pages, self.v_pages, tokens_KS, lp = self._decode(
-            self.params, self.k_pages, self.v_pages, d, steps=steps)
+        self.k_pages, self.v_pages, self.counts, tokens_KS, lp = self._decode(
+            self.params, self.k_pages, self.v_pages, self.counts, self.bias, d, steps=steps)
         tokens_KS = np.asarray(tokens_KS)
         lp = jax.tree.map(np.asarray, lp) if d["logprobs"].any() else None
         events = []
@@ -597,7 +590,8 @@ class InferenceEngine:
              "tables": np.full((N, M), SCRATCH_BLOCK, np.int32),
              "temperature": np.zeros(S, np.float32), "top_k": np.zeros(S, np.int32),
              "top_p": np.zeros(S, np.float32), "seed": np.zeros(S, np.int32),
-             "logprobs": np.zeros(S, bool)}
+             "logprobs": np.zeros(S, bool), "presence": np.zeros(S, np.float32),
+             "frequency": np.zeros(S, np.float32), "use_bias": np.zeros(S, bool)}
         for r in reqs:
             s, table = r.slot, tables[r.rid]
             d["tokens"][s], d["positions"][s] = r.tokens()[-1], r.cached
@@ -606,6 +600,8 @@ class InferenceEngine:
             d["temperature"][s], d["top_k"][s] = r.temperature, r.top_k or 0
             d["top_p"][s], d["seed"][s] = r.top_p or 0.0, r.seed
             d["logprobs"][s] = r.logprobs is not None
+            d["presence"][s], d["frequency"][s] = r.presence_penalty, r.frequency_penalty
+            d["use_bias"][s] = bool(r.logit_bias)
         return d
 
     def warmup_variants(self) -> list[tuple[str, int, int]]:
@@ -625,12 +621,13 @@ class InferenceEngine:
         block) one of ``warmup_variants``. Call it between ``step``s, on the same thread."""
         kind, n, m = variant
         if kind == "step":
-            self.k_pages, self.v_pages, _, _ = self._step(
-                self.params, self.k_pages, self.v_pages, self._batch([], n, m))
+            self.k_pages, self.v_pages, self.counts, _, _ = self._step(
+                self.params, self.k_pages, self.v_pages, self.counts, self.bias,
+                self._batch([], n, m))
         else:
-            self.k_pages, self.v_pages, _, _ = self._decode(
-                self.params, self.k_pages, self.v_pages, self._decode_inputs([], {}, {}, m),
-                steps=self.config.decode_steps)
+            self.k_pages, self.v_pages, self.counts, _, _ = self._decode(
+                self.params, self.k_pages, self.v_pages, self.counts, self.bias,
+                self._decode_inputs([], {}, {}, m), steps=self.config.decode_steps)
 
     def warmup(self) -> int:
         """Compile every pass the scheduler can ask for (``warmup_variants``), so that no

@@ -9,13 +9,14 @@ supplied"). What jds does with each OpenAI field:
   ``max_completion_tokens``, ``temperature``, ``top_p``, ``n`` (several choices; they share
   the prompt's KV blocks through prefix caching), ``logprobs`` / ``top_logprobs``,
   ``echo``, ``seed`` (absent: a fresh random seed per request, as OpenAI), ``stop``,
-  ``stream``, ``stream_options.include_usage``; jds's (and vLLM's) ``top_k`` and
-  ``stop_token_ids``.
+  ``stream``, ``stream_options.include_usage``, ``presence_penalty`` /
+  ``frequency_penalty`` (over the generated tokens) and ``logit_bias``
+  (``jds/inference/sampling.py``); jds's (and vLLM's) ``top_k`` and ``stop_token_ids``.
 * accepted and ignored (they do not change the answer): ``user``, ``metadata``, ``store``,
   ``service_tier``, ``safety_identifier``, ``prompt_cache_key``, ``prompt_cache_retention``,
   ``parallel_tool_calls``, ``reasoning_effort``, ``verbosity``.
 * refused with a 400 naming the field unless at their "off" value: ``best_of`` above ``n``,
-  ``suffix``, ``presence_penalty``, ``frequency_penalty``, ``logit_bias``, ``tools`` /
+  ``suffix``, ``tools`` /
   ``tool_choice`` / ``functions`` / ``function_call``, ``response_format`` other than text,
   ``audio``, ``modalities`` other than text, ``prediction``, ``web_search_options``;
   ``echo`` together with ``logprobs`` (prompt log-probabilities are not computed).
@@ -64,8 +65,8 @@ class _Sampling(_Strict):
     stop_token_ids: list[int] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float | None = 0
-    frequency_penalty: float | None = 0
+    presence_penalty: float | None = Field(0, ge=-2, le=2)
+    frequency_penalty: float | None = Field(0, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
     user: str | None = None
 
@@ -140,12 +141,10 @@ def _refuse(name: str, what: str, off: Any) -> BadRequest:
 
 def check_unsupported(req: CompletionRequest | ChatRequest) -> None:
     """Refuse the fields jds does not implement unless they are at their "off" value."""
-    if req.presence_penalty:
-        raise _refuse("presence_penalty", "a presence penalty", 0)
-    if req.frequency_penalty:
-        raise _refuse("frequency_penalty", "a frequency penalty", 0)
-    if req.logit_bias:
-        raise _refuse("logit_bias", "logit bias", None)
+    for key, value in (req.logit_bias or {}).items():
+        if not key.isdigit() or not -100 <= value <= 100:
+            raise BadRequest(f"'logit_bias' maps token ids to values in [-100, 100]; got "
+                             f"{key!r}: {value!r}", param="logit_bias")
     if isinstance(req, CompletionRequest):
         if req.best_of is not None and req.best_of > req.n:
             raise _refuse("best_of", "several candidates ranked by likelihood", req.n)

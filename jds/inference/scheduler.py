@@ -49,6 +49,8 @@ class Request:
         record with each generated token's log-probability.
       token_logprobs: one ``(log-probability, [(token id, log-probability), ...])`` per
         generated token when ``logprobs`` is set.
+      presence_penalty, frequency_penalty, logit_bias: OpenAI's logit adjustments.
+      sampling_row: whether its slot's sampling state (counts, bias) was set up.
     """
 
     rid: int
@@ -69,6 +71,10 @@ class Request:
     logprobs: int | None = None
     token_logprobs: list[tuple[float, list[tuple[int, float]]]] = dataclasses.field(
         default_factory=list)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = dataclasses.field(default_factory=dict)
+    sampling_row: bool = False
 
     @property
     def total(self) -> int:

@@ -469,7 +469,10 @@ class CompletionServer:
                 "temperature": 1.0 if req.temperature is None else float(req.temperature),
                 "top_p": None if req.top_p is None else float(req.top_p), "top_k": req.top_k,
                 "seed": secrets.randbits(31) if req.seed is None else int(req.seed),
-                "stop_tokens": stop_ids, "logprobs": logprobs}
+                "stop_tokens": stop_ids, "logprobs": logprobs,
+                "presence_penalty": float(req.presence_penalty or 0),
+                "frequency_penalty": float(req.frequency_penalty or 0),
+                "logit_bias": {int(k): float(v) for k, v in (req.logit_bias or {}).items()}}
 
     def _admit(self, n_jobs: int) -> None:
         room = self.engine.config.max_seqs + self.max_queue - self.in_flight
