@@ -38,6 +38,7 @@ from jax.sharding import PartitionSpec as P
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from jds.config import ConfigError
+from jds.inference import sampling
 from jds.inference.kv_cache import (
     SCRATCH_BLOCK,
     BlockAllocator,
@@ -45,7 +46,6 @@ from jds.inference.kv_cache import (
     storage_dtype,
     write_pages,
 )
-from jds.inference import sampling
 from jds.inference.sampling import TOP_LOGPROBS
 from jds.inference.scheduler import Request, Scheduler, Work
 from jds.kernels.platform import lowering_for
