@@ -334,3 +334,38 @@ def test_shutdown_finishes_the_stream_in_flight(served):
     assert not served["thread"].is_alive()
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(served["url"] + "/health", timeout=5)
+
+
+@pytest.mark.slow  # a fresh process: ~15 s
+def test_sigterm_lets_the_stream_in_flight_finish(tmp_path):
+    """``jds serve`` under SIGTERM: stops accepting, the stream in flight runs to [DONE],
+    the process exits 0."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "jds", "serve", "llama-tiny", "--port", "0",
+                             "--warmup", "none", "--max-tokens", "256"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, JDS_COMPILATION_CACHE="0"))
+    try:
+        for line in proc.stdout:
+            if "http://" in line:
+                url = "http://" + line.split("http://", 1)[1].split("/v1", 1)[0]
+                break
+        req = urllib.request.Request(url + "/v1/completions", method="POST",
+                                     data=json.dumps({"prompt": [1, 2], "max_tokens": 200,
+                                                      "temperature": 0, "stream": True,
+                                                      "stop_token_ids": []}).encode())
+        with urllib.request.urlopen(req, timeout=120) as r:
+            first = r.readline()
+            proc.send_signal(signal.SIGTERM)
+            rest = r.read().decode()
+        events = [x for x in (first.decode() + rest).splitlines() if x.startswith("data: ")]
+        assert events[-1] == "data: [DONE]"
+        tokens = [t for e in events[:-1] for t in json.loads(e[6:])["choices"][0]["tokens"]]
+        assert len(tokens) == 200
+        assert proc.wait(60) == 0
+    finally:
+        proc.kill()

@@ -36,11 +36,13 @@ submitted when its prompt is computed and published in the prefix cache.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
 import queue
 import secrets
+import signal
 import socket
 import threading
 import time
@@ -276,10 +278,28 @@ class CompletionServer:
     def serve_forever(self) -> None:
         import uvicorn
 
+        class Server(uvicorn.Server):
+            """uvicorn's server, but a SIGTERM / SIGINT ends ``serve_forever`` normally after
+            the graceful shutdown (uvicorn re-raises the signal, which would kill the process
+            before the engine thread stops); a second one forces the exit."""
+
+            @contextlib.contextmanager
+            def capture_signals(self):
+                if threading.current_thread() is not threading.main_thread():
+                    yield
+                    return
+                old = {sig: signal.signal(sig, self.handle_exit)
+                       for sig in (signal.SIGINT, signal.SIGTERM)}
+                try:
+                    yield
+                finally:
+                    for sig, handler in old.items():
+                        signal.signal(sig, handler)
+
         config = uvicorn.Config(self.app, log_level="warning", access_log=False,
                                 timeout_keep_alive=5, lifespan="off",
                                 timeout_graceful_shutdown=self.shutdown_timeout)
-        self._uvicorn = uvicorn.Server(config)
+        self._uvicorn = Server(config)
         self._done.clear()
         try:
             self._uvicorn.run(sockets=[self._sock])
