@@ -126,8 +126,11 @@ def test_openai_client_models_completions_chat_n_logprobs(served):
     assert ids == list(b"<user>hi<assistant>")
     want = ref.generate([ids], 20, stop_tokens=[eos])[0]
     assert want[-1] == eos and 2 <= len(want) < 12
+    hits = served["engine"].scheduler.prefix_hit_tokens
     r = client.chat.completions.create(model="tiny", messages=messages, temperature=0, n=2,
                                        logprobs=True, top_logprobs=3)
+    # choice 1 started after choice 0's prompt was cached: it shared its 4 full blocks
+    assert served["engine"].scheduler.prefix_hit_tokens - hits == 16
     text = bytes(want).decode("utf-8", errors="replace")
     assert [ch.message.content for ch in r.choices] == [text, text]
     assert [ch.finish_reason for ch in r.choices] == ["stop", "stop"]
@@ -196,6 +199,7 @@ def test_concurrent_streams_equal_sequential_and_no_leaked_blocks(served):
     assert 'jds_requests_total{endpoint="completions",status="200"}' in metrics
     assert "jds_time_to_first_token_seconds_count" in metrics
     assert "jds_kv_cache_usage_ratio 0.0" in metrics
+    assert "jds_prefix_cache_hit_tokens_total" in metrics
 
 
 def _raw(port, data, timeout=10):

@@ -121,6 +121,7 @@ class Scheduler:
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: dict[int, Request] = {}  # slot -> request
         self._reserved = 0  # blocks promised to running requests but not yet handed out
+        self.prefix_hit_tokens = 0  # prompt tokens found in the prefix cache (since start)
         self._ids = itertools.count()
 
     def next_id(self) -> int:
@@ -157,6 +158,7 @@ class Scheduler:
             self.allocator.share(req.rid, shared)
             req.published = len(shared)
             req.cached = len(shared) * self.allocator.block_size
+            self.prefix_hit_tokens += req.cached
         self._reserved += need
         return req
 

@@ -238,6 +238,22 @@ class _Metrics:
               ).set_function(lambda: 1 - eng.allocator.num_free / eng.allocator.capacity)
         Gauge("jds_compile_pending", "pass shapes not compiled yet", registry=r
               ).set_function(lambda: len(server.loop.pending_warm))
+        r.register(_PrefixHits(eng))
+
+
+class _PrefixHits:
+    """``jds_prefix_cache_hit_tokens_total``: prompt tokens whose K/V came from the prefix
+    cache (a counter kept by the scheduler, read at scrape time)."""
+
+    def __init__(self, engine: InferenceEngine) -> None:
+        self.engine = engine
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        yield CounterMetricFamily("jds_prefix_cache_hit_tokens", "prompt tokens whose K/V came "
+                                  "from the prefix cache",
+                                  value=self.engine.scheduler.prefix_hit_tokens)
 
 
 class CompletionServer:
