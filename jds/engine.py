@@ -35,6 +35,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jds.checkpoint.engine_io import EngineCheckpoints
 from jds.checkpoint.orbax import Checkpointer
+from jds.compression.weight_quantization import QuantizationPlan, quantization_step
+from jds.compression.weight_quantization import plan as quantization_plan
 from jds.config import Config, ConfigError
 from jds.distributed import init_distributed, peer_failure_guard
 from jds.host_env import release_free_heap
@@ -181,18 +183,27 @@ class TrainEngine(EngineCheckpoints):
         )
         self._step_cfg = step_cfg
         self._objective = base.make_objective(sp, self.loss, self.gather)
+        self.compression = self._compression_plan(module)
+        if self.compression is not None:
+            self._objective = self.compression.wrap(self._objective)
         self._train_step_fn = make_train_step(self._objective, self.loss.weight, self.tx,
                                               self.schedule, step_cfg)
         self._train_step = self._jit_train_step(self._train_step_fn)
         self._gradients_step: Callable | None = None  # compiled on first use
         self._predict: Callable | None = None
         if self.pipeline is None:
-            eval_fn = make_eval_step(base.make_objective(sp, self.loss, self.gather, train=False),
-                                     self.loss.weight, self.loss.weight_metric)
+            eval_objective = base.make_objective(sp, self.loss, self.gather, train=False)
+            if self.compression is not None:
+                eval_objective = self.compression.wrap(eval_objective)
+            eval_fn = make_eval_step(eval_objective, self.loss.weight, self.loss.weight_metric)
         else:
             pipe_eval = self.pipeline.eval_step()
             eval_fn = lambda params, frozen, model_state, batch: pipe_eval(params, batch)  # noqa: E731
-        self._eval_step = jax.jit(eval_fn, out_shardings=self._replicated)
+        def eval_at(params, frozen, model_state, batch, applied_steps):
+            with quantization_step(applied_steps):  # quantization-aware training's weights
+                return eval_fn(params, frozen, model_state, batch)
+
+        self._eval_step = jax.jit(eval_at, out_shardings=self._replicated)
         self._checkpointers: dict[str, Checkpointer] = {}
         self.client_state: dict[str, Any] = {}
         self._steps_done: int | None = None  # host copy of state.step, read when needed
@@ -462,7 +473,8 @@ class TrainEngine(EngineCheckpoints):
         placed = self.shard_batch(batch, micro_batches=micro)
         s = self.state
         with self._tracing():
-            return _to_floats(self._eval_step(s.params, s.frozen, s.model_state, placed))
+            return _to_floats(self._eval_step(s.params, s.frozen, s.model_state, placed,
+                                              s.applied_steps))
 
     def predict(self, inputs: PyTree) -> PyTree:
         """The model's outputs for ``inputs`` in evaluation mode (DeepSpeed's ``engine(x)``).
@@ -510,8 +522,9 @@ class TrainEngine(EngineCheckpoints):
         if self._gradients_step is None:
             fn = make_gradients(self._objective, self.loss.weight, self._step_cfg)
 
-            def step(params, frozen, model_state, batch):
-                g = fn(params, frozen, model_state, batch, jnp.ones((), jnp.float32))
+            def step(params, frozen, model_state, batch, applied_steps):
+                with quantization_step(applied_steps):
+                    g = fn(params, frozen, model_state, batch, jnp.ones((), jnp.float32))
                 return g.grads, g.loss_sum / jnp.where(g.weight > 0, g.weight, 1.0)
 
             self._gradients_step = jax.jit(step, out_shardings=(self.grad_shardings,
@@ -519,8 +532,13 @@ class TrainEngine(EngineCheckpoints):
         placed = self.shard_batch(batch)
         s = self.state
         with self._tracing():
-            grads, loss = self._gradients_step(s.params, s.frozen, s.model_state, placed)
+            grads, loss = self._gradients_step(s.params, s.frozen, s.model_state, placed,
+                                               s.applied_steps)
         return grads, float(loss)
+
+    def _compression_plan(self, module: nnx.Module) -> QuantizationPlan | None:
+        """The ``compression_training`` section's quantization plan (None when off)."""
+        return _compression_plan_for(self, module)
 
     def lower_train_step(self, seq_len: int | None = None, *, batch: PyTree | None = None,
                          platform: str | None = None) -> jax.stages.Lowered:
@@ -584,6 +602,24 @@ def _state_fields(include: Sequence[Any] | None) -> list[str]:
         raise ValueError(f"offload_states(include=...): unknown {bad}; choose from "
                          f"{list(OFFLOAD_STATE_TYPES)}")
     return sorted({f for n in names for f in OFFLOAD_STATE_TYPES[n]})
+
+
+def _compression_plan_for(engine: TrainEngine, module: nnx.Module) -> QuantizationPlan | None:
+    cfg = engine.config
+    if not cfg.compression_training.enabled:
+        return None
+    if cfg.lora.enabled:
+        raise ConfigError("compression_training.weight_quantization with lora: quantization-"
+                          "aware training of a frozen LoRA base is not built; use "
+                          "lora.quantize_base for QLoRA, or drop one of them")
+    if engine.pipeline is not None:
+        raise ConfigError("compression_training.weight_quantization with pipeline stages "
+                          f"(mesh.stage {engine.stages}) is not built yet; drop one of them")
+    try:
+        return quantization_plan(module, cfg.compression_training, seed=int(cfg.seed),
+                                 trainable=engine.split.params)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _prepared_model(module: nnx.Module, factory: Callable[[], nnx.Module] | None,

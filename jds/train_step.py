@@ -58,6 +58,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jds.compression.weight_quantization import quantization_step
 from jds.models.base import IGNORE_INDEX, causal_lm_loss_sum
 from jds.models.layer_drop import training_step
 from jds.partitioning.offload import OffloadedStates, streamed_update
@@ -391,7 +392,8 @@ def make_train_step(
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         scale = state.loss_scale.scale
-        with training_step(state.step):  # step-dependent layers (Progressive Layer Drop)
+        # step-dependent layers (Progressive Layer Drop) and quantization-aware weights (MoQ)
+        with training_step(state.step), quantization_step(state.applied_steps):
             g = gradients(state.params, state.frozen, state.model_state, batch, scale)
         # fp32/bf16 have no loss scale (it stays 1): dividing would copy every gradient
         grads = g.grads if cfg.loss_scale is None else jax.tree.map(lambda x: x / scale,

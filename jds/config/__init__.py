@@ -41,6 +41,7 @@ from pydantic import (
     model_validator,
 )
 
+from jds.config.compression import CompressionConfig, from_quantize_training
 from jds.config.sections import (
     OPTIMIZER_PARAMS,
     SCHEDULER_PARAMS,
@@ -82,9 +83,9 @@ NOT_IMPLEMENTED: dict[str, str] = {
     "comms_logger": "XLA inserts the collectives; read them from the compiled HLO",
     "wandb": "jds train writes TensorBoard and JSONL logs", "tensorboard": "DeepSpeed's monitor",
     "csv_monitor": "DeepSpeed's monitor", "comet": "DeepSpeed's monitor",
-    "compression_training": "compression is not in jds yet", "data_efficiency": "not in jds yet",
+    "data_efficiency": "not in jds yet",
     "curriculum_learning": "not in jds yet",
-    "eigenvalue": "not in jds yet", "quantize_training": "compression is not in jds yet",
+    "eigenvalue": "not in jds yet",
     "sparse_gradients": "JAX gradients are dense", "nebula": "jds checkpoints with Orbax",
     "amp": "use fp16 or bf16", "torch_autocast": "use fp16 or bf16", "aio": "no NVMe offload",
     "elasticity": "set the batch keys directly", "autotuning": "not in jds",
@@ -305,6 +306,9 @@ class Config(BaseModel):
         default_factory=ProgressiveLayerDropConfig, description="Progressive Layer Dropping.")
     flops_profiler: FlopsProfilerConfig = Field(
         default_factory=FlopsProfilerConfig, description="Profile the train step once.")
+    compression_training: CompressionConfig = Field(
+        default_factory=CompressionConfig, description="DeepSpeed Compression: weight "
+        "quantization-aware training (MoQ); jds.compression.")
 
     def __init__(self, **data: Any) -> None:
         try:
@@ -332,6 +336,18 @@ class Config(BaseModel):
         data, unknown, ignored, auto = dict(data), [], [], []
         if isinstance(data.get("zero_optimization"), bool):  # DeepSpeed's deprecated form
             data["zero_optimization"] = {"stage": int(data["zero_optimization"])}
+        if "quantize_training" in data:  # MoQ's own section: the weight quantization it means
+            try:
+                moq = from_quantize_training(data.pop("quantize_training"))
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+            if moq is not None:
+                if CompressionConfig.model_validate(data.get("compression_training") or {}
+                                                    ).enabled:
+                    raise ConfigError("quantize_training and compression_training."
+                                      "weight_quantization are both enabled; keep one")
+                data["compression_training"] = {**(data.get("compression_training") or {}),
+                                                 **moq}
         if "bfloat16" in data:
             old = data.pop("bfloat16")
             if "bf16" in data:
@@ -465,7 +481,8 @@ class Config(BaseModel):
             del out["activation_checkpointing"]["policy"]
         # jds's own sections, left out when off (DeepSpeed 0.19 rejects progressive_layer_drop)
         for key, section in (("lora", LoRAConfig), ("progressive_layer_drop",
-                                                    ProgressiveLayerDropConfig)):
+                                                    ProgressiveLayerDropConfig),
+                             ("compression_training", CompressionConfig)):
             if out[key] == section().model_dump(mode="json"):
                 del out[key]
         zero = out["zero_optimization"]

@@ -1,0 +1,168 @@
+"""DeepSpeed's ``compression_training`` section, and MoQ's older ``quantize_training``.
+
+The keys and defaults are DeepSpeed 0.16's (``deepspeed/compression/constants.py``).
+``weight_quantization`` is built (``jds.compression``: quantization-aware training with
+MoQ's bit schedule); the other techniques (``activation_quantization``, the pruning
+methods, ``layer_reduction``) are accepted when off and refused with an error naming the key
+when enabled, since jds does not build them yet.
+
+``quantize_training`` (MoQ's own section: ``quantize_bits``, ``quantize_schedule``,
+``quantize_groups``, ``quantize_algo``, ``fp16_mixed_quantize``, ``quantize_verbose``,
+``quantizer_kernel``, ``eigenvalue``) is read as the ``weight_quantization`` it describes,
+applied to every compressible module (``modules: ["*"]``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from jds.config.sections import Bool, Int, Num, _Section
+
+
+class MixedQuantize(_Section):
+    """``fp16_mixed_quantize``: the weight used is ``ratio * w + (1 - ratio) * q(w)``, the
+    ratio falling by ``quantize_change_ratio`` per step from 1 (reset at each bit change)."""
+
+    enabled: Bool = Field(False, description="Blend full-precision and quantized weights.")
+    quantize_change_ratio: Num = Field(0.001, gt=0, le=1, description="Ratio drop per step.")
+
+
+class WeightQuantShared(_Section):
+    """``weight_quantization.shared_parameters``."""
+
+    enabled: Bool = Field(False, description="Quantization-aware training of the weights.")
+    quantizer_kernel: Bool = Field(False, description="DeepSpeed's CUDA quantizer; XLA fuses "
+                                   "the quantizer into the step either way.")
+    schedule_offset: Int = Field(0, ge=0, description="Steps before quantization starts.")
+    quantize_groups: Int = Field(1, ge=1, description="Groups per matrix (rows split into "
+                                 "this many runs, as DeepSpeed); must divide the row count.")
+    quantize_verbose: Bool = Field(False, description="Log each bit-width change.")
+    quantization_type: Literal["symmetric", "asymmetric"] = Field("symmetric")
+    quantize_weight_in_forward: Bool = Field(
+        False, description="Quantize at target_bits in the forward pass from schedule_offset "
+        "(no bit schedule); false = MoQ (start_bits down to target_bits).")
+    rounding: Literal["nearest", "stochastic"] = Field("nearest")
+    fp16_mixed_quantize: MixedQuantize = Field(default_factory=MixedQuantize)
+
+
+class WeightQuantParams(_Section):
+    """A group's ``params``: MoQ starts at ``start_bits``, drops a bit after
+    ``quantization_period`` quantized steps, then after twice as many, ..., down to
+    ``target_bits``."""
+
+    start_bits: Int = Field(ge=1, le=32)
+    target_bits: Int = Field(ge=1, le=32)
+    quantization_period: Int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _bits(self) -> WeightQuantParams:
+        if self.target_bits > self.start_bits:
+            raise ValueError(f"target_bits ({self.target_bits}) is above start_bits "
+                             f"({self.start_bits}); MoQ lowers the bit width, so set "
+                             "target_bits <= start_bits")
+        return self
+
+
+class WeightQuantGroup(_Section):
+    """A ``different_groups`` entry: ``modules`` are regexes searched in module names
+    (DeepSpeed's ``re.search``; ``"*"`` = every compressible module)."""
+
+    params: WeightQuantParams
+    modules: list[str] = Field(default_factory=lambda: ["*"])
+    related_modules: Any = None
+
+
+class WeightQuantization(_Section):
+    shared_parameters: WeightQuantShared = Field(default_factory=WeightQuantShared)
+    different_groups: dict[str, WeightQuantGroup] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self) -> WeightQuantization:
+        s = self.shared_parameters
+        if s.enabled and not self.different_groups:
+            raise ValueError("weight_quantization is enabled but different_groups is empty; "
+                             "add a group with params (start_bits, target_bits) and modules")
+        for name, g in self.different_groups.items():
+            if g.params.target_bits <= 2 and (s.quantization_type != "symmetric"
+                                              or s.rounding != "nearest"):
+                raise ValueError(f"different_groups.{name}: target_bits "
+                                 f"{g.params.target_bits} is ternary/binary quantization, "
+                                 "which DeepSpeed defines for quantization_type 'symmetric' "
+                                 "with rounding 'nearest' only")
+        return self
+
+
+_NOT_BUILT = ("activation_quantization", "sparse_pruning", "row_pruning", "head_pruning",
+              "channel_pruning", "layer_reduction")
+
+
+class CompressionConfig(_Section):
+    """``compression_training``."""
+
+    weight_quantization: WeightQuantization = Field(default_factory=WeightQuantization)
+    activation_quantization: dict[str, Any] | None = None
+    sparse_pruning: dict[str, Any] | None = None
+    row_pruning: dict[str, Any] | None = None
+    head_pruning: dict[str, Any] | None = None
+    channel_pruning: dict[str, Any] | None = None
+    layer_reduction: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _built(self) -> CompressionConfig:
+        for key in _NOT_BUILT:
+            section = getattr(self, key) or {}
+            enabled = section.get("enabled", False) if key == "layer_reduction" else (
+                section.get("shared_parameters", {}).get("enabled", False))
+            if enabled:
+                raise ValueError(f"compression_training.{key} is not built in jds yet (weight "
+                                 "quantization is); set its enabled false")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.weight_quantization.shared_parameters.enabled
+
+
+def from_quantize_training(section: dict[str, Any]) -> dict[str, Any] | None:
+    """MoQ's ``quantize_training`` section as the ``compression_training`` it means, or
+    None when it is off. Raises ValueError naming a key jds does not take."""
+    if not isinstance(section, dict):
+        raise ValueError("quantize_training must be a JSON object")
+    if not section.get("enabled", False):
+        return None
+    known = {"enabled", "quantize_bits", "quantize_schedule", "quantize_groups", "quantize_algo",
+             "fp16_mixed_quantize", "quantize_verbose", "quantizer_kernel", "eigenvalue"}
+    unknown = sorted(set(section) - known)
+    if unknown:
+        raise ValueError(f"quantize_training.{unknown[0]} is not a MoQ key; the keys are "
+                         f"{', '.join(sorted(known))}")
+    if (section.get("eigenvalue") or {}).get("enabled", False):
+        raise ValueError("quantize_training.eigenvalue is not built in jds (DeepSpeed 0.16 "
+                         "disables it too: 'Eigenvalue based MoQ is temporarily disabled'); "
+                         "set its enabled false")
+    bits = section.get("quantize_bits", {})
+    sched = section.get("quantize_schedule", {})
+    algo = section.get("quantize_algo", {})
+    mixed = section.get("fp16_mixed_quantize", {})
+    q_type = algo.get("q_type", "symmetric")
+    return {"weight_quantization": {
+        "shared_parameters": {
+            "enabled": True, "quantizer_kernel": section.get("quantizer_kernel", False),
+            "schedule_offset": sched.get("schedule_offset", 0),
+            "quantize_groups": section.get("quantize_groups", 1),
+            "quantize_verbose": section.get("quantize_verbose", False),
+            "quantization_type": q_type,
+            "rounding": algo.get("rounding", "nearest"),
+            "fp16_mixed_quantize": {
+                "enabled": mixed.get("enabled", False),
+                "quantize_change_ratio": mixed.get("quantize_change_ratio", 0.001)}},
+        "different_groups": {"moq": {
+            "params": {"start_bits": bits.get("start_bits", 16),
+                       "target_bits": bits.get("target_bits", 8),
+                       "quantization_period": sched.get("quantize_period", 1)},
+            "modules": ["*"]}}}}
+
+
+__all__ = ["CompressionConfig", "WeightQuantShared", "from_quantize_training"]

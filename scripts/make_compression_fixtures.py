@@ -1,0 +1,274 @@
+"""Write tests/fixtures/ds_compression.json from DeepSpeed's own compression code.
+
+    python scripts/make_compression_fixtures.py [--deepspeed-src DIR] [--out tests/fixtures]
+
+DeepSpeed 0.19 (the test extra's version) no longer ships its compression library
+(``deepspeed/compression``) or MoQ's ``deepspeed/runtime/quantize.py``; 0.16.0 does. The
+script takes them from a DeepSpeed 0.16.0 source tree (``--deepspeed-src``, or downloads the
+sdist with ``pip download deepspeed==0.16.0 --no-binary :all:``), loads them as they are
+(the compression package under the name ``deepspeed.compression_old``, so its relative
+imports reach the installed DeepSpeed's ``runtime`` and ``utils``), and records:
+
+* ``quantizers``: ``SymQuantizer``, ``AsymQuantizer``, ``TernaryQuantizer``,
+  ``BinaryQuantizer`` (``compression/utils.py``) and MoQ's ``Quantizer.quantize_highbit``
+  with nearest rounding, on fixed fp32 tensors, per bit width and group count; the static
+  (min, max) activation form; ``TopKBinarizer`` masks.
+* ``training``: a two-layer MLP trained with MoQ (AdamW on an fp32 master, the weights
+  quantized after each step as above): its initial weights, data and losses.
+* ``schedules``: MoQ driven as DeepSpeed 0.16.0's engine drives it. ``init_compression``
+  sets each weight's ``start_bits`` / ``target_bits`` / ``q_period``; the engine's first
+  ``forward`` calls ``compression_scheduler.step(step_zero_check=True)`` and, once weight
+  quantization is enabled, ``Quantizer.quantize``; every ``_take_model_step`` runs the
+  optimizer, then ``quantize`` (if enabled), then ``compression_scheduler.step()``. The
+  optimizer writes the fp32 master back into the 16-bit weights before ``quantize`` (here:
+  the master is held fixed and copied back), so each record is the weight the forward pass
+  of global step ``t`` sees, with its bit width and ``quantize_real_ratio``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+STEPS = 24
+SCHEDULES = [  # (name, shared parameters, start_bits, target_bits, quantization_period)
+    ("sym_8_to_4", dict(schedule_offset=0, quantize_groups=1), 8, 4, 3),
+    ("asym_12_to_8_offset", dict(schedule_offset=4, quantize_groups=4,
+                                 quantization_type="asymmetric"), 12, 8, 2),
+    ("fixed_8", dict(schedule_offset=2, quantize_groups=2), 8, 8, 5),
+    ("mixed_6_to_3", dict(schedule_offset=0, quantize_groups=2,
+                          fp16_mixed_quantize={"enabled": True, "quantize_change_ratio": 0.1}),
+     6, 3, 2),
+    ("ternary", dict(schedule_offset=1, quantize_groups=1), 4, 2, 2),
+    ("binary", dict(schedule_offset=0, quantize_groups=8), 3, 1, 1),
+]
+
+
+def _source(src: str | None) -> Path:
+    if src:
+        return Path(src)
+    tmp = Path(tempfile.mkdtemp())
+    subprocess.run([sys.executable, "-m", "pip", "download", "deepspeed==0.16.0", "--no-deps",
+                    "--no-binary", ":all:", "-d", str(tmp), "-q"], check=True)
+    with tarfile.open(next(tmp.glob("deepspeed-0.16.0.tar.gz"))) as tar:
+        members = [m for m in tar.getmembers() if m.name.startswith(
+            ("deepspeed-0.16.0/deepspeed/compression/",
+             "deepspeed-0.16.0/deepspeed/runtime/quantize.py"))]
+        tar.extractall(tmp, members=members, filter="data")
+    return tmp / "deepspeed-0.16.0"
+
+
+def _load(root: Path):
+    import deepspeed.ops.quantizer as ops_quantizer
+
+    if not hasattr(ops_quantizer, "ds_quantizer"):  # 0.16's quantize.py imports it (unused)
+        ops_quantizer.ds_quantizer = None
+    comp = root / "deepspeed" / "compression"
+    spec = importlib.util.spec_from_file_location(
+        "deepspeed.compression_old", comp / "__init__.py", submodule_search_locations=[str(comp)])
+    pkg = importlib.util.module_from_spec(spec)
+    sys.modules["deepspeed.compression_old"] = pkg
+    spec.loader.exec_module(pkg)
+    spec = importlib.util.spec_from_file_location("ds_runtime_quantize",
+                                                  root / "deepspeed" / "runtime" / "quantize.py")
+    rq = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rq)
+    return rq
+
+
+def _quantizers(x: np.ndarray) -> list[dict]:
+    import torch
+
+    from deepspeed.compression_old import utils as u
+
+    t = torch.tensor(x)
+    out = []
+    for fn, bits_list in ((u.SymQuantizer, (8, 4, 3)), (u.AsymQuantizer, (8, 4, 3)),
+                          (u.TernaryQuantizer, (2,)), (u.BinaryQuantizer, (1,))):
+        for bits in bits_list:
+            for groups in (1, 4, 8, 24):
+                y = fn.apply(t.clone(), bits, None, None, groups)
+                out.append({"fn": fn.__name__, "bits": bits, "groups": groups,
+                            "out": y.numpy().tolist()})
+    lo, hi = torch.tensor(-1.5), torch.tensor(0.9)
+    for fn in (u.SymQuantizer, u.AsymQuantizer):  # static activation ranges
+        y = fn.apply(t.clone(), 8, lo, hi, 1)
+        out.append({"fn": fn.__name__, "bits": 8, "groups": 1, "min": -1.5, "max": 0.9,
+                    "out": y.numpy().tolist()})
+    for ratio in (0.5, 0.25, 0.9):
+        mask = u.TopKBinarizer.apply(t.abs(), ratio, False)
+        out.append({"fn": "TopKBinarizer", "ratio": ratio, "out": mask.numpy().tolist()})
+    return out
+
+
+def _highbit(rq, x: np.ndarray) -> list[dict]:
+    import torch
+
+    out = []
+    for q_type in ("symmetric", "asymmetric"):
+        for bits in (8, 5, 3):
+            for groups in (1, 4, 8):
+                q = rq.Quantizer(q_groups=groups, q_type=q_type, q_rounding="nearest")
+                y = q.quantize_highbit(torch.tensor(x), bits)
+                out.append({"fn": "quantize_highbit", "type": q_type, "bits": bits,
+                            "groups": groups, "out": y.numpy().tolist()})
+    return out
+
+
+def _schedule(rq, x: np.ndarray, shared: dict, start: int, target: int, period: int) -> dict:
+    import torch
+
+    from deepspeed.compression_old.compress import init_compression
+    from deepspeed.compression_old.scheduler import compression_scheduler
+
+    model = torch.nn.Sequential(torch.nn.Linear(x.shape[1], x.shape[0], bias=False))
+    master = torch.tensor(x)
+    model[0].weight.data.copy_(master)
+    config = {"compression_training": {"weight_quantization": {
+        "shared_parameters": {"enabled": True, "quantize_weight_in_forward": False,
+                              **shared},
+        "different_groups": {"wq1": {"params": {"start_bits": start, "target_bits": target,
+                                                "quantization_period": period},
+                                     "modules": ["0"]}}}}}
+    init_compression(model, config)
+    sched = compression_scheduler(model, get_compression_config_of(config))
+    mixed = shared.get("fp16_mixed_quantize", {})
+    quantizer = rq.Quantizer(q_groups=shared.get("quantize_groups", 1),
+                             q_mixed_fp16=mixed.get("enabled", False),
+                             q_change_ratio=mixed.get("quantize_change_ratio", 0.001),
+                             q_type=shared.get("quantization_type", "symmetric"),
+                             q_rounding="nearest")
+    weight = model[0].weight
+    groups = [[weight]]
+
+    def quantize():  # the optimizer copied the master into the 16-bit weight first
+        weight.data.copy_(master)
+        quantizer.quantize(groups, False, False, None)
+
+    records = []
+    for step in range(STEPS):
+        if step == 0:  # engine.forward at global step 0
+            sched.step(step_zero_check=True)
+            if sched.weight_quantization_enabled:
+                quantize()
+        records.append({"step": step, "quantized": quantizer.qsteps > 0,
+                        "bits": int(weight.start_bits), "qsteps": quantizer.qsteps,
+                        "ratio": quantizer.quantize_real_ratio,
+                        "weight": weight.data.numpy().tolist()})
+        # engine._take_model_step: optimizer.step(), quantize, compression_scheduler.step()
+        weight.data.copy_(master)
+        if sched.weight_quantization_enabled:
+            quantize()
+        sched.step()
+    return {"start_bits": start, "target_bits": target, "quantization_period": period,
+            **{k: v for k, v in shared.items()}, "records": records}
+
+
+TRAIN_STEPS = 8
+TRAININGS = [  # (name, shared parameters, start_bits, target_bits, quantization_period)
+    ("moq_8_to_4", dict(schedule_offset=0, quantize_groups=4), 8, 4, 2),
+    ("moq_asym_mixed_offset", dict(schedule_offset=2, quantize_groups=2,
+                                   quantization_type="asymmetric",
+                                   fp16_mixed_quantize={"enabled": True,
+                                                        "quantize_change_ratio": 0.25}),
+     6, 4, 1),
+]
+
+
+def _training(rq, shared: dict, start: int, target: int, period: int) -> dict:
+    """A two-layer MLP trained with MoQ as DeepSpeed 0.16's engine runs it, in fp32: the
+    optimizer (AdamW) updates the fp32 master, the master is copied into the model's weights,
+    ``Quantizer.quantize`` quantizes them, the next forward/backward runs on them."""
+    import torch
+
+    from deepspeed.compression_old.compress import init_compression
+    from deepspeed.compression_old.scheduler import compression_scheduler
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    init = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    config = {"compression_training": {"weight_quantization": {
+        "shared_parameters": {"enabled": True, "quantize_weight_in_forward": False, **shared},
+        "different_groups": {"wq1": {"params": {"start_bits": start, "target_bits": target,
+                                                "quantization_period": period},
+                                     "modules": ["0", "2"]}}}}}
+    init_compression(model, config)
+    sched = compression_scheduler(model, get_compression_config_of(config))
+    mixed = shared.get("fp16_mixed_quantize", {})
+    quantizer = rq.Quantizer(q_groups=shared.get("quantize_groups", 1),
+                             q_mixed_fp16=mixed.get("enabled", False),
+                             q_change_ratio=mixed.get("quantize_change_ratio", 0.001),
+                             q_type=shared.get("quantization_type", "symmetric"),
+                             q_rounding="nearest")
+    params = list(model.parameters())
+    master = [p.detach().clone().requires_grad_(True) for p in params]
+    opt = torch.optim.AdamW(master, lr=0.05, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+
+    def quantize():
+        with torch.no_grad():
+            for p, m in zip(params, master):
+                p.copy_(m)
+        quantizer.quantize([params], False, False, None)
+
+    rng = np.random.default_rng(1)
+    data = [(rng.normal(size=(8, 12)).astype(np.float32),
+             rng.normal(size=(8, 4)).astype(np.float32)) for _ in range(TRAIN_STEPS)]
+    losses = []
+    for step, (x, y) in enumerate(data):
+        if step == 0:
+            sched.step(step_zero_check=True)
+            if sched.weight_quantization_enabled:
+                quantize()
+        loss = torch.nn.functional.mse_loss(model(torch.tensor(x)), torch.tensor(y))
+        model.zero_grad()
+        loss.backward()
+        for p, m in zip(params, master):
+            m.grad = p.grad.clone()
+        opt.step()
+        with torch.no_grad():
+            for p, m in zip(params, master):
+                p.copy_(m)
+        if sched.weight_quantization_enabled:
+            quantize()
+        sched.step()
+        losses.append(float(loss))
+    return {"start_bits": start, "target_bits": target, "quantization_period": period,
+            **shared, "init": {k: v.numpy().tolist() for k, v in init.items()},
+            "data": [(x.tolist(), y.tolist()) for x, y in data], "losses": losses}
+
+
+def get_compression_config_of(config: dict) -> dict:
+    from deepspeed.compression_old.config import get_compression_config
+
+    return get_compression_config(json.loads(json.dumps(config)))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--deepspeed-src", help="a DeepSpeed 0.16.0 source tree (default: download)")
+    p.add_argument("--out", default="tests/fixtures")
+    args = p.parse_args()
+    rq = _load(_source(args.deepspeed_src))
+    x = np.random.default_rng(0).normal(size=(8, 12)).astype(np.float32)
+    x[0, 0] = 3.0  # an outlier, so group ranges differ
+    fixture = {"source": "DeepSpeed 0.16.0 deepspeed/compression + deepspeed/runtime/quantize.py",
+               "input": x.tolist(), "quantizers": _quantizers(x) + _highbit(rq, x),
+               "schedules": {name: _schedule(rq, x, shared, s, t, per)
+                             for name, shared, s, t, per in SCHEDULES},
+               "training": {name: _training(rq, shared, s, t, per)
+                            for name, shared, s, t, per in TRAININGS}}
+    out = Path(args.out) / "ds_compression.json"
+    out.write_text(json.dumps(fixture))
+    print(f"wrote {out} ({out.stat().st_size // 1024} KiB)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""DeepSpeed Compression in jds: weight quantization-aware training (MoQ).
+
+The fixtures come from DeepSpeed 0.16.0's own compression code
+(scripts/make_compression_fixtures.py): its quantizer functions on fixed tensors, MoQ's bit
+schedule as its engine drives it, and a small MLP trained with MoQ.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jds
+from jds.compression import quantizers as q
+from jds.compression.weight_quantization import (
+    Assignment,
+    MoQSchedule,
+    QuantizationPlan,
+    Target,
+    targets,
+)
+from jds.config import ConfigError
+
+FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "ds_compression.json").read_text())
+
+
+def _wq(groups=None, **shared):
+    return {"compression_training": {"weight_quantization": {
+        "shared_parameters": {"enabled": True, **shared},
+        "different_groups": groups or {"wq1": {"params": {"start_bits": 8, "target_bits": 4,
+                                                          "quantization_period": 2},
+                                               "modules": ["*"]}}}}}
+
+
+def test_quantizers_match_deepspeed():
+    """Symmetric / asymmetric (per group, static range), ternary, binary, MoQ's high-bit
+    quantizer and the top-k mask equal DeepSpeed's on the same tensors."""
+    x = np.asarray(FIXTURE["input"], np.float32)
+    for case in FIXTURE["quantizers"]:
+        fn, bits, groups = case["fn"], case.get("bits"), case.get("groups")
+        rng = ({"min_value": jnp.float32(case["min"]), "max_value": jnp.float32(case["max"])}
+               if "min" in case else {})
+        got = {"SymQuantizer": lambda: q.symmetric(x, bits, groups, **rng),
+               "AsymQuantizer": lambda: q.asymmetric(x, bits, groups, **rng),
+               "TernaryQuantizer": lambda: q.ternary(x, groups),
+               "BinaryQuantizer": lambda: q.binary(x, groups),
+               "TopKBinarizer": lambda: q.topk_mask(jnp.abs(x), case["ratio"]),
+               "quantize_highbit": lambda: q.quantize(x, bits, groups, case.get("type")),
+               }[fn]()
+        np.testing.assert_allclose(np.asarray(got), np.asarray(case["out"], np.float32),
+                                   atol=1e-6, err_msg=str({k: case.get(k) for k in
+                                                           ("fn", "bits", "groups", "type")}))
+    assert len(FIXTURE["quantizers"]) == 55
+
+
+def test_moq_schedule_steps_when_deepspeeds_does():
+    """For six schedules (offsets, periods, 12 -> 8 bits down to binary, fp16_mixed_quantize),
+    the weight each forward pass sees equals DeepSpeed's, step by step (jds's [in, out]
+    layout grouped by output channels = DeepSpeed's row groups)."""
+    x = np.asarray(FIXTURE["input"], np.float32)
+    target = Target(("w",), (("w",),), "linear", 1, False)
+    for name, s in FIXTURE["schedules"].items():
+        mixed = s.get("fp16_mixed_quantize", {})
+        schedule = MoQSchedule(s["start_bits"], s["target_bits"], s["quantization_period"],
+                               s["schedule_offset"], False,
+                               mixed["quantize_change_ratio"] if mixed.get("enabled") else None)
+        plan = QuantizationPlan((Assignment(target, schedule, "g", None),),
+                                s["quantize_groups"], s.get("quantization_type", "symmetric"),
+                                False, 0)
+        apply = jax.jit(lambda w, t, plan=plan: plan.apply({"w": w}, t)["w"])
+        for r in s["records"]:
+            quantized, bits, _ = schedule(r["step"])
+            assert bool(quantized) == r["quantized"], (name, r["step"])
+            if r["quantized"]:
+                assert int(bits) == r["bits"], (name, r["step"])
+            if r["ratio"] < 0:  # DeepSpeed's repeated subtraction went below 0 (jds clips)
+                continue
+            got = np.asarray(apply(jnp.asarray(x.T), jnp.int32(r["step"]))).T
+            np.testing.assert_allclose(got, np.asarray(r["weight"], np.float32), atol=1e-6,
+                                       err_msg=f"{name} step {r['step']}")
+
+
+class MLP(nnx.Module):
+    """A user's own model: two ``nnx.Linear`` layers."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.fc1 = nnx.Linear(12, 16, rngs=rngs)
+        self.fc2 = nnx.Linear(16, 4, rngs=rngs)
+
+    def __call__(self, x):
+        return self.fc2(jax.nn.relu(self.fc1(x)))
+
+
+def _mse(model, batch):
+    return jnp.mean((model(batch["x"]) - batch["y"]) ** 2)
+
+
+@pytest.mark.parametrize("name", sorted(FIXTURE["training"]))
+def test_moq_training_of_a_users_model_matches_deepspeed(name):
+    """A user's NNX MLP trained with MoQ (AdamW, fp32) gives DeepSpeed's losses: the same
+    quantized weights in every forward pass, their gradients applied to the fp32 weights."""
+    fx = FIXTURE["training"][name]
+    model = MLP(nnx.Rngs(0))
+    init = {k: np.asarray(v, np.float32) for k, v in fx["init"].items()}
+    model.fc1.kernel.set_value(jnp.asarray(init["0.weight"].T))
+    model.fc1.bias.set_value(jnp.asarray(init["0.bias"]))
+    model.fc2.kernel.set_value(jnp.asarray(init["2.weight"].T))
+    model.fc2.bias.set_value(jnp.asarray(init["2.bias"]))
+    shared = {k: v for k, v in fx.items() if k in (
+        "schedule_offset", "quantize_groups", "quantization_type", "fp16_mixed_quantize")}
+    config = {"train_batch_size": 8, "gradient_clipping": 0.0,
+              "optimizer": {"type": "AdamW", "params": {"lr": 0.05, "betas": [0.9, 0.999],
+                                                        "eps": 1e-8, "weight_decay": 0.01}},
+              **_wq({"wq1": {"params": {"start_bits": fx["start_bits"],
+                                        "target_bits": fx["target_bits"],
+                                        "quantization_period": fx["quantization_period"]},
+                             "modules": ["fc"]}}, **shared)}
+    engine = jds.initialize(model, config, loss_fn=_mse, devices=jax.devices()[:1])
+    assert {a.target.path for a in engine.compression.assignments} == {("fc1", "kernel"),
+                                                                       ("fc2", "kernel")}
+    losses = [engine.train_batch({"x": np.asarray(x, np.float32),
+                                  "y": np.asarray(y, np.float32)})["loss"]
+              for x, y in fx["data"]]
+    np.testing.assert_allclose(losses, fx["losses"], rtol=2e-5, atol=2e-6)
+
+
+def test_llama_targets_by_hugging_face_and_jds_names_and_bad_configs():
+    """jds's Llama: DeepSpeed-style patterns over Hugging Face module names select matrices
+    (some layers only, too); patterns matching nothing, overlapping groups, groups that do
+    not divide the channels and out-of-range keys are errors naming the key."""
+    model = jds.models.build("llama-tiny")
+    names = {n for t in targets(model) for layer in t.names for n in layer}
+    assert {"model.layers.0.self_attn.q_proj", "layers.3.w_down", "model.embed_tokens",
+            "lm_head"} <= names
+    groups = {"attn": {"params": {"start_bits": 8, "target_bits": 8}, "modules":
+                       [r"layers\.[01]\.self_attn\.(q|k)_proj"]},
+              "mlp": {"params": {"start_bits": 8, "target_bits": 4}, "modules": ["mlp"]}}
+    engine = jds.initialize(model, {"train_micro_batch_size_per_gpu": 1, **_wq(groups)},
+                            devices=jax.devices()[:1])
+    got = {a.target.path: a.layers for a in engine.compression.assignments}
+    assert got[("layers", "wq")] == (True, True, False, False)
+    assert set(got) == {("layers", n) for n in ("wq", "wk", "w_gate", "w_up", "w_down")}
+
+    def refused(config, match):
+        with pytest.raises(ConfigError, match=match):
+            jds.initialize(model, {"train_micro_batch_size_per_gpu": 1, **config},
+                           devices=jax.devices()[:1])
+
+    refused(_wq({"g": {"params": {"start_bits": 8, "target_bits": 4},
+                       "modules": ["attention.self"]}}), "matches no compressible module")
+    refused(_wq({"a": {"params": {"start_bits": 8, "target_bits": 4}, "modules": ["q_proj"]},
+                 "b": {"params": {"start_bits": 8, "target_bits": 4},
+                       "modules": ["self_attn"]}}), "groups 'a' and 'b'")
+    refused(_wq(quantize_groups=3), "quantize_groups=3 does not divide")
+    refused(_wq({"g": {"params": {"start_bits": 4, "target_bits": 8}}}),
+            "target_bits .8. is above start_bits")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # MoQ's own section is read, not ignored
+        moq = jds.config.Config.load({"quantize_training": {
+            "enabled": True, "quantize_bits": {"start_bits": 12, "target_bits": 8},
+            "quantize_schedule": {"quantize_period": 50, "schedule_offset": 10},
+            "quantize_groups": 8}})
+    wq = moq.compression_training.weight_quantization
+    assert wq.shared_parameters.schedule_offset == 10 and wq.shared_parameters.quantize_groups == 8
+    assert wq.different_groups["moq"].params.quantization_period == 50
