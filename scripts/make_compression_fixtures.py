@@ -86,7 +86,6 @@ def _load(root: Path):
 
 def _quantizers(x: np.ndarray) -> list[dict]:
     import torch
-
     from deepspeed.compression_old import utils as u
 
     t = torch.tensor(x)
@@ -125,7 +124,6 @@ def _highbit(rq, x: np.ndarray) -> list[dict]:
 
 def _schedule(rq, x: np.ndarray, shared: dict, start: int, target: int, period: int) -> dict:
     import torch
-
     from deepspeed.compression_old.compress import init_compression
     from deepspeed.compression_old.scheduler import compression_scheduler
 
@@ -188,7 +186,6 @@ def _training(rq, shared: dict, start: int, target: int, period: int) -> dict:
     optimizer (AdamW) updates the fp32 master, the master is copied into the model's weights,
     ``Quantizer.quantize`` quantizes them, the next forward/backward runs on them."""
     import torch
-
     from deepspeed.compression_old.compress import init_compression
     from deepspeed.compression_old.scheduler import compression_scheduler
 
@@ -214,7 +211,7 @@ def _training(rq, shared: dict, start: int, target: int, period: int) -> dict:
 
     def quantize():
         with torch.no_grad():
-            for p, m in zip(params, master):
+            for p, m in zip(params, master, strict=True):
                 p.copy_(m)
         quantizer.quantize([params], False, False, None)
 
@@ -230,11 +227,11 @@ def _training(rq, shared: dict, start: int, target: int, period: int) -> dict:
         loss = torch.nn.functional.mse_loss(model(torch.tensor(x)), torch.tensor(y))
         model.zero_grad()
         loss.backward()
-        for p, m in zip(params, master):
+        for p, m in zip(params, master, strict=True):
             m.grad = p.grad.clone()
         opt.step()
         with torch.no_grad():
-            for p, m in zip(params, master):
+            for p, m in zip(params, master, strict=True):
                 p.copy_(m)
         if sched.weight_quantization_enabled:
             quantize()

@@ -39,21 +39,29 @@ def _wq(groups=None, **shared):
                                                "modules": ["*"]}}}}}
 
 
+def _run_quantizer(x: np.ndarray, case: dict) -> jax.Array:
+    fn, bits, groups = case["fn"], case.get("bits"), case.get("groups")
+    rng = ({"min_value": jnp.float32(case["min"]), "max_value": jnp.float32(case["max"])}
+           if "min" in case else {})
+    if fn == "SymQuantizer":
+        return q.symmetric(x, bits, groups, **rng)
+    if fn == "AsymQuantizer":
+        return q.asymmetric(x, bits, groups, **rng)
+    if fn == "TernaryQuantizer":
+        return q.ternary(x, groups)
+    if fn == "BinaryQuantizer":
+        return q.binary(x, groups)
+    if fn == "TopKBinarizer":
+        return q.topk_mask(jnp.abs(x), case["ratio"])
+    return q.quantize(x, bits, groups, case["type"])  # MoQ's quantize_highbit
+
+
 def test_quantizers_match_deepspeed():
     """Symmetric / asymmetric (per group, static range), ternary, binary, MoQ's high-bit
     quantizer and the top-k mask equal DeepSpeed's on the same tensors."""
     x = np.asarray(FIXTURE["input"], np.float32)
     for case in FIXTURE["quantizers"]:
-        fn, bits, groups = case["fn"], case.get("bits"), case.get("groups")
-        rng = ({"min_value": jnp.float32(case["min"]), "max_value": jnp.float32(case["max"])}
-               if "min" in case else {})
-        got = {"SymQuantizer": lambda: q.symmetric(x, bits, groups, **rng),
-               "AsymQuantizer": lambda: q.asymmetric(x, bits, groups, **rng),
-               "TernaryQuantizer": lambda: q.ternary(x, groups),
-               "BinaryQuantizer": lambda: q.binary(x, groups),
-               "TopKBinarizer": lambda: q.topk_mask(jnp.abs(x), case["ratio"]),
-               "quantize_highbit": lambda: q.quantize(x, bits, groups, case.get("type")),
-               }[fn]()
+        got = _run_quantizer(x, case)
         np.testing.assert_allclose(np.asarray(got), np.asarray(case["out"], np.float32),
                                    atol=1e-6, err_msg=str({k: case.get(k) for k in
                                                            ("fn", "bits", "groups", "type")}))
