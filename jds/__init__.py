@@ -27,6 +27,7 @@ _LAZY = {
     "init_distributed": ("jds.distributed", "init_distributed"),
     "models": ("jds.models", None),
     "lora": ("jds.lora", None),
+    "compression": ("jds.compression", None),
 }
 
 
@@ -49,6 +50,7 @@ __all__ = [
     "ConfigError",
     "TrainEngine",
     "__version__",
+    "compression",
     "init_distributed",
     "init_inference",
     "initialize",

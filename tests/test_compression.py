@@ -138,6 +138,53 @@ def test_moq_training_of_a_users_model_matches_deepspeed(name):
               for x, y in fx["data"]]
     np.testing.assert_allclose(losses, fx["losses"], rtol=2e-5, atol=2e-6)
 
+    # redundancy_clean: the weights at the target bits (DeepSpeed's groups), model unchanged
+    trained = engine.model
+    before = np.asarray(trained.fc1.kernel.get_value())
+    clean = jds.compression.redundancy_clean(trained, config)
+    np.testing.assert_array_equal(np.asarray(trained.fc1.kernel.get_value()), before)
+    groups = fx["quantize_groups"]
+    for w in (clean.fc1.kernel.get_value(), clean.fc2.kernel.get_value()):
+        w = np.asarray(w)
+        for g in np.split(w, groups, axis=1):  # [in, out]: runs of output channels
+            assert len(np.unique(g)) <= 2 ** fx["target_bits"]
+    np.testing.assert_array_equal(np.asarray(clean.fc1.bias.get_value()),
+                                  np.asarray(trained.fc1.bias.get_value()))
+    assert jds.compression.init_compression(model, config) is model
+
+
+@pytest.mark.parametrize("layout", [
+    {"zero_optimization": {"stage": 3}, "mesh": {"fsdp": 8}},
+    pytest.param({"zero_optimization": {"stage": 1}, "mesh": {"data": 4, "tensor": 2}},
+                 marks=pytest.mark.slow)])
+def test_moq_on_llama_under_zero3_and_tensor_parallel_equals_one_device(layout):
+    """Quantization-aware training of a Llama (MoQ 8 -> 4 bits on the attention and MLP
+    matrices, stochastic rounding, per-group scales) gives the single-device losses when
+    ZeRO-3 shards the weights (or tensor parallelism splits them)."""
+    model = jds.models.build("llama-tiny", hidden_size=64, intermediate_size=128,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    config = {"train_batch_size": 8, "optimizer": {"type": "AdamW", "params": {"lr": 3e-3}},
+              **_wq({"wq1": {"params": {"start_bits": 8, "target_bits": 4,
+                                        "quantization_period": 1},
+                             "modules": ["self_attn", "mlp"]}}, quantize_groups=2,
+                    rounding="stochastic")}
+    rng = np.random.default_rng(0)
+    batches = [{"input_ids": rng.integers(0, 256, (8, 32))} for _ in range(3)]
+
+    def losses(cfg, devices):
+        engine = jds.initialize(model, cfg, devices=devices)
+        return engine, [engine.train_batch(b)["loss"] for b in batches] + [
+            engine.eval_batch(batches[0])["loss"]]
+
+    engine, one = losses(config, jax.devices()[:1])
+    _, many = losses({**config, **layout}, jax.devices())
+    np.testing.assert_allclose(many, one, rtol=2e-5)
+    # the evaluation saw the quantized weights: not the full-precision model's loss
+    ids = jnp.asarray(batches[0]["input_ids"])
+    logits = engine.model(ids[:, :-1]).astype(jnp.float32)
+    full = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), ids[:, 1:, None], -1))
+    assert 1e-5 < abs(float(full) - one[-1]) < 0.05, (float(full), one[-1])
+
 
 def test_llama_targets_by_hugging_face_and_jds_names_and_bad_configs():
     """jds's Llama: DeepSpeed-style patterns over Hugging Face module names select matrices
