@@ -225,3 +225,41 @@ def test_llama_targets_by_hugging_face_and_jds_names_and_bad_configs():
     wq = moq.compression_training.weight_quantization
     assert wq.shared_parameters.schedule_offset == 10 and wq.shared_parameters.quantize_groups == 8
     assert wq.different_groups["moq"].params.quantization_period == 50
+
+
+def test_a_quantization_aware_checkpoint_serves_in_int8_with_its_own_scales(tmp_path):
+    """The bridge to serving: ``init_inference(run_folder, {"dtype": "int8"})`` (what ``jds
+    serve RUN --dtype int8`` calls) stores the trained matrices as the codes and scales of
+    the quantizer they were trained with: dequantized, they equal ``redundancy_clean``'s
+    weights exactly (no second quantization); matrices the run did not quantize are int8
+    per channel as before. A quantization the int8 kernels cannot hold is refused."""
+    model = jds.models.build("llama-tiny", num_hidden_layers=2, max_position_embeddings=64)
+    config = {"train_batch_size": 4, **_wq({"g": {"params": {"start_bits": 8, "target_bits": 6},
+                                                  "modules": ["self_attn", r"layers\.0\.mlp"]}},
+                                            quantize_groups=2, quantize_weight_in_forward=True)}
+    engine = jds.initialize(model, config, devices=jax.devices()[:1])
+    rng = np.random.default_rng(0)
+    for _ in range(2):
+        engine.train_batch({"input_ids": rng.integers(0, 256, (4, 32))})
+    engine.save_checkpoint(tmp_path / "checkpoints")
+    clean = jds.compression.redundancy_clean(engine.model, config)
+    engine.close()
+
+    served = jds.init_inference(str(tmp_path), {"dtype": "int8", "max_tokens": 64,
+                                                "max_seqs": 2})
+    assert served.qat is not None
+    for name in ("wq", "wo", "w_up"):
+        qw = served.params["layers"][name]
+        deq = np.asarray(qw.q, np.float32) * np.asarray(qw.scale)[
+            (slice(None),) + (None,) * qw.n_in]
+        want = np.asarray(getattr(clean.layers, name).get_value())
+        trained = (0, 1) if name != "w_up" else (0,)  # the group took layer 0's MLP only
+        for layer in trained:
+            np.testing.assert_array_equal(deq[layer], want[layer], err_msg=name)
+            assert len(np.unique(np.asarray(qw.q[layer]))) <= 2 ** 6  # 6-bit codes
+    assert len(served.generate([[1, 2, 3]], 4)[0]) == 4
+    with pytest.raises(ConfigError, match="asymmetric 8-bit"):
+        jds.init_inference(model, {"dtype": "int8", **_wq(quantization_type="asymmetric",
+                                                          groups={"g": {"params": {
+                                                              "start_bits": 8,
+                                                              "target_bits": 8}}})})

@@ -272,6 +272,52 @@ class QuantizationPlan:
             for a in self.assignments))
         return done.apply(params, jnp.int32(0))
 
+    def check_int8(self) -> None:
+        """Raise ValueError when a targeted weight's quantization is not one the symmetric
+        int8 kernels hold exactly (``int8_codes``)."""
+        for a in self.assignments:
+            bits = a.schedule.target_bits
+            if self.kind != "symmetric" or not 3 <= bits <= 8:
+                raise ValueError(
+                    f"{'.'.join(map(str, a.target.path))} was trained with {self.kind} "
+                    f"{bits}-bit quantization; the int8 kernels hold symmetric 3- to 8-bit "
+                    "codes exactly. Serve it in bfloat16 (its quantized values: "
+                    "jds.compression.redundancy_clean), or train with quantization_type "
+                    "'symmetric' and target_bits <= 8")
+
+    def int8_codes(self, path: tuple, w: jax.Array, n_in: int
+                   ) -> tuple[jax.Array, jax.Array, jax.Array] | None:
+        """The int8 form of a stacked weight ``w`` (``[layers, *in, *out]``) at its target
+        bits, with the scales its quantizer computes (no second quantization): ``(codes,
+        per-output-channel scales [layers, *out], per-layer mask)``, or None when the plan
+        does not quantize ``path``. ``codes * scales`` equals what ``final`` writes.
+
+        Raises:
+          ValueError: a quantization the symmetric int8 kernels cannot hold exactly
+            (asymmetric, more than 8 bits, ternary or binary).
+        """
+        a = next((x for x in self.assignments if x.target.path == path), None)
+        if a is None:
+            return None
+        self.check_int8()
+        groups, half = self.groups, 2 ** (a.schedule.target_bits - 1)
+
+        def one(w_l):
+            k = 1
+            for d in w_l.shape[:n_in]:
+                k *= d
+            n_out = w_l.size // k
+            g3 = w_l.astype(jnp.float32).reshape(k, groups, n_out // groups)
+            scale = 2 * jnp.max(jnp.abs(g3), axis=(0, 2)) / (2.0 * half)
+            scale = jnp.where(scale == 0, 1.0, scale)
+            codes = jnp.clip(jnp.round(g3 / scale[None, :, None]), -half, half - 1)
+            per_channel = jnp.repeat(scale, n_out // groups).reshape(w_l.shape[n_in:])
+            return codes.astype(jnp.int8).reshape(w_l.shape), per_channel
+
+        codes, scales = jax.vmap(one)(w)
+        mask = jnp.asarray(a.layers if a.layers is not None else (True,) * w.shape[0])
+        return codes, scales, mask
+
     def wrap(self, objective: Callable) -> Callable:
         """``objective`` with the parameters fake-quantized for the step ``quantization_step``
         names (the engine sets it around its train and eval steps)."""

@@ -86,6 +86,9 @@ class InferenceConfig(BaseModel):
     ``prefix_caching``: a prompt that starts with blocks of tokens an earlier request already
     computed (a shared system prompt, a multi-turn chat) reuses their cached K/V and computes
     only the rest (``jds.inference.kv_cache``).
+    ``compression_training``: the training config's DeepSpeed Compression section; with
+    ``dtype: "int8"`` the matrices its weight quantization trained are stored as its codes
+    and scales (``quantize_layers``). A jds run folder's own section is used by default.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -101,6 +104,7 @@ class InferenceConfig(BaseModel):
                        "pallas_tpu_interpret"] = "reference"
     decode_steps: int = Field(4, ge=1)
     prefix_caching: bool = True
+    compression_training: dict[str, Any] | None = None
 
     @field_validator("dtype", mode="before")
     @classmethod
@@ -152,8 +156,13 @@ def _contraction_dims(axes: tuple[str | None, ...]) -> int:
     return 2 if axes[:2] == ("heads", "head_dim") else 1
 
 
-def quantize_layers(layers: dict[str, jax.Array], axes: dict[str, tuple]) -> dict[str, Any]:
+def quantize_layers(layers: dict[str, jax.Array], axes: dict[str, tuple],
+                    qat: Any = None) -> dict[str, Any]:
     """Per-output-channel int8 of every stacked layer matrix (vectors stay as they are).
+
+    ``qat``: a ``jds.compression.QuantizationPlan`` the model was trained with; the layers it
+    quantized are stored as its quantizer's codes and scales (``int8_codes``: exactly the
+    weights the model was trained on, not quantized a second time), the others per channel.
 
     Returns:
       The layer dict with each matrix replaced by a ``QuantizedWeight`` (int8 ``[L, ...]``,
@@ -174,6 +183,11 @@ def quantize_layers(layers: dict[str, jax.Array], axes: dict[str, tuple]) -> dic
             return q.reshape(w_l.shape), s.reshape(w_l.shape[c:])
 
         q, s = jax.vmap(one)(w)
+        trained = None if qat is None else qat.int8_codes(("layers", name), w, c)
+        if trained is not None:
+            codes, scales, mask = trained
+            q = jnp.where(mask.reshape((-1,) + (1,) * (q.ndim - 1)), codes, q)
+            s = jnp.where(mask.reshape((-1,) + (1,) * (s.ndim - 1)), scales, s)
         out[name] = QuantizedWeight(q=q, scale=s, n_in=c, axes=tuple(ax[1:]))
     return out
 
@@ -193,6 +207,8 @@ class InferenceEngine:
                  devices: Sequence[jax.Device] | None = None) -> None:
         self.config = cfg = InferenceConfig.load(config)
         self.dtype_name = source_dtype(model) if cfg.dtype == "auto" else cfg.dtype
+        compression = cfg.compression_training or (
+            _trained_compression(model) if cfg.dtype == "int8" else None)
         model = load_model(model)
         if not is_stacked_decoder(model):
             raise TypeError(f"init_inference serves stacked decoders (jds.models.base."
@@ -231,15 +247,33 @@ class InferenceEngine:
             lambda a, x: logical_to_spec(tuple(a), self.rules, mesh=self.mesh,
                                          shape=tuple(x.shape), what="param"),
             axes, pure, is_leaf=lambda x: isinstance(x, tuple))
-        cast = jax.tree.map(lambda x: jnp.asarray(x, self.dtype), pure)
+        # int8 mode quantizes the layer matrices from the fp32 weights, not from bf16 copies
+        # (a quantization-aware model's codes are those of its fp32 weights)
+        cast = {k: jax.tree.map(lambda x, k=k: jnp.asarray(x, jnp.float32 if (
+            cfg.dtype == "int8" and k == "layers") else self.dtype), v) for k, v in pure.items()}
         params = jax.device_put(cast, jax.tree.map(lambda s: NamedSharding(self.mesh, s), specs,
                                                    is_leaf=lambda x: isinstance(x, PartitionSpec)))
         self._abstract_layers = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params["layers"])
+            lambda x: jax.ShapeDtypeStruct(x.shape, self.dtype), params["layers"])
+        self.qat = None  # the quantization-aware training plan whose codes int8 mode serves
+        if cfg.dtype == "int8" and compression:
+            from jds.compression import plan as quantization_plan
+            from jds.config.compression import CompressionConfig
+
+            try:
+                self.qat = quantization_plan(model, CompressionConfig.model_validate(
+                    compression))
+                if self.qat is not None:  # refuse what int8 cannot hold, before the jit
+                    self.qat.check_int8()
+            except ValueError as e:
+                raise ConfigError(f"compression_training: {e}") from None
         if cfg.dtype == "int8":
             with use_rules(self.mesh, self.rules):
-                params["layers"] = jax.jit(lambda ly: quantize_layers(ly, {
-                    k: ("layers", *a) for k, a in self._layer_axes.items()}))(params["layers"])
+                params["layers"] = jax.jit(lambda ly: {
+                    k: v if isinstance(v, QuantizedWeight) else v.astype(self.dtype)
+                    for k, v in quantize_layers(ly, {k: ("layers", *a) for k, a in
+                                                     self._layer_axes.items()}, self.qat).items()
+                })(params["layers"])
         self.params = params
         del cast, pure
 
@@ -724,6 +758,18 @@ def _checkpoint_root(path: str | os.PathLike) -> str | None:
                                 for n in os.listdir(p)):
         return p
     return None
+
+
+def _trained_compression(model: nnx.Module | str | os.PathLike) -> dict[str, Any] | None:
+    """The ``compression_training`` section a jds run folder's checkpoint was trained with."""
+    if isinstance(model, nnx.Module) or (root := _checkpoint_root(model)) is None:
+        return None
+    from jds.checkpoint.convert.orbax_reader import OrbaxCheckpoint
+
+    section = (OrbaxCheckpoint(root).meta.get("config") or {}).get("compression_training")
+    enabled = ((section or {}).get("weight_quantization", {}).get("shared_parameters", {})
+               .get("enabled", False))
+    return section if enabled else None
 
 
 def _from_checkpoint(path: str) -> nnx.Module:

@@ -1,0 +1,97 @@
+"""Quantization-aware training (MoQ) vs post-training quantization on the embedded corpus.
+
+    python scripts/bench_compression.py [--steps 300] [--model llama-tiny] [--groups 8]
+
+Trains ``--model`` with ``jds train``'s default config (the embedded corpus, the same data
+order and seed) three times: without compression; with MoQ from 12 down to 8 bits; with MoQ
+from 8 down to 4 bits (both with ``--period`` 10: the target is reached at step 80, and
+symmetric quantization in ``--groups`` runs of output channels). The attention and MLP
+matrices are quantized; embeddings and the LM head stay in full precision. Each trained
+model is then quantized to its target bits (``jds.compression.redundancy_clean``: the
+weights an int8 / 4-bit deployment holds), and the uncompressed run's model to 8 and 4 bits
+with the same quantizer: post-training quantization (PTQ). Prints one JSON object per row:
+the validation loss (nats/token, the run's fixed validation windows) of the model as
+trained and after quantization, and the run's seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import numpy as np
+
+import jds
+from jds.config import Config
+from jds.data.loader import BatchLoader, eval_batches
+from jds.trainer import _load_data
+
+
+def _wq(start: int, target: int, period: int, groups: int, in_forward: bool = False) -> dict:
+    return {"weight_quantization": {
+        "shared_parameters": {"enabled": True, "quantize_groups": groups,
+                              "quantize_weight_in_forward": in_forward},
+        "different_groups": {"layers": {"params": {"start_bits": start, "target_bits": target,
+                                                   "quantization_period": period},
+                                        "modules": ["self_attn", "mlp"]}}}}
+
+
+def _val_loss(engine, val) -> float:
+    losses = [engine.eval_batch({"input_ids": b}) for b in val]
+    return float(sum(x["loss"] * x["tokens"] for x in losses) / sum(x["tokens"] for x in losses))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--model", default="llama-tiny")
+    p.add_argument("--groups", type=int, default=8)
+    p.add_argument("--period", type=int, default=10)
+    a = p.parse_args()
+    base = Config.default_train().to_dict()
+    base["train"] = {**base["train"], "model": a.model, "steps": a.steps}
+    cfg0 = Config.load(base)
+    train_tokens, val_tokens = _load_data(cfg0)
+    device = f"{jax.devices()[0].platform}: {jax.devices()[0].device_kind} x {jax.device_count()}"
+    runs = {"none": None, "moq_int8": _wq(12, 8, a.period, a.groups),
+            "moq_int4": _wq(8, 4, a.period, a.groups)}
+    models = {}
+    for name, compression in runs.items():
+        cfg = Config.load({**base, **({"compression_training": compression} if compression
+                                      else {})})
+        engine = jds.initialize(cfg.train.model, cfg)
+        loader = BatchLoader(train_tokens, global_batch=engine.batch.train_batch_size,
+                             seq_len=cfg.train.seq_len, seed=cfg.seed,
+                             vocab_size=engine.vocab_size)
+        val = eval_batches(val_tokens, batch=max(engine.batch.micro_batch_global, 8),
+                           seq_len=cfg.train.seq_len, num_batches=cfg.train.eval_batches)
+        t0 = time.perf_counter()
+        for _ in range(a.steps):
+            last = engine.train_batch({"input_ids": loader.next()})
+        seconds = time.perf_counter() - t0
+        models[name] = (engine.model, cfg, val)
+        print(json.dumps({"bench": "compression", "device": device, "model": a.model,
+                          "run": name, "steps": a.steps, "train_loss": round(last["loss"], 4),
+                          "val_loss_as_trained": round(_val_loss(engine, val), 4),
+                          "seconds": round(seconds, 1)}), flush=True)
+        engine.close()
+
+    plain = {k: v for k, v in base.items() if k != "compression_training"}
+    for name, source, bits in (("ptq_int8", "none", 8), ("moq_int8", "moq_int8", 8),
+                               ("ptq_int4", "none", 4), ("moq_int4", "moq_int4", 4)):
+        model, _, val = models[source]
+        quantized = jds.compression.redundancy_clean(
+            model, {**plain, "compression_training": _wq(bits, bits, 1, a.groups, True)})
+        engine = jds.initialize(quantized, plain)
+        n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(engine.split.params))
+        print(json.dumps({"bench": "compression", "device": device, "model": a.model,
+                          "row": name, "bits": bits, "groups": a.groups,
+                          "val_loss_quantized": round(_val_loss(engine, val), 4),
+                          "params": n}), flush=True)
+        engine.close()
+
+
+if __name__ == "__main__":
+    main()
