@@ -12,6 +12,12 @@ weights an int8 / 4-bit deployment holds), and the uncompressed run's model to 8
 with the same quantizer: post-training quantization (PTQ). Prints one JSON object per row:
 the validation loss (nats/token, the run's fixed validation windows) of the model as
 trained and after quantization, and the run's seconds.
+
+``--finetune N --bits B`` compares at equal compute where post-training quantization hurts:
+the uncompressed run goes on for ``N`` more steps in full precision and is then quantized to
+``B`` bits (PTQ), or goes on for the same ``N`` steps with quantization-aware training at
+``B`` bits (``quantize_weight_in_forward``: QAT fine-tuning), both from the same trained
+weights with a fresh AdamW at ``--finetune-lr``.
 """
 
 from __future__ import annotations
@@ -49,14 +55,18 @@ def main() -> None:
     p.add_argument("--model", default="llama-tiny")
     p.add_argument("--groups", type=int, default=8)
     p.add_argument("--period", type=int, default=10)
+    p.add_argument("--finetune", type=int, default=0, help="steps of QAT vs full fine-tuning")
+    p.add_argument("--bits", type=int, default=3, help="--finetune: the bit width")
+    p.add_argument("--finetune-lr", type=float, default=3e-4)
     a = p.parse_args()
     base = Config.default_train().to_dict()
     base["train"] = {**base["train"], "model": a.model, "steps": a.steps}
     cfg0 = Config.load(base)
     train_tokens, val_tokens = _load_data(cfg0)
     device = f"{jax.devices()[0].platform}: {jax.devices()[0].device_kind} x {jax.device_count()}"
-    runs = {"none": None, "moq_int8": _wq(12, 8, a.period, a.groups),
-            "moq_int4": _wq(8, 4, a.period, a.groups)}
+    runs = {"none": None} if a.finetune else {
+        "none": None, "moq_int8": _wq(12, 8, a.period, a.groups),
+        "moq_int4": _wq(8, 4, a.period, a.groups)}
     models = {}
     for name, compression in runs.items():
         cfg = Config.load({**base, **({"compression_training": compression} if compression
@@ -79,6 +89,9 @@ def main() -> None:
         engine.close()
 
     plain = {k: v for k, v in base.items() if k != "compression_training"}
+    if a.finetune:
+        _finetune(a, models["none"], plain, train_tokens, device)
+        return
     for name, source, bits in (("ptq_int8", "none", 8), ("moq_int8", "moq_int8", 8),
                                ("ptq_int4", "none", 4), ("moq_int4", "moq_int4", 4)):
         model, _, val = models[source]
@@ -91,6 +104,31 @@ def main() -> None:
                           "val_loss_quantized": round(_val_loss(engine, val), 4),
                           "params": n}), flush=True)
         engine.close()
+
+
+def _finetune(a, trained, plain: dict, train_tokens, device: str) -> None:
+    model, cfg0, val = trained
+    tuned = {**plain, "scheduler": None,
+             "optimizer": {"type": "AdamW", "params": {"lr": a.finetune_lr}}}
+    qat = {**tuned, "compression_training": _wq(a.bits, a.bits, 1, a.groups, True)}
+    quantize = {**plain, "compression_training": _wq(a.bits, a.bits, 1, a.groups, True)}
+    for name, cfg in (("full_then_ptq", tuned), ("qat", qat)):
+        engine = jds.initialize(model, cfg)
+        loader = BatchLoader(train_tokens, global_batch=engine.batch.train_batch_size,
+                             seq_len=cfg0.train.seq_len, seed=cfg0.seed + 1,
+                             vocab_size=engine.vocab_size)
+        for _ in range(a.finetune):
+            engine.train_batch({"input_ids": loader.next()})
+        as_trained = _val_loss(engine, val)
+        clean = jds.compression.redundancy_clean(engine.model, quantize)
+        engine.close()
+        check = jds.initialize(clean, plain)
+        print(json.dumps({"bench": "compression_finetune", "device": device,
+                          "model": a.model, "row": name, "steps": a.steps,
+                          "finetune_steps": a.finetune, "bits": a.bits, "groups": a.groups,
+                          "val_loss_as_trained": round(as_trained, 4),
+                          "val_loss_quantized": round(_val_loss(check, val), 4)}), flush=True)
+        check.close()
 
 
 if __name__ == "__main__":

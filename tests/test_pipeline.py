@@ -198,8 +198,8 @@ def test_pipeline_training_matches_one_device_step_by_step():
     placed = pipe.shard_batch(BATCH, micro_batches=4)
     with pipe._tracing():
         s = pipe.state
-        hlo = pipe._eval_step.lower(s.params, s.frozen, s.model_state,
-                                    placed).compile().as_text()
+        hlo = pipe._eval_step.lower(s.params, s.frozen, s.model_state, placed,
+                                    s.applied_steps).compile().as_text()
     stacked = {s[0] for comp, op, sizes, shapes in collectives(hlo) if op == "all-gather"
                for s in shapes if s}
     assert 8 not in stacked, stacked  # 8 = the model's layer count, 4 per stage
