@@ -109,8 +109,9 @@ def digits_batches(n, rows=16, seed=0):
             for i in (rng.choice(len(x), rows, replace=False) for _ in range(n))]
 
 
-@pytest.mark.parametrize("stage", [0, pytest.param(1, marks=pytest.mark.slow),
-                                   pytest.param(2, marks=pytest.mark.slow), 3])
+@pytest.mark.parametrize("stage", [pytest.param(0, marks=pytest.mark.slow),  # suite time;
+                                   pytest.param(1, marks=pytest.mark.slow),  # the CNN runs
+                                   pytest.param(2, marks=pytest.mark.slow), 3])  # every stage
 def test_batchnorm_resnet_like_one_device_with_running_statistics(stage):
     bs = digits_batches(3)
     net = lambda: resnet.ResNet(nnx.Rngs(0))  # noqa: E731
@@ -168,7 +169,8 @@ def token_batches(n, rows=16, seq=12, seed=0):
     return [{"ids": rng.integers(0, 64, (rows, seq)).astype(np.int32)} for _ in range(n)]
 
 
-@pytest.mark.parametrize("stage", [0, pytest.param(1, marks=pytest.mark.slow), 2, 3])
+@pytest.mark.parametrize("stage", [pytest.param(0, marks=pytest.mark.slow),  # suite time
+                                   pytest.param(1, marks=pytest.mark.slow), 2, 3])
 def test_unannotated_transformer_under_zero_like_one_device(stage):
     bs = token_batches(3)
     model = lambda: TinyTransformer(nnx.Rngs(0))  # noqa: E731
