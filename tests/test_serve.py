@@ -264,11 +264,14 @@ def test_api_key_bounded_queue_and_request_timeout(served):
         with pytest.raises(openai.APIStatusError) as e:
             client.completions.create(model="tiny", prompt="x" * 30, max_tokens=30)
         assert e.value.status_code == 504
+        with pytest.raises(openai.APIStatusError):  # n=3: two choices wait for the first
+            client.completions.create(model="tiny", prompt="x" * 30, max_tokens=30, n=3)
     finally:
         server.request_timeout = 600.0
     r = client.completions.create(model="tiny", prompt="x", max_tokens=2)
     assert r.choices[0].text is not None
     assert engine.allocator.num_free == engine.allocator.capacity
+    assert server.in_flight == 0  # every admitted choice was counted out, run or not
 
 
 def test_streamed_text_equals_the_answer_when_it_ends_mid_character(tmp_path):

@@ -86,6 +86,7 @@ class _Job:
         self.rid: int | None = None
         self.count = 0  # tokens sent so far
         self.finished = False
+        self.counted = True  # in the server's in_flight count
 
     def put(self, item: tuple) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, item)
@@ -531,6 +532,11 @@ class CompletionServer:
         deadline = start + self.request_timeout
         self.in_flight += len(jobs)
 
+        def uncount(job: _Job) -> None:  # once per job, whether or not its task ever ran
+            if job.counted:
+                job.counted = False
+                self.in_flight -= 1
+
         async def run(index: int, job: _Job, group: str) -> None:
             leader = group not in leaders
             ready = leaders.setdefault(group, asyncio.Event())
@@ -571,7 +577,7 @@ class CompletionServer:
                     await out.put((index, [tok], text, [lp] if lp else [], None))
             finally:
                 ready.set()
-                self.in_flight -= 1
+                uncount(job)
 
         tasks = [asyncio.create_task(run(i, job, g))
                  for (i, _, g), job in zip(specs, jobs, strict=True)]
@@ -594,6 +600,7 @@ class CompletionServer:
                 if not job.finished:
                     self.loop.cancel(job)  # a timeout, an error, or the client left
                 task.cancel()
+                uncount(job)  # a task cancelled before it ran never reaches its finally
             self.metrics.latency.observe(time.perf_counter() - start)
 
     async def _respond(self, specs, stops, stream: bool, usage_prompt: int, include_usage: bool,
