@@ -392,6 +392,8 @@ class TrainEngine(EngineCheckpoints):
                 self.state, metrics = self._train_step(self.state, placed)
             if self._steps_done is not None:
                 self._steps_done += 1
+            if self.compression is not None and self.compression.verbose:
+                self._report_quantization()
             if profile:
                 jax.block_until_ready(metrics)
                 self._print_flops_profile(placed, time.perf_counter() - t0)
@@ -535,6 +537,17 @@ class TrainEngine(EngineCheckpoints):
             grads, loss = self._gradients_step(s.params, s.frozen, s.model_state, placed,
                                                s.applied_steps)
         return grads, float(loss)
+
+    def _report_quantization(self) -> None:
+        """``quantize_verbose``: print each group's bit width when it changes (DeepSpeed
+        logs "Quantization settings: current bit-precision = ...")."""
+        step = int(jax.device_get(self.state.applied_steps))
+        bits = self.compression.bits_at(step)
+        if bits != getattr(self, "_reported_bits", None) and jax.process_index() == 0:
+            print(f"[jds] weight quantization from step {step}: " + ", ".join(
+                f"{g} {'full precision' if b is None else f'{b} bits'}"
+                for g, b in bits.items()), flush=True)
+        self._reported_bits = bits
 
     def _compression_plan(self, module: nnx.Module) -> QuantizationPlan | None:
         """The ``compression_training`` section's quantization plan (None when off)."""

@@ -207,6 +207,16 @@ class QuantizationPlan:
     kind: str
     stochastic: bool
     seed: int
+    verbose: bool = False
+
+    def bits_at(self, step: int) -> dict[str, int | None]:
+        """Each group's bit width in the forward pass of ``step`` (None: not quantized yet),
+        computed on the host (``quantize_verbose`` prints its changes)."""
+        out: dict[str, int | None] = {}
+        for a in self.assignments:
+            quantized, bits, _ = jax.device_get(a.schedule(jnp.int32(step)))
+            out[a.group] = int(bits) if bool(quantized) else None
+        return out
 
     def _one(self, w: jax.Array, a: Assignment, step: jax.Array, key: jax.Array | None
              ) -> jax.Array:
@@ -439,7 +449,8 @@ def plan(model: nnx.Module, config: CompressionConfig, *, seed: int = 0,
                 raise ValueError(f"{key}: {'.'.join(map(str, path))} is not trained (frozen or "
                                  "a LoRA base); quantization-aware training needs its gradient")
     return QuantizationPlan(tuple(merged.values()), shared.quantize_groups,
-                            shared.quantization_type, shared.rounding == "stochastic", seed)
+                            shared.quantization_type, shared.rounding == "stochastic", seed,
+                            shared.quantize_verbose)
 
 
 __all__ = ["MoQSchedule", "QuantizationPlan", "Target", "plan", "quantization_step",
