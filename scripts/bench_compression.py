@@ -16,8 +16,9 @@ trained and after quantization, and the run's seconds.
 ``--finetune N --bits B`` compares at equal compute where post-training quantization hurts:
 the uncompressed run goes on for ``N`` more steps in full precision and is then quantized to
 ``B`` bits (PTQ), or goes on for the same ``N`` steps with quantization-aware training at
-``B`` bits (``quantize_weight_in_forward``: QAT fine-tuning), both from the same trained
-weights with a fresh AdamW at ``--finetune-lr``.
+``B`` bits (``quantize_weight_in_forward``: QAT fine-tuning; with ``--moq-start S``, MoQ
+from ``S`` bits down to ``B``), both from the same trained weights with a fresh AdamW at
+``--finetune-lr``.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ def main() -> None:
     p.add_argument("--finetune", type=int, default=0, help="steps of QAT vs full fine-tuning")
     p.add_argument("--bits", type=int, default=3, help="--finetune: the bit width")
     p.add_argument("--finetune-lr", type=float, default=3e-4)
+    p.add_argument("--moq-start", type=int, help="--finetune: MoQ from this many bits down "
+                   "to --bits every --period steps (default: --bits from the start)")
     a = p.parse_args()
     base = Config.default_train().to_dict()
     base["train"] = {**base["train"], "model": a.model, "steps": a.steps}
@@ -110,7 +113,9 @@ def _finetune(a, trained, plain: dict, train_tokens, device: str) -> None:
     model, cfg0, val = trained
     tuned = {**plain, "scheduler": None,
              "optimizer": {"type": "AdamW", "params": {"lr": a.finetune_lr}}}
-    qat = {**tuned, "compression_training": _wq(a.bits, a.bits, 1, a.groups, True)}
+    qat = {**tuned, "compression_training": (
+        _wq(a.bits, a.bits, 1, a.groups, True) if a.moq_start is None
+        else _wq(a.moq_start, a.bits, a.period, a.groups))}
     quantize = {**plain, "compression_training": _wq(a.bits, a.bits, 1, a.groups, True)}
     for name, cfg in (("full_then_ptq", tuned), ("qat", qat)):
         engine = jds.initialize(model, cfg)
@@ -126,6 +131,7 @@ def _finetune(a, trained, plain: dict, train_tokens, device: str) -> None:
         print(json.dumps({"bench": "compression_finetune", "device": device,
                           "model": a.model, "row": name, "steps": a.steps,
                           "finetune_steps": a.finetune, "bits": a.bits, "groups": a.groups,
+                          "moq_start": a.moq_start if name == "qat" else None,
                           "val_loss_as_trained": round(as_trained, 4),
                           "val_loss_quantized": round(_val_loss(check, val), 4)}), flush=True)
         check.close()
