@@ -141,6 +141,9 @@ class EngineLoop:
                 self._jobs[job.rid] = job
             except ValueError as e:
                 job.put(("error", str(e), 400))
+            except Exception as e:  # noqa: BLE001 - fail this request, keep the thread
+                log.exception("submitting a request failed")
+                job.put(("error", f"engine error: {type(e).__name__}: {e}", 500))
 
     def _run(self) -> None:
         while not self._stop.is_set():
