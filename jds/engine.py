@@ -35,6 +35,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jds.checkpoint.engine_io import EngineCheckpoints
 from jds.checkpoint.orbax import Checkpointer
+from jds.compression.pruning import STATE as PRUNING_STATE
+from jds.compression.pruning import PruningPlan
+from jds.compression.pruning import plan as pruning_plan
 from jds.compression.weight_quantization import QuantizationPlan, quantization_step
 from jds.compression.weight_quantization import plan as quantization_plan
 from jds.config import Config, ConfigError
@@ -114,7 +117,8 @@ class TrainEngine(EngineCheckpoints):
         if cfg.progressive_layer_drop.enabled and self.stages > 1:
             raise ConfigError("progressive_layer_drop with pipeline stages (mesh.stage "
                               f"{self.stages}) is not built; drop one of them")
-        if cfg.lora.enabled or cfg.progressive_layer_drop.enabled:
+        if cfg.lora.enabled or cfg.progressive_layer_drop.enabled or (
+                cfg.compression_training.prunes):
             module, factory = _prepared_model(module, factory, cfg)
         if trainable is None:  # a model with adapters trains them; any other every parameter
             trainable = nnx.LoRAParam if is_adapted(module) else nnx.Param
@@ -155,6 +159,16 @@ class TrainEngine(EngineCheckpoints):
                                                      self.rules)
         self._replicated = NamedSharding(self.mesh, PartitionSpec())
         self.schedule, self.tx, self.loss_scale_cfg = optimizer_parts(cfg)
+        self.pruning = _pruning_plan_for(self, module)
+        if self.pruning is not None:  # topk scores wait for their technique, as in PyTorch
+            tx = self.pruning.optimizer(self.tx, sp.params)
+            if tx is not self.tx and self.offload.optimizer is not None:
+                raise ConfigError(
+                    "compression_training topk pruning with schedule_offset > 0 and "
+                    "zero_optimization.offload_optimizer is not built (the waiting scores keep "
+                    "their own optimizer state); use schedule_offset 0, method 'l1', or no "
+                    "optimizer offload")
+            self.tx = tx
         placement = dict(params=self.param_shardings, master=self.master_shardings,
                          frozen=self.frozen_shardings, model_state=self.model_state_shardings,
                          replicated=self._replicated)
@@ -184,6 +198,8 @@ class TrainEngine(EngineCheckpoints):
         self._step_cfg = step_cfg
         self._objective = base.make_objective(sp, self.loss, self.gather)
         self.compression = self._compression_plan(module)
+        if self.pruning is not None:  # weights quantized first, then masked (DeepSpeed's order)
+            self._objective = self.pruning.wrap(self._objective)
         if self.compression is not None:
             self._objective = self.compression.wrap(self._objective)
         self._train_step_fn = make_train_step(self._objective, self.loss.weight, self.tx,
@@ -193,6 +209,8 @@ class TrainEngine(EngineCheckpoints):
         self._predict: Callable | None = None
         if self.pipeline is None:
             eval_objective = base.make_objective(sp, self.loss, self.gather, train=False)
+            if self.pruning is not None:
+                eval_objective = self.pruning.wrap(eval_objective)
             if self.compression is not None:
                 eval_objective = self.compression.wrap(eval_objective)
             eval_fn = make_eval_step(eval_objective, self.loss.weight, self.loss.weight_metric)
@@ -494,19 +512,25 @@ class TrainEngine(EngineCheckpoints):
         self.placer.check_split(inputs, rows, 1)
         if self._predict is None:
             forward = base.make_forward(self.split, self.gather)
+            if self.pruning is not None:  # the compressed model's outputs, as in training
+                forward = self.pruning.wrap(forward)
+            if self.compression is not None:
+                forward = self.compression.wrap(forward)
 
-            def sharded_like_rows(params, frozen, model_state, x):
+            def sharded_like_rows(params, frozen, model_state, x, applied_steps):
                 n = jax.tree.leaves(x)[0].shape[0]
+                with quantization_step(applied_steps):
+                    out = forward(params, frozen, model_state, x)
                 return jax.tree.map(
                     lambda y: jax.lax.with_sharding_constraint(
                         y, self.placer.sharding(y.ndim, micro=False))
-                    if y.ndim and y.shape[0] == n else y, forward(params, frozen, model_state, x))
+                    if y.ndim and y.shape[0] == n else y, out)
 
             self._predict = jax.jit(sharded_like_rows)
         s = self.state
         with self._tracing():
             return self._predict(s.params, s.frozen, s.model_state,
-                                 self.placer.place(inputs, 1, micro=False))
+                                 self.placer.place(inputs, 1, micro=False), s.applied_steps)
 
     def gradients(self, batch: PyTree) -> tuple[PyTree, float]:
         """Gradients of the loss over ``batch`` at the current weights; no update.
@@ -617,9 +641,30 @@ def _state_fields(include: Sequence[Any] | None) -> list[str]:
     return sorted({f for n in names for f in OFFLOAD_STATE_TYPES[n]})
 
 
+def _pruning_plan_for(engine: TrainEngine, module: nnx.Module) -> PruningPlan | None:
+    """The ``compression_training`` section's pruning plan (None when off); its masks and
+    scores are already on ``module`` (``_prepared_model``)."""
+    cfg = engine.config
+    if not cfg.compression_training.prunes:
+        return None
+    try:
+        p = pruning_plan(module, cfg.compression_training, seed=int(cfg.seed))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    scores = engine.split.params.get(PRUNING_STATE, {})
+    for item in p.items:
+        if item.method == "topk" and item.key not in scores:
+            raise ConfigError(
+                f"compression_training.{item.kind}_pruning: the topk scores of "
+                f"{'.'.join(map(str, item.target.path))} are not trained (the engine's "
+                "trainable filter leaves them out); include jds.compression.PruningScores in "
+                "it, or use method 'l1'")
+    return p
+
+
 def _compression_plan_for(engine: TrainEngine, module: nnx.Module) -> QuantizationPlan | None:
     cfg = engine.config
-    if not cfg.compression_training.enabled:
+    if not cfg.compression_training.quantizes:
         return None
     if cfg.lora.enabled:
         raise ConfigError("compression_training.weight_quantization with lora: quantization-"
@@ -640,6 +685,11 @@ def _prepared_model(module: nnx.Module, factory: Callable[[], nnx.Module] | None
     """The config's ``lora`` and ``progressive_layer_drop`` sections applied to a copy of the
     model (the caller's module is never changed), or inside its factory."""
     c, pld = cfg.lora, cfg.progressive_layer_drop
+    comp = cfg.compression_training
+    if comp.prunes and (c.enabled or int(cfg.mesh.stage) > 1):
+        raise ConfigError("compression_training pruning with "
+                          f"{'lora' if c.enabled else 'pipeline stages'} is not built; drop "
+                          "one of them")
     if pld.enabled and not base.is_stacked_decoder(module):
         raise ConfigError(
             "progressive_layer_drop drops layers of jds's stacked decoders' layer scan; "
@@ -656,6 +706,12 @@ def _prepared_model(module: nnx.Module, factory: Callable[[], nnx.Module] | None
                 raise ConfigError(f"lora: {e}") from None
         if pld.enabled:
             m.layer_drop = LayerDrop(float(pld.theta), float(pld.gamma), int(cfg.seed))
+        if comp.prunes:  # masks from the weights as they start, and scores
+            try:
+                p = pruning_plan(m, comp, seed=int(cfg.seed))
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+            p.attach(m)
         return m
 
     if factory is not None:

@@ -15,6 +15,10 @@ imports reach the installed DeepSpeed's ``runtime`` and ``utils``), and records:
   (min, max) activation form; ``TopKBinarizer`` masks.
 * ``training``: a two-layer MLP trained with MoQ (AdamW on an fp32 master, the weights
   quantized after each step as above): its initial weights, data and losses.
+* ``pruning``: small models (an MLP, a CNN) pruned with sparse / row / head / channel
+  pruning (``l1`` and ``topk``, with and without ``related_modules``) as DeepSpeed 0.16's
+  engine runs it: masks and scores after ``init_compression``, the losses of 12 AdamW
+  steps, and the model after ``redundancy_clean``.
 * ``schedules``: MoQ driven as DeepSpeed 0.16.0's engine drives it. ``init_compression``
   sets each weight's ``start_bits`` / ``target_bits`` / ``q_period``; the engine's first
   ``forward`` calls ``compression_scheduler.step(step_zero_check=True)`` and, once weight
@@ -242,6 +246,128 @@ def _training(rq, shared: dict, start: int, target: int, period: int) -> dict:
             "data": [(x.tolist(), y.tolist()) for x, y in data], "losses": losses}
 
 
+PRUNINGS = {  # name: (model, compression_training)
+    "sparse_l1_row_topk_related": ("mlp", {
+        "sparse_pruning": {"shared_parameters": {"enabled": True, "method": "l1",
+                                                 "schedule_offset": 2},
+                           "different_groups": {"sp1": {"params": {"dense_ratio": 0.5},
+                                                        "modules": ["2"]}}},
+        "row_pruning": {"shared_parameters": {"enabled": True, "method": "topk",
+                                              "schedule_offset": 1},
+                        "different_groups": {"rp1": {"params": {"dense_ratio": 0.5},
+                                                     "modules": ["0"],
+                                                     "related_modules": [["2"]]}}}}),
+    "sparse_topk_head_topk_related": ("mlp", {
+        "sparse_pruning": {"shared_parameters": {"enabled": True, "method": "topk",
+                                                 "schedule_offset": 0},
+                           "different_groups": {"sp1": {"params": {"dense_ratio": 0.3},
+                                                        "modules": ["0"]}}},
+        "head_pruning": {"shared_parameters": {"enabled": True, "method": "topk",
+                                               "num_heads": 4, "schedule_offset": 3},
+                         "different_groups": {"hp1": {"params": {"dense_ratio": 0.5},
+                                                      "modules": ["2"],
+                                                      "related_modules": [["0"]]}}}}),
+    "row_l1_in_place": ("mlp", {
+        "row_pruning": {"shared_parameters": {"enabled": True, "method": "l1",
+                                              "schedule_offset": 0},
+                        "different_groups": {"rp1": {"params": {"dense_ratio": 0.75},
+                                                     "modules": ["0"]}}}}),
+    "channel_l1_related": ("cnn", {
+        "channel_pruning": {"shared_parameters": {"enabled": True, "method": "l1",
+                                                  "schedule_offset": 1},
+                            "different_groups": {"cp1": {"params": {"dense_ratio": 0.5},
+                                                         "modules": ["^0$"],
+                                                         "related_modules": [["^2$"]]}}}}),
+    "channel_topk_sparse_l1": ("cnn", {
+        "channel_pruning": {"shared_parameters": {"enabled": True, "method": "topk",
+                                                  "schedule_offset": 0},
+                            "different_groups": {"cp1": {"params": {"dense_ratio": 0.75},
+                                                         "modules": ["^2$"]}}},
+        "sparse_pruning": {"shared_parameters": {"enabled": True, "method": "l1",
+                                                 "schedule_offset": 2},
+                           "different_groups": {"sp1": {"params": {"dense_ratio": 0.4},
+                                                        "modules": ["^0$"]}}}}),
+}
+
+
+def _pruning(model_kind: str, section: dict) -> dict:
+    """A small model pruned as DeepSpeed 0.16's engine runs it, in fp32: ``init_compression``
+    replaces its modules (masks from the initial weights, scores initialised), the first
+    forward is preceded by ``compression_scheduler.step(step_zero_check=True)``, each
+    optimizer step (AdamW over every parameter, scores included) by a forward/backward and
+    followed by ``compression_scheduler.step()``; ``redundancy_clean`` at the end.
+
+    DeepSpeed 0.16's scheduler reads ``schedule_offset_end`` for sparse pruning, which its
+    config parser sets for ``snip_momentum`` only; the run sets it equal to a large step (the
+    mask then stays on, as it would: the scheduler never turns a technique off). Its ``l1``
+    channel pruning calls ``torch.linalg.norm(w, ord=1, dim=[1, 2, 3])``, which torch
+    refuses (a vector norm over three dims needs ``vector_norm``); the run computes what it
+    means, each output kernel's L1 norm."""
+    import torch
+
+    norm = torch.linalg.norm
+
+    def linalg_norm(x, ord=None, dim=None, **kw):
+        if ord == 1 and isinstance(dim, list | tuple) and len(dim) > 2:
+            return torch.linalg.vector_norm(x, ord=1, dim=dim, **kw)
+        return norm(x, ord=ord, dim=dim, **kw)
+
+    torch.linalg.norm = linalg_norm
+    from deepspeed.compression_old.compress import init_compression, redundancy_clean
+    from deepspeed.compression_old.scheduler import compression_scheduler
+
+    torch.manual_seed(0)
+    if model_kind == "mlp":
+        model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(),
+                                    torch.nn.Linear(16, 4))
+        shape_x, shape_y = (8, 12), (8, 4)
+        head = None
+    else:
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(),
+                                    torch.nn.Conv2d(8, 4, 3))
+        shape_x, shape_y = (4, 3, 7, 7), (4, 4)
+        head = "mean"
+    init = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    config = {"compression_training": json.loads(json.dumps(section))}
+    init_compression(model, config)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    cc = get_compression_config_of(config)
+    cc["sparse_pruning"]["shared_parameters"].setdefault("schedule_offset_end", 10**9)
+    sched = compression_scheduler(model, cc)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05, betas=(0.9, 0.999), eps=1e-8,
+                            weight_decay=0.01)
+    rng = np.random.default_rng(2)
+    data = [(rng.normal(size=shape_x).astype(np.float32),
+             rng.normal(size=shape_y).astype(np.float32)) for _ in range(TRAIN_STEPS)]
+    losses = []
+    for step, (x, y) in enumerate(data):
+        if step == 0:
+            sched.step(step_zero_check=True)
+        out = model(torch.tensor(x))
+        if head == "mean":
+            out = out.mean(dim=(2, 3))
+        loss = torch.nn.functional.mse_loss(out, torch.tensor(y))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(float(loss))
+    trained = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    redundancy_clean(model, config)
+    final = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    x = data[0][0]
+    out = model(torch.tensor(x))
+    if head == "mean":
+        out = out.mean(dim=(2, 3))
+    return {"model": model_kind, "compression_training": section,
+            "init": {k: v.numpy().tolist() for k, v in init.items()},
+            "compressed": {k: v.float().numpy().tolist() for k, v in state.items()},
+            "data": [(x.tolist(), y.tolist()) for x, y in data], "losses": losses,
+            "trained": {k: v.float().numpy().tolist() for k, v in trained.items()},
+            "clean": {k: v.numpy().tolist() for k, v in final.items()},
+            "clean_output": out.detach().numpy().tolist()}
+
+
 def get_compression_config_of(config: dict) -> dict:
     from deepspeed.compression_old.config import get_compression_config
 
@@ -261,7 +387,9 @@ def main() -> None:
                "schedules": {name: _schedule(rq, x, shared, s, t, per)
                              for name, shared, s, t, per in SCHEDULES},
                "training": {name: _training(rq, shared, s, t, per)
-                            for name, shared, s, t, per in TRAININGS}}
+                            for name, shared, s, t, per in TRAININGS},
+               "pruning": {name: _pruning(kind, section)
+                           for name, (kind, section) in PRUNINGS.items()}}
     out = Path(args.out) / "ds_compression.json"
     out.write_text(json.dumps(fixture))
     print(f"wrote {out} ({out.stat().st_size // 1024} KiB)")

@@ -3,17 +3,19 @@
 Built so far: weight quantization-aware training with MoQ's bit schedule
 (``weight_quantization``, and MoQ's own ``quantize_training`` section) on any NNX model,
 with DeepSpeed's quantizer numerics (``quantizers``) and schedule
-(``weight_quantization``). The engine applies the config's section itself
+(``weight_quantization``); sparse, row, head and channel pruning with ``l1`` or learned
+``topk`` masks, removed physically by ``redundancy_clean`` (``pruning``). The engine applies the config's section itself
 (``jds.initialize(model, config)``); ``init_compression`` / ``redundancy_clean`` are
 DeepSpeed's two calls around training:
 
     model = jds.compression.init_compression(model, "ds_config.json")   # checks the config
     engine = jds.initialize(model, "ds_config.json")                      # trains with MoQ
     ...
-    small = jds.compression.redundancy_clean(engine.model, "ds_config.json")  # target bits
+    small = jds.compression.redundancy_clean(engine.model, "ds_config.json")  # target bits,
+                                                                              # pruned away
 
-Activation quantization, pruning and layer reduction are not built yet: a config that
-enables them is refused with an error naming the key.
+Activation quantization and layer reduction are not built yet: a config that enables them
+is refused with an error naming the key.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from typing import Any
 
 from flax import nnx
 
-from jds.compression import quantizers
+from jds.compression import pruning, quantizers
+from jds.compression.pruning import PruningMask, PruningPlan, PruningScores
 from jds.compression.weight_quantization import (
     MoQSchedule,
     QuantizationPlan,
@@ -45,8 +48,12 @@ def init_compression(model: nnx.Module, deepspeed_config: str | os.PathLike | Ma
                      teacher_model: nnx.Module | None = None, mpu: Any = None) -> nnx.Module:
     """DeepSpeed's ``init_compression``: check the config's ``compression_training`` section
     against ``model`` (every ``modules`` pattern must match a compressible module; groups
-    must divide the channels) and return the model. The quantization itself is applied by
-    the engine the same config builds (``jds.initialize``); the model is not changed.
+    must divide the channels) and, for pruning, add the masks (``l1``, from the weights as
+    they are now) and learned scores (``topk``) to ``model`` in place, as
+    ``model.compression_state`` (DeepSpeed replaces the model's modules in place); returns
+    the model. The compression itself is applied by the engine the same config builds
+    (``jds.initialize``), which keeps masks and scores it finds there and adds them
+    otherwise.
 
     Args:
       model: any NNX model.
@@ -65,34 +72,48 @@ def init_compression(model: nnx.Module, deepspeed_config: str | os.PathLike | Ma
                           "config's mesh.tensor; pass mpu=None")
     try:
         plan(model, cfg.compression_training, seed=int(cfg.seed))
+        pr = pruning.plan(model, cfg.compression_training, seed=int(cfg.seed))
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if pr is not None:
+        pr.attach(model)
     return model
 
 
 def redundancy_clean(model: nnx.Module, deepspeed_config: str | os.PathLike | Mapping | Any,
                      mpu: Any = None) -> nnx.Module:
-    """DeepSpeed's ``redundancy_clean`` for weight quantization: a copy of ``model`` whose
-    targeted weights hold their values quantized at each group's ``target_bits`` (what
-    DeepSpeed's ``fix_weight_quantization`` writes), the model unchanged.
+    """DeepSpeed's ``redundancy_clean``: a copy of ``model`` with its compression made
+    permanent, the model unchanged. Weight quantization: the targeted weights hold their
+    values quantized at each group's ``target_bits`` (what DeepSpeed's
+    ``fix_weight_quantization`` writes). Pruning: the pruned weights are zeroed, or, for
+    groups with ``related_modules``, removed with the matching inputs of the related modules
+    (a smaller model; jds's Llama and GPT-2 get a config to match); the masks and scores
+    (``compression_state``) are dropped. Pass the trained model (``engine.model``): ``topk``
+    scores and ``l1`` masks are read from it.
 
     Raises:
-      ConfigError: the section does not fit the model.
+      ConfigError: the section does not fit the model, or a removal the model cannot express.
     """
     cfg, ConfigError = _section(deepspeed_config)
     try:
         p = plan(model, cfg.compression_training, seed=int(cfg.seed))
+        pr = pruning.plan(model, cfg.compression_training, seed=int(cfg.seed))
     except ValueError as e:
         raise ConfigError(str(e)) from None
     out = nnx.clone(model)
-    if p is None:
-        return out
-    state = nnx.state(out, nnx.Param)
-    pure = nnx.to_pure_dict(state)
-    nnx.replace_by_pure_dict(state, p.final(pure))
-    nnx.update(out, state)
+    if p is not None:
+        state = nnx.state(out, nnx.Param)
+        pure = nnx.to_pure_dict(state)
+        nnx.replace_by_pure_dict(state, p.final(pure))
+        nnx.update(out, state)
+    if pr is not None:
+        try:
+            out = pruning.clean(out, pr)
+        except ValueError as e:
+            raise ConfigError(f"redundancy_clean: {e}") from None
     return out
 
 
-__all__ = ["MoQSchedule", "QuantizationPlan", "init_compression", "plan", "quantization_step",
-           "quantizers", "redundancy_clean", "targets"]
+__all__ = ["MoQSchedule", "PruningMask", "PruningPlan", "PruningScores", "QuantizationPlan",
+           "init_compression", "plan", "pruning", "quantization_step", "quantizers",
+           "redundancy_clean", "targets"]

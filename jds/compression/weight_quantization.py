@@ -87,6 +87,9 @@ class Target:
       n_in: input dims of a linear weight (after the layer axis when stacked).
       stacked: the leading axis is jds's layer stack.
       shape: the weight's shape.
+      module: the module kind DeepSpeed would see: ``"linear"``, ``"conv"`` or
+        ``"embedding"`` (pruning applies to some kinds only).
+      bias: keys of the bias that goes with the weight (None: none).
     """
 
     path: tuple
@@ -95,6 +98,8 @@ class Target:
     n_in: int
     stacked: bool
     shape: tuple[int, ...] = ()
+    module: str = "linear"
+    bias: tuple | None = None
 
     def channels(self) -> int:
         """Rows in DeepSpeed's layout: output channels (linear) or embedding rows."""
@@ -121,8 +126,11 @@ def targets(model: nnx.Module) -> list[Target]:
                 n_layers = int(getattr(m, name).shape[0])
                 names = tuple((f"{cls.HF_PREFIX}.{i}.{cls.HF_NAMES[name]}",
                                f"{prefix}.{i}.{name}") for i in range(n_layers))
+                bias = "b" + name[1:]  # wq -> bq, w_up -> b_up
                 out.append(Target(path + (name,), names, "linear", n_in, True,
-                                  tuple(getattr(m, name).shape)))
+                                  tuple(getattr(m, name).shape), "linear",
+                                  path + (bias,) if isinstance(getattr(m, bias, None),
+                                                               nnx.Param) else None))
     is_decoder = bool(stacked_paths)
     for path, m in nnx.iter_modules(model):
         path = tuple(path)
@@ -132,10 +140,12 @@ def targets(model: nnx.Module) -> list[Target]:
         if isinstance(m, (nnx.Linear, nnx.Conv)):
             n_in = m.kernel.ndim - 1
             out.append(Target(path + ("kernel",), ((dotted,),), "linear", n_in, False,
-                              tuple(m.kernel.shape)))
+                              tuple(m.kernel.shape),
+                              "conv" if isinstance(m, nnx.Conv) else "linear",
+                              path + ("bias",) if getattr(m, "bias", None) is not None else None))
         elif isinstance(m, nnx.Embed):
             out.append(Target(path + ("embedding",), ((dotted,),), "embedding", 0, False,
-                              tuple(m.embedding.shape)))
+                              tuple(m.embedding.shape), "embedding"))
         elif is_decoder and not path:  # the decoder's own matrices: embeddings, LM head
             for name, v in vars(m).items():
                 if isinstance(v, nnx.Param) and v.get_value().ndim >= 2:
@@ -144,7 +154,8 @@ def targets(model: nnx.Module) -> list[Target]:
                     out.append(Target((name,), ((_TOP_HF.get(name, name), name),),
                                       "linear" if linear else "embedding",
                                       v.get_value().ndim - 1 if linear else 0, False,
-                                      tuple(v.get_value().shape)))
+                                      tuple(v.get_value().shape),
+                                      "linear" if linear else "embedding"))
     return out
 
 

@@ -343,7 +343,7 @@ class Config(BaseModel):
                 raise ConfigError(str(e)) from None
             if moq is not None:
                 if CompressionConfig.model_validate(data.get("compression_training") or {}
-                                                    ).enabled:
+                                                    ).quantizes:
                     raise ConfigError("quantize_training and compression_training."
                                       "weight_quantization are both enabled; keep one")
                 data["compression_training"] = {**(data.get("compression_training") or {}),

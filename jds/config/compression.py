@@ -14,9 +14,9 @@ applied to every compressible module (``modules: ["*"]``).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, create_model, model_validator
 
 from jds.config.sections import Bool, Int, Num, _Section
 
@@ -94,8 +94,134 @@ class WeightQuantization(_Section):
         return self
 
 
-_NOT_BUILT = ("activation_quantization", "sparse_pruning", "row_pruning", "head_pruning",
-              "channel_pruning", "layer_reduction")
+class PruningShared(_Section):
+    """A pruning technique's ``shared_parameters`` (DeepSpeed 0.16's keys and defaults).
+
+    ``method``: ``"l1"`` (the mask is computed once, when training starts, from the
+    weights' magnitudes: per element for sparse pruning, per row / channel by its L1 norm)
+    or ``"topk"`` (a learned score per element / row / head / channel; the mask keeps the
+    top ``dense_ratio`` share, and the scores train through a straight-through estimator).
+    The mask applies in the forward pass from step ``schedule_offset`` on.
+    """
+
+    enabled: Bool = Field(False, description="Apply this pruning technique.")
+    method: str = Field("l1", description="'l1' (fixed magnitude mask) or 'topk' (learned "
+                        "scores).")
+    schedule_offset: Int = Field(1000, ge=0, description="Optimizer steps before the mask "
+                                 "applies.")
+
+    _METHODS: ClassVar[tuple[str, ...]] = ("l1", "topk")
+
+    @model_validator(mode="after")
+    def _method(self) -> PruningShared:
+        if self.method not in self._METHODS:
+            raise ValueError(f"method {self.method!r} is not one of {list(self._METHODS)}")
+        return self
+
+
+class SparsePruningShared(PruningShared):
+    """``sparse_pruning.shared_parameters``; ``snip_momentum`` (Intel Neural Compressor's
+    pruner in DeepSpeed) is refused: jds does not depend on that package."""
+
+    schedule_offset_end: Int | None = Field(None, ge=0, description="snip_momentum's end "
+                                            "step; for l1/topk DeepSpeed never turns the mask "
+                                            "off again, nor does jds.")
+    schedule_offset_stride: Int = Field(1, ge=1, description="snip_momentum only.")
+    block_pattern: str = Field("4x1", description="snip_momentum only.")
+    dense_ratio: Num | None = Field(None, description="snip_momentum only (groups carry it "
+                                    "for l1/topk).")
+    excluded_modules: list[str] = Field(default_factory=list, description="snip_momentum only.")
+
+    @model_validator(mode="after")
+    def _method(self) -> SparsePruningShared:
+        if self.method == "snip_momentum":
+            raise ValueError("method 'snip_momentum' runs Intel Neural Compressor's pruner in "
+                             "DeepSpeed, which jds does not depend on; use 'l1' or 'topk'")
+        if self.method not in self._METHODS:
+            raise ValueError(f"method {self.method!r} is not one of "
+                             f"{list(self._METHODS) + ['snip_momentum']}")
+        if self.schedule_offset_end is not None and (
+                self.schedule_offset_end < self.schedule_offset):
+            raise ValueError(f"schedule_offset_end ({self.schedule_offset_end}) is before "
+                             f"schedule_offset ({self.schedule_offset})")
+        return self
+
+
+class HeadPruningShared(PruningShared):
+    """``head_pruning.shared_parameters``: the attention output matrix's inputs are split
+    into ``num_heads`` runs and a learned score per run keeps the top ``dense_ratio``."""
+
+    method: str = Field("topk", description="'topk' (DeepSpeed defines head pruning by "
+                        "learned scores only).")
+    num_heads: Int | None = Field(None, ge=1, description="Heads of the pruned matrices' "
+                                  "inputs.")
+
+    @model_validator(mode="after")
+    def _method(self) -> HeadPruningShared:
+        if self.method != "topk":
+            raise ValueError(f"method {self.method!r}: DeepSpeed's head pruning learns a score "
+                             "per head ('topk'); 'l1' is accepted by its config parser but "
+                             "raises NotImplementedError when applied. Use 'topk'")
+        if self.enabled and self.num_heads is None:
+            raise ValueError("num_heads must be given when head pruning is enabled")
+        return self
+
+
+class PruningParams(_Section):
+    """A pruning group's ``params``."""
+
+    dense_ratio: Num = Field(description="The share of weights / rows / heads / channels "
+                             "kept, in (0, 1].")
+
+    @model_validator(mode="after")
+    def _ratio(self) -> PruningParams:
+        if not 0 < self.dense_ratio <= 1:
+            raise ValueError(f"dense_ratio {self.dense_ratio} is outside (0, 1]: it is the "
+                             "share kept")
+        return self
+
+
+class PruningGroup(_Section):
+    """A pruning ``different_groups`` entry. ``related_modules`` (row, head and channel
+    pruning): for each ``modules`` pattern, a list of patterns whose modules consume the
+    pruned outputs (row: the next Linear's input columns; head: the q/k/v matrices' output
+    heads; channel: the next Conv's input channels or a BatchNorm's channels), so that
+    ``redundancy_clean`` removes them physically; without it the pruned weights are zeroed
+    in place."""
+
+    params: PruningParams
+    modules: list[str] = Field(default_factory=lambda: ["*"])
+    related_modules: list[list[str]] | None = None
+
+    @model_validator(mode="after")
+    def _related(self) -> PruningGroup:
+        if self.related_modules is not None and len(self.related_modules) != len(self.modules):
+            raise ValueError(f"related_modules has {len(self.related_modules)} lists for "
+                             f"{len(self.modules)} modules patterns; give one list per pattern")
+        return self
+
+
+def _pruning_section(shared_cls: type[PruningShared], name: str) -> type[_Section]:
+    def check(self):
+        if self.shared_parameters.enabled and not self.different_groups:
+            raise ValueError(f"{name} is enabled but different_groups is empty; add a group "
+                             "with params.dense_ratio and modules")
+        return self
+
+    return create_model(
+        name.title().replace("_", ""), __base__=_Section,
+        shared_parameters=(shared_cls, Field(default_factory=shared_cls)),
+        different_groups=(dict[str, PruningGroup], Field(default_factory=dict)),
+        __validators__={"_check": model_validator(mode="after")(check)})
+
+
+SparsePruning = _pruning_section(SparsePruningShared, "sparse_pruning")
+RowPruning = _pruning_section(PruningShared, "row_pruning")
+HeadPruning = _pruning_section(HeadPruningShared, "head_pruning")
+ChannelPruning = _pruning_section(PruningShared, "channel_pruning")
+PRUNING = ("sparse_pruning", "row_pruning", "head_pruning", "channel_pruning")
+
+_NOT_BUILT = ("activation_quantization", "layer_reduction")
 
 
 class CompressionConfig(_Section):
@@ -103,10 +229,10 @@ class CompressionConfig(_Section):
 
     weight_quantization: WeightQuantization = Field(default_factory=WeightQuantization)
     activation_quantization: dict[str, Any] | None = None
-    sparse_pruning: dict[str, Any] | None = None
-    row_pruning: dict[str, Any] | None = None
-    head_pruning: dict[str, Any] | None = None
-    channel_pruning: dict[str, Any] | None = None
+    sparse_pruning: SparsePruning = Field(default_factory=SparsePruning)
+    row_pruning: RowPruning = Field(default_factory=RowPruning)
+    head_pruning: HeadPruning = Field(default_factory=HeadPruning)
+    channel_pruning: ChannelPruning = Field(default_factory=ChannelPruning)
     layer_reduction: dict[str, Any] | None = None
 
     @model_validator(mode="after")
@@ -117,12 +243,22 @@ class CompressionConfig(_Section):
                 section.get("shared_parameters", {}).get("enabled", False))
             if enabled:
                 raise ValueError(f"compression_training.{key} is not built in jds yet (weight "
-                                 "quantization is); set its enabled false")
+                                 "quantization and pruning are); set its enabled false")
         return self
 
     @property
-    def enabled(self) -> bool:
+    def quantizes(self) -> bool:
+        """Weight quantization is on."""
         return self.weight_quantization.shared_parameters.enabled
+
+    @property
+    def prunes(self) -> bool:
+        """A pruning technique is on."""
+        return any(getattr(self, k).shared_parameters.enabled for k in PRUNING)
+
+    @property
+    def enabled(self) -> bool:
+        return self.quantizes or self.prunes
 
 
 def from_quantize_training(section: dict[str, Any]) -> dict[str, Any] | None:
@@ -165,4 +301,5 @@ def from_quantize_training(section: dict[str, Any]) -> dict[str, Any] | None:
             "modules": ["*"]}}}}
 
 
-__all__ = ["CompressionConfig", "WeightQuantShared", "from_quantize_training"]
+__all__ = ["PRUNING", "CompressionConfig", "PruningGroup", "PruningShared", "WeightQuantShared",
+           "from_quantize_training"]

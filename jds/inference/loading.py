@@ -51,7 +51,15 @@ def _from_checkpoint(path: str) -> nnx.Module:
 
     ckpt = OrbaxCheckpoint(path)
     cfg = ckpt.model_config()
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: model_class(cfg)(cfg, rngs=nnx.Rngs(0))))
+    pruned = _pruning_of(ckpt, nnx.eval_shape(lambda: model_class(cfg)(cfg, rngs=nnx.Rngs(0))))
+
+    def build() -> nnx.Module:
+        m = model_class(cfg)(cfg, rngs=nnx.Rngs(0))
+        if pruned is not None:  # its masks and scores are in the checkpoint too
+            pruned.attach(m)
+        return m
+
+    graphdef, state = nnx.split(nnx.eval_shape(build))
     read = ckpt.reader(merge_lora=True)  # a LoRA run is served with its adapters merged
     pure = nnx.to_pure_dict(state)
     flat, treedef = jax.tree_util.tree_flatten_with_path(pure)
@@ -64,7 +72,24 @@ def _from_checkpoint(path: str) -> nnx.Module:
                              f"model config says {tuple(leaf.shape)}")
         loaded.append(value)
     nnx.replace_by_pure_dict(state, jax.tree_util.tree_unflatten(treedef, loaded))
-    return nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef, state)
+    if pruned is not None:  # served as pruned: the masks' zeros, or the smaller model
+        from jds.compression.pruning import clean
+
+        model = clean(model, pruned)
+    return model
+
+
+def _pruning_of(ckpt: Any, abstract: nnx.Module) -> Any:
+    """The pruning plan a checkpoint's run trained with (None without pruning)."""
+    from jds.compression.pruning import plan
+    from jds.config.compression import CompressionConfig
+
+    section = (ckpt.meta.get("config") or {}).get("compression_training")
+    if not section:
+        return None
+    cc = CompressionConfig.model_validate(section)
+    return plan(abstract, cc) if cc.prunes else None
 
 
 def source_dtype(model: nnx.Module | str | os.PathLike) -> str:

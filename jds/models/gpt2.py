@@ -180,6 +180,9 @@ class GPT2Layers(nnx.Module):
     LORA_DEFAULT_TARGETS = ("wq", "wk", "wv")  # PEFT's default for GPT-2: c_attn
     HF_PREFIX = "transformer.h"  # the Hugging Face module path of layer i: HF_PREFIX.i
     HF_FAN_IN_FAN_OUT = True  # HF stores these matrices [in, out] (Conv1D)
+    # redundancy_clean's physical removal (jds.compression.pruning); no PRUNABLE_HEADS: the
+    # head size is n_embd / n_head
+    PRUNABLE_MLP = (("w_fc",), "w_proj", "n_inner")
 
     def __init__(self, cfg: GPT2Config, *, rngs: nnx.Rngs, param_dtype: Any) -> None:
         L, D, F = cfg.n_layer, cfg.n_embd, cfg.inner_size

@@ -282,6 +282,12 @@ class LlamaLayers(nnx.Module):
     LORA_DEFAULT_TARGETS = ("wq", "wv")  # PEFT's default for Llama: q_proj, v_proj
     HF_PREFIX = "model.layers"  # the Hugging Face module path of layer i: HF_PREFIX.i
     HF_FAN_IN_FAN_OUT = False  # HF stores these matrices [out, in] (nn.Linear)
+    # redundancy_clean's physical removal (jds.compression.pruning): the MLP's input
+    # matrices, its output matrix and the config field of their size; the attention's q/k/v,
+    # its output, the head-count fields and the head-size field
+    PRUNABLE_MLP = (("w_gate", "w_up"), "w_down", "intermediate_size")
+    PRUNABLE_HEADS = (("wq", "wk", "wv"), "wo", ("num_attention_heads", "num_key_value_heads"),
+                      "head_dim")
 
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, param_dtype: Any) -> None:
         L, D, F = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size

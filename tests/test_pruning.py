@@ -1,0 +1,271 @@
+"""DeepSpeed Compression's pruning in jds: sparse, row, head and channel pruning.
+
+The fixtures come from DeepSpeed 0.16.0's own compression code
+(scripts/make_compression_fixtures.py, ``pruning``): an MLP and a CNN pruned as its engine
+runs them (masks and scores after ``init_compression``, 12 AdamW steps, ``redundancy_clean``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jds
+from jds.compression.pruning import STATE
+from jds.config import ConfigError
+
+FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "ds_compression.json").read_text())
+PRUNING = FIXTURE["pruning"]
+
+
+def _np(x):
+    return np.asarray(x, np.float32)
+
+
+class Seq(nnx.Module):
+    """DeepSpeed's ``torch.nn.Sequential`` as a user's NNX model: ``layers.0`` and
+    ``layers.2`` are its modules ``0`` and ``2``."""
+
+    def __init__(self, kind: str, rngs: nnx.Rngs):
+        self.kind = kind
+        if kind == "mlp":
+            self.layers = nnx.List([nnx.Linear(12, 16, rngs=rngs), jax.nn.relu,
+                                    nnx.Linear(16, 4, rngs=rngs)])
+        else:
+            self.layers = nnx.List([
+                nnx.Conv(3, 8, (3, 3), padding="VALID", rngs=rngs), jax.nn.relu,
+                nnx.Conv(8, 4, (3, 3), padding="VALID", rngs=rngs)])
+
+    def __call__(self, x):
+        if self.kind == "cnn":
+            x = x.transpose(0, 2, 3, 1)  # the fixture's NCHW batches
+        for f in self.layers:
+            x = f(x)
+        return x if self.kind == "mlp" else x.mean(axis=(1, 2))
+
+
+def _mse(model, batch):
+    return jnp.mean((model(batch["x"]) - batch["y"]) ** 2)
+
+
+def _to_jds(name: str, v: np.ndarray) -> np.ndarray:
+    """A DeepSpeed weight or score tensor in jds's layout."""
+    if v.ndim == 4 and name.endswith(("weight", "sparse_mask_scores", "sparse_pruning_mask")):
+        return v.transpose(2, 3, 1, 0)  # [out, in, kh, kw] -> [kh, kw, in, out]
+    if name.endswith(("row_mask_scores", "head_pruning_scores", "channel_mask_scores",
+                      "row_pruning_mask", "channel_pruning_mask")):
+        return v.reshape(-1)
+    return v.T if v.ndim == 2 else v
+
+
+def _patterns(section: dict) -> dict:
+    """DeepSpeed's module names ``0`` / ``^0$`` as jds's paths ``layers.0``."""
+    text = json.dumps(section)
+    text = re.sub(r'"\^?(\d)\$?"', r'"layers.\1$"', text)
+    return json.loads(text)
+
+
+def _engine_for(fx: dict):
+    model = Seq(fx["model"], nnx.Rngs(0))
+    for i in (0, 2):
+        m = model.layers[i]
+        m.kernel.set_value(jnp.asarray(_to_jds("weight", _np(fx["init"][f"{i}.weight"]))))
+        m.bias.set_value(jnp.asarray(_np(fx["init"][f"{i}.bias"])))
+    config = {"train_batch_size": len(fx["data"][0][0]), "gradient_clipping": 0.0,
+              "optimizer": {"type": "AdamW", "params": {"lr": 0.05, "betas": [0.9, 0.999],
+                                                        "eps": 1e-8, "weight_decay": 0.01}},
+              "compression_training": _patterns(fx["compression_training"])}
+    jds.compression.init_compression(model, config)  # masks from these weights, scores
+    state = getattr(model, STATE)
+    for name, v in fx["compressed"].items():
+        i, what = name.split(".", 1)
+        kind = {"sparse_mask_scores": "sparse", "row_mask_scores": "row",
+                "head_pruning_scores": "head", "channel_mask_scores": "channel",
+                "sparse_pruning_mask": "sparse", "row_pruning_mask": "row",
+                "channel_pruning_mask": "channel"}.get(what)
+        if kind is None:
+            continue
+        var = getattr(state, f"{kind}__layers__{i}__kernel")
+        ours = np.asarray(var.get_value())
+        theirs = _to_jds(what, _np(v))
+        if what.endswith("mask"):  # l1: computed from the same weights as DeepSpeed
+            np.testing.assert_array_equal(ours.astype(np.float32), theirs, err_msg=name)
+        else:  # topk: DeepSpeed's torch-initialised scores, so the runs can be compared
+            assert ours.shape == theirs.shape
+            var.set_value(jnp.asarray(theirs))
+    return model, config
+
+
+@pytest.mark.parametrize("name", sorted(PRUNING))
+def test_pruning_a_users_model_matches_deepspeed(name):
+    """A user's NNX model pruned through ``jds.initialize`` gives DeepSpeed's losses step by
+    step (masks switched on at each technique's schedule_offset; topk scores trained by the
+    straight-through estimator), and ``redundancy_clean`` gives DeepSpeed's smaller model."""
+    fx = PRUNING[name]
+    model, config = _engine_for(fx)
+    engine = jds.initialize(model, config, loss_fn=_mse, devices=jax.devices()[:1])
+    losses = [engine.train_batch({"x": _np(x), "y": _np(y)})["loss"] for x, y in fx["data"]]
+    np.testing.assert_allclose(losses, fx["losses"], rtol=2e-5, atol=2e-6)
+
+    trained = engine.model
+    clean = jds.compression.redundancy_clean(trained, config)
+    assert not hasattr(clean, STATE) and hasattr(trained, STATE)
+    for i in (0, 2):
+        w = _to_jds("weight", _np(fx["clean"][f"{i}.weight"]))
+        np.testing.assert_allclose(np.asarray(clean.layers[i].kernel.get_value()), w,
+                                   rtol=1e-4, atol=2e-5, err_msg=f"{name} layer {i}")
+        np.testing.assert_allclose(np.asarray(clean.layers[i].bias.get_value()),
+                                   _np(fx["clean"][f"{i}.bias"]), rtol=1e-4, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(clean(_np(fx["data"][0][0]))),
+                               _np(fx["clean_output"]), rtol=1e-4, atol=2e-5)
+    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(clean, nnx.Param)))
+    n_ds = sum(_np(v).size for v in fx["clean"].values())
+    assert n_params == n_ds
+
+
+def _llama(**kw):
+    from jds.models.llama import Llama, LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                      max_position_embeddings=64, **kw)
+    return Llama(cfg, rngs=nnx.Rngs(0))
+
+
+def _prune_cfg(**sections):
+    return {"train_batch_size": 8, "optimizer": {"type": "AdamW", "params": {"lr": 3e-3}},
+            "compression_training": sections}
+
+
+_ROWS = {"row_pruning": {
+    "shared_parameters": {"enabled": True, "method": "topk", "schedule_offset": 1},
+    "different_groups": {"rp1": {"params": {"dense_ratio": 0.5}, "modules": ["mlp.up_proj"],
+                                 "related_modules": [["mlp.down_proj"]]}}}}
+_HEADS = {"head_pruning": {
+    "shared_parameters": {"enabled": True, "method": "topk", "num_heads": 4,
+                          "schedule_offset": 0},
+    "different_groups": {"hp1": {"params": {"dense_ratio": 0.5},
+                                 "modules": ["self_attn.o_proj"],
+                                 "related_modules": [["q_proj", "k_proj", "v_proj"]]}}}}
+_SPARSE = {"sparse_pruning": {
+    "shared_parameters": {"enabled": True, "method": "l1", "schedule_offset": 0},
+    "different_groups": {"sp1": {"params": {"dense_ratio": 0.25}, "modules": ["gate_proj"]}}}}
+
+
+def _batch(n=8, t=16, seed=0):
+    return {"input_ids": np.random.default_rng(seed).integers(0, 64, (n, t)).astype(np.int32)}
+
+
+def test_llama_pruned_under_zero3_equals_one_device_and_cleans_to_a_smaller_model():
+    """Row (MLP, topk), head (topk) and sparse (l1) pruning on jds's Llama: ZeRO-3 on 8
+    devices gives the 1-device losses; the pruned model evaluates like the masked one, and
+    ``redundancy_clean`` removes half the MLP channels and heads (config and parameter
+    count shrink) with the same logits."""
+    config = _prune_cfg(**_ROWS, **_HEADS, **_SPARSE)
+
+    def run(layout, devices):
+        engine = jds.initialize(_llama(), {**config, **layout}, devices=devices)
+        losses = [engine.train_batch(_batch(seed=i))["loss"] for i in range(3)]
+        return engine, losses
+
+    one, l1 = run({}, jax.devices()[:1])
+    eight, l8 = run({"zero_optimization": {"stage": 3}, "mesh": {"fsdp": 8}}, jax.devices())
+    np.testing.assert_allclose(l8, l1, rtol=2e-5)
+    assert len(set(np.round(l1, 6))) == 3
+
+    trained = one.model
+    clean = jds.compression.redundancy_clean(trained, config)
+    cfg = clean.config
+    assert (cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads,
+            cfg.head_dim) == (24, 2, 2, 8)
+    assert clean.layers.w_gate.shape == (2, 32, 24) and clean.layers.wo.shape == (2, 2, 8, 32)
+    count = lambda m: sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param)))  # noqa: E731
+    assert count(clean) < count(trained) - 2 * (3 * 32 * 24 + 4 * 32 * 16)
+    # the same config without related_modules zeroes the pruned weights in place instead
+    in_place = json.loads(json.dumps(config))
+    for sec in ("row_pruning", "head_pruning"):
+        for g in in_place["compression_training"][sec]["different_groups"].values():
+            g.pop("related_modules")
+    zeroed = jds.compression.redundancy_clean(trained, in_place)
+    assert zeroed.layers.w_gate.shape == trained.layers.w_gate.shape
+    # the engine's forward (masks applied), the zeroed and the smaller model agree
+    ids = _batch(2, 16, seed=9)["input_ids"]
+    masked = np.asarray(one.predict(ids))
+    np.testing.assert_allclose(np.asarray(zeroed(ids)), masked, rtol=2e-4, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(clean(ids)), masked, rtol=2e-4, atol=2e-5)
+    assert not np.allclose(np.asarray(trained(ids)), masked, atol=1e-3)
+
+
+def test_pruning_config_errors_name_the_key():
+    def refused(sections, match, model=None):
+        with pytest.raises(ConfigError, match=match):
+            jds.initialize(model or _llama(), _prune_cfg(**sections),
+                           devices=jax.devices()[:1])
+
+    refused({"row_pruning": {"shared_parameters": {"enabled": True},
+                             "different_groups": {"g": {"params": {"dense_ratio": 0},
+                                                        "modules": ["up_proj"]}}}},
+            r"dense_ratio 0(\.0)? is outside \(0, 1\]")
+    refused({"row_pruning": {"shared_parameters": {"enabled": True},
+                             "different_groups": {"g": {"params": {"dense_ratio": 0.5},
+                                                        "modules": ["nothing_here"]}}}},
+            r"row_pruning.different_groups.g.modules: 'nothing_here' matches no linear")
+    refused({"channel_pruning": {"shared_parameters": {"enabled": True},
+                                 "different_groups": {"g": {"params": {"dense_ratio": 0.5},
+                                                            "modules": ["up_proj"]}}}},
+            "matches no conv module")
+    refused({"head_pruning": {"shared_parameters": {"enabled": True, "num_heads": 3},
+                              "different_groups": {"g": {"params": {"dense_ratio": 0.5},
+                                                         "modules": ["o_proj"]}}}},
+            "num_heads=3 does not divide the 32 input features")
+    refused({"head_pruning": {"shared_parameters": {"enabled": True, "method": "l1",
+                                                    "num_heads": 4}}},
+            "learns a score per head")
+    refused({"sparse_pruning": {"shared_parameters": {"enabled": True,
+                                                      "method": "snip_momentum"}}},
+            "Intel Neural Compressor")
+    refused({"row_pruning": {"shared_parameters": {"enabled": True},
+                             "different_groups": {"g": {"params": {"dense_ratio": 0.5},
+                                                        "modules": ["layers.0.w_up"],
+                                                        "related_modules": [["down_proj"]]}}}},
+            "prunes only some layers")
+    # a removal the model cannot express: heads of a grouped-query Llama
+    from jds.models.llama import Llama, LlamaConfig
+
+    gqa = Llama(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                            max_position_embeddings=64), rngs=nnx.Rngs(0))
+    config = _prune_cfg(**_HEADS)
+    engine = jds.initialize(gqa, config, devices=jax.devices()[:1])
+    with pytest.raises(ConfigError, match="needs multi-head attention"):
+        jds.compression.redundancy_clean(engine.model, config)
+
+
+def test_a_pruned_run_serves_as_its_cleaned_model(tmp_path):
+    """``init_inference(run_folder)`` (what ``jds serve RUN`` calls) loads a pruned run's
+    masks and scores from its checkpoint and serves ``redundancy_clean``'s smaller model."""
+    from jds.inference.loading import load_model
+
+    config = _prune_cfg(**_ROWS)
+    engine = jds.initialize(_llama(), config, devices=jax.devices()[:1])
+    for i in range(2):
+        engine.train_batch(_batch(seed=i))
+    engine.save_checkpoint(tmp_path / "checkpoints")
+    clean = jds.compression.redundancy_clean(engine.model, config)
+    engine.close()
+
+    served = load_model(str(tmp_path))
+    assert served.config.intermediate_size == 24 and not hasattr(served, STATE)
+    for a, b in zip(jax.tree.leaves(nnx.state(served, nnx.Param)),
+                    jax.tree.leaves(nnx.state(clean, nnx.Param)), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    engine = jds.init_inference(str(tmp_path), {"dtype": "float32", "max_tokens": 32,
+                                                "max_seqs": 1})
+    assert len(engine.generate([[1, 2, 3]], 4)[0]) == 4
