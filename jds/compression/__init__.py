@@ -4,11 +4,11 @@ Built so far: weight quantization-aware training with MoQ's bit schedule
 (``weight_quantization``, and MoQ's own ``quantize_training`` section) on any NNX model,
 with DeepSpeed's quantizer numerics (``quantizers``) and schedule
 (``weight_quantization``); sparse, row, head and channel pruning with ``l1`` or learned
-``topk`` masks, removed physically by ``redundancy_clean`` (``pruning``). The engine applies the config's section itself
-(``jds.initialize(model, config)``); ``init_compression`` / ``redundancy_clean`` are
-DeepSpeed's two calls around training:
+``topk`` masks, removed physically by ``redundancy_clean`` (``pruning``). The engine
+applies the config's section itself (``jds.initialize(model, config)``);
+``init_compression`` / ``redundancy_clean`` are DeepSpeed's two calls around training:
 
-    model = jds.compression.init_compression(model, "ds_config.json")   # checks the config
+    model = jds.compression.init_compression(model, "ds_config.json")   # checks, adds masks
     engine = jds.initialize(model, "ds_config.json")                      # trains with MoQ
     ...
     small = jds.compression.redundancy_clean(engine.model, "ds_config.json")  # target bits,
