@@ -35,6 +35,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jds.checkpoint.engine_io import EngineCheckpoints
 from jds.checkpoint.orbax import Checkpointer
+from jds.compression.distillation import STUDENT, Distillation, distillation_loss
 from jds.compression.pruning import STATE as PRUNING_STATE
 from jds.compression.pruning import PruningPlan
 from jds.compression.pruning import plan as pruning_plan
@@ -120,9 +121,13 @@ class TrainEngine(EngineCheckpoints):
         if cfg.lora.enabled or cfg.progressive_layer_drop.enabled or (
                 cfg.compression_training.prunes):
             module, factory = _prepared_model(module, factory, cfg)
-        if trainable is None:  # a model with adapters trains them; any other every parameter
-            trainable = nnx.LoRAParam if is_adapted(module) else nnx.Param
+        if trainable is None:  # a model with adapters trains them; a distillation its
+            # student; any other every parameter
+            trainable = (nnx.LoRAParam if is_adapted(module) else
+                         STUDENT if isinstance(module, Distillation) else nnx.Param)
         self.trainable = trainable
+        if loss_fn is None and isinstance(module, Distillation):
+            loss_fn = distillation_loss(vocab_size=base.vocab_size_of(module.student))
         self.loss = base.as_loss(loss_fn, module)
         try:
             self.offload = offload_plan(cfg.zero_optimization, self.mesh.devices.flat)
@@ -739,11 +744,13 @@ def initialize(
         (built abstractly, then materialised sharded).
       config: ``ds_config.json`` path, dict, or ``jds.Config``; None = defaults.
       loss_fn: ``loss_fn(model, batch) -> loss | (loss, {name: metric})``, the mean loss of
-        a micro-batch (a scalar); default the causal-LM loss for jds's language models.
+        a micro-batch (a scalar); default the causal-LM loss for jds's language models
+        (``jds.compression.distillation_loss()`` for a ``Distillation`` of them).
       trainable: an nnx filter choosing the parameters that train (default: the LoRA
         adapters, ``nnx.LoRAParam``, when the model has any or the config's ``lora`` section
-        adds them; else every ``nnx.Param``); the others are frozen: no master copy,
-        optimizer state or gradient.
+        adds them; the student's parameters for a ``jds.compression.Distillation``; else
+        every ``nnx.Param``); the others are frozen: no master copy, optimizer state or
+        gradient.
       devices: devices for the mesh; default all (every process's, in a multi-host job:
         ``jds.init_distributed`` joins it first when the environment says so).
 

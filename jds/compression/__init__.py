@@ -14,8 +14,11 @@ applies the config's section itself (``jds.initialize(model, config)``);
     small = jds.compression.redundancy_clean(engine.model, "ds_config.json")  # target bits,
                                                                               # pruned away
 
-Activation quantization and layer reduction are not built yet: a config that enables them
-is refused with an error naming the key.
+Layer reduction: ``init_compression(student, config, teacher_model=teacher)`` copies the
+chosen teacher layers into the student; ``Distillation(student, teacher)`` with
+``distillation_loss()`` trains it against the frozen teacher in one compiled step
+(``distillation``). Activation quantization is not built yet: a config that enables it is
+refused with an error naming the key.
 """
 
 from __future__ import annotations
@@ -27,6 +30,12 @@ from typing import Any
 from flax import nnx
 
 from jds.compression import pruning, quantizers
+from jds.compression.distillation import (
+    STUDENT,
+    Distillation,
+    distillation_loss,
+    student_initialization,
+)
 from jds.compression.pruning import PruningMask, PruningPlan, PruningScores
 from jds.compression.weight_quantization import (
     MoQSchedule,
@@ -58,8 +67,10 @@ def init_compression(model: nnx.Module, deepspeed_config: str | os.PathLike | Ma
     Args:
       model: any NNX model.
       deepspeed_config: a config path, dict or ``Config``.
-      teacher_model: for ``layer_reduction``, which jds does not build yet (the config is
-        refused when it enables it).
+      teacher_model: for ``layer_reduction``: the model whose ``teacher_layer`` layers and
+        ``other_module_name`` modules are copied into ``model`` (in place, as DeepSpeed's
+        ``student_initialization``); train the student against it with
+        ``Distillation(model, teacher_model)`` and ``distillation_loss()``.
       mpu: DeepSpeed's model-parallel unit; jds's tensor parallelism comes from the mesh,
         so it must be None.
 
@@ -75,7 +86,16 @@ def init_compression(model: nnx.Module, deepspeed_config: str | os.PathLike | Ma
         pr = pruning.plan(model, cfg.compression_training, seed=int(cfg.seed))
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if pr is not None:
+    lr = cfg.compression_training.layer_reduction
+    if lr.enabled:
+        if teacher_model is None:
+            raise ConfigError("compression_training.layer_reduction is enabled: pass "
+                              "init_compression(student, config, teacher_model=teacher)")
+        try:
+            student_initialization(model, teacher_model, lr)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    if pr is not None:  # after layer reduction: l1 masks from the student's new weights
         pr.attach(model)
     return model
 
@@ -114,6 +134,7 @@ def redundancy_clean(model: nnx.Module, deepspeed_config: str | os.PathLike | Ma
     return out
 
 
-__all__ = ["MoQSchedule", "PruningMask", "PruningPlan", "PruningScores", "QuantizationPlan",
-           "init_compression", "plan", "pruning", "quantization_step", "quantizers",
-           "redundancy_clean", "targets"]
+__all__ = ["STUDENT", "Distillation", "MoQSchedule", "PruningMask", "PruningPlan",
+           "PruningScores", "QuantizationPlan", "distillation_loss", "init_compression", "plan",
+           "pruning", "quantization_step", "quantizers", "redundancy_clean",
+           "student_initialization", "targets"]

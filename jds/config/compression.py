@@ -1,10 +1,10 @@
 """DeepSpeed's ``compression_training`` section, and MoQ's older ``quantize_training``.
 
 The keys and defaults are DeepSpeed 0.16's (``deepspeed/compression/constants.py``).
-``weight_quantization`` is built (``jds.compression``: quantization-aware training with
-MoQ's bit schedule); the other techniques (``activation_quantization``, the pruning
-methods, ``layer_reduction``) are accepted when off and refused with an error naming the key
-when enabled, since jds does not build them yet.
+``weight_quantization`` (quantization-aware training with MoQ's bit schedule), the four
+pruning techniques and ``layer_reduction`` are built (``jds.compression``);
+``activation_quantization`` is accepted when off and refused with an error naming the key
+when enabled, since jds does not build it yet.
 
 ``quantize_training`` (MoQ's own section: ``quantize_bits``, ``quantize_schedule``,
 ``quantize_groups``, ``quantize_algo``, ``fp16_mixed_quantize``, ``quantize_verbose``,
@@ -221,7 +221,34 @@ HeadPruning = _pruning_section(HeadPruningShared, "head_pruning")
 ChannelPruning = _pruning_section(PruningShared, "channel_pruning")
 PRUNING = ("sparse_pruning", "row_pruning", "head_pruning", "channel_pruning")
 
-_NOT_BUILT = ("activation_quantization", "layer_reduction")
+class LayerReduction(_Section):
+    """``layer_reduction``: a student with ``keep_number_layer`` layers initialised from the
+    teacher's ``teacher_layer`` layers (``jds.compression.init_compression(student, config,
+    teacher_model=teacher)``; the engine itself ignores the section, as DeepSpeed's does)."""
+
+    enabled: Bool = Field(False, description="Initialise the student from teacher layers.")
+    keep_number_layer: Int | None = Field(None, ge=1, description="The student's layers.")
+    module_name_prefix: str = Field("", description="The layers' module name before the "
+                                    "index (model.layers, transformer.h, or an attribute path).")
+    teacher_layer: list[Int] = Field(default_factory=list, description="The teacher layer "
+                                     "copied into each student layer.")
+    other_module_name: list[str] = Field(default_factory=list, description="Modules copied "
+                                         "whole (embeddings, final norm, head).")
+
+    @model_validator(mode="after")
+    def _check(self) -> LayerReduction:
+        if not self.enabled:
+            return self
+        if self.keep_number_layer is None or not self.module_name_prefix:
+            raise ValueError("layer_reduction needs keep_number_layer and module_name_prefix")
+        if len(self.teacher_layer) != self.keep_number_layer:
+            raise ValueError(f"teacher_layer has {len(self.teacher_layer)} entries for "
+                             f"keep_number_layer {self.keep_number_layer}; give one teacher "
+                             "layer per student layer")
+        return self
+
+
+_NOT_BUILT = ("activation_quantization",)
 
 
 class CompressionConfig(_Section):
@@ -233,17 +260,16 @@ class CompressionConfig(_Section):
     row_pruning: RowPruning = Field(default_factory=RowPruning)
     head_pruning: HeadPruning = Field(default_factory=HeadPruning)
     channel_pruning: ChannelPruning = Field(default_factory=ChannelPruning)
-    layer_reduction: dict[str, Any] | None = None
+    layer_reduction: LayerReduction = Field(default_factory=LayerReduction)
 
     @model_validator(mode="after")
     def _built(self) -> CompressionConfig:
         for key in _NOT_BUILT:
             section = getattr(self, key) or {}
-            enabled = section.get("enabled", False) if key == "layer_reduction" else (
-                section.get("shared_parameters", {}).get("enabled", False))
-            if enabled:
+            if section.get("shared_parameters", {}).get("enabled", False):
                 raise ValueError(f"compression_training.{key} is not built in jds yet (weight "
-                                 "quantization and pruning are); set its enabled false")
+                                 "quantization, pruning and layer reduction are); set its "
+                                 "enabled false")
         return self
 
     @property

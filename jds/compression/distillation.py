@@ -1,0 +1,183 @@
+"""Layer reduction with knowledge distillation (DeepSpeed's ``layer_reduction``, XTC).
+
+**Student initialisation** (``student_initialization``, which ``init_compression`` calls
+with ``teacher_model``): DeepSpeed copies teacher layer ``teacher_layer[i]`` into student
+layer ``i`` (the modules ``<module_name_prefix>.<i>``) and the ``other_module_name``
+modules whole. jds's stacked decoders hold every layer in one array per matrix, so
+``module_name_prefix`` names the stack (``model.layers`` / ``transformer.h`` as Hugging
+Face, or jds's ``layers``) and the student's arrays become the teacher's rows
+``teacher_layer``; ``other_module_name`` takes Hugging Face names (``model.embed_tokens``,
+``model.norm``, ``lm_head``, ``transformer.wte``, ``transformer.wpe``, ``transformer.ln_f``)
+or attribute paths. Any other model: ``<prefix>.<i>`` are attribute paths to sub-modules
+(an ``nnx.List`` of blocks, say) whose parameters are copied.
+
+**Distillation in the same compiled step.** DeepSpeed leaves the distillation loss to the
+user's script (its examples run the teacher's forward beside the student's). jds builds it:
+``Distillation(student, teacher)`` is one model whose ``teacher`` is frozen (the engine's
+default ``trainable`` for it is the student's parameters), so the teacher is sharded like
+any frozen parameters (ZeRO-3 splits it too) and its forward runs inside the student's
+compiled train step; ``distillation_loss`` is the loss: ``alpha * T^2 * KL(teacher_T ||
+student_T) + (1 - alpha) * cross-entropy`` per token (Hinton et al.'s soft targets at
+temperature ``T``), reported as ``kd`` and ``ce``. Under ZeRO-3 the wrapper is not itself a
+stacked decoder, so its parameters are gathered whole for the forward pass rather than
+layer by layer. Hidden-state distillation is not built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jds.models import base
+
+_HF_TOP = {"model.embed_tokens": ("embed_tokens",), "model.norm": ("norm",),
+           "lm_head": ("lm_head",), "transformer.wte": ("wte",), "transformer.wpe": ("wpe",),
+           "transformer.ln_f": ("ln_f_scale", "ln_f_bias")}
+
+
+class Distillation(nnx.Module):
+    """A student trained against a frozen teacher: ``model(x)`` is the student's output;
+    ``jds.initialize(Distillation(student, teacher), config,
+    loss_fn=distillation_loss())`` trains the student only (``engine.model.student``)."""
+
+    def __init__(self, student: nnx.Module, teacher: nnx.Module) -> None:
+        self.student = student
+        self.teacher = teacher
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.student(*args, **kwargs)
+
+
+STUDENT = nnx.All(nnx.Param, nnx.PathContains("student"))  # Distillation's trainable filter
+
+
+def distillation_loss(temperature: float = 1.0, alpha: float = 0.5,
+                      vocab_size: int | None = None) -> base.Loss:
+    """The causal-LM distillation loss of a ``Distillation`` model, per valid target token:
+    ``alpha * T**2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * CE``
+    (labels as the causal-LM loss reads them: ``labels`` with -100 ignored, else
+    ``input_ids``). The teacher's logits carry no gradient.
+
+    Raises:
+      ValueError: ``temperature <= 0`` or ``alpha`` outside ``[0, 1]``.
+    """
+    if temperature <= 0:
+        raise ValueError(f"distillation temperature must be > 0; got {temperature}")
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"distillation alpha must be in [0, 1]; got {alpha}")
+    t = float(temperature)
+
+    def fn(model: Distillation, batch: Mapping[str, jax.Array]):
+        ids_BT = batch["input_ids"]
+        student_BTV = model.student(ids_BT)
+        teacher_BTV = jax.lax.stop_gradient(model.teacher(ids_BT))
+        ce_sum, _ = base.causal_lm_loss_sum(student_BTV, ids_BT, batch.get("labels"))
+        labels_BT = batch.get("labels", ids_BT)
+        valid_BT = labels_BT[:, 1:] != base.IGNORE_INDEX  # the positions the CE counts
+        log_s = jax.nn.log_softmax(student_BTV[:, :-1].astype(jnp.float32) / t, axis=-1)
+        log_t = jax.nn.log_softmax(teacher_BTV[:, :-1].astype(jnp.float32) / t, axis=-1)
+        kl_BT = jnp.sum(jnp.exp(log_t) * (log_t - log_s), axis=-1)
+        kd_sum = t * t * jnp.sum(jnp.where(valid_BT, kl_BT, 0.0))
+        return alpha * kd_sum + (1 - alpha) * ce_sum, {"kd": kd_sum, "ce": ce_sum}
+
+    return base.Loss(fn=fn, weight=base.valid_targets, per_example=True,
+                     weight_metric="tokens",
+                     check=lambda batch: base.check_lm_batch(batch, vocab_size))
+
+
+def _stack_path(model: nnx.Module, prefix: str) -> tuple | None:
+    """The path of ``model``'s stacked layers named by ``prefix`` (None: not a stack)."""
+    for path, m in nnx.iter_modules(model):
+        cls = type(m)
+        if getattr(cls, "LINEARS", None) and getattr(cls, "HF_PREFIX", None):
+            if prefix in (cls.HF_PREFIX, ".".join(map(str, path))):
+                return tuple(path)
+    return None
+
+
+def _attr(model: nnx.Module, dotted: str, where: str) -> Any:
+    node = model
+    for k in dotted.split("."):
+        try:
+            node = node[int(k)] if k.isdigit() else getattr(node, k)
+        except (AttributeError, IndexError, KeyError, TypeError):
+            raise ValueError(f"{where}: {type(model).__name__} has no {dotted!r}") from None
+    return node
+
+
+def _copy(dst: Any, src: Any, where: str) -> None:
+    if isinstance(src, nnx.Variable):
+        if tuple(dst.get_value().shape) != tuple(src.get_value().shape):
+            raise ValueError(f"{where}: shapes differ, student {tuple(dst.get_value().shape)} "
+                             f"vs teacher {tuple(src.get_value().shape)}")
+        dst.set_value(src.get_value())
+        return
+    s_state, t_state = nnx.state(dst, nnx.Param), nnx.state(src, nnx.Param)
+    s_flat, t_flat = dict(nnx.to_flat_state(s_state)), dict(nnx.to_flat_state(t_state))
+    if set(s_flat) != set(t_flat):
+        raise ValueError(f"{where}: the student's and teacher's modules differ in structure")
+    for k, v in t_flat.items():
+        if s_flat[k].get_value().shape != v.get_value().shape:
+            raise ValueError(f"{where}: {'/'.join(map(str, k))} shapes differ, student "
+                             f"{s_flat[k].get_value().shape} vs teacher {v.get_value().shape}")
+    nnx.update(dst, t_state)
+
+
+def student_initialization(student: nnx.Module, teacher: nnx.Module, section: Any) -> None:
+    """DeepSpeed's ``student_initialization``: copy the teacher's ``teacher_layer`` layers
+    and ``other_module_name`` modules into ``student`` in place (see the module docstring).
+
+    Args:
+      section: the config's ``layer_reduction`` section (``jds.config.compression``).
+
+    Raises:
+      ValueError: a layer index outside the teacher, a student whose layer count is not
+        ``keep_number_layer``, a prefix or module name that is not in the models, shapes
+        that differ.
+    """
+    key = "compression_training.layer_reduction"
+    layers = list(section.teacher_layer)
+    stack = _stack_path(teacher, section.module_name_prefix)
+    if stack is not None:
+        t_stack = _attr(teacher, ".".join(map(str, stack)), key)
+        s_stack = _attr(student, ".".join(map(str, stack)), key)
+        t_state = nnx.to_flat_state(nnx.state(t_stack, nnx.Param))
+        n_teacher = int(next(iter(t_state))[1].get_value().shape[0])
+        s_flat = dict(nnx.to_flat_state(nnx.state(s_stack, nnx.Param)))
+        n_student = int(next(iter(s_flat.values())).get_value().shape[0])
+        _check_layers(layers, n_teacher, n_student, section.keep_number_layer, key)
+        idx = np.asarray(layers)
+        for k, v in t_state:
+            if k not in s_flat:
+                raise ValueError(f"{key}: the student's layers have no {'/'.join(map(str, k))}")
+            _copy(s_flat[k], type(v)(jnp.asarray(v.get_value())[idx]), f"{key}: layers/{k}")
+    else:
+        t_blocks = _attr(teacher, section.module_name_prefix, f"{key}.module_name_prefix")
+        s_blocks = _attr(student, section.module_name_prefix, f"{key}.module_name_prefix")
+        _check_layers(layers, len(t_blocks), len(s_blocks), section.keep_number_layer, key)
+        for i, t in enumerate(layers):
+            _copy(s_blocks[i], t_blocks[t], f"{key}: {section.module_name_prefix}.{i}")
+    for name in section.other_module_name:
+        attrs = _HF_TOP.get(name, (name,)) if stack is not None else (name,)
+        for a in attrs:
+            _copy(_attr(student, a, f"{key}.other_module_name"),
+                  _attr(teacher, a, f"{key}.other_module_name"),
+                  f"{key}.other_module_name {name!r}")
+
+
+def _check_layers(layers: list[int], n_teacher: int, n_student: int, keep: int,
+                  key: str) -> None:
+    if any(not 0 <= t < n_teacher for t in layers):
+        raise ValueError(f"{key}.teacher_layer {layers} names layers outside the teacher's "
+                         f"{n_teacher} (0 to {n_teacher - 1})")
+    if n_student != keep:
+        raise ValueError(f"{key}.keep_number_layer is {keep} but the student has "
+                         f"{n_student} layers; build the student with {keep}")
+
+
+__all__ = ["STUDENT", "Distillation", "distillation_loss", "student_initialization"]
