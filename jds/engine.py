@@ -35,6 +35,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jds.checkpoint.engine_io import EngineCheckpoints
 from jds.checkpoint.orbax import Checkpointer
+from jds.compression.activation import plan as activation_plan
 from jds.compression.distillation import STUDENT, Distillation, distillation_loss
 from jds.compression.pruning import STATE as PRUNING_STATE
 from jds.compression.pruning import PruningPlan
@@ -119,7 +120,7 @@ class TrainEngine(EngineCheckpoints):
             raise ConfigError("progressive_layer_drop with pipeline stages (mesh.stage "
                               f"{self.stages}) is not built; drop one of them")
         if cfg.lora.enabled or cfg.progressive_layer_drop.enabled or (
-                cfg.compression_training.prunes):
+                cfg.compression_training.changes_model):
             module, factory = _prepared_model(module, factory, cfg)
         if trainable is None:  # a model with adapters trains them; a distillation its
             # student; any other every parameter
@@ -691,8 +692,8 @@ def _prepared_model(module: nnx.Module, factory: Callable[[], nnx.Module] | None
     model (the caller's module is never changed), or inside its factory."""
     c, pld = cfg.lora, cfg.progressive_layer_drop
     comp = cfg.compression_training
-    if comp.prunes and (c.enabled or int(cfg.mesh.stage) > 1):
-        raise ConfigError("compression_training pruning with "
+    if comp.changes_model and (c.enabled or int(cfg.mesh.stage) > 1):
+        raise ConfigError("compression_training pruning or activation quantization with "
                           f"{'lora' if c.enabled else 'pipeline stages'} is not built; drop "
                           "one of them")
     if pld.enabled and not base.is_stacked_decoder(module):
@@ -717,6 +718,11 @@ def _prepared_model(module: nnx.Module, factory: Callable[[], nnx.Module] | None
             except ValueError as e:
                 raise ConfigError(str(e)) from None
             p.attach(m)
+        if comp.quantizes_activations:
+            try:
+                activation_plan(m, comp).attach(m)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         return m
 
     if factory is not None:

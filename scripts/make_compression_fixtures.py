@@ -19,6 +19,11 @@ imports reach the installed DeepSpeed's ``runtime`` and ``utils``), and records:
   pruning (``l1`` and ``topk``, with and without ``related_modules``) as DeepSpeed 0.16's
   engine runs it: masks and scores after ``init_compression``, the losses of 12 AdamW
   steps, and the model after ``redundancy_clean``.
+* ``activation``: the same runs with activation quantization (dynamic and static ranges,
+  alone and beside pruning / weight quantization in the forward pass).
+* ``ds_gpt2_compression/``: a 2-layer Hugging Face GPT-2 (its initial weights) compressed
+  with the shape of DeepSpeedExamples' GPT-2 config (weights and activations at 8 bits, MLP
+  rows pruned and removed), its losses and the cleaned model's logits.
 * ``schedules``: MoQ driven as DeepSpeed 0.16.0's engine drives it. ``init_compression``
   sets each weight's ``start_bits`` / ``target_bits`` / ``q_period``; the engine's first
   ``forward`` calls ``compression_scheduler.step(step_zero_check=True)`` and, once weight
@@ -290,6 +295,37 @@ PRUNINGS = {  # name: (model, compression_training)
 }
 
 
+ACTIVATIONS = {  # name: (model, compression_training)
+    "dynamic_asym_8_offset": ("mlp", {"activation_quantization": {
+        "shared_parameters": {"enabled": True, "quantization_type": "asymmetric",
+                              "range_calibration": "dynamic", "schedule_offset": 2},
+        "different_groups": {"aq1": {"params": {"bits": 8}, "modules": ["0", "2"]}}}}),
+    "static_sym_4": ("mlp", {"activation_quantization": {
+        "shared_parameters": {"enabled": True, "quantization_type": "symmetric",
+                              "range_calibration": "static", "schedule_offset": 1},
+        "different_groups": {"aq1": {"params": {"bits": 4}, "modules": ["2"]}}}}),
+    "conv_dynamic_sym_8_with_rows": ("cnn", {
+        "activation_quantization": {
+            "shared_parameters": {"enabled": True, "range_calibration": "dynamic",
+                                  "schedule_offset": 0},
+            "different_groups": {"aq1": {"params": {"bits": 8}, "modules": ["^2$"]}}},
+        "channel_pruning": {"shared_parameters": {"enabled": True, "method": "l1",
+                                                  "schedule_offset": 0},
+                            "different_groups": {"cp1": {"params": {"dense_ratio": 0.5},
+                                                         "modules": ["^0$"]}}}}),
+    "static_asym_8_with_weights": ("mlp", {
+        "activation_quantization": {
+            "shared_parameters": {"enabled": True, "quantization_type": "asymmetric",
+                                  "range_calibration": "static", "schedule_offset": 0},
+            "different_groups": {"aq1": {"params": {"bits": 8}, "modules": ["0"]}}},
+        "weight_quantization": {
+            "shared_parameters": {"enabled": True, "quantize_weight_in_forward": True,
+                                  "schedule_offset": 0, "quantize_groups": 4},
+            "different_groups": {"wq1": {"params": {"start_bits": 8, "target_bits": 8},
+                                         "modules": ["0", "2"]}}}}),
+}
+
+
 def _pruning(model_kind: str, section: dict) -> dict:
     """A small model pruned as DeepSpeed 0.16's engine runs it, in fp32: ``init_compression``
     replaces its modules (masks from the initial weights, scores initialised), the first
@@ -356,6 +392,7 @@ def _pruning(model_kind: str, section: dict) -> dict:
     redundancy_clean(model, config)
     final = {k: v.detach().clone() for k, v in model.state_dict().items()}
     x = data[0][0]
+    model.eval()  # a static activation range is read, not updated
     out = model(torch.tensor(x))
     if head == "mean":
         out = out.mean(dim=(2, 3))
@@ -366,6 +403,87 @@ def _pruning(model_kind: str, section: dict) -> dict:
             "trained": {k: v.float().numpy().tolist() for k, v in trained.items()},
             "clean": {k: v.numpy().tolist() for k, v in final.items()},
             "clean_output": out.detach().numpy().tolist()}
+
+
+GPT2_TUTORIAL = {  # DeepSpeedExamples' GPT-2 compression config's shape: W8A8 + MLP rows
+    "weight_quantization": {
+        "shared_parameters": {"enabled": True, "quantizer_kernel": False,
+                              "schedule_offset": 0, "quantize_groups": 1,
+                              "quantize_verbose": False, "quantization_type": "symmetric",
+                              "quantize_weight_in_forward": True, "rounding": "nearest",
+                              "fp16_mixed_quantize": {"enabled": False,
+                                                      "quantize_change_ratio": 0.001}},
+        "different_groups": {"wq1": {"params": {"start_bits": 8, "target_bits": 8,
+                                                "quantization_period": 50},
+                                     "modules": ["attn.c_proj", "mlp.c_fc", "mlp.c_proj"]}}},
+    "activation_quantization": {
+        "shared_parameters": {"enabled": True, "quantization_type": "symmetric",
+                              "range_calibration": "dynamic", "schedule_offset": 1},
+        "different_groups": {"aq1": {"params": {"bits": 8},
+                                     "modules": ["attn.c_attn", "attn.c_proj", "mlp.c_fc",
+                                                 "mlp.c_proj"]}}},
+    "row_pruning": {
+        "shared_parameters": {"enabled": True, "method": "l1", "schedule_offset": 2},
+        "different_groups": {"rp1": {"params": {"dense_ratio": 0.5}, "modules": ["mlp.c_fc"],
+                                     "related_modules": [["mlp.c_proj"]]}}},
+}
+
+
+def _gpt2_tutorial(out: Path, section: dict | None = None) -> None:
+    """A 2-layer Hugging Face GPT-2 compressed with ``GPT2_TUTORIAL`` as DeepSpeed's GPT-2
+    example does it (``convert_conv1d_to_linear``, ``init_compression``, AdamW, the
+    compression scheduler, ``redundancy_clean``), written as an HF folder of its initial
+    weights plus ``ds_run.json`` (data, losses, the cleaned model's logits and shapes).
+    ``c_attn`` is left out of weight quantization: DeepSpeed quantizes the fused q/k/v
+    matrix as one, jds each of q, k and v."""
+    import torch
+    import transformers
+    from deepspeed.compression_old.compress import init_compression, redundancy_clean
+    from deepspeed.compression_old.helper import convert_conv1d_to_linear
+    from deepspeed.compression_old.scheduler import compression_scheduler
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2,
+                                  n_head=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = transformers.GPT2LMHeadModel(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    convert_conv1d_to_linear(model, transformers.pytorch_utils.Conv1D)
+    section = GPT2_TUTORIAL if section is None else section
+    config = {"compression_training": json.loads(json.dumps(section))}
+    init_compression(model, config)
+    # init_compression replaces every Linear / Embedding with a new module around the same
+    # tensor, so GPT-2's tied wte and lm_head become two Parameters sharing storage, which
+    # AdamW would update twice a step; tie them again (one Parameter, as the model defines)
+    model.lm_head.weight = model.transformer.wte.weight
+    cc = get_compression_config_of(config)
+    cc["sparse_pruning"]["shared_parameters"].setdefault("schedule_offset_end", 10**9)
+    sched = compression_scheduler(model, cc)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
+                            weight_decay=0.01)
+    rng = np.random.default_rng(3)
+    data = [rng.integers(0, 64, (4, 16)) for _ in range(6)]
+    losses = []
+    model.train()
+    for step, ids in enumerate(data):
+        if step == 0:
+            sched.step(step_zero_check=True)
+        t = torch.tensor(ids)
+        loss = model(input_ids=t, labels=t).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+    redundancy_clean(model, config)
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor(data[0])).logits
+    (out / "ds_run.json").write_text(json.dumps({
+        "compression_training": section, "data": [d.tolist() for d in data],
+        "losses": losses, "clean_logits": logits.numpy().tolist(),
+        "clean_shapes": {k: list(v.shape) for k, v in model.state_dict().items()
+                         if "h.0.mlp" in k}}))
 
 
 def get_compression_config_of(config: dict) -> dict:
@@ -389,7 +507,10 @@ def main() -> None:
                "training": {name: _training(rq, shared, s, t, per)
                             for name, shared, s, t, per in TRAININGS},
                "pruning": {name: _pruning(kind, section)
-                           for name, (kind, section) in PRUNINGS.items()}}
+                           for name, (kind, section) in PRUNINGS.items()},
+               "activation": {name: _pruning(kind, section)
+                              for name, (kind, section) in ACTIVATIONS.items()}}
+    _gpt2_tutorial(Path(args.out) / "ds_gpt2_compression")
     out = Path(args.out) / "ds_compression.json"
     out.write_text(json.dumps(fixture))
     print(f"wrote {out} ({out.stat().st_size // 1024} KiB)")

@@ -23,6 +23,7 @@ from jds.config import ConfigError
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "ds_compression.json").read_text())
 PRUNING = FIXTURE["pruning"]
+ACTIVATION = FIXTURE["activation"]
 
 
 def _np(x):
@@ -83,7 +84,7 @@ def _engine_for(fx: dict):
                                                         "eps": 1e-8, "weight_decay": 0.01}},
               "compression_training": _patterns(fx["compression_training"])}
     jds.compression.init_compression(model, config)  # masks from these weights, scores
-    state = getattr(model, STATE)
+    state = getattr(model, STATE, None)
     for name, v in fx["compressed"].items():
         i, what = name.split(".", 1)
         kind = {"sparse_mask_scores": "sparse", "row_mask_scores": "row",
@@ -130,6 +131,33 @@ def test_pruning_a_users_model_matches_deepspeed(name):
     assert n_params == n_ds
 
 
+@pytest.mark.parametrize("name", sorted(ACTIVATION))
+def test_activation_quantization_of_a_users_model_matches_deepspeed(name):
+    """Inputs of a user's Linear / Conv modules fake-quantized as DeepSpeed's compressed
+    layers do (per token / per sample dynamic ranges, or QuantAct's running static range),
+    alone and beside pruning or weight quantization: DeepSpeed's losses, and the static
+    range it ends with."""
+    fx = ACTIVATION[name]
+    model, config = _engine_for(fx)
+    engine = jds.initialize(model, config, loss_fn=_mse, devices=jax.devices()[:1])
+    losses = [engine.train_batch({"x": _np(x), "y": _np(y)})["loss"] for x, y in fx["data"]]
+    # A running static range can differ from DeepSpeed's in its last bit (XLA contracts
+    # the momentum update into a fused multiply-add), which may move one input across a
+    # rounding boundary: 1e-4 on the loss then, exact otherwise.
+    static = fx["compression_training"]["activation_quantization"]["shared_parameters"][
+        "range_calibration"] == "static"
+    np.testing.assert_allclose(losses, fx["losses"], rtol=2e-4 if static else 2e-5, atol=2e-6)
+    trained = engine.model
+    for key, value in fx["trained"].items():
+        if key.endswith("x_min_max"):
+            i = int(key.split(".")[0])
+            np.testing.assert_allclose(np.asarray(trained.layers[i].act_range.get_value()),
+                                       _np(value), rtol=1e-5, atol=1e-6)
+    clean = jds.compression.redundancy_clean(trained, config)  # still quantizes its inputs
+    np.testing.assert_allclose(np.asarray(clean(_np(fx["data"][0][0]))),
+                               _np(fx["clean_output"]), rtol=1e-4, atol=2e-3 if static else 2e-5)
+
+
 def _llama(**kw):
     from jds.models.llama import Llama, LlamaConfig
 
@@ -159,16 +187,26 @@ _SPARSE = {"sparse_pruning": {
     "different_groups": {"sp1": {"params": {"dense_ratio": 0.25}, "modules": ["gate_proj"]}}}}
 
 
+_ACT = {"activation_quantization": {
+    # symmetric, and not on o_proj: a token's range must not change when the pruned
+    # channels are removed (an asymmetric range counts the zeros; o_proj's input holds the
+    # pruned heads' outputs until they are removed)
+    "shared_parameters": {"enabled": True, "quantization_type": "symmetric",
+                          "schedule_offset": 1},
+    "different_groups": {"aq1": {"params": {"bits": 8},
+                                 "modules": ["[qkv]_proj", "mlp"]}}}}
+
+
 def _batch(n=8, t=16, seed=0):
     return {"input_ids": np.random.default_rng(seed).integers(0, 64, (n, t)).astype(np.int32)}
 
 
 def test_llama_pruned_under_zero3_equals_one_device_and_cleans_to_a_smaller_model():
-    """Row (MLP, topk), head (topk) and sparse (l1) pruning on jds's Llama: ZeRO-3 on 8
-    devices gives the 1-device losses; the pruned model evaluates like the masked one, and
-    ``redundancy_clean`` removes half the MLP channels and heads (config and parameter
-    count shrink) with the same logits."""
-    config = _prune_cfg(**_ROWS, **_HEADS, **_SPARSE)
+    """Row (MLP, topk), head (topk) and sparse (l1) pruning with 8-bit activations on jds's
+    Llama: ZeRO-3 on 8 devices gives the 1-device losses; the pruned model evaluates like the
+    masked one, and ``redundancy_clean`` removes half the MLP channels and heads (config and
+    parameter count shrink) with the same logits."""
+    config = _prune_cfg(**_ROWS, **_HEADS, **_SPARSE, **_ACT)
 
     def run(layout, devices):
         engine = jds.initialize(_llama(), {**config, **layout}, devices=devices)
@@ -236,6 +274,14 @@ def test_pruning_config_errors_name_the_key():
                                                         "modules": ["layers.0.w_up"],
                                                         "related_modules": [["down_proj"]]}}}},
             "prunes only some layers")
+    refused({"activation_quantization": {
+        "shared_parameters": {"enabled": True, "range_calibration": "static"},
+        "different_groups": {"g": {"params": {"bits": 8}, "modules": ["mlp"]}}}},
+            "range_calibration 'static' keeps a running range per module")
+    refused({"activation_quantization": {
+        "shared_parameters": {"enabled": True},
+        "different_groups": {"g": {"params": {"bits": 6}, "modules": ["mlp"]}}}},
+            "bits 6: DeepSpeed quantizes activations to 4 or 8")
     # a removal the model cannot express: heads of a grouped-query Llama
     from jds.models.llama import Llama, LlamaConfig
 
@@ -269,3 +315,32 @@ def test_a_pruned_run_serves_as_its_cleaned_model(tmp_path):
     engine = jds.init_inference(str(tmp_path), {"dtype": "float32", "max_tokens": 32,
                                                 "max_seqs": 1})
     assert len(engine.generate([[1, 2, 3]], 4)[0]) == 4
+
+
+def test_deepspeeds_gpt2_compression_config_runs_unchanged_and_matches():
+    """The shape of DeepSpeedExamples' GPT-2 compression config (weights and activations at
+    8 bits, MLP rows pruned with related_modules), unchanged, on the same Hugging Face GPT-2
+    as jds's GPT-2: DeepSpeed 0.16's losses on its converted model, and after
+    ``redundancy_clean`` the same smaller MLP and logits (fixture:
+    scripts/make_compression_fixtures.py)."""
+    folder = Path(__file__).parent / "fixtures" / "ds_gpt2_compression"
+    run = json.loads((folder / "ds_run.json").read_text())
+    model = jds.models.from_pretrained(folder)
+    config = {"train_batch_size": 4, "gradient_clipping": 0.0,
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "betas": [0.9, 0.999],
+                                                        "eps": 1e-8, "weight_decay": 0.01}},
+              "compression_training": run["compression_training"]}
+    engine = jds.initialize(model, config, devices=jax.devices()[:1])
+    losses = [engine.train_batch({"input_ids": np.asarray(ids, np.int32)})["loss"]
+              for ids in run["data"]]
+    np.testing.assert_allclose(losses, run["losses"], rtol=2e-5)
+    clean = jds.compression.redundancy_clean(engine.model, config)
+    f, d = run["clean_shapes"]["transformer.h.0.mlp.c_fc.weight"]
+    assert clean.config.n_inner == f and clean.layers.w_fc.shape == (2, d, f)
+    # 8-bit inputs turn last-bit differences into whole codes: GPT-2's tanh GELU (jax vs
+    # torch) feeds mlp.c_proj, and a code that flips moves logits by ~1e-4 per step
+    np.testing.assert_allclose(np.asarray(clean(np.asarray(run["data"][0], np.int32))),
+                               _np(run["clean_logits"]), rtol=1e-3, atol=2e-3)
+    np.testing.assert_allclose(np.asarray(clean(np.asarray(run["data"][0], np.int32))),
+                               np.asarray(engine.predict(np.asarray(run["data"][0], np.int32))),
+                               rtol=1e-5, atol=1e-5)  # the engine's own forward: exactly

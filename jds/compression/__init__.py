@@ -17,8 +17,8 @@ applies the config's section itself (``jds.initialize(model, config)``);
 Layer reduction: ``init_compression(student, config, teacher_model=teacher)`` copies the
 chosen teacher layers into the student; ``Distillation(student, teacher)`` with
 ``distillation_loss()`` trains it against the frozen teacher in one compiled step
-(``distillation``). Activation quantization is not built yet: a config that enables it is
-refused with an error naming the key.
+(``distillation``). Activation quantization fake-quantizes the inputs of the chosen Linear
+/ Conv modules and stacked-decoder matrices (``activation``).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Any
 
 from flax import nnx
 
-from jds.compression import pruning, quantizers
+from jds.compression import activation, pruning, quantizers
 from jds.compression.distillation import (
     STUDENT,
     Distillation,
@@ -57,7 +57,8 @@ def init_compression(model: nnx.Module, deepspeed_config: str | os.PathLike | Ma
                      teacher_model: nnx.Module | None = None, mpu: Any = None) -> nnx.Module:
     """DeepSpeed's ``init_compression``: check the config's ``compression_training`` section
     against ``model`` (every ``modules`` pattern must match a compressible module; groups
-    must divide the channels) and, for pruning, add the masks (``l1``, from the weights as
+    must divide the channels), make the modules ``activation_quantization`` names quantize
+    their inputs, and, for pruning, add the masks (``l1``, from the weights as
     they are now) and learned scores (``topk``) to ``model`` in place, as
     ``model.compression_state`` (DeepSpeed replaces the model's modules in place); returns
     the model. The compression itself is applied by the engine the same config builds
@@ -97,6 +98,12 @@ def init_compression(model: nnx.Module, deepspeed_config: str | os.PathLike | Ma
             raise ConfigError(str(e)) from None
     if pr is not None:  # after layer reduction: l1 masks from the student's new weights
         pr.attach(model)
+    try:
+        aq = activation.plan(model, cfg.compression_training)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if aq is not None:
+        aq.attach(model)
     return model
 
 
@@ -135,6 +142,6 @@ def redundancy_clean(model: nnx.Module, deepspeed_config: str | os.PathLike | Ma
 
 
 __all__ = ["STUDENT", "Distillation", "MoQSchedule", "PruningMask", "PruningPlan",
-           "PruningScores", "QuantizationPlan", "distillation_loss", "init_compression", "plan",
+           "PruningScores", "QuantizationPlan", "activation", "distillation_loss", "init_compression", "plan",
            "pruning", "quantization_step", "quantizers", "redundancy_clean",
            "student_initialization", "targets"]

@@ -43,7 +43,11 @@ pruning of ``mlp.up_proj`` or ``mlp.gate_proj`` with ``mlp.down_proj`` related r
 intermediate channels from all three (the product ``silu(gate) * up`` is zero there, so
 removing the partner's rows changes nothing), and head pruning of ``self_attn.o_proj`` with
 q/k/v related removes whole heads (multi-head attention only); the model's config shrinks
-to match. DeepSpeed pairs the related modules of pattern ``i`` with the masks of pattern
+to match. With activation quantization on a module that reads removed channels, the smaller model's
+outputs can differ slightly from the masked model's, in DeepSpeed as in jds: an asymmetric
+``[min, max]`` no longer counts the pruned zeros, and a head-pruned output matrix's input
+held the pruned heads' (unmasked) outputs until they were removed.
+DeepSpeed pairs the related modules of pattern ``i`` with the masks of pattern
 0's modules (its ``stored_mask`` is not reset per pattern); jds pairs each pattern's modules
 with its own related modules, in order.
 """
@@ -97,7 +101,8 @@ def topk_mask(scores: jax.Array, ratio: float) -> jax.Array:
     """DeepSpeed's ``TopKBinarizer`` (``quantizers.topk_mask``) with its backward: the
     gradient passes straight through to ``scores``."""
     binary = quantizers.topk_mask(scores, ratio)
-    return scores + jax.lax.stop_gradient(binary - scores)
+    # exactly 0 / 1 in the forward pass (scores + (binary - scores) can miss 1 by a bit)
+    return jax.lax.stop_gradient(binary) + (scores - jax.lax.stop_gradient(scores))
 
 
 @dataclasses.dataclass(frozen=True)

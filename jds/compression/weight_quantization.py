@@ -33,7 +33,7 @@ subtracts repeatedly and can leave one call at a small negative ``r``; jds clips
 **How.** DeepSpeed's MoQ overwrites the 16-bit weights with their quantized values after
 each step and keeps the fp32 master; the gradient of the quantized weights updates the
 master. jds computes the same thing in the forward pass with a straight-through estimator,
-``w + stop_gradient(q(w) - w)``, on the compute-dtype parameters (so the master, the
+``stop_gradient(q(w)) + w - stop_gradient(w)``, on the compute-dtype parameters (so the master, the
 optimizer and checkpoints keep full precision, and fp32 training works too): the same
 forward values and the same gradients. The cost is one quantized copy of the targeted
 weights per forward pass (sharded as the weights are under ZeRO-3). Where bits, ratio or
@@ -272,7 +272,8 @@ class QuantizationPlan:
             q = matrix(w, key)
         q = ratio * w.astype(jnp.float32) + (1 - ratio) * q
         q = jnp.where(quantized, q, w.astype(jnp.float32)).astype(w.dtype)
-        return w + jax.lax.stop_gradient(q - w)  # straight-through
+        # straight-through, exactly q in the forward pass (w + (q - w) can be off by a bit)
+        return jax.lax.stop_gradient(q) + (w - jax.lax.stop_gradient(w))
 
     def apply(self, params: PyTree, step: jax.Array) -> PyTree:
         """``params`` with every assigned weight fake-quantized for ``step`` (the gradient

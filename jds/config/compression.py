@@ -1,10 +1,9 @@
 """DeepSpeed's ``compression_training`` section, and MoQ's older ``quantize_training``.
 
 The keys and defaults are DeepSpeed 0.16's (``deepspeed/compression/constants.py``).
-``weight_quantization`` (quantization-aware training with MoQ's bit schedule), the four
-pruning techniques and ``layer_reduction`` are built (``jds.compression``);
-``activation_quantization`` is accepted when off and refused with an error naming the key
-when enabled, since jds does not build it yet.
+Every technique is built (``jds.compression``): ``weight_quantization``
+(quantization-aware training with MoQ's bit schedule), ``activation_quantization``, the four
+pruning techniques and ``layer_reduction``.
 
 ``quantize_training`` (MoQ's own section: ``quantize_bits``, ``quantize_schedule``,
 ``quantize_groups``, ``quantize_algo``, ``fp16_mixed_quantize``, ``quantize_verbose``,
@@ -248,29 +247,58 @@ class LayerReduction(_Section):
         return self
 
 
-_NOT_BUILT = ("activation_quantization",)
+class ActivationQuantShared(_Section):
+    """``activation_quantization.shared_parameters``."""
+
+    enabled: Bool = Field(False, description="Fake-quantize the inputs of the modules.")
+    quantization_type: Literal["symmetric", "asymmetric"] = Field("symmetric")
+    range_calibration: Literal["dynamic", "static"] = Field(
+        "dynamic", description="'dynamic': a range per token (Linear) or sample (Conv); "
+        "'static': one running range per module (momentum 0.95).")
+    schedule_offset: Int = Field(1000, ge=0, description="Optimizer steps before the inputs "
+                                 "are quantized.")
+
+
+class ActivationQuantParams(_Section):
+    bits: Int = Field(description="4 or 8 (DeepSpeed's two widths).")
+
+    @model_validator(mode="after")
+    def _bits(self) -> ActivationQuantParams:
+        if self.bits not in (4, 8):
+            raise ValueError(f"bits {self.bits}: DeepSpeed quantizes activations to 4 or 8 "
+                             "bits")
+        return self
+
+
+class ActivationQuantGroup(_Section):
+    params: ActivationQuantParams
+    modules: list[str] = Field(default_factory=lambda: ["*"])
+    related_modules: Any = None
+
+
+class ActivationQuantization(_Section):
+    shared_parameters: ActivationQuantShared = Field(default_factory=ActivationQuantShared)
+    different_groups: dict[str, ActivationQuantGroup] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self) -> ActivationQuantization:
+        if self.shared_parameters.enabled and not self.different_groups:
+            raise ValueError("activation_quantization is enabled but different_groups is "
+                             "empty; add a group with params.bits and modules")
+        return self
 
 
 class CompressionConfig(_Section):
     """``compression_training``."""
 
     weight_quantization: WeightQuantization = Field(default_factory=WeightQuantization)
-    activation_quantization: dict[str, Any] | None = None
+    activation_quantization: ActivationQuantization = Field(
+        default_factory=ActivationQuantization)
     sparse_pruning: SparsePruning = Field(default_factory=SparsePruning)
     row_pruning: RowPruning = Field(default_factory=RowPruning)
     head_pruning: HeadPruning = Field(default_factory=HeadPruning)
     channel_pruning: ChannelPruning = Field(default_factory=ChannelPruning)
     layer_reduction: LayerReduction = Field(default_factory=LayerReduction)
-
-    @model_validator(mode="after")
-    def _built(self) -> CompressionConfig:
-        for key in _NOT_BUILT:
-            section = getattr(self, key) or {}
-            if section.get("shared_parameters", {}).get("enabled", False):
-                raise ValueError(f"compression_training.{key} is not built in jds yet (weight "
-                                 "quantization, pruning and layer reduction are); set its "
-                                 "enabled false")
-        return self
 
     @property
     def quantizes(self) -> bool:
@@ -283,8 +311,19 @@ class CompressionConfig(_Section):
         return any(getattr(self, k).shared_parameters.enabled for k in PRUNING)
 
     @property
+    def quantizes_activations(self) -> bool:
+        """Activation quantization is on."""
+        return self.activation_quantization.shared_parameters.enabled
+
+    @property
+    def changes_model(self) -> bool:
+        """The engine's copy of the model carries compression state (pruning masks and
+        scores, activation quantizers)."""
+        return self.prunes or self.quantizes_activations
+
+    @property
     def enabled(self) -> bool:
-        return self.quantizes or self.prunes
+        return self.quantizes or self.prunes or self.quantizes_activations
 
 
 def from_quantize_training(section: dict[str, Any]) -> dict[str, Any] | None:

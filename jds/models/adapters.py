@@ -96,6 +96,22 @@ def prepare_layers(layers: nnx.Module, params_L: dict[str, jax.Array]
     nf4 = {e[0]: e[1] for e in getattr(layers, "nf4_in_shapes", ())}
     four_bit = [n for n in linears if n + NF4_ABSMAX in params_L]
     adapted = [n for n in linears if n + LORA_A in params_L]
+    if getattr(layers, "act_quant", None):  # activation quantization (jds.compression)
+        from jds.compression.activation import bind_layer, layer_flags
+
+        params_L, inner = prepare_layers_plain(layers, params_L, linears, spec, quantized,
+                                               nf4, four_bit, adapted)
+        return layer_flags(layers, params_L), lambda p: bind_layer(
+            layers, inner(p) if inner is not None else p)
+    return prepare_layers_plain(layers, params_L, linears, spec, quantized, nf4, four_bit,
+                                adapted)
+
+
+def prepare_layers_plain(layers: nnx.Module, params_L: dict[str, jax.Array],
+                         linears: dict[str, int], spec: LoRASpec | None, quantized: list,
+                         nf4: dict, four_bit: list, adapted: list
+                         ) -> tuple[dict[str, jax.Array], Callable[[dict], dict] | None]:
+    """``prepare_layers`` for adapters and quantized bases."""
     if not quantized and not adapted and not four_bit:
         return params_L, None
     drop = getattr(layers, "lora_dropout", None)

@@ -187,6 +187,27 @@ class LoRAWeight:
     rate: float = dataclasses.field(metadata={"static": True}, default=0.0)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ActQuantWeight:
+    """A layer matrix whose input ``dense`` fake-quantizes per token where ``on``
+    (DeepSpeed's activation quantization with dynamic ranges; built in the layer scan by
+    ``jds.compression.activation.bind_layer``).
+
+    Attributes:
+      base: the layer matrix (or another weight ``dense`` takes).
+      on: a traced bool: this layer is selected and the step has come.
+      bits, kind: the quantizer (``jds.compression.quantizers``), static.
+      n_in: the input dims the matrix contracts (one token's features span them all).
+    """
+
+    base: Any
+    on: jax.Array
+    bits: int = dataclasses.field(metadata={"static": True}, default=8)
+    kind: str = dataclasses.field(metadata={"static": True}, default="symmetric")
+    n_in: int = dataclasses.field(metadata={"static": True}, default=1)
+
+
 def _int8_local(x: jax.Array, q: jax.Array, scale: jax.Array, n_in: int) -> jax.Array:
     # differentiable in x (the kernels define their VJP): QLoRA trains through a frozen base
     from jds.kernels.quant import int8_matmul
@@ -231,6 +252,10 @@ def dense(subscripts: str, x: jax.Array,
     dims split, with x split the same way) gives partial sums, added with one ``psum`` —
     the all-reduce XLA would place after the einsum. Batch dims of x stay whole.
     """
+    if isinstance(w, ActQuantWeight):
+        from jds.compression.activation import quantize_tokens  # compression builds on models
+
+        return dense(subscripts, quantize_tokens(x, w.on, w.bits, w.kind, w.n_in), w.base)
     if isinstance(w, LoRAWeight):
         return _lora_dense(subscripts, x, w)
     if isinstance(w, NF4Weight):  # QLoRA's 4-bit base: expanded per layer, fused by XLA
