@@ -142,6 +142,6 @@ def redundancy_clean(model: nnx.Module, deepspeed_config: str | os.PathLike | Ma
 
 
 __all__ = ["STUDENT", "Distillation", "MoQSchedule", "PruningMask", "PruningPlan",
-           "PruningScores", "QuantizationPlan", "activation", "distillation_loss", "init_compression", "plan",
-           "pruning", "quantization_step", "quantizers", "redundancy_clean",
-           "student_initialization", "targets"]
+           "PruningScores", "QuantizationPlan", "activation", "distillation_loss",
+           "init_compression", "plan", "pruning", "quantization_step", "quantizers",
+           "redundancy_clean", "student_initialization", "targets"]

@@ -25,7 +25,6 @@ The serving engine does not quantize activations (its int8 path is weight-only).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
