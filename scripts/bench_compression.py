@@ -24,7 +24,8 @@ from ``S`` bits down to ``B``), both from the same trained weights with a fresh 
 MLP channels are removed (row pruning of ``mlp.up_proj`` with ``mlp.down_proj`` related,
 ``dense_ratio`` 0.5): by their L1 norm without training, or after ``N`` fine-tuning steps
 with the ``l1`` mask or with learned ``topk`` scores. Prints parameters, bytes (fp32) and
-the validation loss of each smaller model beside the full one.
+the validation loss of each smaller model beside the full one, as trained and after the
+same ``N`` fine-tuning steps unpruned.
 
 ``--distill N`` (layer reduction + distillation): a student with half the trained run's
 layers (teacher layers 1 and 3 of 4, embeddings, final norm and LM head copied) trains ``N``
@@ -199,6 +200,9 @@ def _prune(a, trained, plain: dict, train_tokens, device: str) -> None:
         engine.close()
 
     report("full", model, 0)
+    engine, seconds = _train(model, tuned, a.prune, train_tokens, cfg0.seed + 1)
+    report("full_finetuned", engine.model, a.prune, seconds)  # the same extra steps, unpruned
+    engine.close()
     l1 = {**plain, "compression_training": _rows("l1")}
     report("row_l1_no_training", jds.compression.redundancy_clean(
         jds.compression.init_compression(nnx.clone(model), l1), l1), 0)

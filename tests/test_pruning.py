@@ -344,3 +344,53 @@ def test_deepspeeds_gpt2_compression_config_runs_unchanged_and_matches():
     np.testing.assert_allclose(np.asarray(clean(np.asarray(run["data"][0], np.int32))),
                                np.asarray(engine.predict(np.asarray(run["data"][0], np.int32))),
                                rtol=1e-5, atol=1e-5)  # the engine's own forward: exactly
+
+
+def test_post_training_quantization_calibrates_static_ranges_and_serves_int8():
+    """PTQ: per-channel 8-bit weights and a static 8-bit input range calibrated on a few
+    batches (QuantAct's running range) for a user's MLP, the model unchanged; a decoder's
+    per-group 4-bit weights are the codes and scales ``init_inference`` serves in int8."""
+    from jds.compression import quantizers
+
+    model = Seq("mlp", nnx.Rngs(0))
+    config = {"compression_training": {
+        "weight_quantization": {"shared_parameters": {"enabled": True, "quantize_groups": 4},
+                                "different_groups": {"w": {"params": {"start_bits": 8,
+                                                                      "target_bits": 8},
+                                                           "modules": ["layers.2"]}}},
+        "activation_quantization": {
+            "shared_parameters": {"enabled": True, "range_calibration": "static",
+                                  "quantization_type": "asymmetric"},
+            "different_groups": {"a": {"params": {"bits": 8}, "modules": ["layers.0"]}}}}}
+    rng = np.random.default_rng(0)
+    batches = [rng.normal(size=(8, 12)).astype(np.float32) * (i + 1) for i in range(3)]
+    with pytest.raises(ConfigError, match="needs calibration batches"):
+        jds.compression.post_training_quantize(model, config)
+    ptq = jds.compression.post_training_quantize(model, config, batches)
+    lo_hi = np.array([batches[0].min(), batches[0].max()])
+    for b in batches[1:]:
+        lo_hi = lo_hi * 0.95 + np.array([b.min(), b.max()]) * 0.05
+    np.testing.assert_allclose(np.asarray(ptq.layers[0].act_range.get_value()), lo_hi,
+                               rtol=1e-6)
+    assert not hasattr(model.layers[0], "act_range")  # the model is unchanged
+    w = np.asarray(ptq.layers[2].kernel.get_value())  # [16, 4]: one group per channel
+    assert all(len(np.unique(w[:, j])) <= 256 for j in range(4))
+    x = batches[0]
+    xq = quantizers.asymmetric(x, 8, 1, min_value=jnp.float32(lo_hi[0]),
+                               max_value=jnp.float32(lo_hi[1]))
+    h = jax.nn.relu(np.asarray(xq) @ np.asarray(model.layers[0].kernel.get_value())
+                    + np.asarray(model.layers[0].bias.get_value()))
+    want = h @ w + np.asarray(model.layers[2].bias.get_value())
+    np.testing.assert_allclose(np.asarray(ptq(x)), want, rtol=1e-5, atol=1e-5)
+
+    llama = _llama()
+    section = {"weight_quantization": {
+        "shared_parameters": {"enabled": True, "quantize_groups": 4},
+        "different_groups": {"w": {"params": {"start_bits": 4, "target_bits": 4},
+                                   "modules": ["self_attn", "mlp"]}}}}
+    ptq = jds.compression.post_training_quantize(llama, {"compression_training": section})
+    served = jds.init_inference(llama, {"dtype": "int8", "max_tokens": 32, "max_seqs": 1,
+                                        "compression_training": section})
+    qw = served.params["layers"]["w_up"]
+    deq = np.asarray(qw.q, np.float32) * np.asarray(qw.scale)[:, None]
+    np.testing.assert_array_equal(deq, np.asarray(ptq.layers.w_up.get_value()))

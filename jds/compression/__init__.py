@@ -24,7 +24,7 @@ chosen teacher layers into the student; ``Distillation(student, teacher)`` with
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from flax import nnx
@@ -141,7 +141,80 @@ def redundancy_clean(model: nnx.Module, deepspeed_config: str | os.PathLike | Ma
     return out
 
 
+def post_training_quantize(model: nnx.Module,
+                           deepspeed_config: str | os.PathLike | Mapping | Any,
+                           calibration: Iterable[Any] = (), *,
+                           call: Callable[[nnx.Module, Any], Any] | None = None) -> nnx.Module:
+    """Post-training quantization (ZeroQuant's recipe, DeepSpeed's quantizers): a copy of
+    ``model`` whose ``weight_quantization`` targets hold their values at each group's
+    ``target_bits`` (``quantize_groups`` runs of output channels: per channel when it equals
+    their number) and whose ``activation_quantization`` modules quantize their inputs from
+    the start; static ranges are calibrated on ``calibration`` batches (QuantAct's running
+    range, as in training), then frozen. The model is unchanged.
+
+    To serve a decoder quantized this way in int8 with exactly these codes and scales, pass
+    the *original* model (or run folder) with the same section:
+    ``jds.init_inference(model, {"dtype": "int8", "compression_training": section})``
+    quantizes the fp32 weights with the same quantizer (quantizing the already-quantized
+    weights again would clip their largest value and change the scale).
+
+    Args:
+      model: any NNX model.
+      deepspeed_config: a config path, dict or ``Config`` with ``compression_training``.
+      calibration: batches run through the model to set static activation ranges.
+      call: ``(model, batch) -> outputs``; default ``model(batch["input_ids"])`` for a dict
+        batch, else ``model(batch)``.
+
+    Raises:
+      ConfigError: the section does not fit the model, names a technique that needs
+        training (pruning, layer reduction), or needs calibration batches it did not get.
+    """
+    cfg, ConfigError = _section(deepspeed_config)
+    cc = cfg.compression_training
+    if cc.prunes or cc.layer_reduction.enabled:
+        raise ConfigError("post_training_quantize applies weight_quantization and "
+                          "activation_quantization; pruning and layer_reduction need "
+                          "training (jds.initialize with the config)")
+    if cc.quantizes_activations:  # quantize from the first batch: no schedule after training
+        cc = cc.model_copy(update={"activation_quantization": cc.activation_quantization.
+                                   model_copy(update={"shared_parameters": cc.
+                                              activation_quantization.shared_parameters.
+                                              model_copy(update={"schedule_offset": 0})})})
+    try:
+        p = plan(model, cc, seed=int(cfg.seed))
+        aq = activation.plan(model, cc)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    out = nnx.clone(model)
+    if p is not None:
+        state = nnx.state(out, nnx.Param)
+        nnx.replace_by_pure_dict(state, p.final(nnx.to_pure_dict(state)))
+        nnx.update(out, state)
+    if aq is None:
+        return out
+    aq.attach(out)
+    if not any(spec.static for _, spec, _ in aq.items):
+        return out
+    batches = list(calibration)
+    if not batches:
+        raise ConfigError("compression_training.activation_quantization uses static ranges: "
+                          "post_training_quantize needs calibration batches to set them")
+    run = call or (lambda m, b: m(b["input_ids"]) if isinstance(b, Mapping) else m(b))
+    out.eval()  # dropout off, batch statistics kept; only the activation ranges move
+    quant = [m for _, m in nnx.iter_modules(out) if isinstance(
+        m, (activation.ActQuantLinear, activation.ActQuantConv)) and m.act_quant.static]
+    for m in quant:
+        m.use_running_average = False
+    step = nnx.jit(lambda m, b: run(m, b))
+    for b in batches:
+        step(out, b)
+    for m in quant:  # and stay
+        m.use_running_average = True
+    return out
+
+
 __all__ = ["STUDENT", "Distillation", "MoQSchedule", "PruningMask", "PruningPlan",
            "PruningScores", "QuantizationPlan", "activation", "distillation_loss",
-           "init_compression", "plan", "pruning", "quantization_step", "quantizers",
-           "redundancy_clean", "student_initialization", "targets"]
+           "init_compression", "plan", "post_training_quantize", "pruning",
+           "quantization_step", "quantizers", "redundancy_clean", "student_initialization",
+           "targets"]
