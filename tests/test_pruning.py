@@ -104,7 +104,14 @@ def _engine_for(fx: dict):
     return model, config
 
 
-@pytest.mark.parametrize("name", sorted(PRUNING))
+_SLOW = {"row_l1_in_place", "channel_topk_sparse_l1", "dynamic_asym_8_offset", "static_sym_4"}
+
+
+def _cases(names):  # the others keep a sibling with the same technique in the default run
+    return [pytest.param(n, marks=pytest.mark.slow) if n in _SLOW else n for n in sorted(names)]
+
+
+@pytest.mark.parametrize("name", _cases(PRUNING))
 def test_pruning_a_users_model_matches_deepspeed(name):
     """A user's NNX model pruned through ``jds.initialize`` gives DeepSpeed's losses step by
     step (masks switched on at each technique's schedule_offset; topk scores trained by the
@@ -131,7 +138,7 @@ def test_pruning_a_users_model_matches_deepspeed(name):
     assert n_params == n_ds
 
 
-@pytest.mark.parametrize("name", sorted(ACTIVATION))
+@pytest.mark.parametrize("name", _cases(ACTIVATION))
 def test_activation_quantization_of_a_users_model_matches_deepspeed(name):
     """Inputs of a user's Linear / Conv modules fake-quantized as DeepSpeed's compressed
     layers do (per token / per sample dynamic ranges, or QuantAct's running static range),
@@ -210,13 +217,13 @@ def test_llama_pruned_under_zero3_equals_one_device_and_cleans_to_a_smaller_mode
 
     def run(layout, devices):
         engine = jds.initialize(_llama(), {**config, **layout}, devices=devices)
-        losses = [engine.train_batch(_batch(seed=i))["loss"] for i in range(3)]
+        losses = [engine.train_batch(_batch(seed=i))["loss"] for i in range(2)]
         return engine, losses
 
     one, l1 = run({}, jax.devices()[:1])
     eight, l8 = run({"zero_optimization": {"stage": 3}, "mesh": {"fsdp": 8}}, jax.devices())
     np.testing.assert_allclose(l8, l1, rtol=2e-5)
-    assert len(set(np.round(l1, 6))) == 3
+    assert len(set(np.round(l1, 6))) == 2
 
     trained = one.model
     clean = jds.compression.redundancy_clean(trained, config)
