@@ -119,7 +119,7 @@ ACT_ON = "__act_on"  # a scanned per-layer flag beside a stacked matrix
 def layer_flags(layers: nnx.Module, params_L: dict) -> dict:
     """``params_L`` with each activation-quantized matrix's per-layer flag (selected and
     past ``schedule_offset``), scanned beside it."""
-    specs: dict[str, ActQuantSpec] = getattr(layers, "act_quant", None) or {}
+    specs = dict(getattr(layers, "act_quant", None) or ())
     if not specs:
         return params_L
     out = dict(params_L)
@@ -132,7 +132,7 @@ def layer_flags(layers: nnx.Module, params_L: dict) -> dict:
 
 def bind_layer(layers: nnx.Module, p: dict) -> dict:
     """One layer's weights with its activation-quantized matrices as ``ActQuantWeight``."""
-    specs: dict[str, ActQuantSpec] = getattr(layers, "act_quant", None) or {}
+    specs = dict(getattr(layers, "act_quant", None) or ())
     if not specs:
         return p
     p = dict(p)
@@ -170,7 +170,7 @@ class ActivationPlan:
             owner = model
             for k in path:
                 owner = getattr(owner, k)
-            owner.act_quant = specs
+            owner.act_quant = tuple(sorted(specs.items()))  # static, hashable: (name, spec)
 
     def describe(self) -> list[str]:
         return [f"{g}: input of {'.'.join(map(str, t.path[:-1]))} at {s.bits} bits, "
