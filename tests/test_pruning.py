@@ -227,6 +227,7 @@ def test_llama_pruned_under_zero3_equals_one_device_and_cleans_to_a_smaller_mode
 
     trained = one.model
     clean = jds.compression.redundancy_clean(trained, config)
+    hash(nnx.graphdef(clean))  # nnx.jit (jds.models.generate) hashes the graph
     cfg = clean.config
     assert (cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads,
             cfg.head_dim) == (24, 2, 2, 8)
