@@ -415,7 +415,8 @@ GPT2_TUTORIAL = {  # DeepSpeedExamples' GPT-2 compression config's shape: W8A8 +
                                                       "quantize_change_ratio": 0.001}},
         "different_groups": {"wq1": {"params": {"start_bits": 8, "target_bits": 8,
                                                 "quantization_period": 50},
-                                     "modules": ["attn.c_proj", "mlp.c_fc", "mlp.c_proj"]}}},
+                                     "modules": ["attn.c_attn", "attn.c_proj", "mlp.c_fc",
+                                                 "mlp.c_proj"]}}},
     "activation_quantization": {
         "shared_parameters": {"enabled": True, "quantization_type": "symmetric",
                               "range_calibration": "dynamic", "schedule_offset": 1},
@@ -434,8 +435,8 @@ def _gpt2_tutorial(out: Path, section: dict | None = None) -> None:
     example does it (``convert_conv1d_to_linear``, ``init_compression``, AdamW, the
     compression scheduler, ``redundancy_clean``), written as an HF folder of its initial
     weights plus ``ds_run.json`` (data, losses, the cleaned model's logits and shapes).
-    ``c_attn`` is left out of weight quantization: DeepSpeed quantizes the fused q/k/v
-    matrix as one, jds each of q, k and v."""
+    DeepSpeed quantizes ``c_attn`` as one fused q/k/v matrix (one group here), as jds does
+    when one group takes all three."""
     import torch
     import transformers
     from deepspeed.compression_old.compress import init_compression, redundancy_clean

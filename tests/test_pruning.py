@@ -402,3 +402,25 @@ def test_post_training_quantization_calibrates_static_ranges_and_serves_int8():
     qw = served.params["layers"]["w_up"]
     deq = np.asarray(qw.q, np.float32) * np.asarray(qw.scale)[:, None]
     np.testing.assert_array_equal(deq, np.asarray(ptq.layers.w_up.get_value()))
+
+
+def test_gpt2_c_attn_is_quantized_as_one_matrix_and_served_with_its_codes():
+    """GPT-2's q, k and v are one Hugging Face matrix (``c_attn``): a group taking them all
+    quantizes them side by side, as DeepSpeed does (one scale here), and int8 serving stores
+    exactly those codes and scales."""
+    model = jds.models.from_pretrained(Path(__file__).parent / "fixtures" / "ds_gpt2_compression")
+    section = {"weight_quantization": {
+        "shared_parameters": {"enabled": True, "quantize_weight_in_forward": True},
+        "different_groups": {"w": {"params": {"start_bits": 8, "target_bits": 8},
+                                   "modules": ["attn.c_attn"]}}}}
+    clean = jds.compression.redundancy_clean(model, {"compression_training": section})
+    q, k, v = (np.asarray(getattr(clean.layers, n).get_value()) for n in ("wq", "wk", "wv"))
+    whole = np.concatenate([x.reshape(2, 32, -1) for x in (q, k, v)], axis=-1)
+    assert len(np.unique(whole[0])) <= 256  # one 8-bit grid over the fused matrix
+    assert len(np.unique(np.concatenate([q[0].ravel(), k[0].ravel()]))) <= 256
+    served = jds.init_inference(model, {"dtype": "int8", "max_tokens": 32, "max_seqs": 1,
+                                        "compression_training": section})
+    for name, want in (("wq", q), ("wk", k), ("wv", v)):
+        qw = served.params["layers"][name]
+        deq = np.asarray(qw.q, np.float32) * np.asarray(qw.scale)[:, None]
+        np.testing.assert_array_equal(deq, want, err_msg=name)

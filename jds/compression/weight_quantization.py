@@ -17,7 +17,9 @@ depend on the order of its elements, so jds groups runs of output channels direc
 transpose), which needs ``quantize_groups`` to divide the output channels (an error says so
 otherwise). Embeddings are ``[vocab, dim]`` in both; in ``quantize_weight_in_forward`` mode
 DeepSpeed quantizes them per token (groups = vocab), and so does jds. GPT-2's fused
-``c_attn`` is three jds matrices (q, k, v), each grouped on its own.
+``c_attn`` is three jds matrices (q, k, v); when one group takes all three in the same layers
+they are quantized side by side as the one matrix DeepSpeed sees (``HF_FUSED``: its groups
+span q, k and v), else each on its own.
 
 **Schedule** (``MoQSchedule``), as DeepSpeed 0.16's engine drives its ``Quantizer``
 (tests/fixtures/ds_compression.json): MoQ quantizes after each applied optimizer step, so
@@ -52,6 +54,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jds.compression import quantizers
@@ -219,6 +222,7 @@ class QuantizationPlan:
     stochastic: bool
     seed: int
     verbose: bool = False
+    fused: tuple[tuple[tuple, ...], ...] = ()  # member paths of one Hugging Face matrix
 
     def bits_at(self, step: int) -> dict[str, int | None]:
         """Each group's bit width in the forward pass of ``step`` (None: not quantized yet),
@@ -280,9 +284,19 @@ class QuantizationPlan:
         passes straight through)."""
         flat = dict(_flatten(params))
         base = jax.random.fold_in(jax.random.key(self.seed), step) if self.stochastic else None
+        members = {p: f for f in self.fused for p in f}
         for i, a in enumerate(self.assignments):
             key = None if base is None else jax.random.fold_in(base, i)
-            flat[a.target.path] = self._one(flat[a.target.path], a, step, key)
+            f = members.get(a.target.path)
+            if f is None:
+                flat[a.target.path] = self._one(flat[a.target.path], a, step, key)
+            elif a.target.path == f[0]:  # the fused matrix, quantized as one (DeepSpeed)
+                ws = [flat[p] for p in f]
+                whole = _fuse(ws, a.target.n_in)
+                t = dataclasses.replace(a.target, shape=tuple(whole.shape))
+                q = self._one(whole, dataclasses.replace(a, target=t), step, key)
+                for p, part in zip(f, _unfuse(q, ws, a.target.n_in), strict=True):
+                    flat[p] = part
         return _unflatten(params, flat)
 
     def final(self, params: PyTree) -> PyTree:
@@ -307,7 +321,8 @@ class QuantizationPlan:
                     "jds.compression.redundancy_clean), or train with quantization_type "
                     "'symmetric' and target_bits <= 8")
 
-    def int8_codes(self, path: tuple, w: jax.Array, n_in: int
+    def int8_codes(self, path: tuple, w: jax.Array, n_in: int,
+                   siblings: dict[str, jax.Array] | None = None
                    ) -> tuple[jax.Array, jax.Array, jax.Array] | None:
         """The int8 form of a stacked weight ``w`` (``[layers, *in, *out]``) at its target
         bits, with the scales its quantizer computes (no second quantization): ``(codes,
@@ -336,9 +351,23 @@ class QuantizationPlan:
             per_channel = jnp.repeat(scale, n_out // groups).reshape(w_l.shape[n_in:])
             return codes.astype(jnp.int8).reshape(w_l.shape), per_channel
 
-        codes, scales = jax.vmap(one)(w)
         mask = jnp.asarray(a.layers if a.layers is not None else (True,) * w.shape[0])
-        return codes, scales, mask
+        f = next((f for f in self.fused if path in f), None)
+        if f is None:
+            codes, scales = jax.vmap(one)(w)
+            return codes, scales, mask
+        if siblings is None or any(p[-1] not in siblings for p in f):
+            raise ValueError(f"{'.'.join(map(str, path))} was quantized as one matrix with "
+                             f"{[p[-1] for p in f]}; pass them as siblings")
+        ws = [siblings[p[-1]] for p in f]
+        codes, scales = jax.vmap(one)(_fuse(ws, n_in))  # the fused matrix's groups
+        i = [p for p in f].index(path)
+        c = _unfuse(codes, ws, n_in)[i]
+        # per-channel scales: [L, total_out] -> the member's channels, shaped as its outputs
+        sizes = [int(np.prod(x.shape[1 + n_in:])) for x in ws]
+        start = sum(sizes[:i])
+        sc = scales.reshape(scales.shape[0], -1)[:, start:start + sizes[i]]
+        return c, sc.reshape((w.shape[0],) + tuple(w.shape[1 + n_in:])), mask
 
     def wrap(self, objective: Callable) -> Callable:
         """``objective`` with the parameters fake-quantized for the step ``quantization_step``
@@ -367,6 +396,19 @@ class QuantizationPlan:
             lines.append(f"{g}: {s.start_bits} -> {s.target_bits} bits every "
                          f"{s.period} steps from step {s.offset}: {', '.join(names)}")
         return lines
+
+
+def _fuse(ws: list[jax.Array], n_in: int) -> jax.Array:
+    """Stacked matrices ``[L, *in, *out_i]`` side by side as ``[L, *in, sum(out_i)]``."""
+    lead = ws[0].shape[:1 + n_in]
+    return jnp.concatenate([w.reshape(lead + (-1,)) for w in ws], axis=-1)
+
+
+def _unfuse(whole: jax.Array, like: list[jax.Array], n_in: int) -> list[jax.Array]:
+    """``_fuse``'s inverse, each part shaped as its member in ``like``."""
+    sizes = [int(np.prod(w.shape[1 + n_in:])) for w in like]
+    parts = jnp.split(whole, np.cumsum(sizes)[:-1].tolist(), axis=-1)
+    return [p.reshape(w.shape) for p, w in zip(parts, like, strict=True)]
 
 
 def _flatten(tree: PyTree, prefix: tuple = ()) -> Iterator[tuple[tuple, Any]]:
@@ -460,9 +502,16 @@ def plan(model: nnx.Module, config: CompressionConfig, *, seed: int = 0,
             if path not in have:
                 raise ValueError(f"{key}: {'.'.join(map(str, path))} is not trained (frozen or "
                                  "a LoRA base); quantization-aware training needs its gradient")
+    fused = []  # members of one Hugging Face matrix (GPT-2's c_attn) in one group and layers
+    for path, m in nnx.iter_modules(model):
+        for names in (getattr(type(m), "HF_FUSED", None) or {}).values():
+            paths = [tuple(path) + (n,) for n in names]
+            got = [merged.get(p) for p in paths]
+            if all(g is not None for g in got) and len({(g.group, g.layers) for g in got}) == 1:
+                fused.append(tuple(paths))
     return QuantizationPlan(tuple(merged.values()), shared.quantize_groups,
                             shared.quantization_type, shared.rounding == "stochastic", seed,
-                            shared.quantize_verbose)
+                            shared.quantize_verbose, tuple(fused))
 
 
 __all__ = ["MoQSchedule", "QuantizationPlan", "Target", "plan", "quantization_step",

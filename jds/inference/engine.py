@@ -184,7 +184,7 @@ def quantize_layers(layers: dict[str, jax.Array], axes: dict[str, tuple],
             return q.reshape(w_l.shape), s.reshape(w_l.shape[c:])
 
         q, s = jax.vmap(one)(w)
-        trained = None if qat is None else qat.int8_codes(("layers", name), w, c)
+        trained = None if qat is None else qat.int8_codes(("layers", name), w, c, layers)
         if trained is not None:
             codes, scales, mask = trained
             q = jnp.where(mask.reshape((-1,) + (1,) * (q.ndim - 1)), codes, q)

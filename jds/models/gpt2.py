@@ -183,6 +183,8 @@ class GPT2Layers(nnx.Module):
     # redundancy_clean's physical removal (jds.compression.pruning); no PRUNABLE_HEADS: the
     # head size is n_embd / n_head
     PRUNABLE_MLP = (("w_fc",), "w_proj", "n_inner")
+    # Hugging Face matrices jds holds as several: quantized as one (jds.compression)
+    HF_FUSED = {"attn.c_attn": ("wq", "wk", "wv")}
 
     def __init__(self, cfg: GPT2Config, *, rngs: nnx.Rngs, param_dtype: Any) -> None:
         L, D, F = cfg.n_layer, cfg.n_embd, cfg.inner_size
