@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jds.compression import quantizers
-from jds.compression.weight_quantization import _STEP, Target, _search, targets
+from jds.compression.weight_quantization import _STEP, Target, matches, targets
 from jds.config.compression import CompressionConfig
 from jds.models.layers import ActQuantWeight
 
@@ -194,12 +194,8 @@ def plan(model: nnx.Module, config: CompressionConfig) -> ActivationPlan | None:
     items: dict[tuple, tuple[Target, ActQuantSpec, str]] = {}
     for gname, group in aq.different_groups.items():
         for pattern in group.modules:
-            hit = False
-            for t in found:
-                layers = tuple(any(_search(pattern, n) for n in ns) for ns in t.names)
-                if not any(layers):
-                    continue
-                hit = True
+            for t, layers in matches(found, pattern, f"{key}.{gname}.modules",
+                                     "Linear or Conv module"):
                 old = items.get(t.path)
                 if old is not None and old[2] != gname:
                     raise ValueError(f"{key}: {'.'.join(map(str, t.path[:-1]))} is in groups "
@@ -217,11 +213,6 @@ def plan(model: nnx.Module, config: CompressionConfig) -> ActivationPlan | None:
                                     int(shared.schedule_offset),
                                     layers if t.stacked else None)
                 items[t.path] = (t, spec, gname)
-            if not hit:
-                names = sorted({n for t in found for ns in t.names for n in ns[:1]})
-                raise ValueError(f"{key}.{gname}.modules: {pattern!r} matches no Linear or "
-                                 f"Conv module; the model has {len(names)}, e.g. "
-                                 f"{', '.join(names[:6])}")
     return ActivationPlan(tuple(items.values()))
 
 

@@ -72,6 +72,7 @@ from jds.compression.weight_quantization import (
     _flatten,
     _search,
     _unflatten,
+    matches,
     targets,
 )
 from jds.config.compression import PRUNING, CompressionConfig
@@ -383,18 +384,8 @@ def plan(model: nnx.Module, config: CompressionConfig, *, seed: int = 0
         claimed: dict[tuple, str] = {}
         for gname, group in tech.different_groups.items():
             for j, pattern in enumerate(group.modules):
-                hits = []
-                for t in allowed:
-                    layers = tuple(any(_search(pattern, n) for n in names) for names in t.names)
-                    if any(layers):
-                        hits.append((t, layers))
-                if not hits:
-                    names = sorted({n for t in allowed for ns in t.names for n in ns[:1]})
-                    kinds = " or ".join(_MODULES[kind])
-                    raise ValueError(
-                        f"{key}.{gname}.modules: {pattern!r} matches no {kinds} module "
-                        f"{section} can prune; the model has {len(names)}"
-                        + (f", e.g. {', '.join(names[:6])}" if names else ""))
+                hits = matches(allowed, pattern, f"{key}.{gname}.modules",
+                               f"{' or '.join(_MODULES[kind])} module {section} can prune")
                 for t, layers in hits:
                     for i, on in enumerate(layers):
                         if on and claimed.get((t.path, i), gname) != gname:
@@ -525,11 +516,6 @@ def _module(model: nnx.Module, path: tuple) -> nnx.Module:
     return m
 
 
-def _set(model: nnx.Module, path: tuple, value: np.ndarray) -> None:
-    var = getattr(_module(model, path[:-1]), path[-1])
-    var.set_value(jnp.asarray(value, var.get_value().dtype))
-
-
 def _remove(model: nnx.Module, p: Pruned, mask: np.ndarray, related: tuple[Target, ...],
             get: Callable, put: Callable) -> None:
     """Physical removal on a user model's Linear / Conv modules (DeepSpeed's
@@ -541,12 +527,12 @@ def _remove(model: nnx.Module, p: Pruned, mask: np.ndarray, related: tuple[Targe
     if p.kind == "head":  # the inputs of O, by head
         h = p.num_heads
         w = w.reshape((h, -1) + w.shape[1:])[keep].reshape((-1,) + w.shape[1:])
-        _set(model, t.path, w)
+        put(t.path, w)
         owner.in_features = int(w.shape[0])
     else:  # row / channel: the outputs
-        _set(model, t.path, w[..., keep])
+        put(t.path, w[..., keep])
         if t.bias is not None:
-            _set(model, t.bias, get(t.bias)[keep])
+            put(t.bias, get(t.bias)[keep])
         owner.out_features = int(keep.size)
     for r in related:
         rm = _module(model, r.path[:-1])
@@ -560,10 +546,10 @@ def _remove(model: nnx.Module, p: Pruned, mask: np.ndarray, related: tuple[Targe
         rw = get(r.path)
         if p.kind == "head":  # the outputs of q / k / v, by head
             h = p.num_heads
-            _set(model, r.path, rw.reshape(rw.shape[:-1] + (h, -1))[..., keep, :]
+            put(r.path, rw.reshape(rw.shape[:-1] + (h, -1))[..., keep, :]
                  .reshape(rw.shape[:-1] + (-1,)))
             if r.bias is not None:
-                _set(model, r.bias, get(r.bias).reshape(h, -1)[keep].reshape(-1))
+                put(r.bias, get(r.bias).reshape(h, -1)[keep].reshape(-1))
             rm.out_features = int(rw.shape[-1] // h * keep.size)
         else:  # the inputs of the next module: the axis before the outputs
             if rw.shape[-2] != mask.size:
@@ -571,7 +557,7 @@ def _remove(model: nnx.Module, p: Pruned, mask: np.ndarray, related: tuple[Targe
                                  f"{rw.shape[-2]} inputs, but {_dotted(t.path[:-1])} keeps "
                                  f"{keep.size} of {mask.size} outputs; related_modules must "
                                  "consume the pruned module's outputs")
-            _set(model, r.path, np.take(rw, keep, axis=-2))
+            put(r.path, np.take(rw, keep, axis=-2))
             rm.in_features = int(keep.size)
 
 
@@ -599,12 +585,12 @@ def _remove_stacked(model: nnx.Module, p: Pruned, mask: np.ndarray,
         ins, down, field = spec
         for w_name in ins:  # the pruned matrix and its partner in the gated product
             path = t.path[:-1] + (w_name,)
-            _set(model, path, np.take_along_axis(get(path), keep[:, None, :], axis=2))
+            put(path, np.take_along_axis(get(path), keep[:, None, :], axis=2))
             b = t.path[:-1] + ("b" + w_name[1:],)
             if b in variables:
-                _set(model, b, np.take_along_axis(get(b), keep, axis=1))
+                put(b, np.take_along_axis(get(b), keep, axis=1))
         path = t.path[:-1] + (down,)
-        _set(model, path, np.take_along_axis(get(path), keep[:, :, None], axis=1))
+        put(path, np.take_along_axis(get(path), keep[:, :, None], axis=1))
         model.config = dataclasses.replace(cfg, **{field: int(keep.shape[1])})
         return
     spec = getattr(type(layers), "PRUNABLE_HEADS", None)
@@ -623,13 +609,13 @@ def _remove_stacked(model: nnx.Module, p: Pruned, mask: np.ndarray,
                          f"value heads as query heads); {type(model).__name__} has "
                          + ", ".join(f"{f}={getattr(cfg, f)}" for f in count_fields)
                          + ". Drop related_modules to zero the pruned heads in place")
-    _set(model, t.path, np.take_along_axis(get(t.path), keep[:, :, None, None], axis=1))
+    put(t.path, np.take_along_axis(get(t.path), keep[:, :, None, None], axis=1))
     for w_name in qkv:
         path = t.path[:-1] + (w_name,)
-        _set(model, path, np.take_along_axis(get(path), keep[:, None, :, None], axis=2))
+        put(path, np.take_along_axis(get(path), keep[:, None, :, None], axis=2))
         b = t.path[:-1] + ("b" + w_name[1:],)
         if b in variables:
-            _set(model, b, np.take_along_axis(get(b), keep[:, :, None], axis=1))
+            put(b, np.take_along_axis(get(b), keep[:, :, None], axis=1))
     k = int(keep.shape[1])
     model.config = dataclasses.replace(cfg, **{f: k for f in count_fields},
                                        **{size_field: int(t.shape[2])})

@@ -166,6 +166,27 @@ def _search(pattern: str, name: str) -> bool:
     return pattern == "*" or re.search(pattern, name) is not None
 
 
+def matches(found: list[Target], pattern: str, where: str, what: str
+            ) -> list[tuple[Target, tuple[bool, ...]]]:
+    """The targets a group's ``modules`` pattern selects, each with the layers it selects
+    (one entry unless stacked), as DeepSpeed's ``re.search`` over module names.
+
+    Raises:
+      ValueError: the pattern selects nothing (``where`` names the key, ``what`` the kind of
+        module looked for); the message lists some of the model's modules.
+    """
+    hits = []
+    for t in found:
+        layers = tuple(any(_search(pattern, n) for n in names) for names in t.names)
+        if any(layers):
+            hits.append((t, layers))
+    if not hits:
+        names = sorted({n for t in found for names in t.names for n in names[:1]})
+        raise ValueError(f"{where}: {pattern!r} matches no {what}; the model has {len(names)}"
+                         + (f", e.g. {', '.join(names[:6])}" if names else ""))
+    return hits
+
+
 @dataclasses.dataclass(frozen=True)
 class MoQSchedule:
     """One group's bit schedule (see the module docstring)."""
@@ -455,12 +476,8 @@ def plan(model: nnx.Module, config: CompressionConfig, *, seed: int = 0,
                                shared.fp16_mixed_quantize.quantize_change_ratio
                                if shared.fp16_mixed_quantize.enabled else None)
         for pattern in group.modules:
-            hit = False
-            for t in found:
-                layers = tuple(any(_search(pattern, n) for n in names) for names in t.names)
-                if not any(layers):
-                    continue
-                hit = True
+            for t, layers in matches(found, pattern, f"{key}.{gname}.modules",
+                                     "compressible module (Linear, Conv, Embed)"):
                 for i, on in enumerate(layers):
                     if on and (t.path, i) in claimed and claimed[(t.path, i)] != gname:
                         raise ValueError(
@@ -470,12 +487,6 @@ def plan(model: nnx.Module, config: CompressionConfig, *, seed: int = 0,
                         claimed[(t.path, i)] = gname
                 assignments.append(Assignment(t, schedule, gname,
                                               layers if t.stacked else None))
-            if not hit:
-                names = sorted({n for t in found for names in t.names for n in names[:1]})
-                raise ValueError(
-                    f"{key}.{gname}.modules: {pattern!r} matches no compressible module "
-                    f"(Linear, Conv, Embed); the model has {len(names)}, e.g. "
-                    f"{', '.join(names[:6])}")
     merged: dict[tuple, Assignment] = {}
     for a in assignments:  # a target two patterns of one group hit: the union of layers
         old = merged.get(a.target.path)
@@ -514,5 +525,5 @@ def plan(model: nnx.Module, config: CompressionConfig, *, seed: int = 0,
                             shared.quantize_verbose, tuple(fused))
 
 
-__all__ = ["MoQSchedule", "QuantizationPlan", "Target", "plan", "quantization_step",
-           "targets"]
+__all__ = ["MoQSchedule", "QuantizationPlan", "Target", "matches", "plan",
+           "quantization_step", "targets"]
