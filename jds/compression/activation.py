@@ -172,11 +172,6 @@ class ActivationPlan:
                 owner = getattr(owner, k)
             owner.act_quant = tuple(sorted(specs.items()))  # static, hashable: (name, spec)
 
-    def describe(self) -> list[str]:
-        return [f"{g}: input of {'.'.join(map(str, t.path[:-1]))} at {s.bits} bits, "
-                f"{s.kind}, {'static' if s.static else 'dynamic'} range, from step {s.offset}"
-                for t, s, g in self.items]
-
 
 def plan(model: nnx.Module, config: CompressionConfig) -> ActivationPlan | None:
     """The ``activation_quantization`` plan of ``config`` for ``model`` (None when off).

@@ -312,14 +312,6 @@ class PruningPlan:
 
         return optax.GradientTransformation(init, update)
 
-    def describe(self) -> list[str]:
-        """One line per pruned weight."""
-        return [f"{p.group}: {p.kind} {p.method} keep {p.ratio:g} from step {p.offset}: "
-                f"{_dotted(p.target.path)}" + (
-                    "" if p.layers is None or all(p.layers) else
-                    f"[layers {[i for i, x in enumerate(p.layers) if x]}]")
-                for p in self.items]
-
 
 class _ScoresState(NamedTuple):
     inner: Any  # the optimizer's state over every parameter
