@@ -204,10 +204,7 @@ class TrainEngine(EngineCheckpoints):
         self._step_cfg = step_cfg
         self._objective = base.make_objective(sp, self.loss, self.gather)
         self.compression = self._compression_plan(module)
-        if self.pruning is not None:  # weights quantized first, then masked (DeepSpeed's order)
-            self._objective = self.pruning.wrap(self._objective)
-        if self.compression is not None:
-            self._objective = self.compression.wrap(self._objective)
+        self._objective = self._compressed(self._objective)
         self._train_step_fn = make_train_step(self._objective, self.loss.weight, self.tx,
                                               self.schedule, step_cfg)
         self._train_step = self._jit_train_step(self._train_step_fn)
@@ -215,10 +212,7 @@ class TrainEngine(EngineCheckpoints):
         self._predict: Callable | None = None
         if self.pipeline is None:
             eval_objective = base.make_objective(sp, self.loss, self.gather, train=False)
-            if self.pruning is not None:
-                eval_objective = self.pruning.wrap(eval_objective)
-            if self.compression is not None:
-                eval_objective = self.compression.wrap(eval_objective)
+            eval_objective = self._compressed(eval_objective)
             eval_fn = make_eval_step(eval_objective, self.loss.weight, self.loss.weight_metric)
         else:
             pipe_eval = self.pipeline.eval_step()
@@ -517,11 +511,8 @@ class TrainEngine(EngineCheckpoints):
         rows = self.placer.rows(inputs, what="inputs")
         self.placer.check_split(inputs, rows, 1)
         if self._predict is None:
-            forward = base.make_forward(self.split, self.gather)
-            if self.pruning is not None:  # the compressed model's outputs, as in training
-                forward = self.pruning.wrap(forward)
-            if self.compression is not None:
-                forward = self.compression.wrap(forward)
+            # the compressed model's outputs, as in training
+            forward = self._compressed(base.make_forward(self.split, self.gather))
 
             def sharded_like_rows(params, frozen, model_state, x, applied_steps):
                 n = jax.tree.leaves(x)[0].shape[0]
@@ -578,6 +569,15 @@ class TrainEngine(EngineCheckpoints):
                 f"{g} {'full precision' if b is None else f'{b} bits'}"
                 for g, b in bits.items()), flush=True)
         self._reported_bits = bits
+
+    def _compressed(self, fn: Callable) -> Callable:
+        """``fn(params, frozen, model_state, x)`` with the config's compression applied to
+        the weights: quantized first, then pruned (DeepSpeed's order)."""
+        if self.pruning is not None:
+            fn = self.pruning.wrap(fn)
+        if self.compression is not None:
+            fn = self.compression.wrap(fn)
+        return fn
 
     def _compression_plan(self, module: nnx.Module) -> QuantizationPlan | None:
         """The ``compression_training`` section's quantization plan (None when off)."""
@@ -688,8 +688,9 @@ def _compression_plan_for(engine: TrainEngine, module: nnx.Module) -> Quantizati
 
 def _prepared_model(module: nnx.Module, factory: Callable[[], nnx.Module] | None,
                     cfg: Config) -> tuple[nnx.Module, Callable[[], nnx.Module] | None]:
-    """The config's ``lora`` and ``progressive_layer_drop`` sections applied to a copy of the
-    model (the caller's module is never changed), or inside its factory."""
+    """The config's ``lora``, ``progressive_layer_drop`` and ``compression_training`` (pruning
+    masks and scores, activation quantizers) sections applied to a copy of the model (the
+    caller's module is never changed), or inside its factory."""
     c, pld = cfg.lora, cfg.progressive_layer_drop
     comp = cfg.compression_training
     if comp.changes_model and (c.enabled or int(cfg.mesh.stage) > 1):
