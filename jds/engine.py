@@ -200,6 +200,7 @@ class TrainEngine(EngineCheckpoints):
             offload=self._offloaded_states(),
             params_device=None if self.offload.params is None else with_kind(
                 self.param_shardings, DEVICE_KIND),
+            grads_reduced_in_backward=self.split.stacked and self.offload.params is None,
         )
         self._step_cfg = step_cfg
         self._objective = base.make_objective(sp, self.loss, self.gather)

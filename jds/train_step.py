@@ -29,9 +29,18 @@ Semantics follow DeepSpeed's engine:
     for a loss that is a sum over rows (``Loss.per_example``, the LM loss) of a model
     without state: a BatchNorm sees the whole micro-batch, so a user's objective takes
     gradients over the global micro-batch and XLA reduces them per micro-batch.
-  - stage 2 (gradients sharded): every micro-batch's gradients are reduce-scattered
-    (``_reduce_scatter``, an explicit ``psum_scatter``) into a sharded accumulator, so no
-    device holds a full fp32 accumulation buffer.
+  - stage 2 (gradients sharded): in jds's stacked decoders the model's ``ParamGather``
+    constrains each parameter's gradient to its ZeRO shard at the point of use, as under
+    stage 3, so XLA reduce-scatters a layer's gradients inside the backward layer scan and
+    the scan stacks only gradient *shards*: no device ever holds a full-size gradient,
+    DeepSpeed's bucketed reduce-scatter during the backward pass. (Reducing after the
+    backward pass instead kept the whole micro-batch gradient, 4 bytes/param, beside the
+    accumulator: issue 19's 8-layer Llama on 8 devices, fp32, peaked at 10.3 bytes/param,
+    now 7.2.) XLA:CPU has no reduce-scatter inside such a loop: it lowers the pair as an
+    all-reduce and a slice, moving more bytes between the simulated devices; the GPU and
+    TPU compilers emit the reduce-scatter. A user's own module (no ``ParamGather``) has
+    every micro-batch's gradients reduce-scattered after its backward pass
+    (``_reduce_scatter``, an explicit ``psum_scatter``) into the sharded accumulator.
   - stage 3 (parameters sharded too): the model gathers each layer's weights inside its
     layer scan (its ``jds.partitioning.zero.ParamGather``), whose gradient is constrained
     back to the sharded layout, so XLA reduces each layer's gradients in the backward scan
@@ -96,6 +105,10 @@ class StepConfig:
       params_device: with the parameters resting in host memory (ZeRO-3 ``offload_param``),
         their shardings in device memory: gradients, whose cotangents arrive in host
         memory, are brought back to the device (sharded) to be accumulated; None otherwise.
+      grads_reduced_in_backward: the objective's model constrains each parameter's gradient
+        to the ZeRO gradient layout at its point of use (a ``ParamGather`` in a stacked
+        decoder), so sharded gradients are reduce-scattered a layer at a time inside the
+        backward scan rather than after it.
     """
 
     gradient_accumulation_steps: int = 1
@@ -108,6 +121,7 @@ class StepConfig:
     weight_metric: str | None = None
     offload: OffloadedStates | None = None
     params_device: Any = None
+    grads_reduced_in_backward: bool = False
 
 
 class Gradients(NamedTuple):
@@ -322,8 +336,9 @@ def make_gradients(
         sharded_params = plan is not None and bool(plan.layout.params)
         sharded_grads = plan is not None and bool(plan.layout.grads)
         n_micro = jax.tree.leaves(batch)[0].shape[0]
+        in_backward = sharded_grads and cfg.grads_reduced_in_backward
         if (cfg.per_example and not jax.tree.leaves(model_state) and n > 1
-                and not sharded_params and (sharded_grads or n_micro > 1)):
+                and not sharded_params and not in_backward and (sharded_grads or n_micro > 1)):
             grads, loss_sum, aux = _local_grads(
                 lambda p, mb: grad_fn(p, mb, model_state), params, batch, aux0, axes, n, plan)
             return Gradients(grads, loss_sum, weight, aux, model_state)

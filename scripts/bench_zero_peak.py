@@ -46,8 +46,9 @@ def table(stage: int, precision: str, nd: int) -> float:
     return {0: 16, 1: 8 + 8 / nd, 2: 4 + 12 / nd, 3: 16 / nd}[stage]  # 4 + 4 + 8
 
 
-def config(stage: int, precision: str, accumulation: int) -> dict:
+def config(stage: int, precision: str, accumulation: int, remat: str = "none") -> dict:
     return {
+        "train": {"remat": remat},
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": accumulation,
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.01}},
@@ -63,12 +64,13 @@ def main() -> None:
     ap.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3])
     ap.add_argument("--seq", type=int, default=16, help="tokens per sequence")
     ap.add_argument("--accumulation", type=int, default=4)
+    ap.add_argument("--remat", default="none", help="train.remat (none, full, ...)")
     args = ap.parse_args()
     nd = jax.device_count()
     for precision in args.precision or ["bf16", "fp32"]:
         for stage in args.stages:
             engine = jds.TrainEngine(lambda: Llama(LlamaConfig(**MODEL), rngs=nnx.Rngs(0)),
-                                     config(stage, precision, args.accumulation),
+                                     config(stage, precision, args.accumulation, args.remat),
                                      shapes_only=True)
             psi = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(engine.state.params))
             m = compiled_memory(engine, args.seq)
@@ -76,7 +78,8 @@ def main() -> None:
             print(json.dumps({
                 "device": f"{jax.devices()[0].device_kind} x{nd}", "stage": stage,
                 "precision": precision, "params": psi, "seq": args.seq,
-                "accumulation": args.accumulation, "table_bytes_per_param": round(base, 3),
+                "accumulation": args.accumulation, "remat": args.remat,
+                "table_bytes_per_param": round(base, 3),
                 "peak_bytes_per_param": round(m.peak / psi, 3),
                 "ratio": round(m.peak / psi / base, 2),
                 "temp_bytes_per_param": round(m.temp / psi, 3),

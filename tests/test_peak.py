@@ -83,19 +83,23 @@ def test_breakdown_of_a_real_compile_sorts_arguments_loops_and_passes():
 
 MODEL = dict(vocab_size=512, hidden_size=256, intermediate_size=768, num_hidden_layers=8,
              num_attention_heads=4, num_key_value_heads=4)
-# the issue-19 configuration (scripts/bench_zero_peak.py) in fp32: bytes/param per device
-# measured 2026-12-06 after this change, with 3% headroom; before it: 24.9, 18.0, 14.5, 8.5
-BOUNDS = {0: 21.6, 1: 14.4, 2: 10.9, 3: 4.8}
+# the issue-19 configuration (scripts/bench_zero_peak.py) in fp32: bytes/param per device,
+# measured 2026-12-07 with 3% headroom (2026-12-06: 20.9, 13.9, 10.6, 4.6; before issue 19:
+# 24.9, 18.0, 14.5, 8.5). The ZeRO table in fp32 is 16, 9, 5.5, 2: stage 2 is within the
+# issue's 1.5x (1.31x); stages 0, 1 and 3 are not yet (1.30x, 1.52x, 2.16x; see
+# docs/benchmarks.md for what is left).
+BOUNDS = {0: 21.3, 1: 14.1, 2: 7.4, 3: 4.45}
+TABLE = {0: 16.0, 1: 9.0, 2: 5.5, 3: 2.0}
 
 
-def peak_per_param(stage):
+def peak_per_param(stage, seq=16):
     cfg = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 4,
            "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.01}},
            "gradient_clipping": 1.0, "zero_optimization": {"stage": stage}}
     e = jds.TrainEngine(lambda: Llama(LlamaConfig(**MODEL), rngs=nnx.Rngs(0)), cfg,
                         shapes_only=True)
     psi = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(e.state.params))
-    m = compiled_memory(e, 16)
+    m = compiled_memory(e, seq, breakdown=seq == 16)
     return m.peak / psi, m
 
 
@@ -109,6 +113,19 @@ def test_compiled_peak_per_zero_stage_decreases_and_stays_within_its_bound():
     # the breakdown names the state it holds: ZeRO-3 shards params and Adam's moments
     bd = m.breakdown.by_category
     assert bd["params"] and bd["optimizer"]
+
+
+@pytest.mark.slow
+def test_zero_savings_survive_when_activations_dominate():
+    # 2k-token sequences: the saved activations are ~20x the model states of this model,
+    # and each stage must still save what the ZeRO table says it saves (measured
+    # 2026-12-07: 157.7, 150.7, 143.2, 140.8 bytes/param; savings 7.0, 7.5, 2.4 against
+    # the table's 7, 3.5, 3.5: stage 3 pays for one gathered layer, 0.5 bytes/param here)
+    peaks = [peak_per_param(stage, seq=2048)[0] for stage in range(4)]
+    assert peaks[0] > peaks[1] > peaks[2] > peaks[3], peaks
+    for s in range(3):
+        assert peaks[s] - peaks[s + 1] >= 0.6 * (TABLE[s] - TABLE[s + 1]), (s, peaks)
+    assert peaks[0] - peaks[3] >= 0.9 * (TABLE[0] - TABLE[3]), peaks
 
 
 @pytest.mark.slow

@@ -464,7 +464,10 @@ class ParamGather:
         Under ZeRO-3 this is the per-layer all-gather, and its gradient is constrained
         straight back to the ZeRO gradient layout, so the backward scan emits one
         reduce-scatter per layer and stacks only gradient *shards* — never a full-size
-        gradient of the layer stack. Otherwise it only pins the compute layout.
+        gradient of the layer stack. Under ZeRO-2 (parameters replicated, gradients
+        sharded) nothing is gathered but the gradient is constrained the same way, so it
+        too is reduce-scattered a layer at a time inside the backward scan. Otherwise it
+        only pins the compute layout.
 
         Args:
           x: the parameter (one layer's slice inside the scan, or a whole embedding).
@@ -473,13 +476,17 @@ class ParamGather:
         mesh, rules = self.mesh, dict(self.rules)
         base = logical_to_spec(axes, rules, mesh=mesh, shape=tuple(x.shape),
                                what=f"param {axes}")
-        if not self.sharded:
-            if self.host:  # to the device (its cotangent goes back to the host)
-                x = jax.device_put(x, traced_sharding(mesh, base).with_memory_kind("device"))
-            return jax.lax.with_sharding_constraint(x, traced_sharding(mesh, base))
         dim = zero_dim(tuple(x.shape), axes, base, mesh.shape,
                        self.layout.group_size(mesh.shape))
         grad_spec = add_axes(base, x.ndim, dim, self.layout.grads)
+        if not self.sharded:
+            if self.host:  # to the device (its cotangent goes back to the host)
+                x = jax.device_put(x, traced_sharding(mesh, base).with_memory_kind("device"))
+            if self.layout.grads and not self.host:
+                # ZeRO-2: no gather, but the gradient is reduce-scattered to its shard
+                # right here, in the backward scan, a layer at a time
+                return _gather(x, traced_sharding(mesh, base), traced_sharding(mesh, grad_spec))
+            return jax.lax.with_sharding_constraint(x, traced_sharding(mesh, base))
         if self.host:  # this shard to the device (its cotangent goes back to the host)
             x = jax.device_put(x, traced_sharding(mesh, grad_spec).with_memory_kind("device"))
         return checkpoint_name(
