@@ -201,6 +201,7 @@ class TrainEngine(EngineCheckpoints):
             params_device=None if self.offload.params is None else with_kind(
                 self.param_shardings, DEVICE_KIND),
             grads_reduced_in_backward=self.split.stacked and self.offload.params is None,
+            accumulate_in_place=self.split.stacked and self.offload.params is None,
         )
         self._step_cfg = step_cfg
         self._objective = base.make_objective(sp, self.loss, self.gather)

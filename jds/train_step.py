@@ -21,11 +21,14 @@ Semantics follow DeepSpeed's engine:
   Where the data-parallel reduction happens follows DeepSpeed's ZeRO stage (``StepConfig.zero``):
 
   - stage 0/1 (gradients replicated): each device accumulates its own shard's gradients
-    and they are all-reduced once per step, after the scan, as DeepSpeed's engine does at
-    the accumulation boundary. Left to itself XLA's partitioner would all-reduce inside
-    the scan, once per micro-batch; ``_local_grads`` prevents that by keeping a leading
-    data-parallel axis on the per-shard gradients (a ``vmap`` over per-device batch slices
-    with ``spmd_axis_name``), so nothing is reduced until the final sum. That is only right
+    and they are reduced once per step, after the scan, as DeepSpeed's engine does at
+    the accumulation boundary: all-reduced under stage 0, reduce-scattered under stage 1
+    (each device needs only its optimizer shard of the sum; an all-reduce wrote a second
+    full-size fp32 gradient beside the accumulator). Left to itself XLA's partitioner
+    would all-reduce inside the scan, once per micro-batch; ``_local_grads`` prevents that
+    by keeping a leading data-parallel axis on the per-shard gradients (a ``vmap`` over
+    per-device batch slices with ``spmd_axis_name``), so nothing is reduced until the
+    final sum. That is only right
     for a loss that is a sum over rows (``Loss.per_example``, the LM loss) of a model
     without state: a BatchNorm sees the whole micro-batch, so a user's objective takes
     gradients over the global micro-batch and XLA reduces them per micro-batch.
@@ -45,6 +48,11 @@ Semantics follow DeepSpeed's engine:
     layer scan (its ``jds.partitioning.zero.ParamGather``), whose gradient is constrained
     back to the sharded layout, so XLA reduces each layer's gradients in the backward scan
     straight into the sharded accumulator.
+- With several micro-batches, jds's stacked decoders add each layer's weight gradients
+  into the accumulator inside their backward layer scan (``jds.partitioning.accumulate``)
+  instead of stacking a micro-batch's gradients in a buffer of their own first: one
+  full-size gradient buffer fewer under stages 0/1 (4 bytes/param in fp32), one shard
+  fewer under stages 2/3.
 - Gradients are unscaled, their global norm measured, and clipped as DeepSpeed's
   ``clip_grad_norm_`` does: ``g *= max_norm / (norm + 1e-6)`` when that factor is < 1.
 - A step whose gradients are not finite is skipped (params, master weights and optimizer
@@ -70,6 +78,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jds.compression.weight_quantization import quantization_step
 from jds.models.base import IGNORE_INDEX, causal_lm_loss_sum
 from jds.models.layer_drop import training_step
+from jds.partitioning.accumulate import gradient_sink
 from jds.partitioning.offload import OffloadedStates, streamed_update
 from jds.partitioning.rules import active_rules, constrain, use_rules
 from jds.partitioning.zero import ZeroPlan
@@ -109,6 +118,9 @@ class StepConfig:
         to the ZeRO gradient layout at its point of use (a ``ParamGather`` in a stacked
         decoder), so sharded gradients are reduce-scattered a layer at a time inside the
         backward scan rather than after it.
+      accumulate_in_place: with more than one micro-batch, the model's layer scan adds its
+        weights' gradients into the fp32 accumulator in its backward pass
+        (``jds.partitioning.accumulate``) instead of stacking them in a buffer of their own.
     """
 
     gradient_accumulation_steps: int = 1
@@ -122,6 +134,7 @@ class StepConfig:
     offload: OffloadedStates | None = None
     params_device: Any = None
     grads_reduced_in_backward: bool = False
+    accumulate_in_place: bool = False
 
 
 class Gradients(NamedTuple):
@@ -172,9 +185,11 @@ def _data_axes() -> tuple[tuple[str, ...], int]:
     return axes, int(np.prod([mesh.shape[a] for a in axes], dtype=np.int64))
 
 
-def _reduce_scatter(grads_N: PyTree, plan: ZeroPlan, axes: tuple[str, ...]) -> PyTree:
+def _reduce_scatter(grads_N: PyTree, plan: ZeroPlan, axes: tuple[str, ...],
+                    which: str = "grads") -> PyTree:
     """Sum per-shard gradients ``[n, ...]`` over the data-parallel shards, each device
-    keeping only its ZeRO slice: one explicit ``psum_scatter`` per parameter.
+    keeping only its ZeRO slice of ``which`` (``"grads"``, or ``"optimizer"`` for ZeRO-1's
+    reduction at the accumulation boundary): one explicit ``psum_scatter`` per parameter.
 
     Written as a ``shard_map`` rather than left to XLA: on CPU XLA lowers a sharded sum to
     an all-reduce followed by a slice, moving ``Nd`` times the bytes a reduce-scatter does
@@ -183,17 +198,17 @@ def _reduce_scatter(grads_N: PyTree, plan: ZeroPlan, axes: tuple[str, ...]) -> P
     ZeRO axes for gradients (MiCS: the groups' replicas) are summed with a ``psum`` first.
     """
     mesh, _ = active_rules()
-    gaxes = plan.layout.grads
+    gaxes = getattr(plan.layout, which)
     if not set(gaxes) <= set(axes):
         raise ValueError(
-            f"gradients are sharded over {gaxes} but the batch is split over {axes}; the "
+            f"{which} are sharded over {gaxes} but the batch is split over {axes}; the "
             "'batch' rule must cover every ZeRO axis"
         )
     rest = tuple(a for a in axes if a not in gaxes)
     leaves, treedef = jax.tree.flatten(grads_N)
     is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
     base = jax.tree.leaves(plan.base, is_leaf=is_spec)
-    out = jax.tree.leaves(plan.grads, is_leaf=is_spec)
+    out = jax.tree.leaves(getattr(plan, which), is_leaf=is_spec)
     dims = jax.tree.leaves(plan.dims)
 
     def local(*gs):
@@ -221,9 +236,32 @@ def _add(a: PyTree, b: PyTree) -> PyTree:
     return jax.tree.map(lambda x, y: x + y.astype(jnp.float32), a, b)
 
 
+def _into_accumulator(loss_of: Callable) -> Callable:
+    """``(params, mb, state, acc) -> ((scaled loss, aux), acc + grads)`` for ``loss_of(params,
+    mb, state) -> (scaled loss, aux)``: the gradients a layer scan can take in place
+    (``gradient_sink``) are added there, the rest after the backward pass."""
+
+    def step(params, mb, state, acc):
+        used: set[int] = set()
+
+        def sunk(params, acc):
+            with gradient_sink(params, acc) as u:
+                out = loss_of(params, mb, state)
+            used.update(u)
+            return out
+
+        out, (g_p, g_acc) = jax.value_and_grad(sunk, argnums=(0, 1), has_aux=True)(params, acc)
+        leaves, treedef = jax.tree.flatten(acc)
+        new = [ga if i in used else a + gp.astype(a.dtype) for i, (a, gp, ga) in
+               enumerate(zip(leaves, jax.tree.leaves(g_p), jax.tree.leaves(g_acc), strict=True))]
+        return out, jax.tree.unflatten(treedef, new)
+
+    return step
+
+
 def _local_grads(
     grad_fn: Callable, params: PyTree, batch: Batch, aux0: dict, axes: tuple[str, ...],
-    n: int, plan: ZeroPlan | None,
+    n: int, plan: ZeroPlan | None, into: Callable | None = None,
 ) -> tuple[PyTree, jax.Array, dict]:
     """Sums of gradients, loss and metrics over micro-batches, with the data-parallel
     reduction placed where DeepSpeed places it (a per-row objective only).
@@ -237,6 +275,9 @@ def _local_grads(
     - Gradients sharded (ZeRO 2, or a gradient partition size): every micro-batch's
       gradients are reduce-scattered into a sharded fp32 accumulator, as ZeRO-2 does, so no
       device ever holds a full-size accumulation buffer.
+
+    ``into`` (``_into_accumulator``'s function, gradients replicated only): each shard's
+    gradients go into its accumulator in place.
     """
     mesh, rules = active_rules()
     local_rules = {**rules, "batch": ()}  # the shard axis carries the batch's mesh axes
@@ -250,8 +291,15 @@ def _local_grads(
 
     vgrad = jax.vmap(grad_fn, in_axes=(None, 0), spmd_axis_name=axes)
 
+    if into is not None and not scatter:
+        vinto = jax.vmap(into, in_axes=(None, 0, 0), spmd_axis_name=axes)
+
     def micro(carry, mb):
         grads_acc, loss_acc, aux_acc = carry
+        if into is not None and not scatter:
+            with use_rules(mesh, local_rules):
+                (_, (loss_N, aux_N, _)), grads_acc = vinto(params, mb, grads_acc)
+            return (grads_acc, loss_acc + loss_N, _add(aux_acc, aux_N)), None
         with use_rules(mesh, local_rules):
             (_, (loss_N, aux_N, _)), g_N = vgrad(params, mb)
         if scatter:
@@ -269,9 +317,17 @@ def _local_grads(
     aux0_N = jax.tree.map(lambda a: jnp.zeros((n, *a.shape), jnp.float32), aux0)
     (grads, loss_N, aux_N), _ = jax.lax.scan(
         micro, (zeros, jnp.zeros((n,), jnp.float32), aux0_N), jax.tree.map(split, batch))
-    if not scatter:
+    if not scatter and plan is not None and plan.layout.optimizer:
+        # ZeRO-1 at the accumulation boundary: each device needs only its optimizer shard
+        # of the summed gradients, so reduce-scatter to it, as DeepSpeed does (an all-reduce
+        # wrote a second full-size fp32 gradient beside the accumulator: 4 bytes/param)
+        with use_rules(mesh, rules):
+            grads = _reduce_scatter(grads, plan, axes, "optimizer")
+    elif not scatter:
         grads = jax.tree.map(lambda g: g.sum(0), grads)
     return grads, loss_N.sum(), jax.tree.map(lambda a: a.sum(0), aux_N)
+
+
 
 
 def _zeros_like(params: PyTree, shardings: PyTree | None) -> PyTree:
@@ -337,10 +393,12 @@ def make_gradients(
         sharded_grads = plan is not None and bool(plan.layout.grads)
         n_micro = jax.tree.leaves(batch)[0].shape[0]
         in_backward = sharded_grads and cfg.grads_reduced_in_backward
+        into = _into_accumulator(loss_of) if cfg.accumulate_in_place and n_micro > 1 else None
         if (cfg.per_example and not jax.tree.leaves(model_state) and n > 1
                 and not sharded_params and not in_backward and (sharded_grads or n_micro > 1)):
             grads, loss_sum, aux = _local_grads(
-                lambda p, mb: grad_fn(p, mb, model_state), params, batch, aux0, axes, n, plan)
+                lambda p, mb: grad_fn(p, mb, model_state), params, batch, aux0, axes, n, plan,
+                None if into is None else lambda p, mb, acc: into(p, mb, model_state, acc))
             return Gradients(grads, loss_sum, weight, aux, model_state)
 
         # One shard, one micro-batch of replicated gradients (XLA's single all-reduce is
@@ -353,6 +411,12 @@ def make_gradients(
 
         def micro(carry, mb):
             grads_acc, loss_acc, aux_acc, state = carry
+            if into is not None and cfg.params_device is None:
+                (_, (loss_sum, aux, state)), grads_acc = into(params, _constrain_rows(mb), state,
+                                                              grads_acc)
+                if grad_sh is not None:
+                    grads_acc = jax.lax.with_sharding_constraint(grads_acc, grad_sh)
+                return (grads_acc, loss_acc + loss_sum, _add(aux_acc, aux), state), None
             (_, (loss_sum, aux, state)), g = grad_fn(params, _constrain_rows(mb), state)
             if cfg.params_device is not None:  # host-resident params: their grads to device
                 g = jax.device_put(g, grad_sh or cfg.params_device)

@@ -42,6 +42,7 @@ from flax import nnx
 from jds.kernels.attention import dot_product_attention
 from jds.kernels.quant.nf4 import NF4Weight, dequantize_nf4
 from jds.models.layer_drop import PLD_KEEP
+from jds.partitioning.accumulate import args_carry_no_gradient, scan_accumulating, sink_for
 from jds.partitioning.rules import active_rules, logical_to_spec, traced_sharding
 from jds.partitioning.zero import ParamGather, gather_param, save_costly_not_gathered
 
@@ -454,6 +455,12 @@ def scan_layers(
                               prevent_cse=False)
         grouped = jax.tree.map(lambda a: a.reshape(n // group, group, *a.shape[1:]), params_L)
         return jax.lax.scan(lambda c, p_k: (ckpt(p_k, c), None), x, grouped)[0]
+
+    # Inside a train step that accumulates gradients in place (``gradient_sink``), the
+    # backward pass adds the stacked weights' gradients into the step's accumulator.
+    acc_L = sink_for(params_L) if args_carry_no_gradient(args) else None
+    if acc_L is not None:
+        return scan_accumulating(fn, params_L, acc_L, x, *args)
 
     def body(carry: jax.Array, p: dict[str, jax.Array]) -> tuple[jax.Array, None]:
         return fn(p, carry, *args), None
