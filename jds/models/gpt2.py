@@ -278,18 +278,20 @@ class GPT2(nnx.Module):
         x_BTD = self.run_layers(stacked_params(self.layers), x_BTD, positions, segment_ids)
         return self.head(x_BTD)
 
-    def _use(self, param: nnx.Param, axes: tuple[str | None, ...]) -> jax.Array:
-        """A non-layer parameter at its point of use (gathered under ZeRO-3)."""
-        return gather_param(param[...], axes, self.param_gather)
+    def _use(self, param: nnx.Param, axes: tuple[str | None, ...], after: Any = None
+             ) -> jax.Array:
+        """A non-layer parameter at its point of use (gathered under ZeRO-3, once ``after``
+        is computed: see ``ParamGather``)."""
+        return gather_param(param[...], axes, self.param_gather, after)
 
     # The three parts of ``__call__``, also run separately by pipeline stages.
     def embed(self, input_ids_BT: jax.Array, positions_BT: jax.Array) -> jax.Array:
         """Token plus learned position embeddings ``x_BTD``."""
         with jax.named_scope("wte"):
-            wte_VD = self._use(self.wte, ("vocab", "embed"))  # gathered here under ZeRO-3
+            wte_VD = self._use(self.wte, ("vocab", "embed"), input_ids_BT)  # gathered: ZeRO-3
             tok_BTD = embed_lookup(wte_VD, input_ids_BT)
         with jax.named_scope("wpe"):
-            wpe_PD = self._use(self.wpe, (None, "embed"))
+            wpe_PD = self._use(self.wpe, (None, "embed"), positions_BT)
             x_BTD = tok_BTD + embed_lookup(wpe_PD, positions_BT, (None, "embed"))
         return constrain(x_BTD, BTD)
 
@@ -330,7 +332,7 @@ class GPT2(nnx.Module):
             h_BTD = layer_norm(x_BTD, self._use(self.ln_f_scale, ("embed",)),
                                self._use(self.ln_f_bias, ("embed",)), cfg.layer_norm_epsilon)
         with jax.named_scope("lm_head"):
-            wte_VD = self._use(self.wte, ("vocab", "embed"))
+            wte_VD = self._use(self.wte, ("vocab", "embed"), h_BTD)
             logits_BTV = jnp.einsum("BTD,VD->BTV", h_BTD, wte_VD)
             return constrain(logits_BTV, ("batch", "seq", "vocab"))
 

@@ -384,16 +384,18 @@ class Llama(nnx.Module):
         x_BTD = self.run_layers(stacked_params(self.layers), x_BTD, positions, segment_ids)
         return self.head(x_BTD)
 
-    def _use(self, param: nnx.Param, axes: tuple[str | None, ...]) -> jax.Array:
-        """A non-layer parameter at its point of use (gathered under ZeRO-3)."""
-        return gather_param(param[...], axes, self.param_gather)
+    def _use(self, param: nnx.Param, axes: tuple[str | None, ...], after: Any = None
+             ) -> jax.Array:
+        """A non-layer parameter at its point of use (gathered under ZeRO-3, once ``after``
+        is computed: see ``ParamGather``)."""
+        return gather_param(param[...], axes, self.param_gather, after)
 
     # The three parts of ``__call__``, also run separately by pipeline stages.
     def embed(self, input_ids_BT: jax.Array, positions_BT: jax.Array) -> jax.Array:
         """Token embeddings ``x_BTD`` (the positions enter through RoPE in the layers)."""
         del positions_BT
         with jax.named_scope("embed_tokens"):
-            embed_VD = self._use(self.embed_tokens, ("vocab", "embed"))  # gathered (ZeRO-3)
+            embed_VD = self._use(self.embed_tokens, ("vocab", "embed"), input_ids_BT)
             return constrain(embed_lookup(embed_VD, input_ids_BT), BTD)
 
     def run_layers(
@@ -431,10 +433,10 @@ class Llama(nnx.Module):
             h_BTD = rms_norm(x_BTD, self._use(self.norm, ("embed",)), cfg.rms_norm_eps)
         with jax.named_scope("lm_head"):
             if self.lm_head is None:
-                embed_VD = self._use(self.embed_tokens, ("vocab", "embed"))
+                embed_VD = self._use(self.embed_tokens, ("vocab", "embed"), h_BTD)
                 logits_BTV = jnp.einsum("BTD,VD->BTV", h_BTD, embed_VD)
             else:
-                head_DV = self._use(self.lm_head, ("embed", "vocab"))
+                head_DV = self._use(self.lm_head, ("embed", "vocab"), h_BTD)
                 logits_BTV = jnp.einsum("BTD,DV->BTV", h_BTD, head_DV)
             return constrain(logits_BTV, ("batch", "seq", "vocab"))
 

@@ -458,7 +458,8 @@ class ParamGather:
         """Whether parameters are sharded at rest (ZeRO-3), i.e. gathering moves bytes."""
         return bool(self.layout.params)
 
-    def __call__(self, x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+    def __call__(self, x: jax.Array, axes: tuple[str | None, ...],
+                 after: Any = None) -> jax.Array:
         """A parameter at its point of use, gathered to its compute layout (the rules' spec).
 
         Under ZeRO-3 this is the per-layer all-gather, and its gradient is constrained
@@ -472,6 +473,12 @@ class ParamGather:
         Args:
           x: the parameter (one layer's slice inside the scan, or a whole embedding).
           axes: its logical axes (without ``layers``).
+          after: under ZeRO-3, values the gather waits for (``optimization_barrier``): the
+            token ids for the embedding, the final hidden state for the LM head. Without
+            it XLA gathers the embedding and head once before the micro-batch loop (they
+            do not change between micro-batches) and keeps them gathered through every
+            layer of every micro-batch; DeepSpeed gathers them at their use. Issue 19's
+            8-layer Llama: ZeRO-3 peak 3.89 -> 3.76 bytes/param.
         """
         mesh, rules = self.mesh, dict(self.rules)
         base = logical_to_spec(axes, rules, mesh=mesh, shape=tuple(x.shape),
@@ -489,6 +496,8 @@ class ParamGather:
             return jax.lax.with_sharding_constraint(x, traced_sharding(mesh, base))
         if self.host:  # this shard to the device (its cotangent goes back to the host)
             x = jax.device_put(x, traced_sharding(mesh, grad_spec).with_memory_kind("device"))
+        if after is not None:
+            x, _ = jax.lax.optimization_barrier((x, after))
         return checkpoint_name(
             _gather(x, traced_sharding(mesh, base), traced_sharding(mesh, grad_spec)), GATHERED
         )
@@ -501,9 +510,10 @@ class ParamGather:
 
 
 def gather_param(x: jax.Array, axes: tuple[str | None, ...],
-                 gather: ParamGather | None) -> jax.Array:
-    """``gather(x, axes)``, or ``x`` unchanged when the model holds no ``ParamGather``."""
-    return x if gather is None else gather(x, axes)
+                 gather: ParamGather | None, after: Any = None) -> jax.Array:
+    """``gather(x, axes, after)``, or ``x`` unchanged when the model holds no
+    ``ParamGather``."""
+    return x if gather is None else gather(x, axes, after)
 
 
 __all__ = [
