@@ -16,6 +16,7 @@
 #     bash scripts/gpu_session.sh vsds               # ~6 min: issue 25, jds vs PyTorch/DeepSpeed
 #     bash scripts/gpu_session.sh offload            # ~5 min: issue 21, ZeRO-Offload's step time
 #     bash scripts/gpu_session.sh lora               # ~6 min: issue 22, LoRA/QLoRA and PLD
+#     bash scripts/gpu_session.sh accumulate         # ~4 min: issue 19, in-place accumulation
 # Each phase writes $OUT/<phase>.jsonl (one JSON object per result) and $OUT/<phase>.log,
 # and prints a short summary last. Record the figures, dated, in docs/benchmarks.md.
 # The per-run time limits add up to more than a session's 30 device minutes; they are
@@ -150,6 +151,14 @@ phase_lora() {
   run lora_tests 180 $PY -m pytest -q -p no:cacheprovider tests/test_lora.py -k "not peft and not cli"
 }
 
+phase_accumulate() {
+  # Issue 19 on a GPU: gradient accumulation in place (the layer scan's own backward adds
+  # into the fp32 accumulator) vs JAX's own backward, same llama-125m bf16 step, compiled
+  # temp bytes and step time (on CPU it saves a full gradient buffer and costs ~5-8%).
+  run accumulate 240 $PY scripts/bench_accumulate.py --model llama-125m --precision bf16 \
+    --batch 8 --seq 1024 --accumulation 4 --steps 6 --rounds 2
+}
+
 summary() {
   [ -f "$OUT/$1.jsonl" ] || return 0
   echo "== $1"
@@ -160,7 +169,7 @@ keys = ("bench", "impl", "dtype", "attention", "seq", "head_dim", "causal", "pas
         "fraction_of_limit", "continuous_tokens_per_s", "static_tokens_per_s", "layout",
         "framework", "median_s_per_step", "peak_rss_mb", "setting", "s_per_step",
         "device_argument_bytes", "host_argument_bytes", "s_per_step_base", "s_per_step_pld",
-        "frozen_bytes_per_param")
+        "frozen_bytes_per_param", "variant", "s_per_step_vs_baseline", "temp_bytes_per_param")
 for line in open(sys.argv[1]):
     row = json.loads(line)
     print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
@@ -168,7 +177,7 @@ for line in open(sys.argv[1]):
 EOF
 }
 
-[ $# -gt 0 ] || { echo "usage: $0 wheels | {env,tests,attention,int8,decode,train125m,train1b,profile,vsds,offload,lora}..."; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 wheels | {env,tests,attention,int8,decode,train125m,train1b,profile,vsds,offload,lora,accumulate}..."; exit 2; }
 if [ "$1" = wheels ]; then wheels; exit; fi
 for phase in "$@"; do
   declare -F "phase_$phase" >/dev/null || { echo "unknown phase $phase"; exit 2; }
