@@ -20,10 +20,11 @@ itself; each layer's weight gradients are added into their ``[l]`` slice
 directly. XLA's scheduler controls could not get there (the scan transpose's zero-started
 buffer is JAX's, not a scheduling choice); rewriting the backward did.
 
-Cost, measured on CPU (llama-tiny, gradient accumulation 4, 8 x 128 tokens per step, same
-losses to the last bit): 0.39 vs 0.37 s/step on 8 simulated devices under ZeRO-0, 0.51 vs
-0.49-0.53 under ZeRO-3, 0.53 vs 0.49 on one device. Only steps with more than one
-micro-batch take this path (one micro-batch has no accumulator to add into).
+Cost, measured on CPU against JAX's own backward in the same run
+(``scripts/bench_accumulate.py``: llama-tiny, fp32, accumulation 4, 8 x 128 tokens per
+micro-batch, same losses to the last bit): 1.027x the step time on one device, 1.025x on 8
+simulated devices under ZeRO-1. Only steps with more than one micro-batch take this path
+(one micro-batch has no accumulator to add into).
 
 How the accumulator reaches the layer scan: ``make_gradients`` opens ``gradient_sink``
 around the loss with the trainable parameters and the accumulator; ``scan_layers`` looks
