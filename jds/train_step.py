@@ -28,10 +28,10 @@ Semantics follow DeepSpeed's engine:
     would all-reduce inside the scan, once per micro-batch; ``_local_grads`` prevents that
     by keeping a leading data-parallel axis on the per-shard gradients (a ``vmap`` over
     per-device batch slices with ``spmd_axis_name``), so nothing is reduced until the
-    final sum. That is only right
-    for a loss that is a sum over rows (``Loss.per_example``, the LM loss) of a model
-    without state: a BatchNorm sees the whole micro-batch, so a user's objective takes
-    gradients over the global micro-batch and XLA reduces them per micro-batch.
+    final sum. That is only right for a loss that is a sum over rows
+    (``Loss.per_example``, the LM loss) of a model without state: a BatchNorm sees the
+    whole micro-batch, so a user's objective takes gradients over the global micro-batch
+    and XLA reduces them per micro-batch.
   - stage 2 (gradients sharded): in jds's stacked decoders the model's ``ParamGather``
     constrains each parameter's gradient to its ZeRO shard at the point of use, as under
     stage 3, so XLA reduce-scatters a layer's gradients inside the backward layer scan and
@@ -328,8 +328,6 @@ def _local_grads(
     return grads, loss_N.sum(), jax.tree.map(lambda a: a.sum(0), aux_N)
 
 
-
-
 def _zeros_like(params: PyTree, shardings: PyTree | None) -> PyTree:
     """fp32 zeros shaped like ``params``, laid out as ``shardings`` when given."""
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
@@ -393,7 +391,9 @@ def make_gradients(
         sharded_grads = plan is not None and bool(plan.layout.grads)
         n_micro = jax.tree.leaves(batch)[0].shape[0]
         in_backward = sharded_grads and cfg.grads_reduced_in_backward
-        into = _into_accumulator(loss_of) if cfg.accumulate_in_place and n_micro > 1 else None
+        # host-resident parameters (offload_param) send their gradients back to the host
+        into = (_into_accumulator(loss_of) if cfg.accumulate_in_place and n_micro > 1
+                and cfg.params_device is None else None)
         if (cfg.per_example and not jax.tree.leaves(model_state) and n > 1
                 and not sharded_params and not in_backward and (sharded_grads or n_micro > 1)):
             grads, loss_sum, aux = _local_grads(
@@ -411,7 +411,7 @@ def make_gradients(
 
         def micro(carry, mb):
             grads_acc, loss_acc, aux_acc, state = carry
-            if into is not None and cfg.params_device is None:
+            if into is not None:
                 (_, (loss_sum, aux, state)), grads_acc = into(params, _constrain_rows(mb), state,
                                                               grads_acc)
                 if grad_sh is not None:
