@@ -53,10 +53,12 @@ from jds.models.layer_drop import LayerDrop
 from jds.partitioning import pipeline as pp
 from jds.partitioning.batch import BatchPlacer
 from jds.partitioning.mesh import data_parallel_size
+from jds.partitioning.nvme import NvmeOptimizer, OnDisk, check_disk_space, on_disk
 from jds.partitioning.offload import (
     DEVICE_KIND,
     OffloadedStates,
     check_host_memory,
+    leaf_owners,
     offload_plan,
     with_kind,
 )
@@ -181,12 +183,30 @@ class TrainEngine(EngineCheckpoints):
         if self.offload.any and not shapes_only:  # refuse what cannot fit, before making it
             shapes, _ = build_state(cfg, self.tx, sp, **placement, shapes_only=True)
             try:
-                check_host_memory(shapes, self.offload, len(self.mesh.local_devices))
+                need = check_host_memory(shapes, self.offload, len(self.mesh.local_devices))
+                if self.offload.nvme:  # (the fresh states pass through host memory once)
+                    check_disk_space("zero_optimization.offload_optimizer",
+                                     self.offload.nvme_path, need)
             except ValueError as e:
                 raise ConfigError(str(e)) from None
         self.state, self.state_shardings = build_state(
             cfg, self.tx, sp, **placement, factory=factory, trainable=trainable,
             shapes_only=shapes_only, tracing=self._tracing)
+        # NVMe: the master weights and optimizer state go to swap files (jds.partitioning.nvme)
+        self.nvme: NvmeOptimizer | None = None
+        self._nvme_failed: str | None = None  # an update that failed half-way
+        self._nvme_owner = (leaf_owners(self.tx, self.state.opt_state, jax.tree.structure(
+            self.state.params)) if self.offload.nvme else None)
+        if self.offload.nvme and not shapes_only:
+            self.nvme = NvmeOptimizer(
+                self.tx, self.state, self.state_shardings, param_shardings=self.param_shardings,
+                compute_dtype=self.policy.compute_dtype, nvme_path=self.offload.nvme_path,
+                buffer_count=self.offload.buffer_count,
+                sub_group_size=int(cfg.zero_optimization.sub_group_size))
+            self.state = self.nvme.adopt(self.state)
+        elif self.offload.nvme:  # shapes only: the same leaves, described as on disk
+            self.state = self._step_state(self.state, as_disk=lambda x: OnDisk(
+                "", tuple(x.shape), x.dtype, x.sharding))
 
         step_cfg = StepConfig(
             gradient_accumulation_steps=self.batch.gradient_accumulation_steps,
@@ -197,11 +217,12 @@ class TrainEngine(EngineCheckpoints):
             pipeline=None if self.pipeline is None else self.pipeline.gradients(),
             per_example=self.loss.per_example,
             weight_metric=self.loss.weight_metric,
-            offload=self._offloaded_states(),
+            offload=None if self.offload.nvme else self._offloaded_states(),
             params_device=None if self.offload.params is None else with_kind(
                 self.param_shardings, DEVICE_KIND),
             grads_reduced_in_backward=self.split.stacked and self.offload.params is None,
             accumulate_in_place=self.split.stacked and self.offload.params is None,
+            update_outside=self.offload.nvme,
         )
         self._step_cfg = step_cfg
         self._objective = base.make_objective(sp, self.loss, self.gather)
@@ -237,6 +258,11 @@ class TrainEngine(EngineCheckpoints):
                 f"{what} needs real arrays, but this engine was built with shapes_only=True "
                 "(for AOT compilation and memory estimates); build it without shapes_only"
             )
+        if self._nvme_failed is not None and what != "load_checkpoint":
+            raise RuntimeError(
+                f"{what}: the last step's NVMe optimizer update failed half-way "
+                f"({self._nvme_failed}), so the states on disk are partly updated; load a "
+                "checkpoint (engine.load_checkpoint) to go on")
         if on_device and self._moved_out:
             raise RuntimeError(
                 f"{what} needs the train state where it lives, but offload_states() moved "
@@ -283,6 +309,45 @@ class TrainEngine(EngineCheckpoints):
             master_device=None if weights is None else with_kind(weights, DEVICE_KIND),
             master_home=weights)
 
+    def _step_state(self, tree: TrainState, as_disk: Callable[[Any], Any] | None = None
+                    ) -> TrainState:
+        """``tree`` (the state, or its shardings) as the compiled step takes it: under the
+        NVMe tier without the master weights and per-parameter optimizer states, which
+        stay in their swap files (None in their place; ``as_disk(leaf)`` instead when
+        given)."""
+        if not self.offload.nvme:
+            return tree
+        mark = (lambda _: None) if as_disk is None else as_disk  # noqa: E731
+        leaves, treedef = jax.tree.flatten(tree.opt_state)
+        master = None if tree.master is None or as_disk is None else jax.tree.map(
+            mark, tree.master)
+        return tree.replace(master=master, opt_state=treedef.unflatten(
+            [mark(x) if o >= 0 else x for o, x in zip(self._nvme_owner, leaves, strict=True)]))
+
+    def _with_disk(self, stepped: TrainState) -> TrainState:
+        """The compiled step's output state with the swap files' ``OnDisk`` leaves back."""
+        treedef = jax.tree.structure(self.state.opt_state, is_leaf=on_disk)
+        old = treedef.flatten_up_to(self.state.opt_state)
+        new = treedef.flatten_up_to(stepped.opt_state)
+        return stepped.replace(master=self.state.master, opt_state=treedef.unflatten(
+            [a if on_disk(a) else b for a, b in zip(old, new, strict=True)]))
+
+    def _run_step(self, placed: PyTree) -> dict:
+        """One compiled step on ``self.state``, and under the NVMe tier the update from
+        the swap files; returns the metrics."""
+        if self.nvme is None:
+            self.state, metrics = self._train_step(self.state, placed)
+            return metrics
+        stepped, metrics, (grads, finite, factor) = self._train_step(
+            self._step_state(self.state), placed)
+        state = self._with_disk(stepped)
+        try:
+            self.state = self.nvme.update(state, grads, finite, factor)
+        except BaseException as e:
+            self._nvme_failed = f"{type(e).__name__}: {e}"
+            raise
+        return metrics
+
     def _init_state(self, fp32_params: PyTree, frozen: PyTree, model_state: PyTree
                     ) -> TrainState:
         return init_train_state(self.config, self.tx, fp32_params, frozen, model_state)
@@ -327,7 +392,9 @@ class TrainEngine(EngineCheckpoints):
             if tree is None or not jax.tree.leaves(tree):
                 continue
             target = home if kind is None else with_kind(home, kind)
-            moved[name] = jax.device_put(tree, target)  # the old buffers go with self.state
+            # the old buffers go with self.state; the NVMe tier's files stay where they are
+            moved[name] = jax.tree.map(lambda x, t: x if on_disk(x) else jax.device_put(x, t),
+                                       tree, target, is_leaf=on_disk)
         self.state = self.state.replace(**moved)
         if not non_blocking:
             jax.block_until_ready(self.state)
@@ -409,7 +476,7 @@ class TrainEngine(EngineCheckpoints):
         with peer_failure_guard("train_batch"):
             with self._tracing():
                 self._compile_first(placed)
-                self.state, metrics = self._train_step(self.state, placed)
+                metrics = self._run_step(placed)
             if self._steps_done is not None:
                 self._steps_done += 1
             if self.compression is not None and self.compression.verbose:
@@ -431,7 +498,7 @@ class TrainEngine(EngineCheckpoints):
                tuple((x.shape, x.dtype, x.sharding) for x in jax.tree.leaves(placed)))
         if key in self._compiled_for:
             return
-        self._train_step.lower(self.state, placed).compile()
+        self._train_step.lower(self._step_state(self.state), placed).compile()
         self._compiled_for.add(key)
         release_free_heap()
 
@@ -609,15 +676,19 @@ class TrainEngine(EngineCheckpoints):
             batch)
         if platform is None:
             with self._tracing():
-                return self._train_step.lower(self.state, spec)
+                return self._train_step.lower(self._step_state(self.state), spec)
         # A new closure: traces are cached per function, and the platform changes the trace.
         fn = self._jit_train_step(lambda *args: self._train_step_fn(*args))
         with self._tracing(), lowering_for(platform):
-            return fn.trace(self.state, spec).lower(lowering_platforms=(platform,))
+            return fn.trace(self._step_state(self.state), spec).lower(
+                lowering_platforms=(platform,))
 
     def _jit_train_step(self, fn: Callable) -> Callable:
-        return jax.jit(fn, out_shardings=(self.state_shardings, self._replicated),
-                       donate_argnums=(0,))
+        out = (self._step_state(self.state_shardings), self._replicated)
+        if self.offload.nvme:  # and the update's inputs: gradients in the optimizer's layout
+            out += ((with_kind(self.master_shardings, DEVICE_KIND), self._replicated,
+                     self._replicated),)
+        return jax.jit(fn, out_shardings=out, donate_argnums=(0,))
 
     @property
     def model(self) -> nnx.Module:
@@ -627,6 +698,8 @@ class TrainEngine(EngineCheckpoints):
             self._need_arrays("engine.model")  # the error that names reload_states()
         s, sh = self.state, self.state_shardings
         weights, frozen = s.fp32_params, s.frozen
+        if self.nvme is not None:
+            weights = self.nvme.materialise(weights)
         if self.offload.any:  # the model computes on device arrays
             weights = jax.device_put(weights, with_kind(sh.fp32_params, DEVICE_KIND))
             frozen = jax.device_put(frozen, with_kind(sh.frozen, DEVICE_KIND))

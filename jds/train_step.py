@@ -121,6 +121,10 @@ class StepConfig:
       accumulate_in_place: with more than one micro-batch, the model's layer scan adds its
         weights' gradients into the fp32 accumulator in its backward pass
         (``jds.partitioning.accumulate``) instead of stacking them in a buffer of their own.
+      update_outside: the step stops before the optimizer update and returns what the
+        update needs, ``(state, metrics, (grads, finite, clip factor))``, with the
+        weights and optimizer state passed through unchanged: the NVMe tier updates them
+        chunk by chunk from its swap files (``jds.partitioning.nvme``).
     """
 
     gradient_accumulation_steps: int = 1
@@ -135,6 +139,7 @@ class StepConfig:
     params_device: Any = None
     grads_reduced_in_backward: bool = False
     accumulate_in_place: bool = False
+    update_outside: bool = False
 
 
 class Gradients(NamedTuple):
@@ -441,6 +446,17 @@ def _metrics(loss_sum: jax.Array, weight: jax.Array, aux: dict, weight_metric: s
     return out
 
 
+def _step_metrics(g: Gradients, grad_norm: jax.Array, lr: Any, scale: jax.Array,
+                  skipped: jax.Array, cfg: StepConfig) -> dict[str, jax.Array]:
+    return {
+        **_metrics(g.loss_sum, g.weight, g.aux, cfg.weight_metric),
+        "grad_norm": grad_norm,
+        "lr": jnp.asarray(lr, jnp.float32),
+        "loss_scale": scale,
+        "skipped": skipped.astype(jnp.float32),
+    }
+
+
 def make_train_step(
     objective: Objective,
     weight_fn: WeightFn,
@@ -480,6 +496,18 @@ def make_train_step(
         finite = all_finite(grads)
         grad_norm = optax.tree.norm(grads)
         factor = clip_factor(grad_norm, cfg.gradient_clipping)
+
+        if cfg.update_outside:  # the NVMe tier updates the states (jds.partitioning.nvme)
+            skipped = jnp.logical_not(finite)
+            new_state = state.replace(
+                step=state.step + 1,
+                loss_scale=update_loss_scale(state.loss_scale, skipped, cfg.loss_scale),
+                skipped=state.skipped + skipped.astype(jnp.int32),
+                model_state=g.model_state)
+            metrics = _step_metrics(g, grad_norm, schedule(state.applied_steps), scale,
+                                    skipped, cfg)
+            return new_state, metrics, (grads, finite, jnp.ones((), jnp.float32)
+                                        if factor is None else factor)
 
         weights = state.fp32_params
         if cfg.params_device is not None and state.master is None and cfg.offload is None:
@@ -523,14 +551,7 @@ def make_train_step(
             # The forward pass ran, skipped or not: its statistics stand (as in PyTorch).
             model_state=g.model_state,
         )
-        metrics = {
-            **_metrics(g.loss_sum, g.weight, g.aux, cfg.weight_metric),
-            "grad_norm": grad_norm,
-            "lr": jnp.asarray(lr, jnp.float32),
-            "loss_scale": scale,
-            "skipped": skipped.astype(jnp.float32),
-        }
-        return new_state, metrics
+        return new_state, _step_metrics(g, grad_norm, lr, scale, skipped, cfg)
 
     return train_step
 

@@ -3,8 +3,8 @@
 ``TrainEngine`` takes these from ``EngineCheckpoints`` (a mixin), so the engine module
 stays wiring. They need from the engine: ``state``, ``state_shardings``, ``config``,
 ``split`` and ``model_config`` (for the description of the model), and ``_init_state``
-(a fresh state around restored weights), and ``_need_arrays`` (refuses a shapes-only
-engine).
+(a fresh state around restored weights), ``_need_arrays`` (refuses a shapes-only
+engine), and ``nvme`` / ``_nvme_failed`` (the NVMe tier's swap files, or None).
 """
 
 from __future__ import annotations
@@ -60,7 +60,11 @@ class EngineCheckpoints:
             "model": describe_model(self.split.module_type, self.model_config),
             "client_state": dict(client_state or {}),
         }
-        self._checkpointer(save_dir).save(step, self.state, meta)
+        state = self.state
+        if self.nvme is not None:  # read back from the swap files (host memory) for Orbax
+            state = state.replace(master=self.nvme.materialise(state.master),
+                                  opt_state=self.nvme.materialise(state.opt_state))
+        self._checkpointer(save_dir).save(step, state, meta)
         return step
 
     def load_checkpoint(
@@ -90,6 +94,9 @@ class EngineCheckpoints:
         state, meta = self._checkpointer(load_dir).restore(
             tag, self.state, self.state_shardings, verify=verify, init=self._init_from_weights
         )
+        if self.nvme is not None:  # every swap file rewritten: a failed update is mended
+            state = self.nvme.adopt(state)
+            self._nvme_failed = None
         self.state = state
         self._moved_out.clear()  # restored to where the run keeps each state
         self._steps_done = None  # re-read from the restored state when needed

@@ -322,7 +322,8 @@ def state_memory(state: Any) -> dict[str, int]:
     out["total"] = sum(out.values())
     kinds = bytes_by_kind(state)
     out["device"] = kinds.get(DEVICE_KIND, 0)
-    out["host"] = out["total"] - out["device"]
+    out["nvme"] = kinds.get("nvme", 0)
+    out["host"] = out["total"] - out["device"] - out["nvme"]
     return out
 
 

@@ -93,18 +93,30 @@ class OffloadPlan:
     optimizer: str | None = None
     ratio: float = 1.0
     params: str | None = None
+    nvme_path: str | None = None
+    buffer_count: int = 4
 
     @property
     def any(self) -> bool:
         """Whether anything is offloaded."""
         return self.optimizer is not None or self.params is not None
 
+    @property
+    def nvme(self) -> bool:
+        """Whether the master weights and optimizer state live on NVMe
+        (``jds.partitioning.nvme``; ``optimizer`` is then their host memory kind when they
+        are read back for a checkpoint)."""
+        return self.nvme_path is not None
+
     def describe(self) -> str:
         """One line for logs and ``jds estimate``."""
         parts = []
         if self.params is not None:
             parts.append(f"parameters in host memory ({self.params})")
-        if self.optimizer is not None:
+        if self.nvme:
+            parts.append(f"master weights and optimizer state on NVMe under {self.nvme_path} "
+                         f"({self.buffer_count} host buffers)")
+        elif self.optimizer is not None:
             share = "" if self.ratio >= 1 else f" for a {self.ratio:g} share of the parameters"
             parts.append(f"master weights and optimizer state in host memory "
                          f"({self.optimizer}){share}")
@@ -160,21 +172,32 @@ def offload_plan(zero: Any, devices: Sequence[jax.Device] | None = None) -> Offl
     ``pin_memory`` (or ``cpu_offload_use_pin_memory``) is false; ``ratio`` (stage 3;
     DeepSpeed's Twin-Flow) offloads that share of the parameters' states.
     ``offload_param.device: "cpu"`` (or ``cpu_offload_param: true``; stage 3 only, as in
-    DeepSpeed) keeps the parameters in host memory. ``"nvme"`` is not built yet (the config
-    loader warns; those states stay on device).
+    DeepSpeed) keeps the parameters in host memory. ``offload_optimizer.device: "nvme"``
+    keeps the master weights and optimizer state in swap files under ``nvme_path``
+    (``jds.partitioning.nvme``); ``offload_param.device: "nvme"`` is not built (the config
+    loader warns; the parameters stay in device memory).
 
     Raises:
-      ValueError: the devices have no memory space of the requested kind, or parameter
-        offload without stage 3 (naming the key).
+      ValueError: the devices have no memory space of the requested kind, parameter
+        offload without stage 3, an NVMe ``nvme_path`` missing, not a folder or not
+        writable, or a partial NVMe offload (naming the key).
     """
     devices = jax.devices() if devices is None else devices
     opt, par = zero.offload_optimizer, zero.offload_param
-    optimizer = params = None
-    if (opt is not None and opt.device == "cpu") or (opt is None and bool(zero.cpu_offload)):
+    optimizer = params = nvme_path = None
+    if (opt is not None and opt.device in ("cpu", "nvme")) or (
+            opt is None and bool(zero.cpu_offload)):
         key = ("zero_optimization.offload_optimizer" if opt is not None
                else "zero_optimization.cpu_offload")
         pin = opt.pin_memory if opt is not None else zero.cpu_offload_use_pin_memory is not False
         optimizer = _host_kind(key, pin, devices, "the optimizer state")
+        if opt is not None and opt.device == "nvme":
+            from jds.partitioning.nvme import check_nvme_path
+
+            nvme_path = check_nvme_path(key, opt.nvme_path)
+            if opt.ratio < 1:
+                raise ValueError(f"{key}.ratio: a partial offload ({opt.ratio:g}) is built for "
+                                 "device \"cpu\" only; use ratio 1 with \"nvme\"")
     if (par is not None and par.device == "cpu") or (par is None and bool(zero.cpu_offload_param)):
         key = ("zero_optimization.offload_param" if par is not None
                else "zero_optimization.cpu_offload_param")
@@ -184,7 +207,8 @@ def offload_plan(zero: Any, devices: Sequence[jax.Device] | None = None) -> Offl
         pin = par.pin_memory if par is not None else zero.cpu_offload_use_pin_memory is not False
         params = _host_kind(key, pin, devices, "the parameters")
     return OffloadPlan(optimizer=optimizer, params=params,
-                       ratio=1.0 if opt is None else float(opt.ratio))
+                       ratio=1.0 if opt is None else float(opt.ratio), nvme_path=nvme_path,
+                       buffer_count=4 if opt is None else int(opt.buffer_count))
 
 
 def with_kind(shardings: PyTree, kind: str | None) -> PyTree:
@@ -196,7 +220,10 @@ def with_kind(shardings: PyTree, kind: str | None) -> PyTree:
 
 
 def memory_kind(x: Any) -> str:
-    """The memory kind of an array or ``ShapeDtypeStruct`` (``"device"`` when unset)."""
+    """The memory kind of an array or ``ShapeDtypeStruct`` (``"device"`` when unset;
+    ``"nvme"`` for a leaf in swap files, ``jds.partitioning.nvme.OnDisk``)."""
+    if getattr(x, "memory_kind", None) == "nvme":
+        return "nvme"
     sharding = getattr(x, "sharding", None)
     kind = getattr(sharding, "memory_kind", None)
     return DEVICE_KIND if kind is None else kind
@@ -316,11 +343,12 @@ def entry_memory(hlo_text: str) -> dict[str, int]:
             "alias_host": alias_host}
 
 
-def chunk_leaves(sizes: Sequence[int]) -> list[list[int]]:
-    """Leaf indices grouped into update chunks: each leaf alone, or neighbouring small leaves
-    merged while the chunk stays within the largest leaf's size (``sizes``: bytes per leaf).
+def chunk_leaves(sizes: Sequence[int], limit: int = 0) -> list[list[int]]:
+    """Leaf indices grouped into update chunks: each leaf alone, or neighbouring leaves
+    merged while the chunk stays within ``limit`` or the largest leaf's size, whichever is
+    larger (``sizes``: bytes or elements per leaf).
     """
-    budget = max(sizes, default=0)
+    budget = max(max(sizes, default=0), limit)
     chunks: list[list[int]] = []
     current: list[int] = []
     used = 0
@@ -356,6 +384,40 @@ class OffloadedStates:
     master_home: PyTree | None = None
 
 
+def leaf_owners(tx: optax.GradientTransformation, opt_state: PyTree, treedef: Any
+                ) -> list[int]:
+    """Which parameter leaf (index in ``treedef``'s order) each leaf of ``opt_state``
+    belongs to; -1 for a state that is not per-parameter (a scalar step count)."""
+    n = treedef.num_leaves
+    return jax.tree.leaves(optax.tree_map_params(
+        tx, lambda _, i: i, opt_state, treedef.unflatten(list(range(n))),
+        transform_non_params=lambda _: -1))
+
+
+def update_chunk(tx: optax.GradientTransformation, treedef: Any, o_treedef: Any,
+                 grads: list, opt: list, weights: list, *, finite: jax.Array,
+                 factor: jax.Array | None) -> tuple[list, list]:
+    """One chunk's optax update: ``tx.update`` on the whole trees, every leaf outside the
+    chunk zero-size (see the module docstring), the gradients scaled by the clipping
+    ``factor``; a step whose gradients are not ``finite`` keeps the old values.
+
+    Args:
+      treedef, o_treedef: the structures of the parameters and of the optimizer state.
+      grads, opt, weights: their leaves (flat lists).
+
+    Returns:
+      ``(new weight leaves, new optimizer-state leaves)``.
+    """
+    if factor is not None:
+        grads = [g * factor.astype(g.dtype) for g in grads]
+    old_w = treedef.unflatten(weights)
+    updates, new_o = tx.update(treedef.unflatten(grads), o_treedef.unflatten(opt), old_w)
+    new_w = treedef.flatten_up_to(optax.apply_updates(old_w, updates))
+    pick = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+    return ([pick(a, b) for a, b in zip(new_w, weights, strict=True)],
+            [pick(a, b) for a, b in zip(o_treedef.flatten_up_to(new_o), opt, strict=True)])
+
+
 def streamed_update(
     tx: optax.GradientTransformation,
     grads: PyTree,
@@ -388,10 +450,7 @@ def streamed_update(
     g_leaves, treedef = jax.tree.flatten(grads)
     w_leaves = treedef.flatten_up_to(weights)
     n = len(g_leaves)
-    # which parameter each optimizer-state leaf belongs to (-1: a scalar count)
-    owner = jax.tree.leaves(optax.tree_map_params(
-        tx, lambda _, i: i, opt_state, treedef.unflatten(list(range(n))),
-        transform_non_params=lambda _: -1))
+    owner = leaf_owners(tx, opt_state, treedef)
     o_leaves, o_treedef = jax.tree.flatten(opt_state)
     o_dev = o_treedef.flatten_up_to(where.opt_device)
     o_home = o_treedef.flatten_up_to(where.opt_home)
@@ -404,7 +463,6 @@ def streamed_update(
     new_p: list[Any] = [None] * n
     new_o: list[Any] = [None] * len(o_leaves)
     done: list[Any] = []  # each chunk's host-bound results, for the double-buffering order
-    pick = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
     for c, chunk in enumerate(chunk_leaves([int(np.prod(g.shape)) for g in g_leaves])):
         keep = set(chunk)
         mine = [j for j, i in enumerate(owner) if i in keep] + (scalars if c == 0 else [])
@@ -420,18 +478,14 @@ def streamed_update(
         w_sel = [(jax.device_put(w_in[i], w_dev[i]) if on_host else w_leaves[i])
                  if i in keep else _empty_like(w_leaves[i]) for i in range(n)]
         g_sel = [g_leaves[i] if i in keep else _empty_like(g_leaves[i]) for i in range(n)]
-        if factor is not None:
-            g_sel = [g * factor.astype(g.dtype) for g in g_sel]
-        old_w = treedef.unflatten(w_sel)
-        updates, upd_o = tx.update(treedef.unflatten(g_sel), o_treedef.unflatten(o_sel), old_w)
-        upd_w = treedef.flatten_up_to(optax.apply_updates(old_w, updates))
-        upd_o = o_treedef.flatten_up_to(upd_o)
+        upd_w, upd_o = update_chunk(tx, treedef, o_treedef, g_sel, o_sel, w_sel,
+                                    finite=finite, factor=factor)
         out = []
         for j in mine:
-            new_o[j] = jax.device_put(pick(upd_o[j], o_sel[j]), o_home[j])
+            new_o[j] = jax.device_put(upd_o[j], o_home[j])
             out.append(new_o[j])
         for i in chunk:
-            w = pick(upd_w[i], w_sel[i])
+            w = upd_w[i]
             if on_host:
                 new_p[i] = w.astype(compute_dtype)
                 w = jax.device_put(w, w_home[i])
@@ -452,8 +506,10 @@ __all__ = [
     "check_host_memory",
     "chunk_leaves",
     "entry_memory",
+    "leaf_owners",
     "memory_kind",
     "offload_plan",
     "streamed_update",
+    "update_chunk",
     "with_kind",
 ]

@@ -1,0 +1,474 @@
+"""ZeRO-Infinity's NVMe tier for the optimizer: the fp32 master weights and the optimizer
+state in files, swapped through host buffers and updated on the device a chunk at a time.
+
+``zero_optimization.offload_optimizer: {"device": "nvme", "nvme_path": ...}``. Where the
+``"cpu"`` device gives those states a host memory kind (``jds.partitioning.offload``), this
+tier keeps them in a swap folder under ``nvme_path``, one raw file per state leaf and
+distinct shard this process holds (a ZeRO shard under stages 1-3), and the train state
+holds ``OnDisk`` descriptions of them (shape, dtype, home sharding) in their place.
+
+**A step.** The compiled train step computes the gradients, the loss-scale update, the
+global norm and the clipping factor, as without offload, and hands the gradients out in
+the optimizer's layout instead of updating (``StepConfig.update_outside``). Then
+``NvmeOptimizer.update`` streams the states through the device: a reader thread reads
+chunk after chunk (``offload.chunk_leaves``: one parameter leaf's master weights and
+optimizer moments, or several small leaves merged) from the files into fresh host buffers
+and puts them on the device; the main thread runs the chunk's optax update (one compiled
+function per chunk, the same per-leaf update the ``"cpu"`` tier streams,
+``offload.update_chunk``); a writer thread brings the results back and writes them over
+the chunk's files. Reads run ahead and writes behind while the device updates, within a
+host-memory budget of ``buffer_count`` buffers, each the size of the largest state tensor
+(DeepSpeed's meaning: buffers for the optimizer's state tensors; with Adam under mixed
+precision a chunk takes 3, master weights and two moments, so ``buffer_count >= 6`` lets
+one chunk be read while another is updated). Host memory for the states therefore stays
+at ``buffer_count`` tensors, whatever the model's size; the device holds the compute copy,
+the gradients and the chunk being updated.
+
+**Why files and threads, not TensorStore or ``io_callback``.** Each process reads and
+writes only its own shards, whole, in one pass: a raw file per shard and
+``readinto``/``write`` on a preallocated buffer is the whole job, and Python's file calls
+release the GIL, so the I/O overlaps the device's work with no extra dependency. An
+``io_callback`` inside the compiled step would keep the update in one program but
+serialises the callbacks with the computation on XLA:CPU and cannot bound the host
+buffers in flight; the host-driven loop can.
+
+**Crash safety.** The swap folder is scratch, private to one engine
+(``nvme_path/jds-swap-<pid>-<random>``, removed when the engine closes or the process
+exits): checkpoints never point into it, so a crash mid-step leaves the last checkpoint
+as it was. An update that fails half-way leaves some chunks updated and some not; the
+engine then refuses to train until a checkpoint is loaded (``load_checkpoint`` rewrites
+every file).
+
+**Checkpoints** read the states back into host memory (the ``"cpu"`` tier's layout) for
+Orbax, so a checkpoint of an NVMe run restores onto any run, offloaded or not, and back;
+saving and restoring therefore hold the whole optimizer state in host memory for a
+moment, as does building the engine (the fresh state is made in host memory, then
+written out).
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import mmap
+import os
+import queue
+import shutil
+import tempfile
+import threading
+import weakref
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+
+from jds.partitioning.offload import DEVICE_KIND, chunk_leaves, leaf_owners, update_chunk
+
+PyTree = Any
+NVME_KIND = "nvme"  # what ``offload.memory_kind`` reports for an ``OnDisk`` leaf
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class OnDisk:
+    """A train-state leaf whose values live in a swap file (``SwapStore``).
+
+    It has what the state's consumers read from a leaf without its values: ``shape``,
+    ``dtype``, ``ndim``, ``size`` and ``sharding`` (the home sharding, host memory: where
+    a checkpoint restores it), and ``memory_kind`` ``"nvme"``.
+    """
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: Any
+    sharding: NamedSharding
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    memory_kind = NVME_KIND
+
+
+def on_disk(x: Any) -> bool:
+    """Whether ``x`` is an ``OnDisk`` leaf."""
+    return isinstance(x, OnDisk)
+
+
+def _index_key(index: tuple, shape: Sequence[int]) -> tuple:
+    return tuple(s.indices(d)[:2] for s, d in zip(index, shape, strict=True))
+
+
+def _aligned(shape: tuple, dtype: np.dtype) -> np.ndarray:
+    """A fresh buffer of its own pages: page-aligned, so on the CPU backend ``device_put``
+    uses it in place instead of copying it (XLA:CPU wants 64-byte alignment), and given
+    back to the system when the last array over it goes (an anonymous ``mmap``; buffers
+    from the heap of the reader thread stayed in its malloc arena and the step's resident
+    memory grew by several buffers)."""
+    n = int(np.prod(shape)) * dtype.itemsize
+    if n == 0:
+        return np.empty(shape, dtype)
+    return np.frombuffer(mmap.mmap(-1, n), dtype).reshape(shape)
+
+
+class _Budget:
+    """Bytes of host buffers in flight, at most ``limit`` (one request larger than the
+    limit is let through alone, so nothing deadlocks)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used, self.peak = limit, 0, 0
+        self._cv = threading.Condition()
+
+    def acquire(self, n: int, stop: threading.Event) -> bool:
+        """Take ``n`` bytes (False, taking nothing, once ``stop`` is set)."""
+        with self._cv:
+            self._cv.wait_for(lambda: stop.is_set() or self.used == 0
+                              or self.used + n <= self.limit)
+            if stop.is_set():
+                return False
+            self.used += n
+            self.peak = max(self.peak, self.used)
+            return True
+
+    def wake(self) -> None:
+        with self._cv:
+            self._cv.notify_all()
+
+    def release(self, n: int) -> None:
+        with self._cv:
+            self.used -= n
+            self._cv.notify_all()
+
+
+class SwapStore:
+    """One process's swap files: a raw file per leaf and distinct shard it holds.
+
+    Args:
+      nvme_path: the folder to make the swap folder in (must exist and be writable).
+    """
+
+    def __init__(self, nvme_path: str | os.PathLike) -> None:
+        self.folder = tempfile.mkdtemp(prefix=f"jds-swap-{os.getpid()}-",
+                                       dir=os.fspath(nvme_path))
+        # leaf key -> [(index key, file path, shard shape, devices)]
+        self._shards: dict[str, list[tuple[tuple, str, tuple, list]]] = {}
+        self._finalizer = weakref.finalize(self, shutil.rmtree, self.folder, True)
+        atexit.register(self._finalizer)
+
+    def close(self) -> None:
+        """Remove the swap folder."""
+        self._finalizer()
+
+    def _layout(self, leaf: OnDisk, sharding: NamedSharding) -> list:
+        if leaf.key not in self._shards:
+            groups: dict[tuple, list] = {}
+            for dev, index in sharding.addressable_devices_indices_map(leaf.shape).items():
+                groups.setdefault(_index_key(index, leaf.shape), []).append(dev)
+            shard_shape = tuple(sharding.shard_shape(leaf.shape))
+            self._shards[leaf.key] = [
+                (k, os.path.join(self.folder, f"{leaf.key}.{i}"), shard_shape, devs)
+                for i, (k, devs) in enumerate(sorted(groups.items()))]
+        return self._shards[leaf.key]
+
+    def shard_bytes(self, leaf: OnDisk) -> int:
+        """Bytes of one shard of ``leaf`` (one host buffer)."""
+        return int(np.prod(leaf.sharding.shard_shape(leaf.shape))) * np.dtype(
+            leaf.dtype).itemsize
+
+    def local_bytes(self, leaf: OnDisk) -> int:
+        """Bytes this process keeps on disk for ``leaf``."""
+        return len(self._layout(leaf, leaf.sharding)) * self.shard_bytes(leaf)
+
+    def write(self, leaf: OnDisk, value: jax.Array) -> None:
+        """Write ``value`` (laid out as ``leaf.sharding``, any memory kind) to its files."""
+        by_index = {_index_key(s.index, leaf.shape): s for s in value.addressable_shards}
+        for k, path, _, _ in self._layout(leaf, leaf.sharding):
+            data = np.ascontiguousarray(np.asarray(by_index[k].data))
+            with open(path, "wb", buffering=0) as f:
+                f.write(memoryview(data).cast("B"))
+
+    def read(self, leaf: OnDisk, sharding: NamedSharding) -> jax.Array:
+        """``leaf``'s values as an array laid out as ``sharding`` (same partitioning as
+        ``leaf.sharding``, in device or host memory), one fresh host buffer per shard."""
+        arrays, devices = [], []
+        for _, path, shard_shape, devs in self._layout(leaf, leaf.sharding):
+            buf = _aligned(shard_shape, np.dtype(leaf.dtype))
+            with open(path, "rb", buffering=0) as f:
+                got = f.readinto(memoryview(buf).cast("B"))
+            if got != buf.nbytes:
+                raise OSError(f"{path}: read {got} of {buf.nbytes} bytes (the swap file is "
+                              "short; was the swap folder changed under the run?)")
+            for d in devs:
+                arrays.append(jax.device_put(buf, jax.sharding.SingleDeviceSharding(
+                    d, memory_kind=sharding.memory_kind)))
+                devices.append(d)
+        order = {d: i for i, d in enumerate(devices)}
+        local = [arrays[order[d]] for d in sharding.addressable_devices_indices_map(leaf.shape)]
+        return jax.make_array_from_single_device_arrays(leaf.shape, sharding, local)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Chunk:
+    params: list[int]  # parameter leaves updated together
+    states: list[int]  # their optimizer-state leaves
+    nbytes: int  # host bytes of the chunk's master weights and states
+
+
+class NvmeOptimizer:
+    """The master weights and optimizer state of a run in a ``SwapStore``, and their update.
+
+    Args:
+      tx: the optax transformation (per-leaf, as ``offload.streamed_update`` needs).
+      state: the fresh train state, its master weights and optimizer state in host memory
+        (they are written out; ``adopt`` returns the state with ``OnDisk`` leaves).
+      shardings: the state's shardings (``state_shardings``; host memory kinds).
+      param_shardings: the compute copy's shardings (device memory).
+      compute_dtype: the compute copy's dtype.
+      nvme_path: the folder for the swap folder.
+      buffer_count: host buffers for state tensors in flight (see the module docstring).
+      sub_group_size: elements (this process's) of parameters updated together, as
+        DeepSpeed's ``zero_optimization.sub_group_size``: neighbouring parameters merge
+        into one chunk up to this size; a larger parameter is a chunk of its own.
+    """
+
+    def __init__(self, tx: optax.GradientTransformation, state: Any, shardings: Any, *,
+                 param_shardings: PyTree, compute_dtype: Any,
+                 nvme_path: str | os.PathLike, buffer_count: int,
+                 sub_group_size: int = 10**9) -> None:
+        self.tx, self.compute_dtype = tx, compute_dtype
+        self.mixed = state.master is not None
+        self.store = SwapStore(nvme_path)
+        weights = state.master if self.mixed else state.params
+        w_leaves, self.treedef = jax.tree.flatten(weights)
+        self.owner = leaf_owners(tx, state.opt_state, self.treedef)
+        o_leaves, self.o_treedef = jax.tree.flatten(state.opt_state)
+        self.o_home = self.o_treedef.flatten_up_to(shardings.opt_state)
+        self.w_home = self.treedef.flatten_up_to(shardings.master) if self.mixed else None
+        self.p_shardings = self.treedef.flatten_up_to(param_shardings)
+        self.w_like = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in w_leaves]
+        self.o_like = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in o_leaves]
+        # the leaves that go to disk: every master leaf, every per-parameter state
+        self.w_disk = [OnDisk(f"master{i}", tuple(x.shape), x.dtype, self.w_home[i])
+                       for i, x in enumerate(w_leaves)] if self.mixed else None
+        self.o_disk = [OnDisk(f"opt{j}", tuple(x.shape), x.dtype, self.o_home[j])
+                       if self.owner[j] >= 0 else None for j, x in enumerate(o_leaves)]
+        # a tensor: one parameter's fp32 state (its master weights, or a moment) as this
+        # process keeps it; chunks of up to sub_group_size elements (DeepSpeed's sub-groups)
+        tensor = [max([self.store.local_bytes(self.o_disk[j])
+                       for j, o in enumerate(self.owner) if o == i], default=0)
+                  for i in range(len(w_leaves))]
+        if self.mixed:
+            tensor = [self.store.local_bytes(d) for d in self.w_disk]
+        self.chunks = []
+        for ps in chunk_leaves([t // 4 for t in tensor], sub_group_size):
+            keep = set(ps)
+            states = [j for j, i in enumerate(self.owner) if i in keep]
+            disk = [self.o_disk[j] for j in states] + (
+                [self.w_disk[i] for i in ps] if self.mixed else [])
+            self.chunks.append(_Chunk(ps, states, sum(self.store.local_bytes(d)
+                                                      for d in disk)))
+        # one buffer: the largest chunk's tensor (DeepSpeed: a sub-group's state tensor)
+        self.buffer_bytes = max([sum(tensor[i] for i in c.params) for c in self.chunks],
+                                default=0)
+        self.budget_bytes = max(1, buffer_count) * self.buffer_bytes
+        self.budget = _Budget(self.budget_bytes)  # a fresh one per update
+        self._updates: dict[int, Callable] = {}
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="jds-nvme-read")
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="jds-nvme-write")
+
+    # --------------------------------------------------------------------------- state
+    def adopt(self, state: Any) -> Any:
+        """Write ``state``'s master weights and optimizer state (arrays, any memory kind) to
+        the swap files and return it with ``OnDisk`` leaves in their place."""
+        o_leaves = self.o_treedef.flatten_up_to(state.opt_state)
+        for d, x in zip(self.o_disk, o_leaves, strict=True):
+            if d is not None:
+                self.store.write(d, x)
+        opt = self.o_treedef.unflatten([x if d is None else d
+                                        for d, x in zip(self.o_disk, o_leaves, strict=True)])
+        master = state.master
+        if self.mixed:
+            for d, x in zip(self.w_disk, self.treedef.flatten_up_to(master), strict=True):
+                self.store.write(d, x)
+            master = self.treedef.unflatten(self.w_disk)
+        return state.replace(master=master, opt_state=opt)
+
+    def materialise(self, tree: PyTree) -> PyTree:
+        """``tree`` (a state field) with its ``OnDisk`` leaves read into host memory, laid
+        out as their home shardings."""
+        return jax.tree.map(lambda x: self.store.read(x, x.sharding) if on_disk(x) else x,
+                            tree)
+
+    def disk_bytes(self) -> int:
+        """Bytes this process keeps in its swap files."""
+        return sum(self.store.local_bytes(d) for d in self.disk_leaves)
+
+    @property
+    def disk_leaves(self) -> list[OnDisk]:
+        """The leaves kept in swap files."""
+        return [d for d in self.o_disk if d is not None] + list(self.w_disk or [])
+
+    def close(self) -> None:
+        """Stop the I/O threads and remove the swap folder."""
+        self._reader.shutdown(wait=True)
+        self._writer.shutdown(wait=True)
+        self.store.close()
+
+    # -------------------------------------------------------------------------- update
+    def _update_fn(self, c: int) -> Callable:
+        """The compiled update of chunk ``c``: ``(grads, states, weights, scalars, finite,
+        factor) -> (new weights, new states, new scalars, new compute copy)``."""
+        if c in self._updates:
+            return self._updates[c]
+        chunk, n, n_o = self.chunks[c], len(self.w_like), len(self.o_like)
+        scalars = [j for j, i in enumerate(self.owner) if i < 0]
+        empty = lambda like: jnp.zeros((0,), like.dtype)  # noqa: E731
+
+        def update(g, o, w, s, finite, factor):
+            o_in = dict(zip(chunk.states, o, strict=True)) | dict(zip(scalars, s, strict=True))
+            w_in = dict(zip(chunk.params, w, strict=True))
+            g_in = dict(zip(chunk.params, g, strict=True))
+            g_sel = [g_in.get(i, empty(self.w_like[i])) for i in range(n)]
+            w_sel = [w_in.get(i, empty(self.w_like[i])) for i in range(n)]
+            o_sel = [o_in.get(j, empty(self.o_like[j])) for j in range(n_o)]
+            new_w, new_o = update_chunk(self.tx, self.treedef, self.o_treedef, g_sel, o_sel,
+                                        w_sel, finite=finite, factor=factor)
+            ws = [new_w[i] for i in chunk.params]
+            p = [x.astype(self.compute_dtype) for x in ws] if self.mixed else ws
+            return ws, [new_o[j] for j in chunk.states], [new_o[j] for j in scalars], p
+
+        dev = lambda sh: sh.with_memory_kind(DEVICE_KIND)  # noqa: E731
+        w_out = ([dev(self.w_home[i]) for i in chunk.params] if self.mixed
+                 else [self.p_shardings[i] for i in chunk.params])
+        out = (w_out, [dev(self.o_home[j]) for j in chunk.states],
+               [dev(self.o_home[j]) for j in scalars],
+               [self.p_shardings[i] for i in chunk.params])
+        fn = jax.jit(update, out_shardings=out, donate_argnums=(1, 2) if self.mixed else (1,))
+        self._updates[c] = fn
+        return fn
+
+    def _read_chunk(self, c: int) -> tuple[list, list]:
+        chunk = self.chunks[c]
+        dev = lambda d: d.sharding.with_memory_kind(DEVICE_KIND)  # noqa: E731
+        o = [self.store.read(self.o_disk[j], dev(self.o_disk[j])) for j in chunk.states]
+        w = ([self.store.read(self.w_disk[i], dev(self.w_disk[i])) for i in chunk.params]
+             if self.mixed else [])
+        return o, w
+
+    def _reads(self, out: queue.Queue, stop: threading.Event) -> None:
+        """The reader thread: chunk after chunk, within the host-memory budget, until the
+        main thread stops it."""
+        for c, chunk in enumerate(self.chunks):
+            if not self.budget.acquire(chunk.nbytes, stop):
+                return
+            try:
+                out.put((c, self._read_chunk(c)))
+            except BaseException as e:  # handed to the main thread, which raises it
+                self.budget.release(chunk.nbytes)
+                out.put((c, e))
+                return
+
+    def _write_chunk(self, c: int, ws: list, os_: list) -> None:
+        chunk = self.chunks[c]
+        try:
+            for j, x in zip(chunk.states, os_, strict=True):
+                self.store.write(self.o_disk[j], x)
+            if self.mixed:
+                for i, x in zip(chunk.params, ws, strict=True):
+                    self.store.write(self.w_disk[i], x)
+        finally:
+            self.budget.release(chunk.nbytes)
+
+    def update(self, state: Any, grads: PyTree, finite: jax.Array,
+               factor: jax.Array | None) -> Any:
+        """Apply the optimizer update to the states on disk and return the new state.
+
+        Args:
+          state: the train state after the gradient step (``OnDisk`` master weights and
+            optimizer state; in fp32 the device-resident params are the weights).
+          grads: fp32 gradients, laid out as the optimizer state (device memory).
+          finite: whether the gradients are finite (a step that is not keeps the states).
+          factor: the clipping factor, or None.
+        """
+        g_leaves = self.treedef.flatten_up_to(grads)
+        o_leaves = self.o_treedef.flatten_up_to(state.opt_state)
+        scalars = [j for j, i in enumerate(self.owner) if i < 0]
+        old_s = [o_leaves[j] for j in scalars]
+        p_leaves = self.treedef.flatten_up_to(state.params)
+        new_p = list(p_leaves)
+        new_s = old_s
+        if factor is None:
+            factor = jnp.ones((), jnp.float32)
+        reads: queue.Queue = queue.Queue()
+        stop = threading.Event()
+        self.budget = _Budget(self.budget_bytes)
+        reader = self._reader.submit(self._reads, reads, stop)
+        writes: list[Future] = []
+        try:
+            for c, chunk in enumerate(self.chunks):
+                got_c, got = reads.get()
+                if isinstance(got, BaseException):
+                    raise got
+                assert got_c == c
+                o, w = got
+                if not self.mixed:  # fp32: the weights are the device-resident params
+                    w = [p_leaves[i] for i in chunk.params]
+                ws, os_, s, p = self._update_fn(c)(
+                    [g_leaves[i] for i in chunk.params], o, w, old_s, finite, factor)
+                del o, w, got
+                if c == 0:
+                    new_s = s
+                for i, x in zip(chunk.params, p, strict=True):
+                    new_p[i] = x
+                writes.append(self._writer.submit(self._write_chunk, c, ws, os_))
+        except BaseException:
+            stop.set()  # the reader stops at its next chunk; the chunks read are dropped
+            self.budget.wake()
+            raise
+        finally:
+            reader.result()
+            for f in writes:
+                f.result()
+        opt = list(o_leaves)
+        for j, x in zip(scalars, new_s, strict=True):
+            opt[j] = x
+        return state.replace(params=self.treedef.unflatten(new_p),
+                             opt_state=self.o_treedef.unflatten(opt))
+
+
+def check_nvme_path(key: str, path: str | None) -> str:
+    """``path`` if it is an existing, writable folder, else a ValueError naming ``key``."""
+    if not path:
+        raise ValueError(f"{key}.nvme_path: required with device \"nvme\" (a folder on a fast "
+                         "local disk for the swap files)")
+    if not os.path.isdir(path):
+        raise ValueError(f"{key}.nvme_path: {path!r} is not a folder; create it or point "
+                         "nvme_path at an existing one")
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise ValueError(f"{key}.nvme_path: cannot write in {path!r} ({e.strerror}); give the "
+                         "run write access or choose another folder") from None
+    return path
+
+
+def check_disk_space(key: str, path: str, need: int, free: int | None = None) -> None:
+    """Refuse a swap that does not fit the disk under ``path`` (before anything is made)."""
+    free = shutil.disk_usage(path).free if free is None else free
+    if need > free:
+        raise ValueError(f"{key}.nvme_path: the swap files need {need / 2**20:,.1f} MiB on "
+                         f"this process, but {path!r} has {free / 2**20:,.1f} MiB free; free "
+                         "space there or choose a larger disk")
+
+
+__all__ = ["NVME_KIND", "NvmeOptimizer", "OnDisk", "SwapStore", "check_disk_space",
+           "check_nvme_path", "on_disk"]

@@ -1,0 +1,217 @@
+"""ZeRO-Infinity's NVMe tier for the optimizer (jds/partitioning/nvme.py).
+
+- with ``offload_optimizer.device: "nvme"`` the losses, gradient norms, skipped fp16 steps,
+  weights and optimizer state equal the device-resident run to 1e-6 (ZeRO-3 fp16 here;
+  ZeRO-0/1/2 and fp32 under ``-m slow``); the states are swap files of the expected size,
+  the state reports them as ``nvme``, the compiled step has no host or optimizer-state
+  arguments, and the host buffers in flight never exceed ``buffer_count`` tensors;
+- checkpoints move between NVMe and device-resident runs both ways; an update that fails
+  half-way leaves the last checkpoint intact and the engine refuses to train until it is
+  loaded, then trains on as the uninterrupted run;
+- resident host memory at rest drops by the states' size (measured RSS, two processes);
+- bad input: nvme_path missing, not a folder or not writable, a disk too small, a partial
+  (ratio) NVMe offload — each a ConfigError naming the key before anything is made.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from test_offload import MLP, batches, config, flat, lm, mse
+
+import jds
+from jds.config import ConfigError
+from jds.partitioning import nvme as nv
+from jds.partitioning import offload as off
+
+
+def nvme(path, **kw):
+    return {"device": "nvme", "nvme_path": str(path), **kw}
+
+
+@pytest.mark.parametrize("stage, precision", [
+    (3, "fp16"),
+    pytest.param(2, "bf16", marks=pytest.mark.slow),
+    pytest.param(1, "fp32", marks=pytest.mark.slow),
+    pytest.param(0, "bf16", marks=pytest.mark.slow)])
+def test_nvme_run_equals_the_device_run(tmp_path, stage, precision):
+    bs = batches(3)
+    ref = jds.initialize(model=lm(), config=config(stage, precision))
+    cfg = config(stage, precision, nvme(tmp_path, buffer_count=6))
+    cfg["zero_optimization"]["sub_group_size"] = 2048  # several chunks, two in flight
+    got = jds.initialize(model=lm(), config=cfg)
+    store = got.nvme.store
+    assert len(got.nvme.chunks) > 4
+    assert os.path.dirname(store.folder) == str(tmp_path)
+    # every master/moment shard is a file; the state holds their descriptions
+    disk = got.nvme.disk_leaves
+    assert {off.memory_kind(x) for x in disk} == {"nvme"}
+    assert sum(os.path.getsize(os.path.join(store.folder, f))
+               for f in os.listdir(store.folder)) == got.nvme.disk_bytes()
+    psi = sum(x.size for x in jax.tree.leaves(got.state.params))
+    per_param = 8 if precision == "fp32" else 12  # Adam moments (+ fp32 master weights)
+    local = 1 if stage == 0 else 8  # ZeRO 1-3: each device's own shard, one file each
+    assert got.nvme.disk_bytes() == pytest.approx(per_param * psi, rel=0.01) and len(
+        os.listdir(store.folder)) == len(disk) * local
+    if precision != "fp32":
+        assert all(nv.on_disk(x) for x in jax.tree.leaves(got.state.master,
+                                                            is_leaf=nv.on_disk))
+    # the compiled step takes neither master weights nor moments: parameters, batch, counters
+    mem = off.entry_memory(got.lower_train_step(16).compile().as_text())
+    p_bytes = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(got.state.params))
+    assert mem["argument_host"] == 0 and mem["argument_device"] < p_bytes + 4096
+    m_ref = [ref.train_batch(b) for b in bs]
+    m_got = [got.train_batch(b) for b in bs]
+    for key in ("loss", "grad_norm", "skipped", "loss_scale"):
+        np.testing.assert_allclose([m[key] for m in m_got], [m[key] for m in m_ref],
+                                   rtol=1e-6, atol=1e-6, err_msg=key)
+    if precision == "fp16":
+        assert sum(m["skipped"] for m in m_got) >= 1 and m_got[-1]["skipped"] == 0
+    np.testing.assert_allclose(flat(got.nvme.materialise(got.state.fp32_params)),
+                               flat(ref.state.fp32_params), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(flat(got.nvme.materialise(got.state.opt_state)),
+                               flat(ref.state.opt_state), rtol=1e-6, atol=1e-9)
+    assert got.nvme.buffer_bytes < got.nvme.disk_bytes() / 6
+    assert 2 * got.nvme.buffer_bytes < got.nvme.budget.peak <= got.nvme.budget_bytes
+    assert got.eval_batch(bs[0])["loss"] == pytest.approx(ref.eval_batch(bs[0])["loss"],
+                                                          rel=1e-6)
+    assert off.memory_kind(jax.tree.leaves(nnx.state(got.model, nnx.Param))[0]) == "device"
+
+
+def _mlp_batches(n):
+    rng = np.random.default_rng(1)
+    return [{"x": rng.normal(size=(16, 8)).astype(np.float32),
+             "y": rng.normal(size=(16,)).astype(np.float32)} for _ in range(n)]
+
+
+def _mlp(cfg):
+    return jds.initialize(model=MLP(nnx.Rngs(0)), config=cfg, loss_fn=mse)
+
+
+def test_checkpoints_move_both_ways_and_a_failed_update_waits_for_one(tmp_path, monkeypatch):
+    bs = _mlp_batches(4)
+    swap = tmp_path / "swap"
+    swap.mkdir()
+    disk = _mlp(config(2, "bf16", nvme(swap, buffer_count=6)))
+    plain = _mlp(config(2, "bf16"))
+    for b in bs[:2]:  # a user's own module trains on NVMe as on device
+        assert disk.train_batch(b)["loss"] == pytest.approx(plain.train_batch(b)["loss"],
+                                                            rel=1e-6)
+    disk.save_checkpoint(tmp_path / "disk")
+    disk.wait_for_checkpoints()
+    # offload_states leaves the swap files where they are and moves the rest
+    disk.offload_states()
+    disk.reload_states()
+    # a write that fails half-way through the update: the step raises, and the engine
+    # refuses to go on from half-updated states
+    calls = {"n": 0}
+    write = nv.SwapStore.write
+
+    def failing(self, leaf, value):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(28, "No space left on device")
+        write(self, leaf, value)
+
+    monkeypatch.setattr(nv.SwapStore, "write", failing)
+    with pytest.raises(OSError, match="No space left"):
+        disk.train_batch(bs[2])
+    monkeypatch.setattr(nv.SwapStore, "write", write)
+    with pytest.raises(RuntimeError, match="load a checkpoint"):
+        disk.train_batch(bs[2])
+    # the last checkpoint is intact; loaded, the run goes on as the device-resident one
+    disk.load_checkpoint(tmp_path / "disk")
+    assert int(disk.state.step) == 2
+    assert disk.train_batch(bs[2])["loss"] == pytest.approx(
+        plain.train_batch(bs[2])["loss"], rel=1e-6)
+    # the NVMe run's checkpoint into a device-resident run, and a device-resident one back
+    other = _mlp(config(2, "bf16"))
+    other.load_checkpoint(tmp_path / "disk")
+    disk.save_checkpoint(tmp_path / "disk")
+    plain.save_checkpoint(tmp_path / "plain")
+    disk.wait_for_checkpoints()
+    plain.wait_for_checkpoints()
+    other.load_checkpoint(tmp_path / "disk")
+    np.testing.assert_array_equal(flat(other.state.master),
+                                  flat(disk.nvme.materialise(disk.state.master)))
+    disk.load_checkpoint(tmp_path / "plain")
+    np.testing.assert_array_equal(flat(disk.nvme.materialise(disk.state.opt_state)),
+                                  flat(plain.state.opt_state))
+    assert disk.train_batch(bs[3])["loss"] == pytest.approx(
+        plain.train_batch(bs[3])["loss"], rel=1e-6)
+
+
+_RSS_SCRIPT = textwrap.dedent("""
+    import gc, json, sys
+    import jax, numpy as np
+    from flax import nnx
+    import jds
+    from jds.host_env import release_free_heap
+
+    class Deep(nnx.Module):  # 4.2M parameters in 16 equal matrices
+        def __init__(self, rngs):
+            self.hidden = nnx.List([nnx.Linear(512, 512, rngs=rngs) for _ in range(16)])
+
+        def __call__(self, x):
+            for layer in self.hidden:
+                x = nnx.relu(layer(x))
+            return x.mean(-1)
+
+    zero = {"stage": 2}
+    if sys.argv[1] == "nvme":
+        zero["offload_optimizer"] = {"device": "nvme", "nvme_path": sys.argv[2]}
+    cfg = {"train_batch_size": 8, "bf16": {"enabled": True}, "zero_optimization": zero,
+           "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}
+    e = jds.initialize(model=lambda: Deep(nnx.Rngs(0)), config=cfg,
+                       loss_fn=lambda m, b: ((m(b["x"]) - b["y"]) ** 2).mean(),
+                       devices=jax.devices()[:1])
+    rng = np.random.default_rng(0)
+    b = {"x": rng.normal(size=(8, 512)).astype(np.float32),
+         "y": rng.normal(size=(8,)).astype(np.float32)}
+    for _ in range(3):
+        e.train_batch(b)
+    gc.collect()
+    release_free_heap()
+    rss = [int(line.split()[1]) * 1024 for line in open("/proc/self/status")
+           if line.startswith("VmRSS")][0]
+    print(json.dumps({"rss": rss}))
+""")
+
+
+def test_states_on_nvme_leave_host_memory(tmp_path):
+    """Measured resident memory at rest, the same model with its master weights and Adam
+    state on the device (here: host RAM) and in swap files: the difference is the 12
+    bytes/param of states (the step's own buffers aside)."""
+    rss = {}
+    for mode in ("device", "nvme"):
+        out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, mode, str(tmp_path)],
+                             capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        assert out.returncode == 0, out.stderr[-2000:]
+        rss[mode] = json.loads(out.stdout.strip().splitlines()[-1])["rss"]
+    states = 12 * 16 * 512 * 512  # fp32 master weights and Adam's two moments
+    assert rss["device"] - rss["nvme"] > 0.5 * states, rss
+
+
+def test_bad_nvme_input_is_refused_before_anything_is_made(tmp_path, monkeypatch):
+    def build(opt, stage=2):
+        return _mlp(config(stage, "bf16", opt))
+
+    with pytest.raises(ConfigError, match="offload_optimizer.nvme_path: required"):
+        build({"device": "nvme"})
+    with pytest.raises(ConfigError, match="is not a folder"):
+        build(nvme(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="cannot write in '/sys'"):
+        build(nvme("/sys"))
+    with pytest.raises(ConfigError, match="ratio: a partial offload"):
+        build(nvme(tmp_path, ratio=0.5), stage=3)
+    monkeypatch.setattr(nv.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
+    with pytest.raises(ConfigError, match=r"swap files need .* MiB .* has 0.0 MiB free"):
+        build(nvme(tmp_path))
+    assert os.listdir(tmp_path) == []  # nothing was made
