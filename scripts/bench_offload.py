@@ -3,11 +3,12 @@ model in one run, and the largest llama preset whose compiled step fits one devi
 with and without it.
 
 Step time: the same model, batch, optimizer and ZeRO stage, once with the master weights and
-optimizer state in device memory (the baseline) and once in host memory
-(``zero_optimization.offload_optimizer.device: "cpu"``), rounds alternating so noise hits
-both; one JSON row per setting (median s/step, tokens/s, per-device bytes in device and in
-host memory from the compiled entry layout) and a ratio row. Issue 21's target on one H100
-is ZeRO-2 + offload within 1.3x of the baseline for a model that fits both ways.
+optimizer state in device memory (the baseline), once in host memory
+(``zero_optimization.offload_optimizer.device: "cpu"``) and, with ``--nvme-path``, once in
+swap files there (``"nvme"``), rounds alternating so noise hits all; one JSON row per
+setting (median s/step, tokens/s, per-device bytes in device and in host memory from the
+compiled entry layout) and a ratio row per offload. Issue 21's target on one H100 is
+ZeRO-2 + offload within 1.3x of the baseline for a model that fits both ways.
 
 Fit: ``jds.profiling.memory_report.fit_report`` per ZeRO stage with and without offload,
 from shapes only (nothing is allocated), against ``--device-memory`` (the compiled step's
@@ -17,6 +18,7 @@ device peak: host-memory arguments excluded).
     python scripts/bench_offload.py --model llama-125m --batch 8 --seq 2048 --stage 2 \
         --device-memory 80GiB                                      # on one H100
     python scripts/bench_offload.py --no-fit --steps 10
+    python scripts/bench_offload.py --no-fit --nvme-path /local_nvme   # + the NVMe tier
 
 On a CPU host both memories are the same RAM, so the step-time ratio there measures only the
 extra copies; the GPU figure is the one that matters.
@@ -36,9 +38,13 @@ import jds
 from jds.partitioning.offload import entry_memory
 
 
-def _config(stage: int, precision: str, batch: int, offload: bool) -> dict:
+def _config(stage: int, precision: str, batch: int, offload: bool | str,
+            nvme_path: str | None = None, buffer_count: int = 6) -> dict:
     zero: dict = {"stage": stage}
-    if offload:
+    if offload == "nvme":
+        zero["offload_optimizer"] = {"device": "nvme", "nvme_path": nvme_path,
+                                     "buffer_count": buffer_count}
+    elif offload:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     return {"train_batch_size": batch,
             "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "weight_decay": 0.01}},
@@ -46,16 +52,19 @@ def _config(stage: int, precision: str, batch: int, offload: bool) -> dict:
             "zero_optimization": zero}
 
 
-def _engine(args: argparse.Namespace, offload: bool):
+def _engine(args: argparse.Namespace, offload: bool | str):
     devices = jax.devices()[: args.devices] if args.devices else None
     return jds.initialize(model=lambda: jds.models.build(args.model),
-                          config=_config(args.stage, args.precision, args.batch, offload),
+                          config=_config(args.stage, args.precision, args.batch, offload,
+                                         args.nvme_path, args.buffer_count),
                           devices=devices)
 
 
 def step_times(args: argparse.Namespace) -> list[dict]:
-    """Rows for the baseline and the offloaded run, then the ratio row."""
+    """Rows for the baseline and the offloaded runs, then a ratio row per offload."""
     engines = {"device": _engine(args, False), "offload": _engine(args, True)}
+    if args.nvme_path:
+        engines["nvme"] = _engine(args, "nvme")
     ids = np.random.default_rng(0).integers(0, engines["device"].vocab_size,
                                             (args.batch, args.seq), dtype=np.int32)
     batch = {"input_ids": ids}
@@ -85,14 +94,16 @@ def step_times(args: argparse.Namespace) -> list[dict]:
             "device_argument_bytes": mem["argument_device"],
             "host_argument_bytes": mem["argument_host"],
             "last_loss": losses[name][-1]})
-    base, got = rows
-    rows.append({"bench": "offload_step_ratio", "device": device, "model": args.model,
-                 "stage": args.stage,
-                 "time_vs_device": round(got["s_per_step"] / base["s_per_step"], 3),
-                 "device_bytes_vs_device": round(got["device_argument_bytes"]
-                                                 / base["device_argument_bytes"], 3),
-                 "max_loss_diff": float(np.max(np.abs(np.subtract(losses["offload"],
-                                                                  losses["device"]))))})
+    base = rows[0]
+    for got in rows[1:]:
+        name = got["setting"]
+        rows.append({"bench": "offload_step_ratio", "device": device, "model": args.model,
+                     "stage": args.stage, "setting": name,
+                     "time_vs_device": round(got["s_per_step"] / base["s_per_step"], 3),
+                     "device_bytes_vs_device": round(got["device_argument_bytes"]
+                                                     / base["device_argument_bytes"], 3),
+                     "max_loss_diff": float(np.max(np.abs(np.subtract(losses[name],
+                                                                      losses["device"]))))})
     return rows
 
 
@@ -126,6 +137,8 @@ def main() -> None:
     p.add_argument("--device-memory", default="80GiB", help="for the fit rows")
     p.add_argument("--candidates", nargs="+", help="presets the fit tries (default all llama)")
     p.add_argument("--no-fit", action="store_true", help="step times only")
+    p.add_argument("--nvme-path", help="also time the NVMe tier with its swap files here")
+    p.add_argument("--buffer-count", type=int, default=6, help="NVMe host buffers")
     args = p.parse_args()
     for row in step_times(args):
         print(json.dumps(row), flush=True)

@@ -14,7 +14,7 @@
 #     bash scripts/gpu_session.sh train1b            # ~7 min: issue 3, llama-1b
 #     bash scripts/gpu_session.sh profile            # ~2 min: issue 20, the flops profiler
 #     bash scripts/gpu_session.sh vsds               # ~6 min: issue 25, jds vs PyTorch/DeepSpeed
-#     bash scripts/gpu_session.sh offload            # ~5 min: issue 21, ZeRO-Offload's step time
+#     bash scripts/gpu_session.sh offload            # ~5 min: issue 21, ZeRO-Offload's step time (cpu, nvme)
 #     bash scripts/gpu_session.sh lora               # ~6 min: issue 22, LoRA/QLoRA and PLD
 #     bash scripts/gpu_session.sh accumulate         # ~4 min: issue 19, in-place accumulation
 # Each phase writes $OUT/<phase>.jsonl (one JSON object per result) and $OUT/<phase>.log,
@@ -136,10 +136,13 @@ phase_offload() {
   # Issue 21 on a GPU: ZeRO-2 with the optimizer state in pinned host memory vs in HBM, same
   # llama-125m bf16 step (target: within 1.3x), then the offload tests on the real host
   # memory space, and the largest preset that fits 80 GiB with and without offload.
+  # The NVMe tier's swap files go to the machine's local disk ($OUT's file system).
+  mkdir -p "${TMPDIR:-/tmp}/jds-nvme"
   run offload 300 $PY scripts/bench_offload.py --model llama-125m --batch 8 --seq 2048 \
-    --stage 2 --steps 5 --rounds 2 --device-memory 80GiB --no-fit
+    --stage 2 --steps 5 --rounds 2 --device-memory 80GiB --no-fit \
+    --nvme-path "${TMPDIR:-/tmp}/jds-nvme"
   run offload_tests 240 $PY -m pytest -q -p no:cacheprovider tests/test_offload.py \
-    -k "equals_the_device_run or round_trip"
+    tests/test_nvme.py -k "equals_the_device_run or round_trip or checkpoints_move_both"
 }
 
 phase_lora() {

@@ -29,6 +29,7 @@ import jds
 from jds.config import ConfigError
 from jds.partitioning import nvme as nv
 from jds.partitioning import offload as off
+from jds.partitioning.memory import state_memory
 
 
 def nvme(path, **kw):
@@ -62,6 +63,8 @@ def test_nvme_run_equals_the_device_run(tmp_path, stage, precision):
     if precision != "fp32":
         assert all(nv.on_disk(x) for x in jax.tree.leaves(got.state.master,
                                                             is_leaf=nv.on_disk))
+    st = state_memory(got.state)  # what jds estimate shows
+    assert st["host"] == 0 and st["nvme"] == st["master"] + st["optimizer"] > 0
     # the compiled step takes neither master weights nor moments: parameters, batch, counters
     mem = off.entry_memory(got.lower_train_step(16).compile().as_text())
     p_bytes = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(got.state.params))
@@ -184,6 +187,7 @@ _RSS_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # 10 s: two processes; the default tests count the buffers in flight
 def test_states_on_nvme_leave_host_memory(tmp_path):
     """Measured resident memory at rest, the same model with its master weights and Adam
     state on the device (here: host RAM) and in swap files: the difference is the 12

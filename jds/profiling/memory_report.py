@@ -654,14 +654,17 @@ def estimate_text(report: Mapping[str, Any]) -> str:
     st, f = r["state"], r["formula"]["config"]
     lines += ["", "Train state per device, from the shardings (formula for the config layout; "
               f"{r.get('offload', 'no offload')}):"]
-    lines += _table(
-        ["", "params", "master", "optimizer", "frozen", "other", "total", "in device",
-         "in host"],
-        [["state", *(_b(st[k]) for k in ("params", "master", "optimizer", "frozen", "other",
-                                          "total", "device", "host"))],
-         ["formula", *(_b(f[k]) for k in ("params", "master", "optimizer")), "", "",
-          _b(f["persistent"]), _b(f["device"]), _b(f["host"])]],
-        right=set(range(1, 9)))
+    rows = [["state", *(_b(st[k]) for k in ("params", "master", "optimizer", "frozen", "other",
+                                             "total", "device", "host"))],
+            ["formula", *(_b(f[k]) for k in ("params", "master", "optimizer")), "", "",
+             _b(f["persistent"]), _b(f["device"]), _b(f["host"])]]
+    head = ["", "params", "master", "optimizer", "frozen", "other", "total", "in device",
+            "in host"]
+    if st.get("nvme"):  # the NVMe tier: the formula's offloaded states are in its files
+        head.append("on NVMe")
+        rows[0].append(_b(st["nvme"]))
+        rows[1][-1:] = [_b(0), _b(f["host"])]
+    lines += _table(head, rows, right=set(range(1, len(head))))
     if r.get("frozen_bytes_per_param") is not None:
         lines += [f"frozen parameters {_count(r['frozen_params'])} (no gradient, master or "
                   f"optimizer state): {r['frozen_bytes_per_param']:.2f} B/param as stored "
