@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -53,7 +54,13 @@ from jds.models.layer_drop import LayerDrop
 from jds.partitioning import pipeline as pp
 from jds.partitioning.batch import BatchPlacer
 from jds.partitioning.mesh import data_parallel_size
-from jds.partitioning.nvme import NvmeOptimizer, OnDisk, check_disk_space, on_disk
+from jds.partitioning.nvme import (
+    NvmeOptimizer,
+    NvmeParams,
+    OnDisk,
+    check_disk_space,
+    on_disk,
+)
 from jds.partitioning.offload import (
     DEVICE_KIND,
     OffloadedStates,
@@ -180,33 +187,61 @@ class TrainEngine(EngineCheckpoints):
         placement = dict(params=self.param_shardings, master=self.master_shardings,
                          frozen=self.frozen_shardings, model_state=self.model_state_shardings,
                          replicated=self._replicated)
-        if self.offload.any and not shapes_only:  # refuse what cannot fit, before making it
-            shapes, _ = build_state(cfg, self.tx, sp, **placement, shapes_only=True)
-            try:
-                need = check_host_memory(shapes, self.offload, len(self.mesh.local_devices))
-                if self.offload.nvme:  # (the fresh states pass through host memory once)
-                    check_disk_space("zero_optimization.offload_optimizer",
-                                     self.offload.nvme_path, need)
-            except ValueError as e:
-                raise ConfigError(str(e)) from None
-        self.state, self.state_shardings = build_state(
-            cfg, self.tx, sp, **placement, factory=factory, trainable=trainable,
-            shapes_only=shapes_only, tracing=self._tracing)
-        # NVMe: the master weights and optimizer state go to swap files (jds.partitioning.nvme)
+        # NVMe: the master weights and optimizer state live in swap files
+        # (jds.partitioning.nvme), made there chunk by chunk, never whole in memory
         self.nvme: NvmeOptimizer | None = None
         self._nvme_failed: str | None = None  # an update that failed half-way
-        self._nvme_owner = (leaf_owners(self.tx, self.state.opt_state, jax.tree.structure(
-            self.state.params)) if self.offload.nvme else None)
+        self._nvme_saving = False  # a save may still read the swap files
+        self._nvme_owner = None
+        if self.offload.any:
+            shapes, shardings = build_state(cfg, self.tx, sp, **placement, shapes_only=True)
+            if self.offload.nvme:
+                self._nvme_owner = leaf_owners(self.tx, shapes.opt_state,
+                                               jax.tree.structure(shapes.params))
+        if self.offload.any and not shapes_only:  # refuse what cannot fit, before making it
+            try:
+                if self.offload.nvme:
+                    check_disk_space("zero_optimization.offload_optimizer",
+                                     self.offload.nvme_path, check_host_memory(
+                                         shapes, self.offload, len(self.mesh.local_devices),
+                                         available=sys.maxsize))
+                    on_host = self._step_state(shapes)  # what stays in host memory
+                else:
+                    on_host = shapes
+                if self.offload.params_nvme_path is not None:
+                    check_disk_space("zero_optimization.offload_param",
+                                     self.offload.params_nvme_path, check_host_memory(
+                                         (shapes.params, shapes.frozen), self.offload,
+                                         len(self.mesh.local_devices), available=sys.maxsize))
+                check_host_memory(on_host, self.offload, len(self.mesh.local_devices))
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         if self.offload.nvme and not shapes_only:
             self.nvme = NvmeOptimizer(
-                self.tx, self.state, self.state_shardings, param_shardings=self.param_shardings,
+                self.tx, shapes, shardings, param_shardings=self.param_shardings,
                 compute_dtype=self.policy.compute_dtype, nvme_path=self.offload.nvme_path,
                 buffer_count=self.offload.buffer_count,
                 sub_group_size=int(cfg.zero_optimization.sub_group_size))
-            self.state = self.nvme.adopt(self.state)
-        elif self.offload.nvme:  # shapes only: the same leaves, described as on disk
-            self.state = self._step_state(self.state, as_disk=lambda x: OnDisk(
-                "", tuple(x.shape), x.dtype, x.sharding))
+            rest, self.state_shardings, fresh = build_state(
+                cfg, self.tx, sp, **placement, factory=factory, trainable=trainable,
+                tracing=self._tracing, apart=self._step_state)
+            self.state = self.nvme.init_from(rest, fresh)
+            del rest, fresh
+        else:
+            self.state, self.state_shardings = build_state(
+                cfg, self.tx, sp, **placement, factory=factory, trainable=trainable,
+                shapes_only=shapes_only, tracing=self._tracing)
+        # offload_param to NVMe: the parameters rest in swap files between steps
+        self.nvme_params: NvmeParams | None = None
+        described = lambda x: OnDisk("", tuple(x.shape), x.dtype, x.sharding)  # noqa: E731
+        if self.offload.params_nvme_path is not None and not shapes_only:
+            self.nvme_params = NvmeParams(self.offload.params_nvme_path, self.state)
+            self.state = self.nvme_params.put(self.state)
+        elif self.offload.params_nvme_path is not None:  # shapes only: described as on disk
+            self.state = self.state.replace(params=jax.tree.map(described, self.state.params),
+                                            frozen=jax.tree.map(described, self.state.frozen))
+        if self.offload.nvme and shapes_only:  # the same leaves, described as on disk
+            self.state = self._step_state(self.state, as_disk=described)
 
         step_cfg = StepConfig(
             gradient_accumulation_steps=self.batch.gradient_accumulation_steps,
@@ -315,6 +350,11 @@ class TrainEngine(EngineCheckpoints):
         NVMe tier without the master weights and per-parameter optimizer states, which
         stay in their swap files (None in their place; ``as_disk(leaf)`` instead when
         given)."""
+        if self.offload.params_nvme_path is not None and as_disk is None:
+            shape = lambda x: jax.ShapeDtypeStruct(  # noqa: E731
+                x.shape, x.dtype, sharding=x.sharding) if on_disk(x) else x
+            tree = tree.replace(params=jax.tree.map(shape, tree.params, is_leaf=on_disk),
+                                frozen=jax.tree.map(shape, tree.frozen, is_leaf=on_disk))
         if not self.offload.nvme:
             return tree
         mark = (lambda _: None) if as_disk is None else as_disk  # noqa: E731
@@ -324,13 +364,18 @@ class TrainEngine(EngineCheckpoints):
         return tree.replace(master=master, opt_state=treedef.unflatten(
             [mark(x) if o >= 0 else x for o, x in zip(self._nvme_owner, leaves, strict=True)]))
 
-    def _with_disk(self, stepped: TrainState) -> TrainState:
-        """The compiled step's output state with the swap files' ``OnDisk`` leaves back."""
-        treedef = jax.tree.structure(self.state.opt_state, is_leaf=on_disk)
-        old = treedef.flatten_up_to(self.state.opt_state)
-        new = treedef.flatten_up_to(stepped.opt_state)
-        return stepped.replace(master=self.state.master, opt_state=treedef.unflatten(
-            [a if on_disk(a) else b for a, b in zip(old, new, strict=True)]))
+    def _wait_for_nvme_save(self) -> None:
+        """Before the swap files change: a checkpoint may still be reading them."""
+        if self._nvme_saving:
+            self.wait_for_checkpoints()
+            self._nvme_saving = False
+
+    def _params_view(self) -> TrainState:
+        """The state with its parameters where computations read them (from the swap files
+        into host memory under ``offload_param`` to NVMe)."""
+        if self.nvme_params is None:
+            return self.state
+        return self.nvme_params.live(self.state)
 
     def _run_step(self, placed: PyTree) -> dict:
         """One compiled step on ``self.state``, and under the NVMe tier the update from
@@ -340,7 +385,8 @@ class TrainEngine(EngineCheckpoints):
             return metrics
         stepped, metrics, (grads, finite, factor) = self._train_step(
             self._step_state(self.state), placed)
-        state = self._with_disk(stepped)
+        state = self.nvme.attach(stepped)
+        self._wait_for_nvme_save()
         try:
             self.state = self.nvme.update(state, grads, finite, factor)
         except BaseException as e:
@@ -475,8 +521,13 @@ class TrainEngine(EngineCheckpoints):
         t0 = time.perf_counter()
         with peer_failure_guard("train_batch"):
             with self._tracing():
+                if self.nvme_params is not None:  # the parameters in host memory for it
+                    self.state = self.nvme_params.live(self.state)
                 self._compile_first(placed)
                 metrics = self._run_step(placed)
+                if self.nvme_params is not None:
+                    self._wait_for_nvme_save()
+                    self.state = self.nvme_params.put(self.state, frozen=False)
             if self._steps_done is not None:
                 self._steps_done += 1
             if self.compression is not None and self.compression.verbose:
@@ -516,7 +567,7 @@ class TrainEngine(EngineCheckpoints):
         it; process 0 prints), beside the step's measured time (``flops_profiler``)."""
         from jds.profiling import model_profile as mp
 
-        fp, s = self.config.flops_profiler, self.state
+        fp, s = self.config.flops_profiler, self._params_view()
         model = self.split.merge(s.params, s.frozen, s.model_state, train=True)
         micro = jax.tree.map(lambda x: x[0], placed)
         with self._tracing():
@@ -560,7 +611,7 @@ class TrainEngine(EngineCheckpoints):
         while micro > 1 and n % (micro * dp):
             micro -= 1
         placed = self.shard_batch(batch, micro_batches=micro)
-        s = self.state
+        s = self._params_view()
         with self._tracing():
             return _to_floats(self._eval_step(s.params, s.frozen, s.model_state, placed,
                                               s.applied_steps))
@@ -593,7 +644,7 @@ class TrainEngine(EngineCheckpoints):
                     if y.ndim and y.shape[0] == n else y, out)
 
             self._predict = jax.jit(sharded_like_rows)
-        s = self.state
+        s = self._params_view()
         with self._tracing():
             return self._predict(s.params, s.frozen, s.model_state,
                                  self.placer.place(inputs, 1, micro=False), s.applied_steps)
@@ -622,7 +673,7 @@ class TrainEngine(EngineCheckpoints):
             self._gradients_step = jax.jit(step, out_shardings=(self.grad_shardings,
                                                                 self._replicated))
         placed = self.shard_batch(batch)
-        s = self.state
+        s = self._params_view()
         with self._tracing():
             grads, loss = self._gradients_step(s.params, s.frozen, s.model_state, placed,
                                                s.applied_steps)
@@ -696,7 +747,7 @@ class TrainEngine(EngineCheckpoints):
         ``jds.models.generate``."""
         if self._moved_out:
             self._need_arrays("engine.model")  # the error that names reload_states()
-        s, sh = self.state, self.state_shardings
+        s, sh = self._params_view(), self.state_shardings
         weights, frozen = s.fp32_params, s.frozen
         if self.nvme is not None:
             weights = self.nvme.materialise(weights)

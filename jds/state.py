@@ -150,7 +150,8 @@ def build_state(
     master: PyTree, frozen: PyTree, model_state: PyTree, replicated: NamedSharding,
     factory: Callable[[], Any] | None = None, trainable: Any = None,
     shapes_only: bool = False, tracing: Callable[[], Any] = contextlib.nullcontext,
-) -> tuple[TrainState, TrainState]:
+    apart: Callable[[TrainState], TrainState] | None = None,
+) -> tuple[TrainState, TrainState] | tuple[TrainState, TrainState, PyTree]:
     """The initial train state, placed directly sharded, and its shardings.
 
     Args:
@@ -164,9 +165,13 @@ def build_state(
       trainable: the engine's trainable filter (for ``factory``).
       shapes_only: return ``jax.ShapeDtypeStruct`` leaves with their shardings instead.
       tracing: a context the factory runs in (the engine's rules).
+      apart: states made elsewhere (the NVMe tier's, ``jds.partitioning.nvme``): maps a
+        state (or its shardings) to the state without them (None in their place); they
+        are never computed here, and the fresh fp32 weights are returned for them.
 
     Returns:
-      ``(state, state shardings)``.
+      ``(state, state shardings)``; with ``apart``, ``(state without those states, full
+      state shardings, fp32 weights in device memory)``.
     """
     from jds.models.base import materialise
 
@@ -193,6 +198,9 @@ def build_state(
 
         with tracing():
             values = jax.jit(fresh, out_shardings=placed)()
+    if apart is not None:
+        state = jax.jit(lambda *v: apart(init(*v)), out_shardings=apart(shardings))(*values)
+        return state, shardings, values[0]
     return jax.jit(init, out_shardings=shardings)(*values), shardings
 
 

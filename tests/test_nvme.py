@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import numpy as np
@@ -26,6 +27,7 @@ from flax import nnx
 from test_offload import MLP, batches, config, flat, lm, mse
 
 import jds
+from jds.checkpoint.orbax import Checkpointer
 from jds.config import ConfigError
 from jds.partitioning import nvme as nv
 from jds.partitioning import offload as off
@@ -36,19 +38,43 @@ def nvme(path, **kw):
     return {"device": "nvme", "nvme_path": str(path), **kw}
 
 
-@pytest.mark.parametrize("stage, precision", [
-    (3, "fp16"),
-    pytest.param(2, "bf16", marks=pytest.mark.slow),
-    pytest.param(1, "fp32", marks=pytest.mark.slow),
-    pytest.param(0, "bf16", marks=pytest.mark.slow)])
-def test_nvme_run_equals_the_device_run(tmp_path, stage, precision):
+@pytest.mark.parametrize("stage, precision, params", [
+    (3, "fp16", False),
+    pytest.param(3, "bf16", True, marks=pytest.mark.slow),
+    pytest.param(2, "bf16", False, marks=pytest.mark.slow),
+    pytest.param(1, "fp32", False, marks=pytest.mark.slow),
+    pytest.param(0, "bf16", False, marks=pytest.mark.slow)])
+def test_nvme_run_equals_the_device_run(tmp_path, stage, precision, params, monkeypatch):
     bs = batches(3)
-    ref = jds.initialize(model=lm(), config=config(stage, precision))
     cfg = config(stage, precision, nvme(tmp_path, buffer_count=6))
     cfg["zero_optimization"]["sub_group_size"] = 2048  # several chunks, two in flight
+    if params:  # and the parameters, between steps
+        cfg["zero_optimization"]["offload_param"] = nvme(tmp_path)
+    live, write, init_from = [], nv.SwapStore.write, nv.NvmeOptimizer.init_from
+
+    def buffers():  # bytes of the distinct device buffers alive
+        return sum({s.data.unsafe_buffer_pointer(): s.data.nbytes
+                    for x in jax.live_arrays() for s in x.addressable_shards}.values())
+
+    def counting(self, leaf, value):  # whenever a state tensor is written
+        live.append(buffers())
+        write(self, leaf, value)
+
+    def init(self, state, weights):
+        live.append(buffers())
+        return init_from(self, state, weights)
+
+    monkeypatch.setattr(nv.SwapStore, "write", counting)
+    monkeypatch.setattr(nv.NvmeOptimizer, "init_from", init)
     got = jds.initialize(model=lm(), config=cfg)
+    monkeypatch.undo()
+    # the fresh master weights and moments are made chunk by chunk, never whole: while
+    # they are written, less than half of them is ever alive on the devices
+    whole = sum(got.nvme.store.shard_bytes(d) * 8 for d in got.nvme.disk_leaves)
+    assert len(got.nvme.chunks) > 5
+    assert 0 < max(live) - live[0] < whole / 2
+    ref = jds.initialize(model=lm(), config=config(stage, precision))
     store = got.nvme.store
-    assert len(got.nvme.chunks) > 4
     assert os.path.dirname(store.folder) == str(tmp_path)
     # every master/moment shard is a file; the state holds their descriptions
     disk = got.nvme.disk_leaves
@@ -64,11 +90,15 @@ def test_nvme_run_equals_the_device_run(tmp_path, stage, precision):
         assert all(nv.on_disk(x) for x in jax.tree.leaves(got.state.master,
                                                             is_leaf=nv.on_disk))
     st = state_memory(got.state)  # what jds estimate shows
-    assert st["host"] == 0 and st["nvme"] == st["master"] + st["optimizer"] > 0
-    # the compiled step takes neither master weights nor moments: parameters, batch, counters
+    assert st["host"] == 0 and st["nvme"] == st["master"] + st["optimizer"] + (
+        st["params"] if params else 0) > 0
+    # the compiled step takes neither master weights nor moments: parameters (in host
+    # memory with offload_param), batch, counters
     mem = off.entry_memory(got.lower_train_step(16).compile().as_text())
-    p_bytes = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(got.state.params))
-    assert mem["argument_host"] == 0 and mem["argument_device"] < p_bytes + 4096
+    p_bytes = sum(got.nvme.store.shard_bytes(d) if params else d.addressable_shards[0].data.nbytes
+                  for d in jax.tree.leaves(got.state.params, is_leaf=nv.on_disk))
+    assert mem["argument_host"] == (p_bytes if params else 0)
+    assert mem["argument_device"] < (0 if params else p_bytes) + 4096
     m_ref = [ref.train_batch(b) for b in bs]
     m_got = [got.train_batch(b) for b in bs]
     for key in ("loss", "grad_norm", "skipped", "loss_scale"):
@@ -76,6 +106,10 @@ def test_nvme_run_equals_the_device_run(tmp_path, stage, precision):
                                    rtol=1e-6, atol=1e-6, err_msg=key)
     if precision == "fp16":
         assert sum(m["skipped"] for m in m_got) >= 1 and m_got[-1]["skipped"] == 0
+    if params:
+        assert {off.memory_kind(x) for x in jax.tree.leaves(got.state.params,
+                                                             is_leaf=nv.on_disk)} == {"nvme"}
+        np.testing.assert_array_equal(flat(got._params_view().params), flat(ref.state.params))
     np.testing.assert_allclose(flat(got.nvme.materialise(got.state.fp32_params)),
                                flat(ref.state.fp32_params), rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(flat(got.nvme.materialise(got.state.opt_state)),
@@ -101,8 +135,11 @@ def test_checkpoints_move_both_ways_and_a_failed_update_waits_for_one(tmp_path, 
     bs = _mlp_batches(4)
     swap = tmp_path / "swap"
     swap.mkdir()
-    disk = _mlp(config(2, "bf16", nvme(swap, buffer_count=6)))
-    plain = _mlp(config(2, "bf16"))
+    cfg = config(3, "bf16", nvme(swap, buffer_count=6))  # ZeRO-3, both NVMe tiers
+    cfg["zero_optimization"].update(sub_group_size=64, offload_param=nvme(swap))  # 3 chunks
+    disk = _mlp(cfg)
+    assert len(disk.nvme.chunks) == 3
+    plain = _mlp(config(3, "bf16"))
     for b in bs[:2]:  # a user's own module trains on NVMe as on device
         assert disk.train_batch(b)["loss"] == pytest.approx(plain.train_batch(b)["loss"],
                                                             rel=1e-6)
@@ -134,20 +171,51 @@ def test_checkpoints_move_both_ways_and_a_failed_update_waits_for_one(tmp_path, 
     assert disk.train_batch(bs[2])["loss"] == pytest.approx(
         plain.train_batch(bs[2])["loss"], rel=1e-6)
     # the NVMe run's checkpoint into a device-resident run, and a device-resident one back
-    other = _mlp(config(2, "bf16"))
+    other = _mlp(config(3, "bf16"))
     other.load_checkpoint(tmp_path / "disk")
+    # the save reads the swap files while the next step runs (slowly here): the update
+    # waits for it
+    saved = flat(disk.nvme.materialise(disk.state.master))
+    read_whole = nv.SwapStore.read_whole
+    monkeypatch.setattr(nv.SwapStore, "read_whole",
+                        lambda self, leaf: (time.sleep(0.1), read_whole(self, leaf))[1])
     disk.save_checkpoint(tmp_path / "disk")
     plain.save_checkpoint(tmp_path / "plain")
-    disk.wait_for_checkpoints()
     plain.wait_for_checkpoints()
+    disk.train_batch(bs[0])
+    plain.train_batch(bs[0])
+    monkeypatch.undo()
     other.load_checkpoint(tmp_path / "disk")
-    np.testing.assert_array_equal(flat(other.state.master),
-                                  flat(disk.nvme.materialise(disk.state.master)))
+    np.testing.assert_array_equal(flat(other.state.master), saved)
+    # restored into the swap files a group at a time, each in a partial restore of its own
+    restores, restore_one = [], Checkpointer._restore_one
+
+    def spy(self, step, stored, target, partial=False):
+        restores.append(len(jax.tree.leaves(target)))
+        return restore_one(self, step, stored, target, partial)
+
+    monkeypatch.setattr(Checkpointer, "_restore_one", spy)
     disk.load_checkpoint(tmp_path / "plain")
+    monkeypatch.undo()
+    # the rest, the parameters, then each chunk's master weights and moments
+    assert restores[1:] == [len(disk.nvme_params.disk_leaves)] + [
+        len(c.states) + len(c.params) for c in disk.nvme.chunks]
+    plain.load_checkpoint(tmp_path / "plain")
     np.testing.assert_array_equal(flat(disk.nvme.materialise(disk.state.opt_state)),
                                   flat(plain.state.opt_state))
     assert disk.train_batch(bs[3])["loss"] == pytest.approx(
         plain.train_batch(bs[3])["loss"], rel=1e-6)
+    # weights only (a converted checkpoint): a fresh optimizer made on disk chunk by chunk
+    ck = Checkpointer(str(tmp_path / "weights"))
+    ck.save_tree(0, {"params": jax.device_get(plain.state.master)}, {"kind": "weights"})
+    ck.wait()
+    disk.load_checkpoint(tmp_path / "weights")
+    plain.load_checkpoint(tmp_path / "weights")
+    assert int(disk.state.step) == 0
+    np.testing.assert_array_equal(flat(disk.nvme.materialise(disk.state.opt_state)),
+                                  flat(plain.state.opt_state))
+    assert disk.train_batch(bs[0])["loss"] == pytest.approx(
+        plain.train_batch(bs[0])["loss"], rel=1e-6)
 
 
 _RSS_SCRIPT = textwrap.dedent("""
@@ -157,9 +225,9 @@ _RSS_SCRIPT = textwrap.dedent("""
     import jds
     from jds.host_env import release_free_heap
 
-    class Deep(nnx.Module):  # 4.2M parameters in 16 equal matrices
+    class Deep(nnx.Module):  # 16.8M parameters in 4 equal layers
         def __init__(self, rngs):
-            self.hidden = nnx.List([nnx.Linear(512, 512, rngs=rngs) for _ in range(16)])
+            self.hidden = nnx.List([nnx.Linear(2048, 2048, rngs=rngs) for _ in range(4)])
 
         def __call__(self, x):
             for layer in self.hidden:
@@ -169,21 +237,25 @@ _RSS_SCRIPT = textwrap.dedent("""
     zero = {"stage": 2}
     if sys.argv[1] == "nvme":
         zero["offload_optimizer"] = {"device": "nvme", "nvme_path": sys.argv[2]}
+        zero["sub_group_size"] = 2048 * 2049  # a chunk per layer
     cfg = {"train_batch_size": 8, "bf16": {"enabled": True}, "zero_optimization": zero,
            "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}
     e = jds.initialize(model=lambda: Deep(nnx.Rngs(0)), config=cfg,
                        loss_fn=lambda m, b: ((m(b["x"]) - b["y"]) ** 2).mean(),
                        devices=jax.devices()[:1])
+    def status(key):
+        return [int(line.split()[1]) * 1024 for line in open("/proc/self/status")
+                if line.startswith(key)][0]
+
+    built = status("VmHWM")  # the peak of building the engine
     rng = np.random.default_rng(0)
-    b = {"x": rng.normal(size=(8, 512)).astype(np.float32),
+    b = {"x": rng.normal(size=(8, 2048)).astype(np.float32),
          "y": rng.normal(size=(8,)).astype(np.float32)}
     for _ in range(3):
         e.train_batch(b)
     gc.collect()
     release_free_heap()
-    rss = [int(line.split()[1]) * 1024 for line in open("/proc/self/status")
-           if line.startswith("VmRSS")][0]
-    print(json.dumps({"rss": rss}))
+    print(json.dumps({"rss": status("VmRSS"), "built": built}))
 """)
 
 
@@ -213,6 +285,15 @@ def test_bad_nvme_input_is_refused_before_anything_is_made(tmp_path, monkeypatch
         build(nvme(tmp_path / "missing"))
     with pytest.raises(ConfigError, match="cannot write in '/sys'"):
         build(nvme("/sys"))
+    with pytest.raises(ConfigError, match="offload_param.nvme_path: required"):
+        cfg = config(3, "bf16")
+        cfg["zero_optimization"]["offload_param"] = {"device": "nvme"}
+        _mlp(cfg)
+    with pytest.raises(ConfigError, match="offload_param: parameter offload needs "
+                                          "zero_optimization.stage 3"):
+        cfg = config(2, "bf16")
+        cfg["zero_optimization"]["offload_param"] = nvme(tmp_path)
+        _mlp(cfg)
     with pytest.raises(ConfigError, match="ratio: a partial offload"):
         build(nvme(tmp_path, ratio=0.5), stage=3)
     monkeypatch.setattr(nv.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())

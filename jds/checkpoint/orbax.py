@@ -48,6 +48,7 @@ import logging
 import os
 import re
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -334,6 +335,8 @@ class Checkpointer:
         *,
         verify: bool = True,
         init: Any = None,
+        apart: Callable[[Any], int | None] | None = None,
+        sink: Callable[[Any, jax.Array], None] | None = None,
     ) -> tuple[TrainState, dict[str, Any]]:
         """Restore ``step`` (default newest good one) into ``like``'s structure and ``shardings``.
 
@@ -345,6 +348,11 @@ class Checkpointer:
           verify: check files against the integrity manifest first.
           init: ``init(fp32_params) -> TrainState`` for weights-only checkpoints (converted
             ones hold ``{"params"}`` only); without it they are an error.
+          apart: leaves restored apart, a group at a time (the NVMe tier's swap files):
+            ``apart(leaf of like)`` gives a leaf's group, or None to restore it with the
+            rest; each group is read in its own partial restore and handed to
+            ``sink(leaf of like, restored array)``, so host memory holds one group, and the
+            returned state has None in those places.
 
         Raises:
           FileNotFoundError: no checkpoint in the directory, or no such step.
@@ -383,6 +391,9 @@ class Checkpointer:
                         )
                     out = self._restore_one(s, stored, weights_target)
                     state = init(out["state"]["params"])
+                elif apart is not None:
+                    out = self._restore_apart(s, stored, target, like, apart, sink)
+                    state = _dict_to_state(dict(out["state"]), like)
                 else:
                     out = self._restore_one(s, stored, target)
                     state = _dict_to_state(dict(out["state"]), like)
@@ -420,9 +431,36 @@ class Checkpointer:
         except (json.JSONDecodeError, UnicodeDecodeError, ValueError, OSError, KeyError) as e:
             raise CheckpointCorruptError(_damage_message(step_dir, e)) from e
 
-    def _restore_one(self, step: int, stored: Any, target: dict[str, Any]) -> Any:
+    def _restore_apart(self, step: int, stored: Any, target: dict[str, Any], like: TrainState,
+                       apart: Callable[[Any], int | None],
+                       sink: Callable[[Any, jax.Array], None] | None) -> Any:
+        """Restore ``target`` without the leaves ``apart`` groups, then each group in a
+        partial restore of its own, handing its arrays to ``sink`` (see ``restore``)."""
+        self._check_matches(step, stored, target)  # the whole run's arrays, once
+        like_leaves, treedef = jax.tree.flatten(_state_to_dict(like))
+        t_leaves = treedef.flatten_up_to(target)
+        group = [apart(x) for x in like_leaves]
+        rest = treedef.unflatten([None if g is not None else t
+                                  for g, t in zip(group, t_leaves, strict=True)])
+        out = self._restore_one(step, stored, rest, partial=True)
+        for g in sorted({g for g in group if g is not None}):
+            part = treedef.unflatten([t if gi == g else None
+                                      for gi, t in zip(group, t_leaves, strict=True)])
+            got = treedef.flatten_up_to(self._restore_one(step, stored, part,
+                                                          partial=True)["state"])
+            for x, gi, v in zip(like_leaves, group, got, strict=True):
+                if gi == g and sink is not None:
+                    sink(x, v)
+            del got
+        return out
+
+    def _restore_one(self, step: int, stored: Any, target: dict[str, Any],
+                     partial: bool = False) -> Any:
+        """Restore ``target`` (with ``partial``, only its non-None leaves, unchecked: the
+        caller checked the whole)."""
         step_dir = self.step_dir(step)
-        self._check_matches(step, stored, target)
+        if not partial:
+            self._check_matches(step, stored, target)
         try:
             return self._manager.restore(
                 step,
@@ -430,6 +468,7 @@ class Checkpointer:
                     state=ocp.args.PyTreeRestore(
                         item=target,
                         restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                        partial_restore=partial,
                     ),
                     meta=ocp.args.JsonRestore(),
                 ),

@@ -74,12 +74,9 @@ from jds.config.sections import (
 )
 
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
-_NVME_NOTE = ("NVMe parameter offload is not in jds yet; the parameters stay in device "
-              "memory (device \"cpu\" puts them in host memory; offload_optimizer takes "
-              "\"nvme\")")
 # DeepSpeed keys jds accepts but does not act on yet. Top-level keys are reported unless
 # off (false, null, {}, {"enabled": false}, or DeepSpeed's default in _DS_DEFAULTS); dotted
-# keys inside modelled sections unless at their default (offload sections: device "none").
+# keys inside modelled sections unless at their default.
 NOT_IMPLEMENTED: dict[str, str] = {
     "comms_logger": "XLA inserts the collectives; read them from the compiled HLO",
     "wandb": "jds train writes TensorBoard and JSONL logs", "tensorboard": "DeepSpeed's monitor",
@@ -111,7 +108,6 @@ NOT_IMPLEMENTED: dict[str, str] = {
     "dataloader_drop_last": "the jds loader yields whole global batches",
     "managed_gradient_accumulation": "jds accumulates inside the compiled step",
     "weight_quantization": "compression is not in jds yet", "vocabulary_size": "the model sets it",
-    "zero_optimization.offload_param": _NVME_NOTE,
     "zero_optimization.zero_quantized_weights": "ZeRO++ quantized collectives: not yet",
     "zero_optimization.zero_quantized_nontrainable_weights": "ZeRO++ quantized weights: not yet",
     "zero_optimization.zero_quantized_gradients": "ZeRO++ quantized collectives: not yet",
@@ -187,13 +183,7 @@ def _format_errors(err: ValidationError, auto: Collection[str] = ()) -> str:
     return f"{len(lines)} problems in the config:\n  " + "\n  ".join(lines)
 
 
-# Values of a NOT_IMPLEMENTED key that jds does implement (not reported).
-_BUILT: dict[str, tuple[Any, ...]] = {"zero_optimization.offload_param": ("none", "cpu")}
-
-
-def _is_off(value: Any, default: Any = None, key: str = "") -> bool:
-    if isinstance(value, BaseModel) and hasattr(value, "device"):
-        return value.device in _BUILT.get(key, ("none",))
+def _is_off(value: Any, default: Any = None) -> bool:
     if isinstance(value, Mapping) and value.get("enabled") is False:
         return True
     return value in (None, False, {}) or value == default
@@ -379,7 +369,7 @@ class Config(BaseModel):
                 if section is None:
                     continue
                 value = _lookup(cfg, key)
-                if not _is_off(value, type(section).model_fields[name].default, key):
+                if not _is_off(value, type(section).model_fields[name].default):
                     shown = value.device if isinstance(value, BaseModel) else _show(value)
                     ignored.append(f"{key}={shown} ({note})")
         level = _user_stacklevel()

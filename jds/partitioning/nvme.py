@@ -1,5 +1,6 @@
-"""ZeRO-Infinity's NVMe tier for the optimizer: the fp32 master weights and the optimizer
-state in files, swapped through host buffers and updated on the device a chunk at a time.
+"""ZeRO-Infinity's NVMe tier: the fp32 master weights and the optimizer state in files,
+swapped through host buffers and updated on the device a chunk at a time
+(``NvmeOptimizer``), and the parameters in files between steps (``NvmeParams``).
 
 ``zero_optimization.offload_optimizer: {"device": "nvme", "nvme_path": ...}``. Where the
 ``"cpu"`` device gives those states a host memory kind (``jds.partitioning.offload``), this
@@ -42,11 +43,14 @@ as it was. An update that fails half-way leaves some chunks updated and some not
 engine then refuses to train until a checkpoint is loaded (``load_checkpoint`` rewrites
 every file).
 
-**Checkpoints** read the states back into host memory (the ``"cpu"`` tier's layout) for
-Orbax, so a checkpoint of an NVMe run restores onto any run, offloaded or not, and back;
-saving and restoring therefore hold the whole optimizer state in host memory for a
-moment, as does building the engine (the fresh state is made in host memory, then
-written out).
+**Checkpoints** are written by Orbax from the swap files one leaf at a time
+(``for_checkpoint``: jds's streaming ``LazyLeaf`` writer, the one the converters use; the
+same on-disk format, so a checkpoint of an NVMe run restores onto any run, offloaded or
+not, and back); the next update waits until the save has read them. Restoring reads them
+a chunk at a time into the files (Orbax partial restores). A fresh state does not pass
+through host memory whole either: its master weights and moments are made on the device a
+chunk at a time from the fresh fp32 weights and written out (``init_from``), so a model
+whose optimizer state exceeds host memory can start.
 """
 
 from __future__ import annotations
@@ -108,6 +112,11 @@ def on_disk(x: Any) -> bool:
 
 def _index_key(index: tuple, shape: Sequence[int]) -> tuple:
     return tuple(s.indices(d)[:2] for s, d in zip(index, shape, strict=True))
+
+
+def _raw(a: np.ndarray) -> memoryview:
+    """The bytes of a contiguous array (any dtype, bfloat16 included) for file I/O."""
+    return memoryview(a.reshape(-1).view(np.uint8))
 
 
 def _aligned(shape: tuple, dtype: np.dtype) -> np.ndarray:
@@ -196,7 +205,18 @@ class SwapStore:
         for k, path, _, _ in self._layout(leaf, leaf.sharding):
             data = np.ascontiguousarray(np.asarray(by_index[k].data))
             with open(path, "wb", buffering=0) as f:
-                f.write(memoryview(data).cast("B"))
+                f.write(_raw(data))
+
+    def read_whole(self, leaf: OnDisk) -> np.ndarray:
+        """``leaf``'s whole value, assembled from its shard files (a process that holds
+        every shard: a single-process run)."""
+        out = np.empty(leaf.shape, np.dtype(leaf.dtype))
+        for k, path, shard_shape, _ in self._layout(leaf, leaf.sharding):
+            buf = np.empty(shard_shape, out.dtype)
+            with open(path, "rb", buffering=0) as f:
+                f.readinto(_raw(buf))
+            out[tuple(slice(a, b) for a, b in k)] = buf
+        return out
 
     def read(self, leaf: OnDisk, sharding: NamedSharding) -> jax.Array:
         """``leaf``'s values as an array laid out as ``sharding`` (same partitioning as
@@ -205,7 +225,7 @@ class SwapStore:
         for _, path, shard_shape, devs in self._layout(leaf, leaf.sharding):
             buf = _aligned(shard_shape, np.dtype(leaf.dtype))
             with open(path, "rb", buffering=0) as f:
-                got = f.readinto(memoryview(buf).cast("B"))
+                got = f.readinto(_raw(buf))
             if got != buf.nbytes:
                 raise OSError(f"{path}: read {got} of {buf.nbytes} bytes (the swap file is "
                               "short; was the swap folder changed under the run?)")
@@ -230,8 +250,9 @@ class NvmeOptimizer:
 
     Args:
       tx: the optax transformation (per-leaf, as ``offload.streamed_update`` needs).
-      state: the fresh train state, its master weights and optimizer state in host memory
-        (they are written out; ``adopt`` returns the state with ``OnDisk`` leaves).
+      state: the train state's shapes (``jax.ShapeDtypeStruct`` leaves, or arrays):
+        ``init_from`` makes its master weights and optimizer state in the files, ``adopt``
+        writes given ones there.
       shardings: the state's shardings (``state_shardings``; host memory kinds).
       param_shardings: the compute copy's shardings (device memory).
       compute_dtype: the compute copy's dtype.
@@ -278,6 +299,9 @@ class NvmeOptimizer:
                 [self.w_disk[i] for i in ps] if self.mixed else [])
             self.chunks.append(_Chunk(ps, states, sum(self.store.local_bytes(d)
                                                       for d in disk)))
+        self._chunk_of = {id(d): c for c, chunk in enumerate(self.chunks) for d in (
+            [self.o_disk[j] for j in chunk.states]
+            + ([self.w_disk[i] for i in chunk.params] if self.mixed else []))}
         # one buffer: the largest chunk's tensor (DeepSpeed: a sub-group's state tensor)
         self.buffer_bytes = max([sum(tensor[i] for i in c.params) for c in self.chunks],
                                 default=0)
@@ -293,22 +317,64 @@ class NvmeOptimizer:
         the swap files and return it with ``OnDisk`` leaves in their place."""
         o_leaves = self.o_treedef.flatten_up_to(state.opt_state)
         for d, x in zip(self.o_disk, o_leaves, strict=True):
-            if d is not None:
+            if d is not None and not on_disk(x):
                 self.store.write(d, x)
+        if self.mixed:
+            for d, x in zip(self.w_disk, self.treedef.flatten_up_to(state.master), strict=True):
+                if not on_disk(x):
+                    self.store.write(d, x)
+        return self.attach(state)
+
+    def attach(self, state: Any) -> Any:
+        """``state`` with this store's ``OnDisk`` leaves in the places of the master weights
+        and per-parameter optimizer states (whatever is there: None from the compiled step,
+        stale arrays)."""
+        o_leaves = self.o_treedef.flatten_up_to(state.opt_state)
         opt = self.o_treedef.unflatten([x if d is None else d
                                         for d, x in zip(self.o_disk, o_leaves, strict=True)])
-        master = state.master
-        if self.mixed:
-            for d, x in zip(self.w_disk, self.treedef.flatten_up_to(master), strict=True):
-                self.store.write(d, x)
-            master = self.treedef.unflatten(self.w_disk)
+        master = self.treedef.unflatten(self.w_disk) if self.mixed else state.master
         return state.replace(master=master, opt_state=opt)
+
+    def init_from(self, state: Any, weights: PyTree) -> Any:
+        """Make the fresh master weights and optimizer state from the fp32 ``weights``
+        (device memory) chunk by chunk, straight into the swap files, so host memory never
+        holds more than a chunk of them; returns ``state`` (the rest of the fresh state,
+        without them) with ``OnDisk`` leaves in their places."""
+        w_leaves = self.treedef.flatten_up_to(weights)
+        dev = lambda sh: sh.with_memory_kind(DEVICE_KIND)  # noqa: E731
+        empty = lambda like: jnp.zeros((0,), like.dtype)  # noqa: E731
+        for chunk in self.chunks:
+            def init(w, chunk=chunk):
+                w_in = dict(zip(chunk.params, w, strict=True))
+                full = [w_in.get(i, empty(like)) for i, like in enumerate(self.w_like)]
+                o = self.o_treedef.flatten_up_to(self.tx.init(self.treedef.unflatten(full)))
+                return w if self.mixed else [], [o[j] for j in chunk.states]
+
+            out = ([dev(self.w_home[i]) for i in chunk.params] if self.mixed else [],
+                   [dev(self.o_home[j]) for j in chunk.states])
+            ws, os_ = jax.jit(init, out_shardings=out)([w_leaves[i] for i in chunk.params])
+            for j, x in zip(chunk.states, os_, strict=True):
+                self.store.write(self.o_disk[j], x)
+            if self.mixed:
+                for i, x in zip(chunk.params, ws, strict=True):
+                    self.store.write(self.w_disk[i], x)
+            del ws, os_
+        return self.attach(state)
 
     def materialise(self, tree: PyTree) -> PyTree:
         """``tree`` (a state field) with its ``OnDisk`` leaves read into host memory, laid
         out as their home shardings."""
         return jax.tree.map(lambda x: self.store.read(x, x.sharding) if on_disk(x) else x,
                             tree)
+
+    def chunk_of(self, leaf: Any) -> int | None:
+        """The update chunk an ``OnDisk`` leaf of this store belongs to (None for any other
+        leaf): checkpoints restore the swap files a chunk at a time."""
+        return self._chunk_of.get(id(leaf)) if on_disk(leaf) else None
+
+    def for_checkpoint(self, tree: PyTree) -> PyTree:
+        """``tree`` (a state field) ready for Orbax (``for_checkpoint``)."""
+        return for_checkpoint(self.store, tree)
 
     def disk_bytes(self) -> int:
         """Bytes this process keeps in its swap files."""
@@ -422,8 +488,9 @@ class NvmeOptimizer:
                     raise got
                 assert got_c == c
                 o, w = got
-                if not self.mixed:  # fp32: the weights are the device-resident params
-                    w = [p_leaves[i] for i in chunk.params]
+                if not self.mixed:  # fp32: the weights are the params (on the device)
+                    w = [jax.device_put(p_leaves[i], self.p_shardings[i].with_memory_kind(
+                        DEVICE_KIND)) for i in chunk.params]
                 ws, os_, s, p = self._update_fn(c)(
                     [g_leaves[i] for i in chunk.params], o, w, old_s, finite, factor)
                 del o, w, got
@@ -445,6 +512,81 @@ class NvmeOptimizer:
             opt[j] = x
         return state.replace(params=self.treedef.unflatten(new_p),
                              opt_state=self.o_treedef.unflatten(opt))
+
+
+def for_checkpoint(store: SwapStore, tree: PyTree) -> PyTree:
+    """``tree`` (a state field) ready for Orbax: in a single-process run each ``OnDisk`` leaf
+    becomes a ``LazyLeaf`` that Orbax's writer reads from the swap files when it gets to it,
+    one leaf at a time (host memory: the largest leaf, not the states); with several
+    processes (each holding its own shards) the leaves are read into host memory. The
+    caller must not change the files before the save is written (the engine waits for it)."""
+    if jax.process_count() > 1:
+        return jax.tree.map(lambda x: store.read(x, x.sharding) if on_disk(x) else x, tree,
+                            is_leaf=on_disk)
+    from jds.checkpoint.orbax import LazyLeaf
+
+    return jax.tree.map(lambda x: LazyLeaf(x.shape, x.dtype, lambda _, x=x: (
+        store.read_whole(x))) if on_disk(x) else x, tree, is_leaf=on_disk)
+
+
+class NvmeParams:
+    """ZeRO-Infinity's ``offload_param: {"device": "nvme"}`` (stage 3), staged a step at a
+    time: the parameters (the compute copy and frozen ones) rest in swap files between
+    steps and are read into host memory (their ``offload_param`` layout: pinned host
+    memory, ZeRO-3 shards) for a step, evaluation or prediction, where the step brings
+    each layer's shard to the device inside the layer scan as with ``device: "cpu"``; the
+    new compute copy is written back after the update. Host memory thus holds the compute
+    copy (2 bytes/param over the hosts, bf16) during a step and nothing at rest. Not
+    built: reading each layer from the files inside the compiled step (DeepSpeed's
+    per-module NVMe fetch, which bounds host memory by ``buffer_count`` x ``buffer_size``
+    during the step too).
+
+    Args:
+      nvme_path: the folder for the swap folder.
+      state: a train state whose ``params`` and ``frozen`` are arrays (or shapes) laid out
+        as they rest in host memory.
+    """
+
+    def __init__(self, nvme_path: str | os.PathLike, state: Any) -> None:
+        self.store = SwapStore(nvme_path)
+        p, self.p_def = jax.tree.flatten(state.params, is_leaf=on_disk)
+        f, self.f_def = jax.tree.flatten(state.frozen, is_leaf=on_disk)
+        describe = lambda key, x: OnDisk(key, tuple(x.shape), x.dtype, x.sharding)  # noqa: E731
+        self.p_disk = [describe(f"param{i}", x) for i, x in enumerate(p)]
+        self.f_disk = [describe(f"frozen{i}", x) for i, x in enumerate(f)]
+        self._mine = {id(d) for d in self.p_disk + self.f_disk}
+
+    @property
+    def disk_leaves(self) -> list[OnDisk]:
+        """The leaves kept in swap files."""
+        return self.p_disk + self.f_disk
+
+    def owns(self, leaf: Any) -> bool:
+        """Whether ``leaf`` is one of this store's ``OnDisk`` leaves."""
+        return id(leaf) in self._mine
+
+    def put(self, state: Any, frozen: bool = True) -> Any:
+        """``state`` with its parameters in the swap files: arrays written (frozen ones
+        only with ``frozen``: after a step they are the ones read), ``OnDisk`` leaves and
+        None (a restore that wrote them) kept as they are, all replaced by ``OnDisk``."""
+        def put(disk, tree, treedef, write):
+            for d, x in zip(disk, treedef.flatten_up_to(tree), strict=True):
+                if write and x is not None and not on_disk(x):
+                    self.store.write(d, x)
+            return treedef.unflatten(disk)
+
+        return state.replace(params=put(self.p_disk, state.params, self.p_def, True),
+                             frozen=put(self.f_disk, state.frozen, self.f_def, frozen))
+
+    def live(self, state: Any) -> Any:
+        """``state`` with its parameters read from the swap files into host memory."""
+        read = lambda t: jax.tree.map(  # noqa: E731
+            lambda x: self.store.read(x, x.sharding) if on_disk(x) else x, t, is_leaf=on_disk)
+        return state.replace(params=read(state.params), frozen=read(state.frozen))
+
+    def close(self) -> None:
+        """Remove the swap folder."""
+        self.store.close()
 
 
 def check_nvme_path(key: str, path: str | None) -> str:
@@ -473,5 +615,5 @@ def check_disk_space(key: str, path: str, need: int, free: int | None = None) ->
                          "space there or choose a larger disk")
 
 
-__all__ = ["NVME_KIND", "NvmeOptimizer", "OnDisk", "SwapStore", "check_disk_space",
-           "check_nvme_path", "on_disk"]
+__all__ = ["NVME_KIND", "NvmeOptimizer", "NvmeParams", "OnDisk", "SwapStore",
+           "check_disk_space", "check_nvme_path", "for_checkpoint", "on_disk"]

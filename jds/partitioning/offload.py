@@ -95,6 +95,7 @@ class OffloadPlan:
     params: str | None = None
     nvme_path: str | None = None
     buffer_count: int = 4
+    params_nvme_path: str | None = None
 
     @property
     def any(self) -> bool:
@@ -111,7 +112,10 @@ class OffloadPlan:
     def describe(self) -> str:
         """One line for logs and ``jds estimate``."""
         parts = []
-        if self.params is not None:
+        if self.params_nvme_path is not None:
+            parts.append(f"parameters on NVMe under {self.params_nvme_path} (in host memory "
+                         f"({self.params}) during a step)")
+        elif self.params is not None:
             parts.append(f"parameters in host memory ({self.params})")
         if self.nvme:
             parts.append(f"master weights and optimizer state on NVMe under {self.nvme_path} "
@@ -174,8 +178,8 @@ def offload_plan(zero: Any, devices: Sequence[jax.Device] | None = None) -> Offl
     ``offload_param.device: "cpu"`` (or ``cpu_offload_param: true``; stage 3 only, as in
     DeepSpeed) keeps the parameters in host memory. ``offload_optimizer.device: "nvme"``
     keeps the master weights and optimizer state in swap files under ``nvme_path``
-    (``jds.partitioning.nvme``); ``offload_param.device: "nvme"`` is not built (the config
-    loader warns; the parameters stay in device memory).
+    (``jds.partitioning.nvme``); ``offload_param.device: "nvme"`` keeps the parameters in
+    swap files between steps, in host memory during a step (stage 3).
 
     Raises:
       ValueError: the devices have no memory space of the requested kind, parameter
@@ -198,7 +202,9 @@ def offload_plan(zero: Any, devices: Sequence[jax.Device] | None = None) -> Offl
             if opt.ratio < 1:
                 raise ValueError(f"{key}.ratio: a partial offload ({opt.ratio:g}) is built for "
                                  "device \"cpu\" only; use ratio 1 with \"nvme\"")
-    if (par is not None and par.device == "cpu") or (par is None and bool(zero.cpu_offload_param)):
+    params_nvme_path = None
+    if (par is not None and par.device in ("cpu", "nvme")) or (
+            par is None and bool(zero.cpu_offload_param)):
         key = ("zero_optimization.offload_param" if par is not None
                else "zero_optimization.cpu_offload_param")
         if zero.stage != 3:
@@ -206,9 +212,14 @@ def offload_plan(zero: Any, devices: Sequence[jax.Device] | None = None) -> Offl
                              f"DeepSpeed), got stage {zero.stage}")
         pin = par.pin_memory if par is not None else zero.cpu_offload_use_pin_memory is not False
         params = _host_kind(key, pin, devices, "the parameters")
+        if par is not None and par.device == "nvme":
+            from jds.partitioning.nvme import check_nvme_path
+
+            params_nvme_path = check_nvme_path(key, par.nvme_path)
     return OffloadPlan(optimizer=optimizer, params=params,
                        ratio=1.0 if opt is None else float(opt.ratio), nvme_path=nvme_path,
-                       buffer_count=4 if opt is None else int(opt.buffer_count))
+                       buffer_count=4 if opt is None else int(opt.buffer_count),
+                       params_nvme_path=params_nvme_path)
 
 
 def with_kind(shardings: PyTree, kind: str | None) -> PyTree:
