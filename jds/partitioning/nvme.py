@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
-import mmap
 import os
 import queue
 import shutil
@@ -120,15 +119,14 @@ def _raw(a: np.ndarray) -> memoryview:
 
 
 def _aligned(shape: tuple, dtype: np.dtype) -> np.ndarray:
-    """A fresh buffer of its own pages: page-aligned, so on the CPU backend ``device_put``
-    uses it in place instead of copying it (XLA:CPU wants 64-byte alignment), and given
-    back to the system when the last array over it goes (an anonymous ``mmap``; buffers
-    from the heap of the reader thread stayed in its malloc arena and the step's resident
-    memory grew by several buffers)."""
+    """A fresh buffer on a 64-byte boundary: on the CPU backend ``device_put`` then uses it
+    in place instead of copying it (XLA:CPU's alignment). From the heap: a fresh anonymous
+    ``mmap`` per buffer (tried) read 12.6 MB in 9 ms instead of 1.3 ms, every page faulted
+    in anew."""
     n = int(np.prod(shape)) * dtype.itemsize
-    if n == 0:
-        return np.empty(shape, dtype)
-    return np.frombuffer(mmap.mmap(-1, n), dtype).reshape(shape)
+    raw = np.empty(n + 64, np.uint8)
+    start = -raw.ctypes.data % 64
+    return raw[start:start + n].view(dtype).reshape(shape)
 
 
 class _Budget:
