@@ -221,7 +221,8 @@ class TrainEngine(EngineCheckpoints):
                 self.tx, shapes, shardings, param_shardings=self.param_shardings,
                 compute_dtype=self.policy.compute_dtype, nvme_path=self.offload.nvme_path,
                 buffer_count=self.offload.buffer_count,
-                sub_group_size=int(cfg.zero_optimization.sub_group_size))
+                sub_group_size=int(cfg.zero_optimization.sub_group_size),
+                write_behind=self.offload.pipeline_write)
             rest, self.state_shardings, fresh = build_state(
                 cfg, self.tx, sp, **placement, factory=factory, trainable=trainable,
                 tracing=self._tracing, apart=self._step_state)

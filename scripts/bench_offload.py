@@ -5,10 +5,11 @@ with and without it.
 Step time: the same model, batch, optimizer and ZeRO stage, once with the master weights and
 optimizer state in device memory (the baseline), once in host memory
 (``zero_optimization.offload_optimizer.device: "cpu"``) and, with ``--nvme-path``, once in
-swap files there (``"nvme"``), rounds alternating so noise hits all; one JSON row per
-setting (median s/step, tokens/s, per-device bytes in device and in host memory from the
-compiled entry layout) and a ratio row per offload. Issue 21's target on one H100 is
-ZeRO-2 + offload within 1.3x of the baseline for a model that fits both ways.
+swap files there (``"nvme"``, with ``pipeline_write``), rounds alternating so noise hits
+all; one JSON row per setting (median s/step, tokens/s, per-device bytes in device and in
+host memory from the compiled entry layout) and a ratio row per offload. Issue 21's target
+on one H100 is ZeRO-2 + offload within 1.3x of the baseline for a model that fits both
+ways.
 
 Fit: ``jds.profiling.memory_report.fit_report`` per ZeRO stage with and without offload,
 from shapes only (nothing is allocated), against ``--device-memory`` (the compiled step's
@@ -43,7 +44,7 @@ def _config(stage: int, precision: str, batch: int, offload: bool | str,
     zero: dict = {"stage": stage}
     if offload == "nvme":
         zero["offload_optimizer"] = {"device": "nvme", "nvme_path": nvme_path,
-                                     "buffer_count": buffer_count}
+                                     "buffer_count": buffer_count, "pipeline_write": True}
     elif offload:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     return {"train_batch_size": batch,

@@ -100,6 +100,8 @@ class EngineCheckpoints:
         """
         self._need_arrays("load_checkpoint", on_device=False)
         self._wait_for_nvme_save()
+        if self.nvme is not None:  # every file is about to be rewritten
+            self.nvme.settle()
         apart = sink = None
         if self.nvme is not None or self.nvme_params is not None:
             apart, sink = self._restored_apart()

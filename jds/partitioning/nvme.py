@@ -259,13 +259,17 @@ class NvmeOptimizer:
       sub_group_size: elements (this process's) of parameters updated together, as
         DeepSpeed's ``zero_optimization.sub_group_size``: neighbouring parameters merge
         into one chunk up to this size; a larger parameter is a chunk of its own.
+      write_behind: DeepSpeed's ``pipeline_write``: the update returns before the last
+        chunks are written, and the writes run on while the next step computes its
+        gradients (a failed write is then reported by the next step, a save or a read);
+        False: every write is done when ``update`` returns.
     """
 
     def __init__(self, tx: optax.GradientTransformation, state: Any, shardings: Any, *,
                  param_shardings: PyTree, compute_dtype: Any,
                  nvme_path: str | os.PathLike, buffer_count: int,
-                 sub_group_size: int = 10**9) -> None:
-        self.tx, self.compute_dtype = tx, compute_dtype
+                 sub_group_size: int = 10**9, write_behind: bool = False) -> None:
+        self.tx, self.compute_dtype, self.write_behind = tx, compute_dtype, write_behind
         self.mixed = state.master is not None
         self.store = SwapStore(nvme_path)
         weights = state.master if self.mixed else state.params
@@ -304,7 +308,9 @@ class NvmeOptimizer:
         self.buffer_bytes = max([sum(tensor[i] for i in c.params) for c in self.chunks],
                                 default=0)
         self.budget_bytes = max(1, buffer_count) * self.buffer_bytes
-        self.budget = _Budget(self.budget_bytes)  # a fresh one per update
+        self.budget = _Budget(self.budget_bytes)  # held from a read until its write is done
+        self._pending: list[Future] = []  # the last update's writes, still running
+        self._write_error: BaseException | None = None
         self._updates: dict[int, Callable] = {}
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="jds-nvme-read")
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="jds-nvme-write")
@@ -313,6 +319,7 @@ class NvmeOptimizer:
     def adopt(self, state: Any) -> Any:
         """Write ``state``'s master weights and optimizer state (arrays, any memory kind) to
         the swap files and return it with ``OnDisk`` leaves in their place."""
+        self.settle()
         o_leaves = self.o_treedef.flatten_up_to(state.opt_state)
         for d, x in zip(self.o_disk, o_leaves, strict=True):
             if d is not None and not on_disk(x):
@@ -338,6 +345,7 @@ class NvmeOptimizer:
         (device memory) chunk by chunk, straight into the swap files, so host memory never
         holds more than a chunk of them; returns ``state`` (the rest of the fresh state,
         without them) with ``OnDisk`` leaves in their places."""
+        self.settle()
         w_leaves = self.treedef.flatten_up_to(weights)
         dev = lambda sh: sh.with_memory_kind(DEVICE_KIND)  # noqa: E731
         empty = lambda like: jnp.zeros((0,), like.dtype)  # noqa: E731
@@ -359,9 +367,19 @@ class NvmeOptimizer:
             del ws, os_
         return self.attach(state)
 
+    def settle(self) -> None:
+        """Before every file is written anew (a restore, a fresh state): the pending writes
+        done, their error forgotten."""
+        try:
+            self.flush()
+        except BaseException:
+            pass
+        self._write_error = None
+
     def materialise(self, tree: PyTree) -> PyTree:
         """``tree`` (a state field) with its ``OnDisk`` leaves read into host memory, laid
         out as their home shardings."""
+        self.flush()
         return jax.tree.map(lambda x: self.store.read(x, x.sharding) if on_disk(x) else x,
                             tree)
 
@@ -372,6 +390,7 @@ class NvmeOptimizer:
 
     def for_checkpoint(self, tree: PyTree) -> PyTree:
         """``tree`` (a state field) ready for Orbax (``for_checkpoint``)."""
+        self.flush()
         return for_checkpoint(self.store, tree)
 
     def disk_bytes(self) -> int:
@@ -385,6 +404,7 @@ class NvmeOptimizer:
 
     def close(self) -> None:
         """Stop the I/O threads and remove the swap folder."""
+        self.settle()
         self._reader.shutdown(wait=True)
         self._writer.shutdown(wait=True)
         self.store.close()
@@ -430,20 +450,20 @@ class NvmeOptimizer:
              if self.mixed else [])
         return o, w
 
-    def _reads(self, out: queue.Queue, stop: threading.Event) -> None:
+    def _reads(self, out: queue.Queue, stop: threading.Event, budget: _Budget) -> None:
         """The reader thread: chunk after chunk, within the host-memory budget, until the
         main thread stops it."""
         for c, chunk in enumerate(self.chunks):
-            if not self.budget.acquire(chunk.nbytes, stop):
+            if not budget.acquire(chunk.nbytes, stop):
                 return
             try:
                 out.put((c, self._read_chunk(c)))
             except BaseException as e:  # handed to the main thread, which raises it
-                self.budget.release(chunk.nbytes)
+                budget.release(chunk.nbytes)
                 out.put((c, e))
                 return
 
-    def _write_chunk(self, c: int, ws: list, os_: list) -> None:
+    def _write_chunk(self, c: int, ws: list, os_: list, budget: _Budget) -> None:
         chunk = self.chunks[c]
         try:
             for j, x in zip(chunk.states, os_, strict=True):
@@ -452,7 +472,25 @@ class NvmeOptimizer:
                 for i, x in zip(chunk.params, ws, strict=True):
                     self.store.write(self.w_disk[i], x)
         finally:
-            self.budget.release(chunk.nbytes)
+            budget.release(chunk.nbytes)
+
+    def flush(self) -> None:
+        """Wait for the last update's writes (they run on while the next step computes its
+        gradients: DeepSpeed's ``pipeline_write``). Every read of the files, and every
+        rewrite, comes after this.
+
+        Raises:
+          OSError (or what the write raised): a write failed; the files are partly
+          updated until ``adopt`` / ``init_from`` rewrites them all.
+        """
+        pending, self._pending = self._pending, []
+        for f in pending:
+            try:
+                f.result()
+            except BaseException as e:
+                self._write_error = self._write_error or e
+        if self._write_error is not None:
+            raise self._write_error
 
     def update(self, state: Any, grads: PyTree, finite: jax.Array,
                factor: jax.Array | None) -> Any:
@@ -474,10 +512,11 @@ class NvmeOptimizer:
         new_s = old_s
         if factor is None:
             factor = jnp.ones((), jnp.float32)
+        self.flush()  # the last step's writes, which ran during this step's gradients
+        budget = self.budget
         reads: queue.Queue = queue.Queue()
         stop = threading.Event()
-        self.budget = _Budget(self.budget_bytes)
-        reader = self._reader.submit(self._reads, reads, stop)
+        reader = self._reader.submit(self._reads, reads, stop, budget)
         writes: list[Future] = []
         try:
             for c, chunk in enumerate(self.chunks):
@@ -496,15 +535,22 @@ class NvmeOptimizer:
                     new_s = s
                 for i, x in zip(chunk.params, p, strict=True):
                     new_p[i] = x
-                writes.append(self._writer.submit(self._write_chunk, c, ws, os_))
+                writes.append(self._writer.submit(self._write_chunk, c, ws, os_, budget))
         except BaseException:
             stop.set()  # the reader stops at its next chunk; the chunks read are dropped
-            self.budget.wake()
-            raise
-        finally:
+            budget.wake()
             reader.result()
-            for f in writes:
-                f.result()
+            self._pending = writes
+            try:
+                self.flush()
+            except BaseException:
+                pass
+            self.budget = _Budget(self.budget_bytes)  # what the dropped chunks held
+            raise
+        reader.result()
+        self._pending = writes
+        if not self.write_behind:  # else written behind, while the next step computes
+            self.flush()
         opt = list(o_leaves)
         for j, x in zip(scalars, new_s, strict=True):
             opt[j] = x

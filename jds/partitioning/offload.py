@@ -96,6 +96,7 @@ class OffloadPlan:
     nvme_path: str | None = None
     buffer_count: int = 4
     params_nvme_path: str | None = None
+    pipeline_write: bool = False
 
     @property
     def any(self) -> bool:
@@ -219,7 +220,8 @@ def offload_plan(zero: Any, devices: Sequence[jax.Device] | None = None) -> Offl
     return OffloadPlan(optimizer=optimizer, params=params,
                        ratio=1.0 if opt is None else float(opt.ratio), nvme_path=nvme_path,
                        buffer_count=4 if opt is None else int(opt.buffer_count),
-                       params_nvme_path=params_nvme_path)
+                       params_nvme_path=params_nvme_path,
+                       pipeline_write=opt is not None and bool(opt.pipeline_write))
 
 
 def with_kind(shardings: PyTree, kind: str | None) -> PyTree:
