@@ -219,6 +219,24 @@ def test_checkpoints_move_both_ways_and_a_failed_update_waits_for_one(tmp_path, 
         plain.train_batch(bs[0])["loss"], rel=1e-6)
 
 
+def test_a_write_failing_behind_the_step_is_reported_by_the_next(tmp_path, monkeypatch):
+    bs = _mlp_batches(3)
+    disk = _mlp(config(2, "bf16", nvme(tmp_path, pipeline_write=True)))
+    disk.train_batch(bs[0])
+    disk.nvme.flush()  # its writes, behind it
+
+    def failing(self, leaf, value):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(nv.SwapStore, "write", failing)
+    disk.train_batch(bs[1])  # its writes run behind it, and fail there
+    with pytest.raises(OSError, match="Input/output error"):
+        disk.train_batch(bs[2])
+    monkeypatch.undo()
+    with pytest.raises(RuntimeError, match="load a checkpoint"):
+        disk.eval_batch(bs[2])
+
+
 _RSS_SCRIPT = textwrap.dedent("""
     import gc, json, sys
     import jax, numpy as np
