@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -60,6 +59,7 @@ from jds.partitioning.nvme import (
     OnDisk,
     check_disk_space,
     on_disk,
+    swap_bytes,
 )
 from jds.partitioning.offload import (
     DEVICE_KIND,
@@ -200,19 +200,16 @@ class TrainEngine(EngineCheckpoints):
                                                jax.tree.structure(shapes.params))
         if self.offload.any and not shapes_only:  # refuse what cannot fit, before making it
             try:
+                on_host = shapes
                 if self.offload.nvme:
-                    check_disk_space("zero_optimization.offload_optimizer",
-                                     self.offload.nvme_path, check_host_memory(
-                                         shapes, self.offload, len(self.mesh.local_devices),
-                                         available=sys.maxsize))
                     on_host = self._step_state(shapes)  # what stays in host memory
-                else:
-                    on_host = shapes
+                    check_disk_space("zero_optimization.offload_optimizer",
+                                     self.offload.nvme_path,
+                                     swap_bytes((shapes.master, shapes.opt_state)))
                 if self.offload.params_nvme_path is not None:
                     check_disk_space("zero_optimization.offload_param",
-                                     self.offload.params_nvme_path, check_host_memory(
-                                         (shapes.params, shapes.frozen), self.offload,
-                                         len(self.mesh.local_devices), available=sys.maxsize))
+                                     self.offload.params_nvme_path,
+                                     swap_bytes((shapes.params, shapes.frozen)))
                 check_host_memory(on_host, self.offload, len(self.mesh.local_devices))
             except ValueError as e:
                 raise ConfigError(str(e)) from None

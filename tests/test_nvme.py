@@ -319,3 +319,9 @@ def test_bad_nvme_input_is_refused_before_anything_is_made(tmp_path, monkeypatch
     with pytest.raises(ConfigError, match=r"swap files need .* MiB .* has 0.0 MiB free"):
         build(nvme(tmp_path))
     assert os.listdir(tmp_path) == []  # nothing was made
+    # the disk a process needs: each distinct shard once (replicated: one copy, not eight)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("d",))
+    spec = lambda *p: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*p))  # noqa: E731
+    x = jax.ShapeDtypeStruct((8, 4), np.float32, sharding=spec())
+    y = jax.ShapeDtypeStruct((8, 4), np.float32, sharding=spec("d"))
+    assert nv.swap_bytes(x) == nv.swap_bytes(y) == 128

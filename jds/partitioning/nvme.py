@@ -650,6 +650,18 @@ def check_nvme_path(key: str, path: str | None) -> str:
     return path
 
 
+def swap_bytes(tree: PyTree) -> int:
+    """Bytes this process's swap files take for ``tree``'s leaves (arrays or shapes with
+    shardings): each distinct shard it holds once (a replicated leaf once, not per device)."""
+    total = 0
+    for x in jax.tree.leaves(tree, is_leaf=on_disk):
+        shards = {_index_key(i, x.shape)
+                  for i in x.sharding.addressable_devices_indices_map(tuple(x.shape)).values()}
+        total += len(shards) * int(np.prod(x.sharding.shard_shape(tuple(x.shape)))) * (
+            np.dtype(x.dtype).itemsize)
+    return total
+
+
 def check_disk_space(key: str, path: str, need: int, free: int | None = None) -> None:
     """Refuse a swap that does not fit the disk under ``path`` (before anything is made)."""
     free = shutil.disk_usage(path).free if free is None else free
@@ -660,4 +672,4 @@ def check_disk_space(key: str, path: str, need: int, free: int | None = None) ->
 
 
 __all__ = ["NVME_KIND", "NvmeOptimizer", "NvmeParams", "OnDisk", "SwapStore",
-           "check_disk_space", "check_nvme_path", "for_checkpoint", "on_disk"]
+           "check_disk_space", "check_nvme_path", "for_checkpoint", "on_disk", "swap_bytes"]
