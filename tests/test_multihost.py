@@ -157,6 +157,17 @@ def _launch(tmp_path, *worker_args, timeout=240):
                           timeout=timeout)
 
 
+def _train_two_processes(tmp_path, config, ckpt):
+    """The two workers' RESULT rows (by process), after a training run with ``config``."""
+    run = _launch(tmp_path, json.dumps(TINY), json.dumps(config), "train", str(ckpt))
+    out = run.stdout + run.stderr
+    if "NO_GLOO" in out:
+        pytest.skip("gloo CPU collectives unavailable in this jax")
+    assert run.returncode == 0, out[-4000:]
+    return sorted((json.loads(line.split("RESULT ", 1)[1]) for line in out.splitlines()
+                   if "RESULT " in line), key=lambda r: r["pid"])
+
+
 def _single_process_run(bs, ckpt=None, config=ZERO3):
     import jax
     import numpy as np
@@ -178,13 +189,7 @@ def test_jds_launch_two_processes_zero3_matches_one_process_and_checkpoint_resto
     import numpy as np
 
     ckpt = tmp_path / "ckpt"
-    run = _launch(tmp_path, json.dumps(TINY), json.dumps(ZERO3), "train", str(ckpt))
-    out = run.stdout + run.stderr
-    if "NO_GLOO" in out:
-        pytest.skip("gloo CPU collectives unavailable in this jax")
-    assert run.returncode == 0, out[-4000:]
-    results = sorted((json.loads(line.split("RESULT ", 1)[1]) for line in out.splitlines()
-                      if "RESULT " in line), key=lambda r: r["pid"])
+    results = _train_two_processes(tmp_path, ZERO3, ckpt)
     assert [r["pid"] for r in results] == [0, 1]
     assert all(r["n"] == 2 and r["devices"] == 8 for r in results)
     # per-host data: each process read only its half of every micro-batch
@@ -214,13 +219,7 @@ def test_two_processes_with_both_nvme_tiers_match_one_process(tmp_path):
     cfg = {**ZERO3, "bf16": {"enabled": True}, "zero_optimization": {
         "stage": 3, "offload_optimizer": {**nvme, "pipeline_write": True},
         "offload_param": nvme, "sub_group_size": 4096}}
-    run = _launch(tmp_path, json.dumps(TINY), json.dumps(cfg), "train", str(ckpt))
-    out = run.stdout + run.stderr
-    if "NO_GLOO" in out:
-        pytest.skip("gloo CPU collectives unavailable in this jax")
-    assert run.returncode == 0, out[-4000:]
-    results = sorted((json.loads(line.split("RESULT ", 1)[1]) for line in out.splitlines()
-                      if "RESULT " in line), key=lambda r: r["pid"])
+    results = _train_two_processes(tmp_path, cfg, ckpt)
     assert results[0]["losses"] == results[1]["losses"]
     assert os.listdir(swap) == []  # each process removed its swap folder as it exited
     rng = np.random.default_rng(0)

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from test_offload import MLP, batches, config, flat, lm, mse
+from test_offload import MLP, batches, config, flat, lm, mse, train_alike
 
 import jds
 from jds.checkpoint.orbax import Checkpointer
@@ -100,13 +100,7 @@ def test_nvme_run_equals_the_device_run(tmp_path, stage, precision, params, monk
                   for d in jax.tree.leaves(got.state.params, is_leaf=nv.on_disk))
     assert mem["argument_host"] == (p_bytes if params else 0)
     assert mem["argument_device"] < (0 if params else p_bytes) + 4096
-    m_ref = [ref.train_batch(b) for b in bs]
-    m_got = [got.train_batch(b) for b in bs]
-    for key in ("loss", "grad_norm", "skipped", "loss_scale"):
-        np.testing.assert_allclose([m[key] for m in m_got], [m[key] for m in m_ref],
-                                   rtol=1e-6, atol=1e-6, err_msg=key)
-    if precision == "fp16":
-        assert sum(m["skipped"] for m in m_got) >= 1 and m_got[-1]["skipped"] == 0
+    train_alike(ref, got, bs, precision)
     if params:
         assert {off.memory_kind(x) for x in jax.tree.leaves(got.state.params,
                                                              is_leaf=nv.on_disk)} == {"nvme"}
