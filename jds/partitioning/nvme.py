@@ -55,7 +55,6 @@ whose optimizer state exceeds host memory can start.
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
 import os
 import queue
@@ -170,8 +169,8 @@ class SwapStore:
                                        dir=os.fspath(nvme_path))
         # leaf key -> [(index key, file path, shard shape, devices)]
         self._shards: dict[str, list[tuple[tuple, str, tuple, list]]] = {}
+        # removed when the store goes, or at exit (a finalizer's atexit default)
         self._finalizer = weakref.finalize(self, shutil.rmtree, self.folder, True)
-        atexit.register(self._finalizer)
 
     def close(self) -> None:
         """Remove the swap folder."""
