@@ -134,9 +134,12 @@ class OffloadParamConfig(_Section):
 
     device: Literal["none", "cpu", "nvme"] = Field("none", description="Where parameters live.")
     nvme_path: str | None = Field(None, description="NVMe folder for nvme offload.")
-    buffer_count: Int = Field(5, ge=0, description="Parameter buffers for NVMe offload.")
-    buffer_size: Int = Field(10**8, ge=0, description="Elements per NVMe parameter buffer.")
-    max_in_cpu: Int = Field(10**9, ge=0, description="Elements kept in CPU memory with NVMe.")
+    buffer_count: Int = Field(5, ge=0, description="DeepSpeed's parameter buffers for NVMe; "
+                              "jds reads the parameters whole for a step (no effect).")
+    buffer_size: Int = Field(10**8, ge=0, description="DeepSpeed's elements per NVMe "
+                             "parameter buffer (no effect in jds).")
+    max_in_cpu: Int = Field(10**9, ge=0, description="DeepSpeed's elements kept in CPU memory "
+                            "with NVMe (no effect in jds).")
     pin_memory: Bool = Field(True, description="Use page-locked host memory.")
 
 
@@ -145,11 +148,15 @@ class OffloadOptimizerConfig(_Section):
 
     device: Literal["none", "cpu", "nvme"] = Field("none", description="Where states live.")
     nvme_path: str | None = Field(None, description="NVMe folder for nvme offload.")
-    buffer_count: Int = Field(4, ge=0, description="State buffers for NVMe offload.")
+    buffer_count: Int = Field(4, ge=0, description="Host buffers of optimizer-state tensors "
+                              "in flight with NVMe (each one tensor of the largest chunk).")
     pin_memory: Bool = Field(True, description="Use page-locked host memory.")
-    pipeline_read: Bool = Field(False, description="Overlap NVMe reads with the step.")
-    pipeline_write: Bool = Field(False, description="Overlap NVMe writes with the step.")
-    fast_init: Bool = Field(False, description="Fast optimizer init with NVMe.")
+    pipeline_read: Bool = Field(False, description="DeepSpeed's NVMe read-ahead; jds always "
+                                "reads ahead within buffer_count (no effect).")
+    pipeline_write: Bool = Field(False, description="Write the last NVMe chunks while the "
+                                 "next step computes its gradients.")
+    fast_init: Bool = Field(False, description="DeepSpeed's fast NVMe init; jds always makes "
+                            "the fresh states on the device chunk by chunk (no effect).")
     ratio: Num = Field(1.0, ge=0, le=1, description="Fraction of states offloaded (ZeRO-3).")
     super_offload: Bool = Field(False, description="Superchip offload (ZeRO-3).")
     cpuadam_cores_perc: Num = Field(0.8, ge=0, le=1, description="CPU share for CPU Adam.")
