@@ -31,7 +31,7 @@ from jds.checkpoint.orbax import Checkpointer
 from jds.config import ConfigError
 from jds.partitioning import nvme as nv
 from jds.partitioning import offload as off
-from jds.partitioning.memory import state_memory
+from jds.partitioning.memory import shard_bytes, state_memory
 
 
 def nvme(path, **kw):
@@ -71,7 +71,7 @@ def test_nvme_run_equals_the_device_run(tmp_path, stage, precision, params, monk
     monkeypatch.undo()
     # the fresh master weights and moments are made chunk by chunk, never whole: while
     # they are written, less than half of them is ever alive on the devices
-    whole = sum(got.nvme.store.shard_bytes(d) * 8 for d in got.nvme.disk_leaves)
+    whole = sum(shard_bytes(d) * 8 for d in got.nvme.disk_leaves)
     assert len(got.nvme.chunks) > 5
     assert 0 < max(live) - live[0] < whole / 2
     ref = jds.initialize(model=lm(), config=config(stage, precision))
@@ -96,8 +96,8 @@ def test_nvme_run_equals_the_device_run(tmp_path, stage, precision, params, monk
     # the compiled step takes neither master weights nor moments: parameters (in host
     # memory with offload_param), batch, counters
     mem = off.entry_memory(got.lower_train_step(16).compile().as_text())
-    p_bytes = sum(got.nvme.store.shard_bytes(d) if params else d.addressable_shards[0].data.nbytes
-                  for d in jax.tree.leaves(got.state.params, is_leaf=nv.on_disk))
+    p_bytes = sum(shard_bytes(d) for d in jax.tree.leaves(got.state.params,
+                                                           is_leaf=nv.on_disk))
     assert mem["argument_host"] == (p_bytes if params else 0)
     assert mem["argument_device"] < (0 if params else p_bytes) + 4096
     train_alike(ref, got, bs, precision)

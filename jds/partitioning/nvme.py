@@ -187,15 +187,6 @@ class SwapStore:
                 for i, (k, devs) in enumerate(sorted(groups.items()))]
         return self._shards[leaf.key]
 
-    def shard_bytes(self, leaf: OnDisk) -> int:
-        """Bytes of one shard of ``leaf`` (one host buffer)."""
-        return int(np.prod(leaf.sharding.shard_shape(leaf.shape))) * np.dtype(
-            leaf.dtype).itemsize
-
-    def local_bytes(self, leaf: OnDisk) -> int:
-        """Bytes this process keeps on disk for ``leaf``."""
-        return len(self._layout(leaf, leaf.sharding)) * self.shard_bytes(leaf)
-
     def write(self, leaf: OnDisk, value: jax.Array) -> None:
         """Write ``value`` (laid out as ``leaf.sharding``, any memory kind) to its files."""
         by_index = {_index_key(s.index, leaf.shape): s for s in value.addressable_shards}
@@ -248,8 +239,7 @@ class NvmeOptimizer:
     Args:
       tx: the optax transformation (per-leaf, as ``offload.streamed_update`` needs).
       state: the train state's shapes (``jax.ShapeDtypeStruct`` leaves, or arrays):
-        ``init_from`` makes its master weights and optimizer state in the files, ``adopt``
-        writes given ones there.
+        ``init_from`` makes its master weights and optimizer state in the files.
       shardings: the state's shardings (``state_shardings``; host memory kinds).
       param_shardings: the compute copy's shardings (device memory).
       compute_dtype: the compute copy's dtype.
@@ -287,18 +277,18 @@ class NvmeOptimizer:
                        if self.owner[j] >= 0 else None for j, x in enumerate(o_leaves)]
         # a tensor: one parameter's fp32 state (its master weights, or a moment) as this
         # process keeps it; chunks of up to sub_group_size elements (DeepSpeed's sub-groups)
-        tensor = [max([self.store.local_bytes(self.o_disk[j])
-                       for j, o in enumerate(self.owner) if o == i], default=0)
-                  for i in range(len(w_leaves))]
         if self.mixed:
-            tensor = [self.store.local_bytes(d) for d in self.w_disk]
+            tensor = [swap_bytes(d) for d in self.w_disk]
+        else:
+            tensor = [max([swap_bytes(self.o_disk[j]) for j, o in enumerate(self.owner)
+                           if o == i], default=0) for i in range(len(w_leaves))]
         self.chunks = []
         for ps in chunk_leaves([t // 4 for t in tensor], sub_group_size):
             keep = set(ps)
             states = [j for j, i in enumerate(self.owner) if i in keep]
             disk = [self.o_disk[j] for j in states] + (
                 [self.w_disk[i] for i in ps] if self.mixed else [])
-            self.chunks.append(_Chunk(ps, states, sum(self.store.local_bytes(d)
+            self.chunks.append(_Chunk(ps, states, sum(swap_bytes(d)
                                                       for d in disk)))
         self._chunk_of = {id(d): c for c, chunk in enumerate(self.chunks) for d in (
             [self.o_disk[j] for j in chunk.states]
@@ -315,20 +305,6 @@ class NvmeOptimizer:
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="jds-nvme-write")
 
     # --------------------------------------------------------------------------- state
-    def adopt(self, state: Any) -> Any:
-        """Write ``state``'s master weights and optimizer state (arrays, any memory kind) to
-        the swap files and return it with ``OnDisk`` leaves in their place."""
-        self.settle()
-        o_leaves = self.o_treedef.flatten_up_to(state.opt_state)
-        for d, x in zip(self.o_disk, o_leaves, strict=True):
-            if d is not None and not on_disk(x):
-                self.store.write(d, x)
-        if self.mixed:
-            for d, x in zip(self.w_disk, self.treedef.flatten_up_to(state.master), strict=True):
-                if not on_disk(x):
-                    self.store.write(d, x)
-        return self.attach(state)
-
     def attach(self, state: Any) -> Any:
         """``state`` with this store's ``OnDisk`` leaves in the places of the master weights
         and per-parameter optimizer states (whatever is there: None from the compiled step,
@@ -394,7 +370,7 @@ class NvmeOptimizer:
 
     def disk_bytes(self) -> int:
         """Bytes this process keeps in its swap files."""
-        return sum(self.store.local_bytes(d) for d in self.disk_leaves)
+        return sum(swap_bytes(d) for d in self.disk_leaves)
 
     @property
     def disk_leaves(self) -> list[OnDisk]:
@@ -480,7 +456,7 @@ class NvmeOptimizer:
 
         Raises:
           OSError (or what the write raised): a write failed; the files are partly
-          updated until ``adopt`` / ``init_from`` rewrites them all.
+          updated until a restore or ``init_from`` rewrites them all.
         """
         pending, self._pending = self._pending, []
         for f in pending:
