@@ -23,7 +23,9 @@ imports reach the installed DeepSpeed's ``runtime`` and ``utils``), and records:
   alone and beside pruning / weight quantization in the forward pass).
 * ``ds_gpt2_compression/``: a 2-layer Hugging Face GPT-2 (its initial weights) compressed
   with the shape of DeepSpeedExamples' GPT-2 config (weights and activations at 8 bits, MLP
-  rows pruned and removed), its losses and the cleaned model's logits.
+  rows pruned and removed), its losses and the cleaned model's logits (``ds_run.json``);
+  the same with static activation ranges (``ds_run_static.json``, with DeepSpeed's final
+  ranges).
 * ``schedules``: MoQ driven as DeepSpeed 0.16.0's engine drives it. ``init_compression``
   sets each weight's ``start_bits`` / ``target_bits`` / ``q_period``; the engine's first
   ``forward`` calls ``compression_scheduler.step(step_zero_check=True)`` and, once weight
@@ -430,7 +432,18 @@ GPT2_TUTORIAL = {  # DeepSpeedExamples' GPT-2 compression config's shape: W8A8 +
 }
 
 
-def _gpt2_tutorial(out: Path, section: dict | None = None) -> None:
+GPT2_STATIC = {  # the same with static input ranges (QuantAct's running [min, max] per layer)
+    **GPT2_TUTORIAL,
+    "activation_quantization": {
+        "shared_parameters": {"enabled": True, "quantization_type": "asymmetric",
+                              "range_calibration": "static", "schedule_offset": 2},
+        "different_groups": {"aq1": {"params": {"bits": 8},
+                                     "modules": ["attn.c_attn", "attn.c_proj", "mlp.c_fc",
+                                                 "mlp.c_proj"]}}},
+}
+
+
+def _gpt2_tutorial(out: Path, section: dict | None = None, run: str = "ds_run.json") -> None:
     """A 2-layer Hugging Face GPT-2 compressed with ``GPT2_TUTORIAL`` as DeepSpeed's GPT-2
     example does it (``convert_conv1d_to_linear``, ``init_compression``, AdamW, the
     compression scheduler, ``redundancy_clean``), written as an HF folder of its initial
@@ -480,11 +493,13 @@ def _gpt2_tutorial(out: Path, section: dict | None = None) -> None:
     model.eval()
     with torch.no_grad():
         logits = model(input_ids=torch.tensor(data[0])).logits
-    (out / "ds_run.json").write_text(json.dumps({
+    (out / run).write_text(json.dumps({
         "compression_training": section, "data": [d.tolist() for d in data],
         "losses": losses, "clean_logits": logits.numpy().tolist(),
         "clean_shapes": {k: list(v.shape) for k, v in model.state_dict().items()
-                         if "h.0.mlp" in k}}))
+                         if "h.0.mlp" in k},
+        "ranges": {k: v.tolist() for k, v in model.state_dict().items()
+                   if k.endswith("x_min_max")}}))
 
 
 def get_compression_config_of(config: dict) -> dict:
@@ -512,6 +527,7 @@ def main() -> None:
                "activation": {name: _pruning(kind, section)
                               for name, (kind, section) in ACTIVATIONS.items()}}
     _gpt2_tutorial(Path(args.out) / "ds_gpt2_compression")
+    _gpt2_tutorial(Path(args.out) / "ds_gpt2_compression", GPT2_STATIC, "ds_run_static.json")
     out = Path(args.out) / "ds_compression.json"
     out.write_text(json.dumps(fixture))
     print(f"wrote {out} ({out.stat().st_size // 1024} KiB)")

@@ -3,7 +3,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from jds.models.layers import scan_layers
 from jds.partitioning.accumulate import add_at, gradient_sink, scan_accumulating, sink_for
@@ -31,8 +30,13 @@ def test_gradients_go_into_the_accumulator_and_the_free_ones_come_out_as_usual()
     def plain(p, x):
         return jnp.sum(jax.lax.scan(lambda h, q: (layer(q, h, pos), None), x, p)[0] ** 2)
 
+    def with_aux(q, h, pos):  # a layer that also reports a statistic (layer state)
+        out = layer(q, h, pos)
+        return out, jnp.max(out)
+
     def sunk(p, acc, x):
-        return jnp.sum(scan_accumulating(layer, p, acc, x, pos) ** 2)
+        out, top_L = scan_accumulating(with_aux, p, acc, x, pos)
+        return jnp.sum(out ** 2) + jnp.sum(top_L)  # no gradient flows back through top_L
 
     gp, gx = jax.grad(plain, argnums=(0, 1), allow_int=True)(p, x)
     s_p, s_acc, s_x = jax.grad(sunk, argnums=(0, 1, 2), allow_int=True)(p, acc, x)
@@ -40,8 +44,14 @@ def test_gradients_go_into_the_accumulator_and_the_free_ones_come_out_as_usual()
     np.testing.assert_allclose(s_p["g"], gp["g"], rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(s_x, gx, rtol=1e-6, atol=1e-6)
     assert not np.any(s_p["w"])  # the sunk weight's own gradient is zero
-    # the forward value is the plain scan's
-    assert float(sunk(p, acc, x)) == pytest.approx(float(plain(p, x)), rel=1e-6)
+    # the forward value is the plain scan's, the statistic stacked per layer
+    out, top_L = scan_accumulating(with_aux, p, acc, x, pos)
+    h, want = x, []
+    for i in range(L):
+        h = layer(jax.tree.map(lambda a: a[i], p), h, pos)  # noqa: B023
+        want.append(jnp.max(h))
+    np.testing.assert_allclose(out, h, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(top_L, want, rtol=1e-5, atol=1e-6)
 
 
 def test_scan_layers_takes_the_sink_only_for_the_arrays_it_names():

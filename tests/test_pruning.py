@@ -283,10 +283,6 @@ def test_pruning_config_errors_name_the_key():
                                                         "related_modules": [["down_proj"]]}}}},
             "prunes only some layers")
     refused({"activation_quantization": {
-        "shared_parameters": {"enabled": True, "range_calibration": "static"},
-        "different_groups": {"g": {"params": {"bits": 8}, "modules": ["mlp"]}}}},
-            "range_calibration 'static' keeps a running range per module")
-    refused({"activation_quantization": {
         "shared_parameters": {"enabled": True},
         "different_groups": {"g": {"params": {"bits": 6}, "modules": ["mlp"]}}}},
             "bits 6: DeepSpeed quantizes activations to 4 or 8")
@@ -354,6 +350,93 @@ def test_deepspeeds_gpt2_compression_config_runs_unchanged_and_matches():
                                rtol=1e-5, atol=1e-5)  # the engine's own forward: exactly
 
 
+def test_static_activation_ranges_in_a_stacked_decoder_match_deepspeed():
+    """Static input ranges (QuantAct's running ``[min, max]``, one per module per layer) in
+    jds's stacked GPT-2: DeepSpeed 0.16's losses and its final range of every layer's
+    ``c_attn`` / ``c_proj`` / ``c_fc`` / ``mlp.c_proj`` input (fixture:
+    scripts/make_compression_fixtures.py); checkpointed with the run and read by evaluation."""
+    folder = Path(__file__).parent / "fixtures" / "ds_gpt2_compression"
+    run = json.loads((folder / "ds_run_static.json").read_text())
+    config = {"train_batch_size": 4, "gradient_clipping": 0.0,
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "betas": [0.9, 0.999],
+                                                        "eps": 1e-8, "weight_decay": 0.01}},
+              "compression_training": run["compression_training"]}
+    engine = jds.initialize(jds.models.from_pretrained(folder), config,
+                            devices=jax.devices()[:1])
+    losses = [engine.train_batch({"input_ids": np.asarray(ids, np.int32)})["loss"]
+              for ids in run["data"]]
+    np.testing.assert_allclose(losses, run["losses"], rtol=2e-5)
+    layers = engine.model.layers
+    names = {"attn.c_attn": "wq", "attn.c_proj": "wo", "mlp.c_fc": "w_fc",
+             "mlp.c_proj": "w_proj"}
+    for key, want in run["ranges"].items():
+        i, module = re.match(r"transformer\.h\.(\d+)\.(.+)\.activation_quantizer", key).groups()
+        got = np.asarray(getattr(layers, names[module] + "__act_range").get_value())[int(i)]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6, err_msg=key)
+    # evaluation reads the ranges and leaves them; the engine's forward is the model's
+    before = np.asarray(layers.wq__act_range.get_value())
+    ids = np.asarray(run["data"][0], np.int32)
+    engine.eval_batch({"input_ids": ids})
+    np.testing.assert_array_equal(np.asarray(engine.model.layers.wq__act_range.get_value()),
+                                  before)
+    clean = jds.compression.redundancy_clean(engine.model, config)  # keeps the ranges
+    np.testing.assert_allclose(np.asarray(engine.predict(ids)), np.asarray(clean(ids)),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_static_ranges_in_llama_under_zero3_with_accumulation_equal_one_device(tmp_path):
+    """A Llama's static ranges (some layers only) under ZeRO-3 on 8 devices with two
+    micro-batches (each moves the ranges, as DeepSpeed's forward does) = one device; they
+    are saved and restored with the run."""
+    section = {"activation_quantization": {
+        "shared_parameters": {"enabled": True, "range_calibration": "static",
+                              "schedule_offset": 1},
+        "different_groups": {"a": {"params": {"bits": 8},
+                                   "modules": ["self_attn", "layers.1.mlp.down_proj"]}}}}
+
+    def run(n, stage):
+        config = {**_prune_cfg(**section), "train_batch_size": 16,
+                  "gradient_accumulation_steps": 2, "zero_optimization": {"stage": stage}}
+        engine = jds.initialize(_llama(), config, devices=jax.devices()[:n])
+        losses = [engine.train_batch(_batch(n=16, seed=i))["loss"] for i in range(3)]
+        return engine, losses, {k: np.asarray(v.get_value()) for k, v in
+                                vars(engine.model.layers).items() if k.endswith("__act_range")}
+
+    one, l1, r1 = run(1, 0)
+    eight, l8, r8 = run(8, 3)
+    np.testing.assert_allclose(l8, l1, rtol=2e-5)
+    assert sorted(r1) == ["w_down__act_range", "wk__act_range", "wo__act_range",
+                          "wq__act_range", "wv__act_range"]
+    assert not r1["w_down__act_range"][0].any() and r1["w_down__act_range"][1].all()
+    for k in r1:  # 8-bit inputs turn last-bit differences into whole codes downstream
+        np.testing.assert_allclose(r8[k], r1[k], rtol=1e-3, atol=1e-5, err_msg=k)
+    eight.save_checkpoint(tmp_path / "checkpoints")
+    fresh, _, _ = run(8, 3)
+    fresh.load_checkpoint(tmp_path / "checkpoints")
+    np.testing.assert_array_equal(np.asarray(fresh.model.layers.wo__act_range.get_value()),
+                                  r8["wo__act_range"])
+
+    # served from the run folder as trained: inputs quantized with the trained ranges
+    clean = jds.compression.redundancy_clean(eight.model, _prune_cfg(**section))
+    plain = _llama()
+    nnx.update(plain, nnx.state(eight.model, nnx.Param))
+    served = jds.init_inference(str(tmp_path), {"dtype": "float32", "max_tokens": 32,
+                                                "max_seqs": 1})
+    rid = served.submit([1, 2, 3, 4, 5], 6, logprobs=0)
+    while served._requests[rid].finish_reason is None:
+        served.step()
+    req = served._requests[rid]
+    seq = [1, 2, 3, 4, 5, *req.output]
+    got = np.array([lp for lp, _ in req.token_logprobs])
+
+    def logprobs(m):
+        lp = jax.nn.log_softmax(m(np.asarray([seq], np.int32))[0, 4:-1].astype(jnp.float32))
+        return np.asarray(lp)[np.arange(6), seq[5:]]
+
+    np.testing.assert_allclose(got, logprobs(clean), rtol=1e-5, atol=1e-5)
+    assert np.abs(got - logprobs(plain)).max() > 1e-4  # full-precision inputs differ
+
+
 def test_post_training_quantization_calibrates_static_ranges_and_serves_int8():
     """PTQ: per-channel 8-bit weights and a static 8-bit input range calibrated on a few
     batches (QuantAct's running range) for a user's MLP, the model unchanged; a decoder's
@@ -402,6 +485,24 @@ def test_post_training_quantization_calibrates_static_ranges_and_serves_int8():
     qw = served.params["layers"]["w_up"]
     deq = np.asarray(qw.q, np.float32) * np.asarray(qw.scale)[:, None]
     np.testing.assert_array_equal(deq, np.asarray(ptq.layers.w_up.get_value()))
+
+    # a decoder's static input ranges, one per layer, calibrated the same way
+    from jds.models.llama import rms_norm
+
+    section = {"activation_quantization": {
+        "shared_parameters": {"enabled": True, "range_calibration": "static"},
+        "different_groups": {"a": {"params": {"bits": 8}, "modules": ["q_proj"]}}}}
+    ids = [_batch(4, 8, seed=i)["input_ids"] for i in range(3)]
+    ptq = jds.compression.post_training_quantize(llama, {"compression_training": section}, ids)
+    lo_hi = None
+    for b in ids:  # layer 0's q_proj input: the normed embeddings
+        x = np.asarray(rms_norm(llama.embed_tokens.get_value()[b],
+                                llama.layers.attn_norm.get_value()[0], llama.config.rms_norm_eps))
+        cur = np.array([x.min(), x.max()])
+        lo_hi = cur if lo_hi is None else lo_hi * 0.95 + cur * 0.05
+    ranges = np.asarray(ptq.layers.wq__act_range.get_value())
+    np.testing.assert_allclose(ranges[0], lo_hi, rtol=1e-5)
+    assert ranges[1].all() and not hasattr(llama.layers, "wq__act_range")
 
 
 def test_gpt2_c_attn_is_quantized_as_one_matrix_and_served_with_its_codes():

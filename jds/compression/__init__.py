@@ -201,8 +201,7 @@ def post_training_quantize(model: nnx.Module,
                           "post_training_quantize needs calibration batches to set them")
     run = call or (lambda m, b: m(b["input_ids"]) if isinstance(b, Mapping) else m(b))
     out.eval()  # dropout off, batch statistics kept; only the activation ranges move
-    quant = [m for _, m in nnx.iter_modules(out) if isinstance(
-        m, (activation.ActQuantLinear, activation.ActQuantConv)) and m.act_quant.static]
+    quant = activation.calibrating(out)
     for m in quant:
         m.use_running_average = False
     step = nnx.jit(lambda m, b: run(m, b))

@@ -15,11 +15,21 @@ straight-through gradient:
 is an ``ActRange`` variable on it, kept by the engine as model state, so it is
 checkpointed and evaluation reads it). In jds's stacked decoders the layer scan binds each
 targeted matrix as an ``ActQuantWeight`` (``jds.models.layers.dense`` quantizes its input),
-per layer as the ``modules`` patterns select; decoders take dynamic ranges only (a running
-range per layer would have to leave the layer scan as an output: not built, refused by
-name). The step comes from ``jds.compression.quantization_step`` (the engine's train and
-eval steps set it); outside the engine, e.g. ``engine.model(x)``, the quantization is on.
-The serving engine does not quantize activations (its int8 path is weight-only).
+per layer as the ``modules`` patterns select. Their static ranges are a
+``StackedActRange`` (``[L, 2]``, a ``jds.models.layers.LayerState``) on the layers module:
+the scan hands each layer its row and the moved rows leave the scan as its stacked output
+(a scan body cannot write outside itself), so ZeRO-3, remat, in-place gradient accumulation
+and Progressive Layer Dropping (a skipped layer keeps its row) all carry them; each
+micro-batch moves them, as each of DeepSpeed's forward passes does; under data parallelism
+a batch's range is the whole (global) batch's, the single-device run's (DeepSpeed's ranks
+would each keep their own). The step comes from ``jds.compression.quantization_step`` (the
+engine's train and eval steps set it); outside the engine, e.g. ``engine.model(x)``, the
+quantization is on.
+The serving engine quantizes the same inputs of a decoder trained this way
+(``serving_bind``: the selected layers, the trained static ranges, per-token dynamic ones;
+a run folder's ranges are read from its checkpoint), so it serves what training evaluated
+and ``redundancy_clean`` exports; the int8 matmul itself stays weight-only (the inputs are
+fake-quantized in the compute dtype).
 """
 
 from __future__ import annotations
@@ -33,13 +43,17 @@ from flax import nnx
 from jds.compression import quantizers
 from jds.compression.weight_quantization import _STEP, Target, matches, targets
 from jds.config.compression import CompressionConfig
-from jds.models.layers import ActQuantWeight
+from jds.models.layers import ActQuantWeight, LayerState, set_layer_state
 
 MOMENTUM = 0.95  # DeepSpeed's QuantAct act_range_momentum
 
 
 class ActRange(nnx.Variable):
     """A static activation range ``[min, max]`` (DeepSpeed's ``QuantAct.x_min_max``)."""
+
+
+class StackedActRange(LayerState):
+    """A stacked matrix's static input ranges, one ``[min, max]`` per layer (``[L, 2]``)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +81,14 @@ def _quantize(x: jax.Array, spec: ActQuantSpec, groups: int,
     # exactly q in the forward pass (x + (q - x) can be off by a rounding)
 
 
+def _running(rng: jax.Array, x: jax.Array, on: jax.Array) -> jax.Array:
+    """QuantAct's running range after seeing ``x`` (set from the first input, then moved
+    with momentum), where ``on``; else ``rng``."""
+    cur = jnp.stack([jnp.min(x), jnp.max(x)]).astype(jnp.float32)
+    start = jnp.where(rng[0] == rng[1], cur, rng)
+    return jnp.where(on, start * MOMENTUM + cur * (1 - MOMENTUM), rng)
+
+
 def quantize_input(module: nnx.Module, x: jax.Array, per_sample: bool) -> jax.Array:
     """``x`` as the module's ``act_quant`` spec quantizes it (updating a static range in
     training)."""
@@ -75,10 +97,7 @@ def quantize_input(module: nnx.Module, x: jax.Array, per_sample: bool) -> jax.Ar
     if spec.static:
         rng = module.act_range.get_value()
         if not module.use_running_average:  # training: QuantAct's running range
-            cur = jnp.stack([jnp.min(x), jnp.max(x)]).astype(jnp.float32)
-            start = jnp.where(rng[0] == rng[1], cur, rng)
-            new = start * MOMENTUM + cur * (1 - MOMENTUM)
-            rng = jnp.where(on, new, rng)
+            rng = _running(rng, x, on)
             module.act_range.set_value(rng)
         q = _quantize(x, spec, 1, rng)
     else:
@@ -101,19 +120,26 @@ class ActQuantConv(nnx.Conv):
         return super().__call__(quantize_input(self, inputs, per_sample=True))
 
 
-def quantize_tokens(x: jax.Array, on: jax.Array, bits: int, kind: str, n_in: int = 1
-                    ) -> jax.Array:
-    """``x`` quantized per token (dynamic ranges; a token's features are its last ``n_in``
-    dims) where ``on``: a stacked decoder's ``ActQuantWeight`` input
-    (``jds.models.layers.dense``)."""
-    spec = ActQuantSpec(bits, kind, False, 0)
-    features = 1
-    for d in x.shape[x.ndim - n_in:]:
-        features *= d
-    return jnp.where(on, _quantize(x, spec, x.size // features), x)
+def quantize_layer_input(x: jax.Array, w: ActQuantWeight) -> jax.Array:
+    """A stacked decoder's ``ActQuantWeight`` input (``jds.models.layers.dense``) quantized
+    where ``w.on``: per token (dynamic ranges; a token's features are its last ``n_in``
+    dims), or with the layer's static range, moved first in training and left as the
+    layer's new slice of its ``LayerState``."""
+    spec = ActQuantSpec(w.bits, w.kind, w.range is not None, 0)
+    if w.range is None:
+        features = 1
+        for d in x.shape[x.ndim - w.n_in:]:
+            features *= d
+        return jnp.where(w.on, _quantize(x, spec, x.size // features), x)
+    rng = w.range
+    if w.training:
+        rng = _running(rng, x, w.on)
+        set_layer_state(w.state, rng)
+    return jnp.where(w.on, _quantize(x, spec, 1, rng), x)
 
 
 ACT_ON = "__act_on"  # a scanned per-layer flag beside a stacked matrix
+ACT_RANGE = "__act_range"  # a stacked matrix's static input ranges: a LayerState [L, 2]
 
 
 def layer_flags(layers: nnx.Module, params_L: dict) -> dict:
@@ -137,10 +163,27 @@ def bind_layer(layers: nnx.Module, p: dict) -> dict:
         return p
     p = dict(p)
     n_in = dict(getattr(type(layers), "LINEARS", {}))
+    training = not getattr(layers, "use_running_average", True)
     for name, spec in specs.items():
+        state = name + ACT_RANGE if spec.static else ""
         p[name] = ActQuantWeight(p[name], p.pop(name + ACT_ON), spec.bits, spec.kind,
-                                 n_in.get(name, 1))
+                                 n_in.get(name, 1), p.pop(state) if state else None, state,
+                                 training)
     return p
+
+
+def serving_bind(layers: nnx.Module, p: dict, layer: jax.Array) -> dict:
+    """One layer's weights for the serving engine's layer scan (``layer``: its index), its
+    activation-quantized matrices as ``ActQuantWeight``: on in the layers the ``modules``
+    patterns selected (no schedule: training is over), static ranges as trained."""
+    specs = dict(getattr(layers, "act_quant", None) or ())
+    if not specs:
+        return p
+    p = dict(p)
+    for name, spec in specs.items():
+        p[name + ACT_ON] = (jnp.bool_(True) if spec.layers is None
+                            else jnp.asarray(spec.layers)[layer])
+    return bind_layer(layers, p)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +214,26 @@ class ActivationPlan:
             for k in path:
                 owner = getattr(owner, k)
             owner.act_quant = tuple(sorted(specs.items()))  # static, hashable: (name, spec)
+            for name, spec in specs.items():
+                if spec.static and not hasattr(owner, name + ACT_RANGE):
+                    n = int(getattr(owner, name).shape[0])
+                    setattr(owner, name + ACT_RANGE, StackedActRange(
+                        jnp.zeros((n, 2), jnp.float32)))
+            if any(spec.static for spec in specs.values()):
+                owner.use_running_average = False
+
+
+def calibrating(model: nnx.Module) -> list[nnx.Module]:
+    """The modules of ``model`` that keep static input ranges (a Linear / Conv, or a stacked
+    decoder's layers): their ``use_running_average`` says whether the forward pass moves
+    them."""
+    out = []
+    for _, m in nnx.iter_modules(model):
+        spec = getattr(m, "act_quant", None)
+        specs = [spec] if isinstance(spec, ActQuantSpec) else [s for _, s in spec or ()]
+        if any(s.static for s in specs):
+            out.append(m)
+    return out
 
 
 def plan(model: nnx.Module, config: CompressionConfig) -> ActivationPlan | None:
@@ -178,7 +241,7 @@ def plan(model: nnx.Module, config: CompressionConfig) -> ActivationPlan | None:
 
     Raises:
       ValueError: a ``modules`` pattern matching no Linear / Conv module, a module two groups
-        claim, static ranges in a stacked decoder.
+        claim.
     """
     aq = config.activation_quantization
     shared = aq.shared_parameters
@@ -195,12 +258,6 @@ def plan(model: nnx.Module, config: CompressionConfig) -> ActivationPlan | None:
                 if old is not None and old[2] != gname:
                     raise ValueError(f"{key}: {'.'.join(map(str, t.path[:-1]))} is in groups "
                                      f"{old[2]!r} and {gname!r}; a module may be in one")
-                if t.stacked and shared.range_calibration == "static":
-                    raise ValueError(
-                        "compression_training.activation_quantization.shared_parameters."
-                        "range_calibration 'static' keeps a running range per module, which "
-                        "jds builds for Linear / Conv modules but not inside its stacked "
-                        f"decoders' layer scan ({'.'.join(map(str, t.path))}); use 'dynamic'")
                 if old is not None and t.stacked:
                     layers = tuple(a or b for a, b in zip(old[1].layers, layers, strict=True))
                 spec = ActQuantSpec(int(group.params.bits), shared.quantization_type,
@@ -211,6 +268,6 @@ def plan(model: nnx.Module, config: CompressionConfig) -> ActivationPlan | None:
     return ActivationPlan(tuple(items.values()))
 
 
-__all__ = ["ACT_ON", "ActQuantConv", "ActQuantLinear", "ActQuantSpec", "ActRange",
-           "ActivationPlan", "bind_layer", "layer_flags", "plan", "quantize_input",
-           "quantize_tokens"]
+__all__ = ["ACT_ON", "ACT_RANGE", "ActQuantConv", "ActQuantLinear", "ActQuantSpec",
+           "ActRange", "ActivationPlan", "StackedActRange", "bind_layer", "calibrating",
+           "layer_flags", "plan", "quantize_input", "quantize_layer_input", "serving_bind"]

@@ -17,7 +17,8 @@ is served as it is. ``dtype="int8"`` quantizes every layer matrix once, per outp
 (``jds.kernels.quant.quantize``), and stores int8 weights plus fp32 scales: half the bytes
 of bf16. The layers multiply by them with the weight-only int8 matmul
 (``jds.kernels.quant.int8_matmul``: the Pallas kernel on GPU/TPU, XLA on CPU), activations
-in bf16 with fp32 accumulation.
+in bf16 with fp32 accumulation. A model trained with DeepSpeed Compression's activation
+quantization has the same layer inputs quantized as in training (its static ranges too).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ from jds.inference.scheduler import Request, Scheduler, Work
 from jds.kernels.platform import lowering_for
 from jds.kernels.quant import quantize
 from jds.models.base import is_stacked_decoder, split_model
-from jds.models.layers import QuantizedWeight
+from jds.models.layers import QuantizedWeight, layer_states
 from jds.partitioning.mesh import make_mesh
 from jds.partitioning.rules import DEFAULT_RULES, logical_to_spec, use_rules
 
@@ -243,6 +244,11 @@ class InferenceEngine:
         split = split_model(model)
         self._graphdef = split.eval_graphdef
         pure, axes = split.params, split.params_axes
+        # a model trained with activation quantization quantizes its layers' inputs here too
+        # (jds.compression.activation.serving_bind), with its static ranges as trained (fp32)
+        self._quantizes_inputs = bool(getattr(model.layers, "act_quant", None))
+        act_ranges = {k: jnp.asarray(v, jnp.float32) for k, v in
+                      layer_states(model.layers).items()}
         self._layer_axes = {k: tuple(a)[1:] for k, a in axes["layers"].items()}
         specs = jax.tree.map(
             lambda a, x: logical_to_spec(tuple(a), self.rules, mesh=self.mesh,
@@ -254,8 +260,9 @@ class InferenceEngine:
             cfg.dtype == "int8" and k == "layers") else self.dtype), v) for k, v in pure.items()}
         params = jax.device_put(cast, jax.tree.map(lambda s: NamedSharding(self.mesh, s), specs,
                                                    is_leaf=lambda x: isinstance(x, PartitionSpec)))
-        self._abstract_layers = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, self.dtype), params["layers"])
+        self._abstract_layers = {**jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, self.dtype), params["layers"]),
+            **jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), act_ranges)}
         self.qat = None  # the quantization-aware training plan whose codes int8 mode serves
         if cfg.dtype == "int8" and compression:
             from jds.compression import plan as quantization_plan
@@ -275,6 +282,8 @@ class InferenceEngine:
                     for k, v in quantize_layers(ly, {k: ("layers", *a) for k, a in
                                                      self._layer_axes.items()}, self.qat).items()
                 })(params["layers"])
+        params["layers"] = {**params["layers"], **jax.device_put(
+            act_ranges, NamedSharding(self.mesh, PartitionSpec()))}
         self.params = params
         del cast, pure
 
@@ -338,6 +347,10 @@ class InferenceEngine:
                                         b["positions"], l)
                     return o[None]
 
+                if self._quantizes_inputs:
+                    from jds.compression.activation import serving_bind
+
+                    p_l = serving_bind(model.layers, p_l, l)
                 x_1ND = layer(p_l, x_1ND, pos_1N, attend)
                 return (x_1ND, new["k"], new["v"]), None
 

@@ -51,12 +51,15 @@ def _from_checkpoint(path: str) -> nnx.Module:
 
     ckpt = OrbaxCheckpoint(path)
     cfg = ckpt.model_config()
-    pruned = _pruning_of(ckpt, nnx.eval_shape(lambda: model_class(cfg)(cfg, rngs=nnx.Rngs(0))))
+    pruned, inputs = _compression_of(
+        ckpt, nnx.eval_shape(lambda: model_class(cfg)(cfg, rngs=nnx.Rngs(0))))
 
     def build() -> nnx.Module:
         m = model_class(cfg)(cfg, rngs=nnx.Rngs(0))
         if pruned is not None:  # its masks and scores are in the checkpoint too
             pruned.attach(m)
+        if inputs is not None:  # activation quantization: static ranges too
+            inputs.attach(m)
         return m
 
     graphdef, state = nnx.split(nnx.eval_shape(build))
@@ -80,16 +83,19 @@ def _from_checkpoint(path: str) -> nnx.Module:
     return model
 
 
-def _pruning_of(ckpt: Any, abstract: nnx.Module) -> Any:
-    """The pruning plan a checkpoint's run trained with (None without pruning)."""
+def _compression_of(ckpt: Any, abstract: nnx.Module) -> tuple[Any, Any]:
+    """The pruning and activation quantization plans a checkpoint's run trained with (each
+    None when off): the model is served as it was trained, pruned and quantizing its layers'
+    inputs (``jds.compression.activation.serving_bind``)."""
+    from jds.compression import activation
     from jds.compression.pruning import plan
     from jds.config.compression import CompressionConfig
 
     section = (ckpt.meta.get("config") or {}).get("compression_training")
     if not section:
-        return None
+        return None, None
     cc = CompressionConfig.model_validate(section)
-    return plan(abstract, cc) if cc.prunes else None
+    return plan(abstract, cc) if cc.prunes else None, activation.plan(abstract, cc)
 
 
 def source_dtype(model: nnx.Module | str | os.PathLike) -> str:

@@ -33,6 +33,7 @@ from jds.models.layers import (
     embed_lookup,
     normal_param,
     positions_from_segments,
+    run_keeping_states,
     scan_layers,
     stacked_axes,
     stacked_params,
@@ -313,11 +314,11 @@ class GPT2(nnx.Module):
         block = partial(gpt2_block, cfg=self.config)
         params_L, bind = prepare_layers(self.layers, with_layer_drop(params_L, self))
         with jax.named_scope("layers"):
-            return scan_layers(
-                block, params_L, x_BTD, segment_ids_BT, remat=self.remat,
+            return run_keeping_states(self.layers, partial(
+                scan_layers, block, params_L, x_BTD, segment_ids_BT, remat=self.remat,
                 axes=stacked_axes(self.layers), group=checkpoint_every,
                 gather=self.param_gather, bind=bind,
-            )
+            ))
 
     def layer_fn(self) -> Callable[..., jax.Array]:
         """``(p, x_BTD, positions_BT, attend) -> x_BTD``: one layer, for the inference engine

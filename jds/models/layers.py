@@ -30,6 +30,7 @@ Every mode computes the same numbers; they trade memory for recomputation or tra
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 from collections.abc import Callable
 from typing import Any
@@ -83,6 +84,51 @@ def stacked_params(module: nnx.Module) -> dict[str, jax.Array]:
     ``layers`` dimension, so the dict can be scanned over as it is.
     """
     return {k: v[...] for k, v in vars(module).items() if isinstance(v, STACKED_VARIABLES)}
+
+
+class LayerState(nnx.Variable):
+    """State a stacked decoder's layers keep one slice each of and update in the forward
+    pass (a leading ``layers`` dimension; e.g. activation quantization's static input
+    ranges, ``jds.compression.activation``). It is model state, not a parameter: the engine
+    threads it through the step and checkpoints it. ``scan_layers`` hands layer ``l`` its
+    slice in the layer's weights under the variable's name; the layer replaces it with
+    ``set_layer_state``, and the new slices leave the scan as its stacked output (a layer
+    scan cannot write to anything outside itself)."""
+
+
+_LAYER_STATE: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
+    "jds_layer_state", default=None)
+
+
+def set_layer_state(name: str, value: jax.Array) -> None:
+    """Replace this layer's slice of the ``LayerState`` ``name`` (inside ``scan_layers``).
+
+    Raises:
+      ValueError: called outside a layer scan that carries ``name``.
+    """
+    box = _LAYER_STATE.get()
+    if box is None or name not in box:
+        raise ValueError(f"set_layer_state({name!r}) outside a layer scan that carries it "
+                         "(scan_layers(..., state_L=...))")
+    old = box[name]
+    box[name] = jnp.asarray(value, old.dtype).reshape(old.shape)
+
+
+def layer_states(module: nnx.Module) -> dict[str, jax.Array]:
+    """The ``LayerState`` arrays held directly by ``module`` (the stacked layers), by name."""
+    return {k: v[...] for k, v in vars(module).items() if isinstance(v, LayerState)}
+
+
+def run_keeping_states(module: nnx.Module, scan: Callable[..., Any]) -> jax.Array:
+    """``scan(state_L=...)`` (a ``scan_layers`` call) with ``module``'s layer states, which
+    are then set to the slices the layers left; the residual stream it returns."""
+    states = layer_states(module)
+    if not states:
+        return scan(state_L=None)
+    x, new = scan(state_L=states)
+    for k, v in new.items():
+        getattr(module, k).set_value(v)
+    return x
 
 
 def stacked_axes(module: nnx.Module) -> dict[str, tuple[str | None, ...]]:
@@ -191,15 +237,20 @@ class LoRAWeight:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class ActQuantWeight:
-    """A layer matrix whose input ``dense`` fake-quantizes per token where ``on``
-    (DeepSpeed's activation quantization with dynamic ranges; built in the layer scan by
-    ``jds.compression.activation.bind_layer``).
+    """A layer matrix whose input ``dense`` fake-quantizes where ``on`` (DeepSpeed's
+    activation quantization; built in the layer scan by
+    ``jds.compression.activation.bind_layer``): per token (dynamic ranges), or with this
+    layer's static range ``[min, max]`` (``range``), which in training first moves towards
+    the input's own and is left as the layer's new ``LayerState`` slice ``state``.
 
     Attributes:
       base: the layer matrix (or another weight ``dense`` takes).
       on: a traced bool: this layer is selected and the step has come.
       bits, kind: the quantizer (``jds.compression.quantizers``), static.
       n_in: the input dims the matrix contracts (one token's features span them all).
+      range: this layer's static range (fp32 ``[2]``), or None (dynamic ranges).
+      state: the ``LayerState`` the static range is a slice of (static).
+      training: update the static range from the input (static).
     """
 
     base: Any
@@ -207,6 +258,9 @@ class ActQuantWeight:
     bits: int = dataclasses.field(metadata={"static": True}, default=8)
     kind: str = dataclasses.field(metadata={"static": True}, default="symmetric")
     n_in: int = dataclasses.field(metadata={"static": True}, default=1)
+    range: jax.Array | None = None
+    state: str = dataclasses.field(metadata={"static": True}, default="")
+    training: bool = dataclasses.field(metadata={"static": True}, default=False)
 
 
 def _int8_local(x: jax.Array, q: jax.Array, scale: jax.Array, n_in: int) -> jax.Array:
@@ -254,9 +308,9 @@ def dense(subscripts: str, x: jax.Array,
     the all-reduce XLA would place after the einsum. Batch dims of x stay whole.
     """
     if isinstance(w, ActQuantWeight):
-        from jds.compression.activation import quantize_tokens  # compression builds on models
+        from jds.compression.activation import quantize_layer_input  # compression builds on
 
-        return dense(subscripts, quantize_tokens(x, w.on, w.bits, w.kind, w.n_in), w.base)
+        return dense(subscripts, quantize_layer_input(x, w), w.base)  # models, not back
     if isinstance(w, LoRAWeight):
         return _lora_dense(subscripts, x, w)
     if isinstance(w, NF4Weight):  # QLoRA's 4-bit base: expanded per layer, fused by XLA
@@ -381,7 +435,8 @@ def scan_layers(
     group: int = 0,
     gather: ParamGather | None = None,
     bind: Callable[[dict], dict] | None = None,
-) -> jax.Array:
+    state_L: dict[str, jax.Array] | None = None,
+) -> Any:
     """Run ``x = block_fn(params_l, x, *args)`` for every layer ``l`` with ``lax.scan``.
 
     Compile time stays constant in depth: the block is traced once.
@@ -405,9 +460,12 @@ def scan_layers(
         ``axes`` does not name (per-layer PRNG keys, layer-drop draws) are scanned but not
         gathered; a ``PLD_KEEP`` entry
         (``jds.models.layer_drop``) runs each layer only where its draw is true.
+      state_L: the layers' ``LayerState`` arrays (``[L, ...]``): layer ``l`` finds its slice
+        in its weights under the same name and may replace it (``set_layer_state``); a
+        layer that Progressive Layer Dropping skips keeps its slice.
 
     Returns:
-      The residual stream after the last layer.
+      The residual stream after the last layer; with ``state_L``, ``(x, new state_L)``.
 
     Raises:
       ValueError: ``group`` does not divide the number of layers.
@@ -419,13 +477,31 @@ def scan_layers(
             p = bind(p)
         return block_fn(p, carry, *a)
 
-    def layer(p: dict[str, jax.Array], carry: jax.Array, *a: Any) -> jax.Array:
+    names = tuple(sorted(state_L or ()))
+
+    def collecting(p: dict[str, jax.Array], carry: jax.Array, *a: Any
+                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        box = {k: p[k] for k in names}
+        token = _LAYER_STATE.set(box)
+        try:
+            out = run(p, carry, *a)
+        finally:
+            _LAYER_STATE.reset(token)
+        return out, box
+
+    def layer(p: dict[str, jax.Array], carry: jax.Array, *a: Any
+              ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """One layer: ``(x, its layer-state slices)``."""
         if PLD_KEEP not in p:
-            return run(p, carry, *a)
+            return collecting(p, carry, *a)
         # Progressive Layer Dropping: a dropped layer is skipped whole (no gather, no FLOPs)
         keep = p[PLD_KEEP]
         p = {k: v for k, v in p.items() if k != PLD_KEEP}
-        return jax.lax.cond(keep, lambda c: run(p, c, *a), lambda c: c, carry)
+        return jax.lax.cond(keep, lambda c: collecting(p, c, *a),
+                            lambda c: (c, {k: p[k] for k in names}), carry)
+
+    if state_L:
+        params_L = {**params_L, **state_L}
 
     if remat == "none" and axes is not None and gather is not None:
         # Without remat: keep every activation, but not the weights as constrained to
@@ -448,25 +524,25 @@ def scan_layers(
                              f"divides by {group}; this stack has {n} layers (pipeline."
                              "activation_checkpoint_interval)")
 
-        def run_group(p_k: dict[str, jax.Array], carry: jax.Array) -> jax.Array:
-            return jax.lax.scan(lambda c, p: (layer(p, c, *args), None), carry, p_k)[0]
+        def run_group(p_k: dict[str, jax.Array], carry: jax.Array
+                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
+            return jax.lax.scan(lambda c, p: layer(p, c, *args), carry, p_k)
 
         ckpt = jax.checkpoint(run_group, policy=jax.checkpoint_policies.nothing_saveable,
                               prevent_cse=False)
         grouped = jax.tree.map(lambda a: a.reshape(n // group, group, *a.shape[1:]), params_L)
-        return jax.lax.scan(lambda c, p_k: (ckpt(p_k, c), None), x, grouped)[0]
+        out, new = jax.lax.scan(lambda c, p_k: ckpt(p_k, c), x, grouped)
+        new = jax.tree.map(lambda a: a.reshape(n, *a.shape[2:]), new)
+        return (out, new) if state_L else out
 
     # Inside a train step that accumulates gradients in place (``gradient_sink``), the
     # backward pass adds the stacked weights' gradients into the step's accumulator.
     acc_L = sink_for(params_L) if args_carry_no_gradient(args) else None
     if acc_L is not None:
-        return scan_accumulating(fn, params_L, acc_L, x, *args)
-
-    def body(carry: jax.Array, p: dict[str, jax.Array]) -> tuple[jax.Array, None]:
-        return fn(p, carry, *args), None
-
-    out, _ = jax.lax.scan(body, x, params_L)
-    return out
+        out, new = scan_accumulating(fn, params_L, acc_L, x, *args)
+    else:
+        out, new = jax.lax.scan(lambda c, p: fn(p, c, *args), x, params_L)
+    return (out, new) if state_L else out
 
 
 def check_inputs(
@@ -530,6 +606,7 @@ __all__ = [
     "causal_attention",
     "check_inputs",
     "check_remat",
+    "LayerState",
     "LoRAWeight",
     "QuantScale",
     "QuantizedWeight",
@@ -546,4 +623,7 @@ __all__ = [
     "stacked_axes",
     "stacked_params",
     "gather_layer",
+    "layer_states",
+    "run_keeping_states",
+    "set_layer_state",
 ]

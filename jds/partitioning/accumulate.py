@@ -129,14 +129,17 @@ def _is_float(x: Any) -> bool:
     return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
 
 
-def scan_accumulating(layer: Callable[..., jax.Array], params_L: dict[str, jax.Array],
-                      acc_L: dict[str, jax.Array], x: jax.Array, *args: Any) -> jax.Array:
-    """``lax.scan`` of ``x = layer(params_l, x, *args)`` over the layers, whose backward
-    pass adds the gradients of ``params_L[k]`` (for ``k`` in ``acc_L``) into ``acc_L[k]``.
+def scan_accumulating(layer: Callable[..., tuple[jax.Array, Any]], params_L: dict[str, jax.Array],
+                      acc_L: dict[str, jax.Array], x: jax.Array, *args: Any
+                      ) -> tuple[jax.Array, Any]:
+    """``lax.scan`` of ``x, aux_l = layer(params_l, x, *args)`` over the layers (``(x,
+    aux_L)``, the per-layer outputs stacked), whose backward pass adds the gradients of
+    ``params_L[k]`` (for ``k`` in ``acc_L``) into ``acc_L[k]``.
 
-    The forward value is the plain scan's. Differentiated, the cotangent returned for
-    ``acc_L[k]`` is ``acc_L[k]`` plus the gradient of ``params_L[k]`` (fp32, in place), and
-    ``params_L[k]`` gets none; entries not in ``acc_L`` get their stacked gradient as usual.
+    The forward value is the plain scan's; ``aux`` (layer state: running statistics) carries
+    no gradient. Differentiated, the cotangent returned for ``acc_L[k]`` is ``acc_L[k]``
+    plus the gradient of ``params_L[k]`` (fp32, in place), and ``params_L[k]`` gets none;
+    entries not in ``acc_L`` get their stacked gradient as usual.
     ``args`` must carry no gradient (positions, segment ids): integer arrays or None.
     """
     names = sorted(params_L)
@@ -144,7 +147,7 @@ def scan_accumulating(layer: Callable[..., jax.Array], params_L: dict[str, jax.A
     plan: dict[str, Any] = {}
 
     def plain(params_L, x):
-        return jax.lax.scan(lambda h, p: (layer(p, h, *args), None), x, params_L)[0]
+        return jax.lax.scan(lambda h, p: layer(p, h, *args), x, params_L)
 
     @jax.custom_vjp
     def run(params_L, acc_L, x):
@@ -162,8 +165,8 @@ def scan_accumulating(layer: Callable[..., jax.Array], params_L: dict[str, jax.A
 
         def fwd_body(h, p):
             rest = {k: v for k, v in p.items() if k not in diff}
-            out, vjp = jax.vjp(lambda d, h_: layer({**rest, **d}, h_, *args),
-                               {k: p[k] for k in diff}, h)
+            out, vjp, aux = jax.vjp(lambda d, h_: layer({**rest, **d}, h_, *args),
+                                    {k: p[k] for k in diff}, h, has_aux=True)
             leaves, treedef = jax.tree.flatten(vjp)
             weights = [p[k] for k in names]
             where, kept = [], []
@@ -175,13 +178,14 @@ def scan_accumulating(layer: Callable[..., jax.Array], params_L: dict[str, jax.A
                 else:
                     where.append((True, hit))
             plan["treedef"], plan["where"] = treedef, where
-            return out, kept
+            return out, (kept, jax.lax.stop_gradient(aux))
 
-        out, res = jax.lax.scan(fwd_body, x.value, params_L)
-        return out, (res, params_L, acc_L)
+        out, (res, aux_L) = jax.lax.scan(fwd_body, x.value, params_L)
+        return (out, aux_L), (res, params_L, acc_L)
 
-    def run_bwd(saved, ct_out):
+    def run_bwd(saved, ct):
         res, params_L, acc_L = saved
+        ct_out = ct[0]  # the layer state's cotangent: none flows back through statistics
         if isinstance(ct_out, jax.custom_derivatives.SymbolicZero):
             ct_out = jnp.zeros(ct_out.shape, ct_out.dtype)
         n = jax.tree.leaves(params_L)[0].shape[0]

@@ -239,7 +239,9 @@ class OrbaxCheckpoint:
             return self.read_layer(path, layer)
 
         def read(path: tuple[str, ...], layer: int | None) -> np.ndarray:
-            where = (key, *path) if (key, *path) in self.arrays else ("frozen", *path)
+            # trained, frozen, or model state (e.g. a layer's static activation ranges)
+            where = next((w for w in ((key, *path), ("frozen", *path), ("model_state", *path))
+                          if w in self.arrays), (key, *path))
             w = one(where, layer)
             *parent, name = path
             nf4 = [("model_state", *parent, name + sfx)
