@@ -209,7 +209,7 @@ def test_llama_targets_by_hugging_face_and_jds_names_and_bad_configs():
                            devices=jax.devices()[:1])
 
     refused(_wq({"g": {"params": {"start_bits": 8, "target_bits": 4},
-                       "modules": ["attention.self"]}}), "matches no compressible module")
+                       "modules": ["encoder.block"]}}), "matches no compressible module")
     refused(_wq({"a": {"params": {"start_bits": 8, "target_bits": 4}, "modules": ["q_proj"]},
                  "b": {"params": {"start_bits": 8, "target_bits": 4},
                        "modules": ["self_attn"]}}), "groups 'a' and 'b'")
@@ -225,6 +225,104 @@ def test_llama_targets_by_hugging_face_and_jds_names_and_bad_configs():
     wq = moq.compression_training.weight_quantization
     assert wq.shared_parameters.schedule_offset == 10 and wq.shared_parameters.quantize_groups == 8
     assert wq.different_groups["moq"].params.quantization_period == 50
+
+
+def _bert_w1a8(**sections):
+    """The shape of DeepSpeedExamples' compression/bert/config/ds_config_W1A8_Qgroup64_fp16
+    .json (the tutorial's binary-weight, 8-bit-activation BERT config), BERT module names."""
+    prune = {"method": "topk"}
+    cc = {
+        "layer_reduction": {"enabled": False, "keep_number_layer": 5,
+                            "module_name_prefix": "bert.encoder.layer",
+                            "teacher_layer": [2, 4, 6, 8, 10],
+                            "other_module_name": ["bert.pooler", "bert.embeddings",
+                                                  "classifier"]},
+        "weight_quantization": {
+            "shared_parameters": {"enabled": True, "quantizer_kernel": False,
+                                  "schedule_offset": 0, "quantize_groups": 64,
+                                  "quantize_verbose": False, "quantization_type": "symmetric",
+                                  "quantize_weight_in_forward": False, "rounding": "nearest",
+                                  "fp16_mixed_quantize": {"enabled": False,
+                                                          "quantize_change_ratio": 0.1}},
+            "different_groups": {"wq1": {
+                "params": {"start_bits": 1, "target_bits": 1, "quantization_period": 0},
+                "modules": ["attention.self", "intermediate", "word_embeddings",
+                            "output.dense"]}}},
+        "activation_quantization": {
+            "shared_parameters": {"enabled": True, "quantization_type": "symmetric",
+                                  "range_calibration": "dynamic", "schedule_offset": 0},
+            "different_groups": {"aq1": {"params": {"bits": 8}, "modules": [
+                "attention.self", "intermediate", "output.dense"]}}},
+        "sparse_pruning": {"shared_parameters": {"enabled": False, "schedule_offset": 2000,
+                                                 "method": "l1"},
+                           "different_groups": {"sp1": {"params": {"dense_ratio": 0.5},
+                                                        "modules": ["attention.self"]}}},
+        "row_pruning": {"shared_parameters": {"enabled": False, "schedule_offset": 2000,
+                                              **prune},
+                        "different_groups": {"rp1": {
+                            "params": {"dense_ratio": 0.5}, "modules": ["intermediate.dense"],
+                            "related_modules": [["layer.\\w+.output.dense"]]}}},
+        "head_pruning": {"shared_parameters": {"enabled": False, "schedule_offset": 2000,
+                                               "num_heads": 12, **prune},
+                         "different_groups": {"rp1": {
+                             "params": {"dense_ratio": 0.5},
+                             "modules": ["attention.output.dense"],
+                             "related_modules": [["self.query", "self.key", "self.value"]]}}},
+    }
+    for name, patch in sections.items():
+        cc[name] = {**cc[name], **patch}
+    return {"train_batch_size": 8, "train_micro_batch_size_per_gpu": 8, "steps_per_print": 200,
+            "zero_optimization": {"stage": 0}, "fp16": {"enabled": True},
+            "gradient_clipping": 1.0, "prescale_gradients": True,
+            "wall_clock_breakdown": False, "compression_training": cc}
+
+
+def test_deepspeeds_bert_tutorial_config_runs_unchanged_on_llama_tiny():
+    """DeepSpeed's tutorial configs name BERT's modules; on a jds decoder each name selects
+    the matrices with the same part in the layer (``attention.self``: q/k/v;
+    ``intermediate``: the MLP's input, Llama's gate and up; ``output.dense``: both output
+    projections, as in BERT; ``word_embeddings``: the token embeddings), so the config
+    trains llama-tiny unchanged and ``redundancy_clean`` leaves 1-bit weights. GPT-2 names
+    select the same matrices; ``bert.encoder.layer`` / ``bert.embeddings`` /
+    ``bert.pooler`` / ``classifier`` initialise a layer-reduced student."""
+    from jds.compression import activation, plan
+    from jds.config.compression import CompressionConfig
+
+    model = jds.models.build("llama-tiny")
+    config = _bert_w1a8()
+    cc = CompressionConfig.model_validate(config["compression_training"])
+    wq = {a.target.path: a.layers for a in plan(model, cc).assignments}
+    assert set(wq) == {("layers", n) for n in ("wq", "wk", "wv", "wo", "w_gate", "w_up",
+                                               "w_down")} | {("embed_tokens",)}
+    assert all(v is None or all(v) for v in wq.values())  # every layer
+    aq = {t.path for t, _, _ in activation.plan(model, cc).items}
+    assert aq == {("layers", n) for n in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")}
+    gpt2 = CompressionConfig.model_validate(_wq({"g": {
+        "params": {"start_bits": 8, "target_bits": 8},
+        "modules": ["attn.c_attn", "mlp.c_fc"]}})["compression_training"])
+    assert {a.target.path[-1] for a in plan(model, gpt2).assignments} == {
+        "wq", "wk", "wv", "w_gate", "w_up"}
+
+    engine = jds.initialize(model, config, devices=jax.devices()[:1])
+    rng = np.random.default_rng(0)
+    losses = [engine.train_batch({"input_ids": rng.integers(0, 256, (8, 16), np.int32)})["loss"]
+              for _ in range(3)]
+    assert np.all(np.isfinite(losses))
+    clean = jds.compression.redundancy_clean(engine.model, config)
+    w = np.asarray(clean.layers.w_up.get_value()[1])  # [D, F]: 64 groups of 8 outputs
+    assert all(len(np.unique(w[:, g * 8:(g + 1) * 8])) <= 2 for g in range(64))
+
+    # layer reduction with the config's BERT names on a 4-layer teacher
+    teacher = jds.models.build("llama-tiny")
+    student = jds.models.build("llama-tiny", num_hidden_layers=2)
+    reduce = _bert_w1a8(layer_reduction={"enabled": True, "keep_number_layer": 2,
+                                         "teacher_layer": [1, 3]})
+    jds.compression.init_compression(student, reduce, teacher_model=teacher)
+    np.testing.assert_array_equal(np.asarray(student.layers.wq.get_value()),
+                                  np.asarray(teacher.layers.wq.get_value())[[1, 3]])
+    for name in ("embed_tokens", "norm", "lm_head"):
+        np.testing.assert_array_equal(np.asarray(getattr(student, name).get_value()),
+                                      np.asarray(getattr(teacher, name).get_value()))
 
 
 def test_a_quantization_aware_checkpoint_serves_in_int8_with_its_own_scales(tmp_path):

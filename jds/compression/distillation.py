@@ -5,10 +5,13 @@ with ``teacher_model``): DeepSpeed copies teacher layer ``teacher_layer[i]`` int
 layer ``i`` (the modules ``<module_name_prefix>.<i>``) and the ``other_module_name``
 modules whole. jds's stacked decoders hold every layer in one array per matrix, so
 ``module_name_prefix`` names the stack (``model.layers`` / ``transformer.h`` as Hugging
-Face, or jds's ``layers``) and the student's arrays become the teacher's rows
-``teacher_layer``; ``other_module_name`` takes Hugging Face names (``model.embed_tokens``,
-``model.norm``, ``lm_head``, ``transformer.wte``, ``transformer.wpe``, ``transformer.ln_f``)
-or attribute paths. Any other model: ``<prefix>.<i>`` are attribute paths to sub-modules
+Face, BERT's ``bert.encoder.layer`` as DeepSpeedExamples' configs write it, or jds's
+``layers``) and the student's arrays become the teacher's rows ``teacher_layer``;
+``other_module_name`` takes Hugging Face names (``model.embed_tokens``, ``model.norm``,
+``lm_head``, ``transformer.wte``, ``transformer.wpe``, ``transformer.ln_f``), the BERT
+names of the modules in the same places (``bert.embeddings``; ``bert.pooler``, between the
+stack and the head: the final norm; ``classifier``: the LM head, or the embeddings it is
+tied to) or attribute paths. Any other model: ``<prefix>.<i>`` are attribute paths to sub-modules
 (an ``nnx.List`` of blocks, say) whose parameters are copied.
 
 **Distillation in the same compiled step.** DeepSpeed leaves the distillation loss to the
@@ -35,9 +38,16 @@ from flax import nnx
 
 from jds.models import base
 
-_HF_TOP = {"model.embed_tokens": ("embed_tokens",), "model.norm": ("norm",),
-           "lm_head": ("lm_head",), "transformer.wte": ("wte",), "transformer.wpe": ("wpe",),
-           "transformer.ln_f": ("ln_f_scale", "ln_f_bias")}
+# A decoder's modules outside the stack by their Hugging Face names and by the BERT names
+# of the modules in the same place (DeepSpeedExamples' configs): each name's alternatives,
+# the first one whose attributes the model has (non-None) is the module
+_HF_TOP = {"model.embed_tokens": (("embed_tokens",),), "model.norm": (("norm",),),
+           "lm_head": (("lm_head",),), "transformer.wte": (("wte",),),
+           "transformer.wpe": (("wpe",),), "transformer.ln_f": (("ln_f_scale", "ln_f_bias"),),
+           "bert.embeddings": (("embed_tokens",), ("wte", "wpe")),
+           "bert.pooler": (("norm",), ("ln_f_scale", "ln_f_bias")),  # between stack and head
+           "classifier": (("lm_head",), ("embed_tokens",), ("wte",))}  # tied: the embeddings
+_STACK_NAMES = ("bert.encoder.layer", "transformer.h", "model.layers")  # any decoder's stack
 
 
 class Distillation(nnx.Module):
@@ -95,7 +105,7 @@ def _stack_path(model: nnx.Module, prefix: str) -> tuple | None:
     for path, m in nnx.iter_modules(model):
         cls = type(m)
         if getattr(cls, "LINEARS", None) and getattr(cls, "HF_PREFIX", None):
-            if prefix in (cls.HF_PREFIX, ".".join(map(str, path))):
+            if prefix in (cls.HF_PREFIX, ".".join(map(str, path)), *_STACK_NAMES):
                 return tuple(path)
     return None
 
@@ -163,7 +173,10 @@ def student_initialization(student: nnx.Module, teacher: nnx.Module, section: An
         for i, t in enumerate(layers):
             _copy(s_blocks[i], t_blocks[t], f"{key}: {section.module_name_prefix}.{i}")
     for name in section.other_module_name:
-        attrs = _HF_TOP.get(name, (name,)) if stack is not None else (name,)
+        attrs = (name,)
+        if stack is not None and name in _HF_TOP:
+            attrs = next((alt for alt in _HF_TOP[name] if all(
+                getattr(teacher, a, None) is not None for a in alt)), _HF_TOP[name][0])
         for a in attrs:
             _copy(_attr(student, a, f"{key}.other_module_name"),
                   _attr(teacher, a, f"{key}.other_module_name"),

@@ -7,7 +7,17 @@ decoders (Llama, GPT-2) name each layer's matrices as Hugging Face does
 (``model.layers.3.self_attn.q_proj``, ``transformer.h.0.mlp.c_fc``) and as jds does
 (``layers.3.wq``), so a pattern may select some layers only (the others are left as they
 are inside the same stacked array); their embeddings and LM head are ``model.embed_tokens``
-/ ``transformer.wte`` / ``transformer.wpe`` / ``lm_head``. Any other model: each
+/ ``transformer.wte`` / ``transformer.wpe`` / ``lm_head``. DeepSpeed's own configs are
+written for BERT (DeepSpeedExamples' ``compression/bert``, the tutorial's: ``attention.self``,
+``intermediate``, ``output.dense``, ``word_embeddings``, ``bert.encoder.layer``) and GPT-2
+(``attn.c_attn``, ``mlp.c_fc``); each decoder matrix also answers to the name of the module
+with its part (``ROLES``) in those models and in a Llama (``ALIASES``): q/k/v are
+``attention.self.query|key|value`` / ``attn.c_attn`` / ``self_attn.q_proj``..., the
+attention output ``attention.output.dense`` / ``attn.c_proj``, the MLP's input (Llama's gate
+and up) ``intermediate.dense`` / ``mlp.c_fc``, its output ``output.dense`` / ``mlp.c_proj``,
+the token embeddings ``bert.embeddings.word_embeddings``. So such a config runs unchanged on
+any jds decoder, selecting what it selects in its own model (``output.dense`` finds both
+BERT output projections, as DeepSpeed's ``re.search`` does there). Any other model: each
 ``nnx.Linear``, ``nnx.Conv`` and ``nnx.Embed`` by its attribute path (``encoder.fc1``). A
 pattern that matches nothing, or a module two groups claim, is an error naming the group.
 
@@ -26,7 +36,8 @@ span q, k and v), else each on its own.
 the forward pass of step ``t`` sees the weights of quantize call ``q`` = ``t + 1`` when
 ``schedule_offset`` is 0 and ``t - schedule_offset`` otherwise (none before). Call ``q``
 quantizes to ``start_bits`` minus the number of periods passed: the ``k``-th bit drop comes
-at call ``quantization_period * 2**(k - 1)``, down to ``target_bits``. With
+at call ``quantization_period * 2**(k - 1)`` (at most one per call: period 0 drops a bit
+every call), down to ``target_bits``. With
 ``fp16_mixed_quantize`` the weight used is ``r * w + (1 - r) * q(w)``, ``r`` falling by
 ``quantize_change_ratio`` per call from 1, and back to 1 at each bit drop (DeepSpeed
 subtracts repeatedly and can leave one call at a small negative ``r``; jds clips at 0).
@@ -63,6 +74,28 @@ from jds.config.compression import CompressionConfig
 PyTree = Any
 _TOP_HF = {"embed_tokens": "model.embed_tokens", "lm_head": "lm_head", "wte": "transformer.wte",
            "wpe": "transformer.wpe"}
+# A decoder matrix's module name in the other models DeepSpeed configs are written for, by
+# its part in the layer (the layers class's ROLES; see the module docstring): BERT, GPT-2 and
+# Llama (Hugging Face names, layer ``{i}``)
+ALIASES = {
+    "q": ("bert.encoder.layer.{i}.attention.self.query", "transformer.h.{i}.attn.c_attn",
+          "model.layers.{i}.self_attn.q_proj"),
+    "k": ("bert.encoder.layer.{i}.attention.self.key", "transformer.h.{i}.attn.c_attn",
+          "model.layers.{i}.self_attn.k_proj"),
+    "v": ("bert.encoder.layer.{i}.attention.self.value", "transformer.h.{i}.attn.c_attn",
+          "model.layers.{i}.self_attn.v_proj"),
+    "attn_out": ("bert.encoder.layer.{i}.attention.output.dense",
+                 "transformer.h.{i}.attn.c_proj", "model.layers.{i}.self_attn.o_proj"),
+    "mlp_gate": ("bert.encoder.layer.{i}.intermediate.dense", "transformer.h.{i}.mlp.c_fc",
+                 "model.layers.{i}.mlp.gate_proj"),
+    "mlp_in": ("bert.encoder.layer.{i}.intermediate.dense", "transformer.h.{i}.mlp.c_fc",
+               "model.layers.{i}.mlp.up_proj"),
+    "mlp_out": ("bert.encoder.layer.{i}.output.dense", "transformer.h.{i}.mlp.c_proj",
+                "model.layers.{i}.mlp.down_proj"),
+}
+_TOP_ALIASES = {"embed_tokens": ("bert.embeddings.word_embeddings", "transformer.wte"),
+                "wte": ("bert.embeddings.word_embeddings", "model.embed_tokens"),
+                "wpe": ("bert.embeddings.position_embeddings",)}
 _STEP: contextvars.ContextVar[jax.Array | None] = contextvars.ContextVar("jds_quant_step",
                                                                         default=None)
 
@@ -125,10 +158,13 @@ def targets(model: nnx.Module) -> list[Target]:
             path = tuple(path)
             stacked_paths.add(path)
             prefix = ".".join(map(str, path))
+            roles = getattr(cls, "ROLES", {})
             for name, n_in in cls.LINEARS.items():
                 n_layers = int(getattr(m, name).shape[0])
-                names = tuple((f"{cls.HF_PREFIX}.{i}.{cls.HF_NAMES[name]}",
-                               f"{prefix}.{i}.{name}") for i in range(n_layers))
+                own = f"{cls.HF_PREFIX}.{{i}}.{cls.HF_NAMES[name]}"
+                aliases = [a for a in ALIASES.get(roles.get(name), ()) if a != own]
+                names = tuple((own.format(i=i), f"{prefix}.{i}.{name}",
+                               *(a.format(i=i) for a in aliases)) for i in range(n_layers))
                 bias = "b" + name[1:]  # wq -> bq, w_up -> b_up
                 out.append(Target(path + (name,), names, "linear", n_in, True,
                                   tuple(getattr(m, name).shape), "linear",
@@ -154,7 +190,8 @@ def targets(model: nnx.Module) -> list[Target]:
                 if isinstance(v, nnx.Param) and v.get_value().ndim >= 2:
                     axes = tuple(getattr(v, "axes", None) or ())
                     linear = bool(axes) and axes[-1] == "vocab"
-                    out.append(Target((name,), ((_TOP_HF.get(name, name), name),),
+                    out.append(Target((name,), ((_TOP_HF.get(name, name), name,
+                                                 *_TOP_ALIASES.get(name, ())),),
                                       "linear" if linear else "embedding",
                                       v.get_value().ndim - 1 if linear else 0, False,
                                       tuple(v.get_value().shape),
@@ -205,9 +242,15 @@ class MoQSchedule:
             return step + 1
         return jnp.maximum(step - self.offset, 0)
 
+    def _due(self, k: jax.Array) -> jax.Array:
+        """The call of the ``k``-th bit drop: ``period * 2**(k - 1)``, and no sooner than
+        call ``k`` (DeepSpeed's ``Quantizer`` drops at most one bit per call; period 0
+        drops one every call)."""
+        return jnp.maximum(self.period * 2 ** (k - 1), k)
+
     def _drops(self, q: jax.Array) -> jax.Array:
         k = jnp.arange(1, self.start_bits - self.target_bits + 1, dtype=jnp.int32)
-        return jnp.sum(q[..., None] >= self.period * 2 ** (k - 1), axis=-1)
+        return jnp.sum(q[..., None] >= self._due(k), axis=-1)
 
     def __call__(self, step: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """``(quantized, bits, ratio)`` for the forward pass of ``step``: whether the
@@ -220,7 +263,7 @@ class MoQSchedule:
         bits = (self.start_bits - drops).astype(jnp.int32)
         ratio = jnp.float32(0.0)
         if self.change_ratio is not None:
-            last = jnp.where(drops > 0, self.period * 2 ** jnp.maximum(drops - 1, 0), 0)
+            last = jnp.where(drops > 0, self._due(jnp.maximum(drops, 1)), 0)
             ratio = jnp.clip(1.0 - self.change_ratio * (q - last).astype(jnp.float32), 0, 1)
         return q >= 1, bits, ratio
 
@@ -525,5 +568,5 @@ def plan(model: nnx.Module, config: CompressionConfig, *, seed: int = 0,
                             shared.quantize_verbose, tuple(fused))
 
 
-__all__ = ["MoQSchedule", "QuantizationPlan", "Target", "matches", "plan",
+__all__ = ["ALIASES", "MoQSchedule", "QuantizationPlan", "Target", "matches", "plan",
            "quantization_step", "targets"]

@@ -49,11 +49,12 @@ class WeightQuantShared(_Section):
 class WeightQuantParams(_Section):
     """A group's ``params``: MoQ starts at ``start_bits``, drops a bit after
     ``quantization_period`` quantized steps, then after twice as many, ..., down to
-    ``target_bits``."""
+    ``target_bits`` (at most one bit per step: period 0, which DeepSpeedExamples' configs
+    use with equal bits, drops one bit every step)."""
 
     start_bits: Int = Field(ge=1, le=32)
     target_bits: Int = Field(ge=1, le=32)
-    quantization_period: Int = Field(1, ge=1)
+    quantization_period: Int = Field(1, ge=0)
 
     @model_validator(mode="after")
     def _bits(self) -> WeightQuantParams:

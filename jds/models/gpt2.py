@@ -178,6 +178,8 @@ class GPT2Layers(nnx.Module):
     LINEARS = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w_fc": 1, "w_proj": 1}
     HF_NAMES = {"wq": "attn.c_attn", "wk": "attn.c_attn", "wv": "attn.c_attn",
                 "wo": "attn.c_proj", "w_fc": "mlp.c_fc", "w_proj": "mlp.c_proj"}
+    ROLES = {"wq": "q", "wk": "k", "wv": "v", "wo": "attn_out", "w_fc": "mlp_in",
+             "w_proj": "mlp_out"}  # as LlamaLayers.ROLES
     LORA_DEFAULT_TARGETS = ("wq", "wk", "wv")  # PEFT's default for GPT-2: c_attn
     HF_PREFIX = "transformer.h"  # the Hugging Face module path of layer i: HF_PREFIX.i
     HF_FAN_IN_FAN_OUT = True  # HF stores these matrices [in, out] (Conv1D)

@@ -280,6 +280,10 @@ class LlamaLayers(nnx.Module):
     HF_NAMES = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj",
                 "wo": "self_attn.o_proj", "w_gate": "mlp.gate_proj", "w_up": "mlp.up_proj",
                 "w_down": "mlp.down_proj"}
+    # each matrix's part in a Transformer layer: DeepSpeed configs written for BERT or GPT-2
+    # module names select the same matrices here (jds.compression.weight_quantization)
+    ROLES = {"wq": "q", "wk": "k", "wv": "v", "wo": "attn_out", "w_gate": "mlp_gate",
+             "w_up": "mlp_in", "w_down": "mlp_out"}
     LORA_DEFAULT_TARGETS = ("wq", "wv")  # PEFT's default for Llama: q_proj, v_proj
     HF_PREFIX = "model.layers"  # the Hugging Face module path of layer i: HF_PREFIX.i
     HF_FAN_IN_FAN_OUT = False  # HF stores these matrices [out, in] (nn.Linear)
