@@ -67,7 +67,7 @@ def test_student_takes_the_teachers_layers_and_modules():
 
     refused(_reduction([1, 4]), r"teacher_layer \[1, 4\] names layers outside the teacher's 4")
     refused(_reduction([0, 1, 2]), "keep_number_layer is 3 but the student has 2 layers")
-    refused(_reduction([0, 1], prefix="bert.encoder.layer"), "has no 'bert.encoder.layer'")
+    refused(_reduction([0, 1], prefix="encoder.blocks"), "has no .encoder.blocks.")
     refused(_reduction([0, 1]), "pass init_compression", teacher_model=None)
     with pytest.raises(ConfigError, match="teacher_layer has 1 entries for keep_number_layer 2"):
         jds.Config.load({"compression_training": {"layer_reduction": {
@@ -110,6 +110,45 @@ def test_distillation_loss_is_hintons_soft_targets_plus_cross_entropy():
         distillation_loss(alpha=1.5)
 
 
+def test_hidden_state_distillation_matches_each_layers_output():
+    """``hidden=``: every student layer's output against its teacher layer's (mean squared
+    error per token, summed over layers), the outputs being exactly what the layers give
+    (the stack run to that layer); a wrong ``teacher_layer`` and plain models are refused."""
+    from jds.compression.distillation import hidden_states
+    from jds.models.layers import positions_from_segments, stacked_params
+
+    teacher, student = _llama(4, seed=0), _llama(2, seed=1)
+    ids = _batch(0)["input_ids"][:2]
+    labels = ids.copy()
+    labels[1, 5] = -100
+    logits, hs = hidden_states(teacher, ids)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(teacher(ids)), rtol=1e-5,
+                               atol=1e-6)
+    pos = positions_from_segments(None, *ids.shape)
+    x = teacher.embed(ids, pos)
+    for i in range(4):  # layer i's output: the first i + 1 layers run
+        part = {k: v[:i + 1] for k, v in stacked_params(teacher.layers).items()}
+        np.testing.assert_allclose(np.asarray(hs[i]),
+                                   np.asarray(teacher.run_layers(part, x, pos, None)),
+                                   rtol=1e-5, atol=1e-6)
+    _, hs_s = hidden_states(student, ids)
+    batch = {"input_ids": jnp.asarray(ids), "labels": jnp.asarray(labels)}
+    model = Distillation(student, teacher)
+    base_total, base_aux = distillation_loss(alpha=0.3).fn(model, batch)
+    total, aux = distillation_loss(alpha=0.3, hidden=0.5).fn(model, batch)  # [1, 3]
+    d = np.asarray(hs_s) - np.asarray(hs)[[1, 3]]
+    want = ((d ** 2).mean(-1).sum(0)[:, :-1] * (labels[:, 1:] != -100)).sum()
+    np.testing.assert_allclose(float(aux["hidden"]), want, rtol=1e-5)
+    np.testing.assert_allclose(float(total), float(base_total) + 0.5 * want, rtol=1e-5)
+    assert float(aux["kd"]) == pytest.approx(float(base_aux["kd"]), rel=1e-6)
+    _, other = distillation_loss(hidden=1.0, teacher_layer=[0, 2]).fn(model, batch)
+    assert float(other["hidden"]) != pytest.approx(want, rel=1e-3)
+    with pytest.raises(ValueError, match="needs one teacher layer"):
+        distillation_loss(hidden=1.0, teacher_layer=[1, 2, 3]).fn(model, batch)
+    with pytest.raises(ValueError, match="hidden .* must be >= 0"):
+        distillation_loss(hidden=-1.0)
+
+
 def test_half_depth_student_distilled_under_zero3_equals_one_device():
     """The student (half the teacher's layers) trains against the frozen teacher in one
     compiled step: ZeRO-3 on 8 devices gives the 1-device losses, only the student has
@@ -120,14 +159,15 @@ def test_half_depth_student_distilled_under_zero3_equals_one_device():
         teacher, student = _llama(4, seed=0), _llama(2, seed=1)
         config = {**_reduction([1, 3]), **layout}
         jds.compression.init_compression(student, config, teacher_model=teacher)
-        engine = jds.initialize(Distillation(student, teacher), config, devices=devices)
+        engine = jds.initialize(Distillation(student, teacher), config, devices=devices,
+                                loss_fn=distillation_loss(hidden=0.1, teacher_layer=[1, 3]))
         metrics = [engine.train_batch(_batch(0)) for _ in range(3)]  # one batch: loss falls
         return engine, teacher, metrics
 
     one, teacher, m1 = run({}, jax.devices()[:1])
     eight, _, m8 = run({"zero_optimization": {"stage": 3}, "mesh": {"fsdp": 8}}, jax.devices())
     np.testing.assert_allclose([m["loss"] for m in m8], [m["loss"] for m in m1], rtol=2e-5)
-    assert {"kd", "ce", "loss"} <= set(m1[0])
+    assert {"kd", "ce", "hidden", "loss"} <= set(m1[0])
     assert m1[2]["loss"] < m1[0]["loss"]
     assert set(one.split.params) == {"student"} and "teacher" in one.split.frozen
     trained = one.model
@@ -137,6 +177,16 @@ def test_half_depth_student_distilled_under_zero3_equals_one_device():
                            np.asarray(teacher.layers.wq.get_value())[[1, 3]])
     wq = eight.state.frozen["teacher"]["layers"]["wq"]  # ZeRO-3 splits the frozen teacher
     assert wq.addressable_shards[0].data.size * 8 == wq.size
+    # ... and both decoders gather their weights a layer at a time inside their layer
+    # scans: no stacked (all-layer) weight of either is ever all-gathered whole
+    from test_zero import collectives
+
+    hlo = eight.lower_train_step(16).compile().as_text()
+    stacked = {x.shape for tree in (eight.state.params, eight.state.frozen)
+               for x in jax.tree.leaves(tree) if x.ndim >= 3}
+    gathered = {s for _, op, _, shapes in collectives(hlo) if op == "all-gather"
+                for s in shapes}
+    assert gathered and not stacked & gathered, (stacked, gathered)
 
     twin = _llama(2, seed=3)
     _, aux = distillation_loss().fn(Distillation(twin, twin), _batch(0))

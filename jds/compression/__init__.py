@@ -34,6 +34,7 @@ from jds.compression.distillation import (
     STUDENT,
     Distillation,
     distillation_loss,
+    hidden_states,
     student_initialization,
 )
 from jds.compression.pruning import PruningMask, PruningPlan, PruningScores
@@ -213,7 +214,7 @@ def post_training_quantize(model: nnx.Module,
 
 
 __all__ = ["STUDENT", "Distillation", "MoQSchedule", "PruningMask", "PruningPlan",
-           "PruningScores", "QuantizationPlan", "activation", "distillation_loss",
+           "PruningScores", "QuantizationPlan", "activation", "distillation_loss", "hidden_states",
            "init_compression", "plan", "post_training_quantize", "pruning",
            "quantization_step", "quantizers", "redundancy_clean", "student_initialization",
            "targets"]

@@ -21,9 +21,11 @@ default ``trainable`` for it is the student's parameters), so the teacher is sha
 any frozen parameters (ZeRO-3 splits it too) and its forward runs inside the student's
 compiled train step; ``distillation_loss`` is the loss: ``alpha * T^2 * KL(teacher_T ||
 student_T) + (1 - alpha) * cross-entropy`` per token (Hinton et al.'s soft targets at
-temperature ``T``), reported as ``kd`` and ``ce``. Under ZeRO-3 the wrapper is not itself a
-stacked decoder, so its parameters are gathered whole for the forward pass rather than
-layer by layer. Hidden-state distillation is not built.
+temperature ``T``), reported as ``kd`` and ``ce``; ``hidden=`` adds the hidden-state loss
+(each student layer's output against its teacher layer's, mean squared error; every layer's
+output leaves the layer scan for it). Under ZeRO-3 the student and the teacher each gather
+their weights a layer at a time inside their own layer scans, as a lone decoder does
+(``jds.models.base.split_model`` finds the decoders inside the wrapper).
 """
 
 from __future__ import annotations
@@ -66,26 +68,77 @@ class Distillation(nnx.Module):
 STUDENT = nnx.All(nnx.Param, nnx.PathContains("student"))  # Distillation's trainable filter
 
 
+def hidden_states(model: nnx.Module, input_ids_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """A stacked decoder's ``(logits_BTV, every layer's output [L, B, T, D])`` (its
+    ``embed`` / ``run_layers(outputs=True)`` / ``head``)."""
+    from jds.models.layers import positions_from_segments, stacked_params
+
+    B, T = input_ids_BT.shape
+    positions_BT = positions_from_segments(None, B, T)
+    x_BTD = model.embed(input_ids_BT, positions_BT)
+    x_BTD, hidden_LBTD = model.run_layers(stacked_params(model.layers), x_BTD, positions_BT,
+                                          None, outputs=True)
+    return model.head(x_BTD), hidden_LBTD
+
+
 def distillation_loss(temperature: float = 1.0, alpha: float = 0.5,
-                      vocab_size: int | None = None) -> base.Loss:
+                      vocab_size: int | None = None, *, hidden: float = 0.0,
+                      teacher_layer: list[int] | None = None) -> base.Loss:
     """The causal-LM distillation loss of a ``Distillation`` model, per valid target token:
     ``alpha * T**2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * CE``
     (labels as the causal-LM loss reads them: ``labels`` with -100 ignored, else
-    ``input_ids``). The teacher's logits carry no gradient.
+    ``input_ids``), plus with ``hidden > 0`` the hidden-state loss (TinyBERT / XTC's):
+    ``hidden * sum_i mean_D (h_student_i - h_teacher_{teacher_layer[i]})**2``, ``h`` a
+    layer's output (the residual stream), for stacked decoders of one width. The teacher
+    carries no gradient; ``kd``, ``ce`` (and ``hidden``) are reported.
+
+    Args:
+      temperature, alpha: the soft targets' temperature and weight.
+      vocab_size: checked against the batch's token ids.
+      hidden: the hidden-state loss's weight (0: logits only).
+      teacher_layer: the teacher layer each student layer learns from (the config's
+        ``layer_reduction.teacher_layer``); default: evenly spaced, the last student layer
+        on the last teacher layer (4 -> 2 layers: ``[1, 3]``).
 
     Raises:
-      ValueError: ``temperature <= 0`` or ``alpha`` outside ``[0, 1]``.
+      ValueError: ``temperature <= 0``, ``alpha`` outside ``[0, 1]``, ``hidden < 0``; when
+        the loss is traced with ``hidden``, models that are not stacked decoders of one
+        width, or a ``teacher_layer`` that does not fit them.
     """
     if temperature <= 0:
         raise ValueError(f"distillation temperature must be > 0; got {temperature}")
     if not 0 <= alpha <= 1:
         raise ValueError(f"distillation alpha must be in [0, 1]; got {alpha}")
+    if hidden < 0:
+        raise ValueError(f"distillation hidden (the hidden-state loss's weight) must be >= 0; "
+                         f"got {hidden}")
     t = float(temperature)
+
+    def outputs(model: Distillation, ids_BT: jax.Array):
+        if not hidden:
+            return model.student(ids_BT), jax.lax.stop_gradient(model.teacher(ids_BT)), None
+        for who in ("student", "teacher"):
+            if not base.is_stacked_decoder(getattr(model, who)):
+                raise ValueError(f"distillation_loss(hidden=...) reads every layer's output of "
+                                 f"jds's stacked decoders; the {who} is a "
+                                 f"{type(getattr(model, who)).__name__}")
+        s_BTV, s_LBTD = hidden_states(model.student, ids_BT)
+        t_BTV, t_LBTD = jax.lax.stop_gradient(hidden_states(model.teacher, ids_BT))
+        n_s, n_t = s_LBTD.shape[0], t_LBTD.shape[0]
+        idx = (list(teacher_layer) if teacher_layer is not None
+               else [round((i + 1) * n_t / n_s) - 1 for i in range(n_s)])
+        if len(idx) != n_s or any(not 0 <= i < n_t for i in idx):
+            raise ValueError(f"distillation_loss teacher_layer {idx}: needs one teacher layer "
+                             f"(0 to {n_t - 1}) for each of the student's {n_s} layers")
+        if s_LBTD.shape[1:] != t_LBTD.shape[1:]:
+            raise ValueError(f"distillation_loss(hidden=...): the student's layer outputs "
+                             f"{s_LBTD.shape[1:]} and the teacher's {t_LBTD.shape[1:]} differ")
+        diff = s_LBTD.astype(jnp.float32) - t_LBTD[jnp.asarray(idx)].astype(jnp.float32)
+        return s_BTV, t_BTV, jnp.sum(jnp.mean(diff * diff, axis=-1), axis=0)  # [B, T]
 
     def fn(model: Distillation, batch: Mapping[str, jax.Array]):
         ids_BT = batch["input_ids"]
-        student_BTV = model.student(ids_BT)
-        teacher_BTV = jax.lax.stop_gradient(model.teacher(ids_BT))
+        student_BTV, teacher_BTV, mse_BT = outputs(model, ids_BT)
         ce_sum, _ = base.causal_lm_loss_sum(student_BTV, ids_BT, batch.get("labels"))
         labels_BT = batch.get("labels", ids_BT)
         valid_BT = labels_BT[:, 1:] != base.IGNORE_INDEX  # the positions the CE counts
@@ -93,7 +146,12 @@ def distillation_loss(temperature: float = 1.0, alpha: float = 0.5,
         log_t = jax.nn.log_softmax(teacher_BTV[:, :-1].astype(jnp.float32) / t, axis=-1)
         kl_BT = jnp.sum(jnp.exp(log_t) * (log_t - log_s), axis=-1)
         kd_sum = t * t * jnp.sum(jnp.where(valid_BT, kl_BT, 0.0))
-        return alpha * kd_sum + (1 - alpha) * ce_sum, {"kd": kd_sum, "ce": ce_sum}
+        total = alpha * kd_sum + (1 - alpha) * ce_sum
+        aux = {"kd": kd_sum, "ce": ce_sum}
+        if mse_BT is not None:
+            aux["hidden"] = jnp.sum(jnp.where(valid_BT, mse_BT[:, :-1], 0.0))
+            total = total + hidden * aux["hidden"]
+        return total, aux
 
     return base.Loss(fn=fn, weight=base.valid_targets, per_example=True,
                      weight_metric="tokens",
@@ -193,4 +251,5 @@ def _check_layers(layers: list[int], n_teacher: int, n_student: int, keep: int,
                          f"{n_student} layers; build the student with {keep}")
 
 
-__all__ = ["STUDENT", "Distillation", "distillation_loss", "student_initialization"]
+__all__ = ["STUDENT", "Distillation", "distillation_loss", "hidden_states",
+           "student_initialization"]

@@ -94,8 +94,9 @@ class StackedDecoder(Protocol):
 
     def run_layers(self, params_L: dict[str, jax.Array], x_BTD: jax.Array,
                    positions_BT: jax.Array, segment_ids_BT: jax.Array | None, *,
-                   checkpoint_every: int = 0) -> jax.Array:
-        """The layers stacked in ``params_L`` (all of them or a stage's chunk)."""
+                   checkpoint_every: int = 0, outputs: bool = False) -> Any:
+        """The layers stacked in ``params_L`` (all of them or a stage's chunk); with
+        ``outputs``, ``(x, every layer's output)``."""
 
     def layer_fn(self) -> Callable[..., jax.Array]:
         """``(p, x_BTD, positions_BT, attend) -> x_BTD``: one layer, for serving."""
@@ -321,6 +322,9 @@ class SplitModel:
       module_type: the model's class.
       config: the model's own config (``model.config``), or None.
       stacked: whether the model is a ``StackedDecoder``.
+      decoders: the paths of the ``StackedDecoder`` modules in it (``()``: the model itself;
+        e.g. a ``Distillation``'s student and teacher), which gather their own parameters
+        layer by layer under ZeRO-3.
     """
 
     graphdef: nnx.GraphDef
@@ -335,6 +339,7 @@ class SplitModel:
     module_type: type
     config: Any
     stacked: bool
+    decoders: tuple[tuple[str, ...], ...] = ()
 
     def _state_in(self, model_state: PyTree) -> PyTree:
         return jax.tree.map(
@@ -369,14 +374,20 @@ def split_model(model: nnx.Module, *, trainable: Filter = nnx.Param, remat: str 
                 gather: ParamGather | None = None) -> SplitModel:
     """Split ``model`` (concrete, or abstract from ``nnx.eval_shape``) for the engine.
 
-    ``remat`` (other than "none") and ``gather`` are set on a copy of a ``StackedDecoder``
-    (its layer scan's checkpointing and ZeRO-3 gathering); ``model`` itself is unchanged.
+    ``remat`` (other than "none") and ``gather`` are set on a copy of every
+    ``StackedDecoder`` in the model (the model itself, or ones inside it such as a
+    ``Distillation``'s student and teacher: their layer scans' checkpointing and ZeRO-3
+    gathering); ``model`` itself is unchanged.
 
     Raises:
       ValueError: the model has no ``nnx.Param``, or ``trainable`` selects none of them.
       TypeError: ``remat`` for a model that is not a ``StackedDecoder``.
     """
     stacked = is_stacked_decoder(model)
+    decoders = tuple(tuple(str(k) for k in path) for path, m in nnx.iter_modules(model)
+                     if is_stacked_decoder(m))
+    decoders = tuple(d for d in decoders  # the outermost ones: they gather what they hold
+                     if not any(len(o) < len(d) and d[:len(o)] == o for o in decoders))
     _, params, frozen, rest = _partition(model, trainable)
     if not jax.tree.leaves(params) and not jax.tree.leaves(frozen):
         raise ValueError(f"{type(model).__name__} has no nnx.Param: there is nothing to train "
@@ -385,7 +396,7 @@ def split_model(model: nnx.Module, *, trainable: Filter = nnx.Param, remat: str 
         raise ValueError(f"trainable={trainable!r} selects none of {type(model).__name__}'s "
                          "parameters; pass an nnx filter that matches some nnx.Param "
                          "(default: nnx.Param, every parameter)")
-    if remat != "none" and not stacked:
+    if remat != "none" and not decoders:
         raise TypeError(
             f"activation checkpointing (remat={remat!r}, from activation_checkpointing or "
             f"train.remat) is applied by jds to its stacked decoders' layer scan; "
@@ -397,10 +408,11 @@ def split_model(model: nnx.Module, *, trainable: Filter = nnx.Param, remat: str 
     graphdef, state = nnx.split(model)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
     copy = nnx.merge(graphdef, abstract)
-    if stacked:
-        if remat != "none":
-            copy.remat = remat
-        copy.param_gather = gather
+    for path, m in nnx.iter_modules(copy):
+        if tuple(str(k) for k in path) in decoders:
+            if remat != "none":
+                m.remat = remat
+            m.param_gather = gather
     copy.train()
     train_def = _partition(copy, trainable)[0]
     copy.eval()
@@ -424,6 +436,7 @@ def split_model(model: nnx.Module, *, trainable: Filter = nnx.Param, remat: str 
         module_type=type(model),
         config=getattr(model, "config", None),
         stacked=stacked,
+        decoders=decoders,
     )
 
 
@@ -463,16 +476,30 @@ def _binder(split: SplitModel, gather: ParamGather | None, train: bool
             ) -> tuple[Callable[[PyTree, PyTree, PyTree], nnx.Module], bool]:
     """``(bind(params, frozen, model_state) -> module, gathers_all)``.
 
-    A model that is not a ``StackedDecoder`` cannot gather layer by layer, so under ZeRO-3
-    (``gather.sharded``) ``bind`` gathers all its parameters: DeepSpeed's ZeRO-3 at the
-    granularity of the whole model.
+    A ``StackedDecoder`` gathers its parameters layer by layer; the parameters outside any
+    (all of a plain module's) cannot, so under ZeRO-3 (``gather.sharded``) ``bind`` gathers
+    them whole: DeepSpeed's ZeRO-3 at the granularity of the module. ``gathers_all``: some
+    are gathered so.
     """
-    gather_all = gather is not None and gather.sharded and not split.stacked
+    def inside(keypath: Any) -> bool:  # a leaf that a decoder gathers itself
+        path = tuple(str(getattr(k, "key", k)) for k in keypath)
+        return any(path[:len(d)] == d for d in split.decoders)
+
+    def outside(tree: PyTree) -> bool:
+        return any(not inside(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(tree)[0])
+
+    gather_all = (gather is not None and gather.sharded and not split.stacked
+                  and (outside(split.params) or outside(split.frozen)))
+
+    def gathered(tree: PyTree, axes: PyTree) -> PyTree:
+        flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+        return treedef.unflatten([x if inside(kp) else gather(x, tuple(a)) for (kp, x), a
+                                  in zip(flat, treedef.flatten_up_to(axes), strict=True)])
 
     def bind(params, frozen, model_state):
         if gather_all:
-            params = gather.tree(params, split.params_axes)
-            frozen = gather.tree(frozen, split.frozen_axes)
+            params = gathered(params, split.params_axes)
+            frozen = gathered(frozen, split.frozen_axes)
         return split.merge(params, frozen, model_state, train=train)
 
     return bind, gather_all

@@ -306,11 +306,13 @@ class GPT2(nnx.Module):
         segment_ids_BT: jax.Array | None,
         *,
         checkpoint_every: int = 0,
-    ) -> jax.Array:
+        outputs: bool = False,
+    ) -> Any:
         """Run the layers stacked in ``params_L`` (all of them, or a stage's slice).
 
         Positions are unused (they entered with the embeddings). ``checkpoint_every=k``
-        rematerialises in groups of ``k`` layers (see ``scan_layers``).
+        rematerialises in groups of ``k`` layers (see ``scan_layers``); ``outputs`` returns
+        ``(x, every layer's output [L, B, T, D])``.
         """
         del positions_BT
         block = partial(gpt2_block, cfg=self.config)
@@ -320,7 +322,7 @@ class GPT2(nnx.Module):
                 scan_layers, block, params_L, x_BTD, segment_ids_BT, remat=self.remat,
                 axes=stacked_axes(self.layers), group=checkpoint_every,
                 gather=self.param_gather, bind=bind,
-            ))
+            ), outputs=outputs)
 
     def layer_fn(self) -> Callable[..., jax.Array]:
         """``(p, x_BTD, positions_BT, attend) -> x_BTD``: one layer, for the inference engine

@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -119,16 +119,26 @@ def layer_states(module: nnx.Module) -> dict[str, jax.Array]:
     return {k: v[...] for k, v in vars(module).items() if isinstance(v, LayerState)}
 
 
-def run_keeping_states(module: nnx.Module, scan: Callable[..., Any]) -> jax.Array:
-    """``scan(state_L=...)`` (a ``scan_layers`` call) with ``module``'s layer states, which
-    are then set to the slices the layers left; the residual stream it returns."""
+class LayerScan(NamedTuple):
+    """What ``scan_layers`` returns when asked for more than the residual stream."""
+
+    x: jax.Array  # the residual stream after the last layer
+    state: dict[str, jax.Array]  # the layer states the layers left (``[L, ...]``)
+    hidden: jax.Array | None  # every layer's output, ``[L, *x.shape]`` (``outputs=True``)
+
+
+def run_keeping_states(module: nnx.Module, scan: Callable[..., Any], *,
+                       outputs: bool = False) -> Any:
+    """``scan(state_L=..., outputs=...)`` (a ``scan_layers`` call) with ``module``'s layer
+    states, which are then set to the slices the layers left. Returns the residual stream,
+    with ``outputs`` ``(x, every layer's output [L, ...])``."""
     states = layer_states(module)
-    if not states:
-        return scan(state_L=None)
-    x, new = scan(state_L=states)
-    for k, v in new.items():
+    if not states and not outputs:
+        return scan(state_L=None, outputs=False)
+    r = scan(state_L=states, outputs=outputs)
+    for k, v in r.state.items():
         getattr(module, k).set_value(v)
-    return x
+    return (r.x, r.hidden) if outputs else r.x
 
 
 def stacked_axes(module: nnx.Module) -> dict[str, tuple[str | None, ...]]:
@@ -436,6 +446,7 @@ def scan_layers(
     gather: ParamGather | None = None,
     bind: Callable[[dict], dict] | None = None,
     state_L: dict[str, jax.Array] | None = None,
+    outputs: bool = False,
 ) -> Any:
     """Run ``x = block_fn(params_l, x, *args)`` for every layer ``l`` with ``lax.scan``.
 
@@ -463,9 +474,12 @@ def scan_layers(
       state_L: the layers' ``LayerState`` arrays (``[L, ...]``): layer ``l`` finds its slice
         in its weights under the same name and may replace it (``set_layer_state``); a
         layer that Progressive Layer Dropping skips keeps its slice.
+      outputs: also return every layer's output (hidden-state distillation); the
+        gradients then flow through the plain scan (no in-place accumulation).
 
     Returns:
-      The residual stream after the last layer; with ``state_L``, ``(x, new state_L)``.
+      The residual stream after the last layer; with ``state_L`` or ``outputs``, a
+      ``LayerScan``.
 
     Raises:
       ValueError: ``group`` does not divide the number of layers.
@@ -487,18 +501,22 @@ def scan_layers(
             out = run(p, carry, *a)
         finally:
             _LAYER_STATE.reset(token)
-        return out, box
+        return out, (box, out if outputs else None)
 
     def layer(p: dict[str, jax.Array], carry: jax.Array, *a: Any
-              ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """One layer: ``(x, its layer-state slices)``."""
+              ) -> tuple[jax.Array, tuple[dict[str, jax.Array], jax.Array | None]]:
+        """One layer: ``(x, (its layer-state slices, its output or None))``."""
         if PLD_KEEP not in p:
             return collecting(p, carry, *a)
         # Progressive Layer Dropping: a dropped layer is skipped whole (no gather, no FLOPs)
         keep = p[PLD_KEEP]
         p = {k: v for k, v in p.items() if k != PLD_KEEP}
-        return jax.lax.cond(keep, lambda c: collecting(p, c, *a),
-                            lambda c: (c, {k: p[k] for k in names}), carry)
+        return jax.lax.cond(
+            keep, lambda c: collecting(p, c, *a),
+            lambda c: (c, ({k: p[k] for k in names}, c if outputs else None)), carry)
+
+    def result(out: jax.Array, ys: tuple) -> Any:
+        return LayerScan(out, *ys) if state_L or outputs else out
 
     if state_L:
         params_L = {**params_L, **state_L}
@@ -531,18 +549,19 @@ def scan_layers(
         ckpt = jax.checkpoint(run_group, policy=jax.checkpoint_policies.nothing_saveable,
                               prevent_cse=False)
         grouped = jax.tree.map(lambda a: a.reshape(n // group, group, *a.shape[1:]), params_L)
-        out, new = jax.lax.scan(lambda c, p_k: ckpt(p_k, c), x, grouped)
-        new = jax.tree.map(lambda a: a.reshape(n, *a.shape[2:]), new)
-        return (out, new) if state_L else out
+        out, ys = jax.lax.scan(lambda c, p_k: ckpt(p_k, c), x, grouped)
+        return result(out, jax.tree.map(lambda a: a.reshape(n, *a.shape[2:]), ys))
 
     # Inside a train step that accumulates gradients in place (``gradient_sink``), the
     # backward pass adds the stacked weights' gradients into the step's accumulator.
-    acc_L = sink_for(params_L) if args_carry_no_gradient(args) else None
+    # (Not when the layers' outputs leave the scan: their gradients flow through it.)
+    acc_L = (sink_for(params_L) if args_carry_no_gradient(args) and not outputs
+             else None)
     if acc_L is not None:
-        out, new = scan_accumulating(fn, params_L, acc_L, x, *args)
+        out, ys = scan_accumulating(fn, params_L, acc_L, x, *args)
     else:
-        out, new = jax.lax.scan(lambda c, p: fn(p, c, *args), x, params_L)
-    return (out, new) if state_L else out
+        out, ys = jax.lax.scan(lambda c, p: fn(p, c, *args), x, params_L)
+    return result(out, ys)
 
 
 def check_inputs(
@@ -606,6 +625,7 @@ __all__ = [
     "causal_attention",
     "check_inputs",
     "check_remat",
+    "LayerScan",
     "LayerState",
     "LoRAWeight",
     "QuantScale",

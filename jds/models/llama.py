@@ -411,10 +411,12 @@ class Llama(nnx.Module):
         segment_ids_BT: jax.Array | None,
         *,
         checkpoint_every: int = 0,
-    ) -> jax.Array:
+        outputs: bool = False,
+    ) -> Any:
         """Run the decoder layers stacked in ``params_L`` (all of them, or a stage's slice).
 
-        ``checkpoint_every=k`` rematerialises in groups of ``k`` layers (see ``scan_layers``).
+        ``checkpoint_every=k`` rematerialises in groups of ``k`` layers (see ``scan_layers``);
+        ``outputs`` returns ``(x, every layer's output [L, B, T, D])``.
         """
         block = partial(llama_block, cfg=self.config)
         params_L, bind = prepare_layers(self.layers, with_layer_drop(params_L, self))
@@ -423,7 +425,7 @@ class Llama(nnx.Module):
                 scan_layers, block, params_L, x_BTD, positions_BT, segment_ids_BT, remat=self.remat,
                 axes=stacked_axes(self.layers), group=checkpoint_every,
                 gather=self.param_gather, bind=bind,
-            ))
+            ), outputs=outputs)
 
     def layer_fn(self) -> Callable[..., jax.Array]:
         """``(p, x_BTD, positions_BT, attend) -> x_BTD``: one layer, for the inference engine."""
