@@ -60,6 +60,9 @@ SCHEDULES = [  # (name, shared parameters, start_bits, target_bits, quantization
      6, 3, 2),
     ("ternary", dict(schedule_offset=1, quantize_groups=1), 4, 2, 2),
     ("binary", dict(schedule_offset=0, quantize_groups=8), 3, 1, 1),
+    ("period_0_mixed", dict(schedule_offset=0, quantize_groups=2,  # DeepSpeedExamples' period
+                            fp16_mixed_quantize={"enabled": True, "quantize_change_ratio": 0.3}),
+     8, 4, 0),
 ]
 
 

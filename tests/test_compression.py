@@ -69,9 +69,9 @@ def test_quantizers_match_deepspeed():
 
 
 def test_moq_schedule_steps_when_deepspeeds_does():
-    """For six schedules (offsets, periods, 12 -> 8 bits down to binary, fp16_mixed_quantize),
-    the weight each forward pass sees equals DeepSpeed's, step by step (jds's [in, out]
-    layout grouped by output channels = DeepSpeed's row groups)."""
+    """For seven schedules (offsets, periods including 0, 12 -> 8 bits down to binary,
+    fp16_mixed_quantize), the weight each forward pass sees equals DeepSpeed's, step by step
+    (jds's [in, out] layout grouped by output channels = DeepSpeed's row groups)."""
     x = np.asarray(FIXTURE["input"], np.float32)
     target = Target(("w",), (("w",),), "linear", 1, False)
     for name, s in FIXTURE["schedules"].items():
