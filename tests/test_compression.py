@@ -306,7 +306,7 @@ def test_deepspeeds_bert_tutorial_config_runs_unchanged_on_llama_tiny():
     engine = jds.initialize(model, config, devices=jax.devices()[:1])
     rng = np.random.default_rng(0)
     losses = [engine.train_batch({"input_ids": rng.integers(0, 256, (8, 16), np.int32)})["loss"]
-              for _ in range(3)]
+              for _ in range(2)]
     assert np.all(np.isfinite(losses))
     clean = jds.compression.redundancy_clean(engine.model, config)
     w = np.asarray(clean.layers.w_up.get_value()[1])  # [D, F]: 64 groups of 8 outputs
