@@ -1,6 +1,6 @@
 """DeepSpeed Compression in JAX (``compression_training`` in the config).
 
-Built so far: weight quantization-aware training with MoQ's bit schedule
+Built: weight quantization-aware training with MoQ's bit schedule
 (``weight_quantization``, and MoQ's own ``quantize_training`` section) on any NNX model,
 with DeepSpeed's quantizer numerics (``quantizers``) and schedule
 (``weight_quantization``); sparse, row, head and channel pruning with ``l1`` or learned
@@ -16,9 +16,12 @@ applies the config's section itself (``jds.initialize(model, config)``);
 
 Layer reduction: ``init_compression(student, config, teacher_model=teacher)`` copies the
 chosen teacher layers into the student; ``Distillation(student, teacher)`` with
-``distillation_loss()`` trains it against the frozen teacher in one compiled step
-(``distillation``). Activation quantization fake-quantizes the inputs of the chosen Linear
-/ Conv modules and stacked-decoder matrices (``activation``).
+``distillation_loss()`` (soft targets, and with ``hidden=`` each layer's output) trains it
+against the frozen teacher in one compiled step (``distillation``). Activation quantization
+fake-quantizes the inputs of the chosen Linear / Conv modules and stacked-decoder matrices,
+with dynamic or static ranges (``activation``); ``post_training_quantize`` calibrates
+without training. Module patterns may use the module names of DeepSpeed's BERT and GPT-2
+configs on jds's decoders (``weight_quantization.ALIASES``).
 """
 
 from __future__ import annotations
