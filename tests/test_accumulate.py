@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jds.models.layers import scan_layers
 from jds.partitioning.accumulate import add_at, gradient_sink, scan_accumulating, sink_for
@@ -118,3 +119,53 @@ def test_accumulating_micro_batches_keeps_one_gradient_buffer():
     # JAX's scan transpose stacks each micro-batch's gradient beside the accumulator; the
     # accumulating scan writes into the accumulator itself
     assert temp[False] - temp[True] >= 0.8 * stacked, (temp, stacked)
+
+
+def test_layer_state_leaves_the_scan_moved_by_each_layer_it_ran():
+    """``LayerState`` through ``scan_layers``: each layer sees its own row and the rows it
+    sets come out stacked, the same under remat, grouped checkpointing and the in-place
+    accumulating scan; a layer Progressive Layer Dropping skips keeps its row; the layers'
+    outputs come out too (``outputs=True``) and carry their gradients."""
+    from jds.models.layer_drop import PLD_KEEP
+    from jds.models.layers import set_layer_state
+
+    p = {k: v for k, v in params().items() if k != "keep"}
+    x = jax.random.normal(jax.random.key(3), (B, D))
+    pos = jnp.arange(B)
+    state = {"seen": jnp.arange(L * 2, dtype=jnp.float32).reshape(L, 2)}
+
+    def blk(q, h, positions):
+        out = layer({**q, "keep": True}, h, positions)
+        set_layer_state("seen", q["seen"] + jnp.stack([jnp.min(h), jnp.max(h)]))
+        return out
+
+    want, h = [], x
+    for i in range(L):
+        want.append(state["seen"][i] + jnp.stack([jnp.min(h), jnp.max(h)]))
+        h = layer({**jax.tree.map(lambda a: a[i], p), "keep": True}, h, pos)  # noqa: B023
+    for kw in ({}, {"remat": "full"}, {"group": 2}):
+        r = scan_layers(blk, p, x, pos, state_L=state, **kw)
+        np.testing.assert_allclose(r.x, h, rtol=1e-5, atol=1e-6, err_msg=str(kw))
+        np.testing.assert_allclose(r.state["seen"], jnp.stack(want), rtol=1e-5, atol=1e-6,
+                                   err_msg=str(kw))
+    acc = jax.tree.map(jnp.zeros_like, p)
+    with gradient_sink(p, acc) as used:
+        r = scan_layers(blk, p, x, pos, state_L=state)
+    assert used  # the accumulating scan ran
+    np.testing.assert_allclose(r.state["seen"], jnp.stack(want), rtol=1e-5, atol=1e-6)
+
+    keep = jnp.array([True, False, True, True])
+    r = scan_layers(blk, {**p, PLD_KEEP: keep}, x, pos, state_L=state)
+    np.testing.assert_array_equal(r.state["seen"][1], state["seen"][1])  # skipped: as it was
+    assert not np.allclose(r.state["seen"][2], state["seen"][2])
+
+    def hidden_loss(p):
+        r = scan_layers(blk, p, x, pos, state_L=state, outputs=True)
+        return jnp.sum(r.hidden[1] ** 2)  # layer 1's output: layers 0 and 1 get gradients
+
+    np.testing.assert_allclose(scan_layers(blk, p, x, pos, state_L=state,
+                                           outputs=True).hidden[-1], h, rtol=1e-5, atol=1e-6)
+    g = jax.grad(hidden_loss)(p)
+    assert np.abs(g["w"][:2]).sum() > 0 and not np.abs(g["w"][2:]).sum()
+    with pytest.raises(ValueError, match="outside a layer scan"):
+        set_layer_state("seen", jnp.zeros(2))
