@@ -20,6 +20,13 @@ One JSON object per result line:
     python scripts/bench_decode.py                                    # llama-tiny, CPU
     python scripts/bench_decode.py --model path/to/hf_llama_1b --max-seqs 32   # a GPU
     python scripts/bench_decode.py --model llama-1b --attention pallas         # GPU kernel
+    python scripts/bench_decode.py --w8a8            # W8A8 vs W8A16 only (int8, same model)
+
+- ``w8a8`` (``--w8a8``, instead of the rows above): the model served in int8 as trained
+  with 8-bit symmetric activation quantization of every layer matrix's input (dynamic, per
+  token): its layers' int8 input codes times the int8 weights in integers (``w8a8: true``,
+  the default) against the same inputs fake-quantized for the weight-only int8 matmul
+  (``w8a8: false``, the baseline); batch-1 decode and continuous-batching tokens/s of each.
 """
 
 from __future__ import annotations
@@ -84,6 +91,37 @@ def prefix_workload(engine, prefix: list[int], suffixes: list[list[int]], n_new:
     return time.perf_counter() - t0, sum(len(o) for o in out)
 
 
+def w8a8_rows(a: argparse.Namespace, dev: jax.Device) -> None:
+    """The ``w8a8`` rows (see the module docstring)."""
+    section = {"activation_quantization": {
+        "shared_parameters": {"enabled": True, "schedule_offset": 0},
+        "different_groups": {"a": {"params": {"bits": 8}, "modules": ["*"]}}}}
+    rng = np.random.default_rng(1)
+    out = {}
+    for w8a8 in (True, False):
+        cfg = {"dtype": "int8", "max_seqs": a.max_seqs, "max_batch_tokens": a.max_batch_tokens,
+               "max_tokens": a.max_tokens, "attention": a.attention, "prefix_caching": False,
+               "compression_training": section, "w8a8": w8a8}
+        engine = jds.init_inference(a.model, cfg, devices=jax.devices()[:1])
+        engine.warmup()
+        V = engine.vocab_size
+        b1 = decode_b1(engine, rng.integers(0, V, a.prompt_len).tolist(), a.decode_tokens)
+        reqs = [(rng.integers(0, V, int(rng.integers(8, 129))).tolist(),
+                 int(rng.integers(4, 65))) for _ in range(a.requests)]
+        secs, n = workload(engine, reqs, static=False)
+        out[w8a8] = (b1, n / secs)
+    print(json.dumps({"bench": "w8a8", "device": f"{dev.platform}:{dev.device_kind}",
+                      "model": a.model, "attention": a.attention,
+                      "w8a8_decode_b1_tokens_per_s": out[True][0],
+                      "w8a16_decode_b1_tokens_per_s": out[False][0],
+                      "w8a8_workload_tokens_per_s": out[True][1],
+                      "w8a16_workload_tokens_per_s": out[False][1],
+                      "speedup_b1": out[True][0] / out[False][0],
+                      "speedup_workload": out[True][1] / out[False][1],
+                      "baseline": "w8a8 false: the same inputs fake-quantized, weight-only "
+                                  "int8 matmul"}), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="llama-tiny", help="preset or Hugging Face folder")
@@ -97,8 +135,13 @@ def main() -> None:
     ap.add_argument("--attention", default="reference",
                     choices=["reference", "pallas", "pallas_tpu"],
                     help="paged attention: the XLA reference or the Pallas kernel (GPU / TPU)")
+    ap.add_argument("--w8a8", action="store_true",
+                    help="instead: W8A8 against W8A16 on an activation-quantized model")
     a = ap.parse_args()
     dev = jax.devices()[0]
+    if a.w8a8:
+        w8a8_rows(a, dev)
+        return
     bw = copy_bandwidth()
     rng = np.random.default_rng(0)
     for dtype in a.dtypes.split(","):

@@ -91,6 +91,9 @@ phase_decode() {
     --max-seqs 32 --requests 96 --dtypes bfloat16,int8
   run decode 240 $PY scripts/bench_decode.py --model llama-1b --max-tokens 1024 \
     --max-seqs 32 --requests 96 --dtypes bfloat16 --attention pallas
+  # W8A8 (activation-quantized model: int8 x int8 layers) against W8A16, same engine setup
+  run decode 240 $PY scripts/bench_decode.py --model llama-1b --max-tokens 1024 \
+    --max-seqs 32 --requests 48 --w8a8
 }
 
 # Memory (jds estimate, XLA attention, compiled on CPU): llama-125m seq 2048 batch 16 without

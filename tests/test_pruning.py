@@ -525,3 +525,38 @@ def test_gpt2_c_attn_is_quantized_as_one_matrix_and_served_with_its_codes():
         qw = served.params["layers"][name]
         deq = np.asarray(qw.q, np.float32) * np.asarray(qw.scale)[:, None]
         np.testing.assert_array_equal(deq, want, err_msg=name)
+
+
+def test_an_activation_quantized_model_serves_int8_with_integer_matmuls():
+    """Served in int8, a model whose layer inputs are quantized (8-bit symmetric, dynamic per
+    token, ``"*"``: every layer matrix, not the LM head, which is no Linear module here; the
+    section given with a plain model) multiplies the inputs' int8 codes by the
+    int8 weights in integers (W8A8: int32-valued dots of int8 operands in the compiled step)
+    and agrees with the fake-quantized weight-only path (``w8a8: false``) and with fp32
+    serving; static ranges on a plain model are refused (training sets them)."""
+    llama = _llama()
+    section = {"activation_quantization": {
+        "shared_parameters": {"enabled": True, "schedule_offset": 0},
+        "different_groups": {"a": {"params": {"bits": 8}, "modules": ["*"]}}}}
+    cfg = {"dtype": "int8", "max_tokens": 32, "max_seqs": 1, "compression_training": section}
+
+    def top(engine):
+        rid = engine.submit([1, 2, 3, 4, 5, 6], 1, logprobs=5)
+        while engine._requests[rid].finish_reason is None:
+            engine.step()
+        return np.sort([lp for _, lp in engine._requests[rid].token_logprobs[0][1]])
+
+    w8a8 = jds.init_inference(llama, cfg)
+    hlo = w8a8.lower_step(8).compile().as_text()
+    assert re.search(r"= s32\[[\d,]+\]\{[\d,]+\} dot\(", hlo)
+    assert re.search(r"s8\[[\d,]+\]\) -> s32\[", hlo)
+    got = top(w8a8)
+    np.testing.assert_allclose(got, top(jds.init_inference(llama, {**cfg, "w8a8": False})),
+                               atol=5e-3)
+    np.testing.assert_allclose(got, top(jds.init_inference(llama, {**cfg, "dtype": "float32"})),
+                               atol=5e-3)
+    static = {"activation_quantization": {
+        **section["activation_quantization"],
+        "shared_parameters": {"enabled": True, "range_calibration": "static"}}}
+    with pytest.raises(ConfigError, match="static ranges, which training"):
+        jds.init_inference(llama, {**cfg, "compression_training": static})

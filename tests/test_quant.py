@@ -1,6 +1,7 @@
 """Int8 quantization and the Pallas int8 matmuls (interpret mode) against the jnp reference."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -242,3 +243,33 @@ def test_gpu_compiled_kernels_match_reference(m, group_size):
     np.testing.assert_array_equal(
         np.asarray(w8a8_matmul(xq, xs, qc, sc)), np.asarray(w8a8_matmul_reference(xq, xs, qc, sc))
     )
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_w8a8_layer_input_equals_its_fake_quantized_product(static):
+    """A layer whose input a model was trained to quantize (symmetric, 8 bits), served with
+    int8 weights: ``dense`` multiplies the input's int8 codes by the weight's in integers
+    (``integer=True``), equal to the fake-quantized input times the dequantized weight in
+    fp32; a layer not selected (``on`` false) takes the weight-only product; the compiled
+    program holds the int8 x int8 dot."""
+    from jds.compression.activation import quantize_layer_input
+    from jds.models.layers import ActQuantWeight, QuantizedWeight, dense
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 5, 4, 8)), jnp.float32)  # [B, T, N, H] -> D
+    w = rng.normal(size=(4, 8, 16)).astype(np.float32)            # wo-like: 2 input dims
+    q, s = quantize(jnp.asarray(w.reshape(32, 16)), axis=0)
+    base = QuantizedWeight(q.reshape(4, 8, 16), s.reshape(16), n_in=2)
+    rng_ = jnp.asarray([-2.5, 3.0]) if static else None
+    aq = ActQuantWeight(base, jnp.bool_(True), 8, "symmetric", 2, rng_, "", False, True)
+    got = jax.jit(lambda x: dense("BTNH,NHD->BTD", x, aq))(x)
+    fq = quantize_layer_input(x, aq)
+    deq = np.asarray(q, np.float32) * np.asarray(s)
+    want = np.asarray(fq).reshape(10, 32) @ deq
+    np.testing.assert_allclose(np.asarray(got).reshape(10, 16), want, rtol=1e-5, atol=1e-5)
+    off = ActQuantWeight(base, jnp.bool_(False), 8, "symmetric", 2, rng_, "", False, True)
+    np.testing.assert_allclose(np.asarray(dense("BTNH,NHD->BTD", x, off)).reshape(10, 16),
+                               np.asarray(x).reshape(10, 32) @ deq, rtol=1e-5, atol=1e-5)
+    hlo = jax.jit(lambda x: dense("BTNH,NHD->BTD", x, aq)).lower(x).compile().as_text()
+    assert re.search(r"= s32\[[\d,]+\]\{[\d,]+\} dot\(", hlo), "no int32-valued dot"
+    assert re.search(r"s8\[[\d,]+\]\) -> s32\[", hlo), "its operands are not int8"

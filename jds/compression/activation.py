@@ -28,8 +28,11 @@ quantization is on.
 The serving engine quantizes the same inputs of a decoder trained this way
 (``serving_bind``: the selected layers, the trained static ranges, per-token dynamic ones;
 a run folder's ranges are read from its checkpoint), so it serves what training evaluated
-and ``redundancy_clean`` exports; the int8 matmul itself stays weight-only (the inputs are
-fake-quantized in the compute dtype).
+and ``redundancy_clean`` exports. In int8 serving, symmetric inputs of at most 8 bits are
+multiplied as their integer codes by the int8 weights (W8A8: ``int8_codes``, exact int32
+sums, ``jds.kernels.quant.w8a8_matmul``); other inputs are fake-quantized in the compute
+dtype for the weight-only int8 matmul. A decoder's LM head is a matrix of the model itself,
+not a Linear module: its input is not quantized (a ``"*"`` pattern takes the layers' matrices).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jds.compression import quantizers
@@ -138,6 +142,33 @@ def quantize_layer_input(x: jax.Array, w: ActQuantWeight) -> jax.Array:
     return jnp.where(w.on, _quantize(x, spec, 1, rng), x)
 
 
+def w8a8_applies(w: ActQuantWeight) -> bool:
+    """Whether ``w``'s input may be multiplied as int8 codes (``ActQuantWeight.integer``):
+    symmetric codes of at most 8 bits (``[-2^(b-1), 2^(b-1) - 1]``, no zero point), an int8
+    base, not training."""
+    from jds.models.layers import QuantizedWeight
+
+    return (w.integer and not w.training and w.kind == "symmetric" and w.bits <= 8
+            and isinstance(w.base, QuantizedWeight))
+
+
+def int8_codes(x: jax.Array, w: ActQuantWeight) -> tuple[jax.Array, jax.Array]:
+    """``(codes, scale)``: the symmetric quantizer's integer codes of ``x`` (int8, x's
+    shape) and their scale (fp32, one per token ``[..., 1]``: dynamic ranges; or the static
+    range's), so that ``codes * scale`` is what ``quantize_layer_input`` gives."""
+    lead = x.shape[:x.ndim - w.n_in]
+    x32 = x.astype(jnp.float32).reshape(*lead, -1)
+    if w.range is None:
+        top = jnp.max(jnp.abs(x32), axis=-1, keepdims=True)
+    else:
+        top = jnp.broadcast_to(jnp.maximum(jnp.abs(w.range[0]), w.range[1]), (*lead, 1))
+    q_range = 2.0 ** w.bits
+    scale = 2 * top / q_range
+    scale = jnp.where(scale == 0, 1.0, scale)
+    codes = jnp.clip(jnp.round(x32 / scale), -q_range / 2, q_range / 2 - 1)
+    return codes.astype(jnp.int8).reshape(x.shape), scale
+
+
 ACT_ON = "__act_on"  # a scanned per-layer flag beside a stacked matrix
 ACT_RANGE = "__act_range"  # a stacked matrix's static input ranges: a LayerState [L, 2]
 
@@ -172,18 +203,25 @@ def bind_layer(layers: nnx.Module, p: dict) -> dict:
     return p
 
 
-def serving_bind(layers: nnx.Module, p: dict, layer: jax.Array) -> dict:
+def serving_bind(layers: nnx.Module, p: dict, layer: jax.Array, *,
+                 integer: bool = False) -> dict:
     """One layer's weights for the serving engine's layer scan (``layer``: its index), its
     activation-quantized matrices as ``ActQuantWeight``: on in the layers the ``modules``
-    patterns selected (no schedule: training is over), static ranges as trained."""
+    patterns selected (no schedule: training is over), static ranges as trained;
+    ``integer``: int8 inputs times int8 weights where the quantizer allows
+    (``w8a8_applies``)."""
     specs = dict(getattr(layers, "act_quant", None) or ())
     if not specs:
         return p
     p = dict(p)
-    for name, spec in specs.items():
-        p[name + ACT_ON] = (jnp.bool_(True) if spec.layers is None
+    for name, spec in specs.items():  # on in every layer: a constant (no branch)
+        p[name + ACT_ON] = (np.bool_(True) if spec.layers is None or all(spec.layers)
                             else jnp.asarray(spec.layers)[layer])
-    return bind_layer(layers, p)
+    p = bind_layer(layers, p)
+    if integer:
+        p = {k: dataclasses.replace(v, integer=True) if isinstance(v, ActQuantWeight) else v
+             for k, v in p.items()}
+    return p
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,6 +274,13 @@ def calibrating(model: nnx.Module) -> list[nnx.Module]:
     return out
 
 
+def _module_at(model: nnx.Module, path: tuple) -> object:
+    node = model
+    for k in path:
+        node = node[k] if isinstance(k, int) else getattr(node, k)
+    return node
+
+
 def plan(model: nnx.Module, config: CompressionConfig) -> ActivationPlan | None:
     """The ``activation_quantization`` plan of ``config`` for ``model`` (None when off).
 
@@ -248,7 +293,11 @@ def plan(model: nnx.Module, config: CompressionConfig) -> ActivationPlan | None:
     if not shared.enabled:
         return None
     key = "compression_training.activation_quantization.different_groups"
-    found = [t for t in targets(model) if t.module in ("linear", "conv")]
+    # Linear / Conv modules and a decoder's stacked matrices; not a decoder's LM head, which
+    # is a matrix of the model itself (its input is not quantized; DeepSpeed's GPT-2
+    # lm_head is a Linear it would quantize)
+    found = [t for t in targets(model) if t.module in ("linear", "conv") and (
+        t.stacked or isinstance(_module_at(model, t.path[:-1]), (nnx.Linear, nnx.Conv)))]
     items: dict[tuple, tuple[Target, ActQuantSpec, str]] = {}
     for gname, group in aq.different_groups.items():
         for pattern in group.modules:
@@ -270,4 +319,5 @@ def plan(model: nnx.Module, config: CompressionConfig) -> ActivationPlan | None:
 
 __all__ = ["ACT_ON", "ACT_RANGE", "ActQuantConv", "ActQuantLinear", "ActQuantSpec",
            "ActRange", "ActivationPlan", "StackedActRange", "bind_layer", "calibrating",
-           "layer_flags", "plan", "quantize_input", "quantize_layer_input", "serving_bind"]
+           "int8_codes", "layer_flags", "plan", "quantize_input", "quantize_layer_input",
+           "serving_bind", "w8a8_applies"]

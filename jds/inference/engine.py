@@ -18,7 +18,9 @@ is served as it is. ``dtype="int8"`` quantizes every layer matrix once, per outp
 of bf16. The layers multiply by them with the weight-only int8 matmul
 (``jds.kernels.quant.int8_matmul``: the Pallas kernel on GPU/TPU, XLA on CPU), activations
 in bf16 with fp32 accumulation. A model trained with DeepSpeed Compression's activation
-quantization has the same layer inputs quantized as in training (its static ranges too).
+quantization has the same layer inputs quantized as in training (its static ranges too);
+in int8 mode symmetric 8-bit inputs are multiplied as int8 codes by the int8 weights (W8A8,
+``InferenceConfig.w8a8``).
 """
 
 from __future__ import annotations
@@ -91,6 +93,10 @@ class InferenceConfig(BaseModel):
     ``compression_training``: the training config's DeepSpeed Compression section; with
     ``dtype: "int8"`` the matrices its weight quantization trained are stored as its codes
     and scales (``quantize_layers``). A jds run folder's own section is used by default.
+    ``w8a8``: for a model trained with activation quantization (symmetric, at most 8
+    bits), ``dtype: "int8"`` multiplies those layers' int8 input codes by the int8 weights
+    in integers (``jds.kernels.quant.w8a8_matmul``, exact int32 sums); false: the inputs
+    are fake-quantized in the compute dtype for the weight-only int8 matmul.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -107,6 +113,7 @@ class InferenceConfig(BaseModel):
     decode_steps: int = Field(4, ge=1)
     prefix_caching: bool = True
     compression_training: dict[str, Any] | None = None
+    w8a8: bool = True
 
     @field_validator("dtype", mode="before")
     @classmethod
@@ -194,6 +201,36 @@ def quantize_layers(layers: dict[str, jax.Array], axes: dict[str, tuple],
     return out
 
 
+def _with_input_quantization(model: nnx.Module, section: dict[str, Any] | None
+                             ) -> nnx.Module:
+    """``model``, or a copy that quantizes its layers' inputs as ``section``'s
+    ``activation_quantization`` says (a model given with the section; a trained model or a
+    run folder already carries them).
+
+    Raises:
+      ConfigError: the section does not fit the model, or asks for static ranges (they come
+        from training or ``post_training_quantize``'s calibration: serve that model).
+    """
+    if not section or getattr(getattr(model, "layers", None), "act_quant", None):
+        return model
+    from jds.compression import activation
+    from jds.config.compression import CompressionConfig
+
+    try:
+        plan = activation.plan(model, CompressionConfig.model_validate(section))
+    except ValueError as e:
+        raise ConfigError(f"compression_training: {e}") from None
+    if plan is None:
+        return model
+    if any(spec.static for _, spec, _ in plan.items):
+        raise ConfigError("compression_training.activation_quantization uses static ranges, "
+                          "which training or post_training_quantize's calibration set: serve "
+                          "that model (engine.model, its run folder, or the calibrated copy)")
+    model = nnx.clone(model)
+    plan.attach(model)
+    return model
+
+
 class InferenceEngine:
     """Tensor-parallel generation with a paged KV cache and continuous batching.
 
@@ -211,7 +248,7 @@ class InferenceEngine:
         self.dtype_name = source_dtype(model) if cfg.dtype == "auto" else cfg.dtype
         compression = cfg.compression_training or (
             _trained_compression(model) if cfg.dtype == "int8" else None)
-        model = load_model(model)
+        model = _with_input_quantization(load_model(model), cfg.compression_training)
         if not is_stacked_decoder(model):
             raise TypeError(f"init_inference serves stacked decoders (jds.models.base."
                             f"StackedDecoder: jds's Llama and GPT-2); {type(model).__name__} "
@@ -350,7 +387,8 @@ class InferenceEngine:
                 if self._quantizes_inputs:
                     from jds.compression.activation import serving_bind
 
-                    p_l = serving_bind(model.layers, p_l, l)
+                    p_l = serving_bind(model.layers, p_l, l, integer=(
+                        self.config.dtype == "int8" and self.config.w8a8))
                 x_1ND = layer(p_l, x_1ND, pos_1N, attend)
                 return (x_1ND, new["k"], new["v"]), None
 

@@ -261,6 +261,9 @@ class ActQuantWeight:
       range: this layer's static range (fp32 ``[2]``), or None (dynamic ranges).
       state: the ``LayerState`` the static range is a slice of (static).
       training: update the static range from the input (static).
+      integer: with an int8 ``QuantizedWeight`` base (serving), multiply the input's int8
+        codes by the weight's in integers (W8A8, ``jds.kernels.quant.w8a8_matmul``)
+        instead of fake-quantizing the input for the weight-only matmul (static).
     """
 
     base: Any
@@ -271,6 +274,7 @@ class ActQuantWeight:
     range: jax.Array | None = None
     state: str = dataclasses.field(metadata={"static": True}, default="")
     training: bool = dataclasses.field(metadata={"static": True}, default=False)
+    integer: bool = dataclasses.field(metadata={"static": True}, default=False)
 
 
 def _int8_local(x: jax.Array, q: jax.Array, scale: jax.Array, n_in: int) -> jax.Array:
@@ -280,6 +284,32 @@ def _int8_local(x: jax.Array, q: jax.Array, scale: jax.Array, n_in: int) -> jax.
     k = int(np.prod(q.shape[:n_in]))
     y = int8_matmul(x.reshape(-1, k), q.reshape(k, -1), scale.reshape(1, -1))
     return y.reshape(*x.shape[:x.ndim - n_in], *q.shape[n_in:])
+
+
+def _int8_is_local(w: Any) -> bool:
+    """Whether an int8 ``QuantizedWeight`` is multiplied whole here (no tensor-parallel
+    split active, or already inside a ``shard_map``)."""
+    from jds.partitioning.rules import active_rules
+
+    active = active_rules()
+    context = jax.sharding.get_abstract_mesh()
+    return (active is None or active[0].size == 1 or not w.axes
+            or (not context.empty and bool(context.manual_axes)))
+
+
+def _w8a8_local(x: jax.Array, w: ActQuantWeight) -> jax.Array:
+    """``x`` quantized to int8 codes as ``w`` says, times ``w.base``'s int8 codes in int32,
+    scaled: the W8A8 matmul (``jds.kernels.quant.w8a8_matmul``), in x's dtype."""
+    from jds.compression.activation import int8_codes
+    from jds.kernels.quant import w8a8_matmul
+
+    q, n_in = w.base.q, w.base.n_in
+    codes, scale = int8_codes(x, w)
+    k = int(np.prod(q.shape[:n_in]))
+    lead = x.shape[:x.ndim - n_in]
+    y = w8a8_matmul(codes.reshape(-1, k), scale.reshape(-1, 1), q.reshape(k, -1),
+                    w.base.scale.reshape(1, -1), out_dtype=x.dtype)
+    return y.reshape(*lead, *q.shape[n_in:])
 
 
 def _lora_dense(subscripts: str, x: jax.Array, w: LoRAWeight) -> jax.Array:
@@ -317,10 +347,15 @@ def dense(subscripts: str, x: jax.Array,
     dims split, with x split the same way) gives partial sums, added with one ``psum`` —
     the all-reduce XLA would place after the einsum. Batch dims of x stay whole.
     """
-    if isinstance(w, ActQuantWeight):
-        from jds.compression.activation import quantize_layer_input  # compression builds on
+    if isinstance(w, ActQuantWeight):  # compression builds on models, not back
+        from jds.compression.activation import quantize_layer_input, w8a8_applies
 
-        return dense(subscripts, quantize_layer_input(x, w), w.base)  # models, not back
+        if w8a8_applies(w) and _int8_is_local(w.base):
+            if isinstance(w.on, (bool, np.bool_)):  # every layer: no branch
+                return _w8a8_local(x, w) if w.on else dense(subscripts, x, w.base)
+            return jax.lax.cond(w.on, lambda x: _w8a8_local(x, w),
+                                lambda x: dense(subscripts, x, w.base), x)
+        return dense(subscripts, quantize_layer_input(x, w), w.base)
     if isinstance(w, LoRAWeight):
         return _lora_dense(subscripts, x, w)
     if isinstance(w, NF4Weight):  # QLoRA's 4-bit base: expanded per layer, fused by XLA
@@ -329,12 +364,9 @@ def dense(subscripts: str, x: jax.Array,
         return jnp.einsum(subscripts, x, w)
     from jds.partitioning.rules import active_rules, logical_to_spec
 
-    active = active_rules()
-    context = jax.sharding.get_abstract_mesh()
-    if (active is None or active[0].size == 1 or not w.axes
-            or (not context.empty and context.manual_axes)):
+    if _int8_is_local(w):
         return _int8_local(x, w.q, w.scale, w.n_in)
-    mesh, rules = active
+    mesh, rules = active_rules()
     spec = [_mesh_axes(e, mesh) or None
             for e in logical_to_spec(w.axes, rules, mesh=mesh, shape=w.q.shape, what="int8")]
     if not any(spec):
