@@ -53,6 +53,7 @@ from jds.inference.loading import (  # noqa: F401 - re-exported: engine's public
     _trained_compression,
     load_model,
     source_dtype,
+    with_input_quantization,
 )
 from jds.inference.sampling import TOP_LOGPROBS
 from jds.inference.scheduler import Request, Scheduler, Work
@@ -201,36 +202,6 @@ def quantize_layers(layers: dict[str, jax.Array], axes: dict[str, tuple],
     return out
 
 
-def _with_input_quantization(model: nnx.Module, section: dict[str, Any] | None
-                             ) -> nnx.Module:
-    """``model``, or a copy that quantizes its layers' inputs as ``section``'s
-    ``activation_quantization`` says (a model given with the section; a trained model or a
-    run folder already carries them).
-
-    Raises:
-      ConfigError: the section does not fit the model, or asks for static ranges (they come
-        from training or ``post_training_quantize``'s calibration: serve that model).
-    """
-    if not section or getattr(getattr(model, "layers", None), "act_quant", None):
-        return model
-    from jds.compression import activation
-    from jds.config.compression import CompressionConfig
-
-    try:
-        plan = activation.plan(model, CompressionConfig.model_validate(section))
-    except ValueError as e:
-        raise ConfigError(f"compression_training: {e}") from None
-    if plan is None:
-        return model
-    if any(spec.static for _, spec, _ in plan.items):
-        raise ConfigError("compression_training.activation_quantization uses static ranges, "
-                          "which training or post_training_quantize's calibration set: serve "
-                          "that model (engine.model, its run folder, or the calibrated copy)")
-    model = nnx.clone(model)
-    plan.attach(model)
-    return model
-
-
 class InferenceEngine:
     """Tensor-parallel generation with a paged KV cache and continuous batching.
 
@@ -248,7 +219,7 @@ class InferenceEngine:
         self.dtype_name = source_dtype(model) if cfg.dtype == "auto" else cfg.dtype
         compression = cfg.compression_training or (
             _trained_compression(model) if cfg.dtype == "int8" else None)
-        model = _with_input_quantization(load_model(model), cfg.compression_training)
+        model = with_input_quantization(load_model(model), cfg.compression_training)
         if not is_stacked_decoder(model):
             raise TypeError(f"init_inference serves stacked decoders (jds.models.base."
                             f"StackedDecoder: jds's Llama and GPT-2); {type(model).__name__} "

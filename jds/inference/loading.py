@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jds.config import ConfigError
+
 _DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32",
            "bfloat16": "bfloat16", "bf16": "bfloat16",
            "float16": "float16", "fp16": "float16", "half": "float16", "int8": "int8",
@@ -158,3 +160,33 @@ def _load_model(model: nnx.Module | str | os.PathLike) -> nnx.Module:
     raise ValueError(f"model {model!r}: give an nnx.Module, a preset name "
                      f"({', '.join(sorted(models.PRESETS))}), a Hugging Face directory or a "
                      "jds run / checkpoint directory")
+
+
+def with_input_quantization(model: nnx.Module, section: dict[str, Any] | None
+                            ) -> nnx.Module:
+    """``model``, or a copy that quantizes its layers' inputs as ``section``'s
+    ``activation_quantization`` says (a model given with the section; a trained model or a
+    run folder already carries them).
+
+    Raises:
+      ConfigError: the section does not fit the model, or asks for static ranges (they come
+        from training or ``post_training_quantize``'s calibration: serve that model).
+    """
+    if not section or getattr(getattr(model, "layers", None), "act_quant", None):
+        return model
+    from jds.compression import activation
+    from jds.config.compression import CompressionConfig
+
+    try:
+        plan = activation.plan(model, CompressionConfig.model_validate(section))
+    except ValueError as e:
+        raise ConfigError(f"compression_training: {e}") from None
+    if plan is None:
+        return model
+    if any(spec.static for _, spec, _ in plan.items):
+        raise ConfigError("compression_training.activation_quantization uses static ranges, "
+                          "which training or post_training_quantize's calibration set: serve "
+                          "that model (engine.model, its run folder, or the calibrated copy)")
+    model = nnx.clone(model)
+    plan.attach(model)
+    return model
