@@ -157,16 +157,14 @@ def int8_codes(x: jax.Array, w: ActQuantWeight) -> tuple[jax.Array, jax.Array]:
     shape) and their scale (fp32, one per token ``[..., 1]``: dynamic ranges; or the static
     range's), so that ``codes * scale`` is what ``quantize_layer_input`` gives."""
     lead = x.shape[:x.ndim - w.n_in]
-    x32 = x.astype(jnp.float32).reshape(*lead, -1)
-    if w.range is None:
-        top = jnp.max(jnp.abs(x32), axis=-1, keepdims=True)
-    else:
-        top = jnp.broadcast_to(jnp.maximum(jnp.abs(w.range[0]), w.range[1]), (*lead, 1))
-    q_range = 2.0 ** w.bits
-    scale = 2 * top / q_range
-    scale = jnp.where(scale == 0, 1.0, scale)
-    codes = jnp.clip(jnp.round(x32 / scale), -q_range / 2, q_range / 2 - 1)
-    return codes.astype(jnp.int8).reshape(x.shape), scale
+    tokens = int(np.prod(lead)) if lead else 1
+    if w.range is None:  # one group per token
+        codes, scale = quantizers.symmetric_codes(x, w.bits, tokens)
+    else:  # one static range: every token's scale is the range's
+        codes, scale = quantizers.symmetric_codes(x, w.bits, 1, min_value=w.range[0],
+                                                  max_value=w.range[1])
+        scale = jnp.broadcast_to(scale.reshape(1, 1), (tokens, 1))
+    return codes.astype(jnp.int8).reshape(x.shape), scale.reshape(*lead, 1)
 
 
 ACT_ON = "__act_on"  # a scanned per-layer flag beside a stacked matrix

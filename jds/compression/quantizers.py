@@ -46,11 +46,12 @@ def _safe(scale: jax.Array) -> jax.Array:
     return jnp.where(scale == 0, 1.0, scale)
 
 
-def symmetric(x: jax.Array, bits: jax.Array | int, groups: int = 1, *,
-              noise: jax.Array | None = None, min_value: jax.Array | None = None,
-              max_value: jax.Array | None = None) -> jax.Array:
-    """``SymQuantizer`` / ``quantize_highbit(symmetric)``; ``min_value`` / ``max_value``:
-    a static range (activation quantization), one group."""
+def symmetric_codes(x: jax.Array, bits: jax.Array | int, groups: int = 1, *,
+                    noise: jax.Array | None = None, min_value: jax.Array | None = None,
+                    max_value: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """``symmetric``'s integer codes (fp32 ``[groups, -1]``, in ``[-2^(b-1), 2^(b-1) - 1]``)
+    and their scale per group (``[groups, 1]``, or the static range's): ``codes * scale``
+    is the quantized tensor (the W8A8 matmul multiplies the codes in integers)."""
     g = _groups(x.astype(jnp.float32), groups)
     q_range = 2.0 ** jnp.asarray(bits, jnp.float32)
     if min_value is None:
@@ -59,8 +60,17 @@ def symmetric(x: jax.Array, bits: jax.Array | int, groups: int = 1, *,
         top = jnp.maximum(jnp.abs(min_value), max_value)
     scale = _safe(2 * top / q_range)
     v = g / scale + (0.0 if noise is None else noise.reshape(g.shape))
-    out = jnp.clip(jnp.round(v), -q_range / 2, q_range / 2 - 1) * scale
-    return out.reshape(x.shape)
+    return jnp.clip(jnp.round(v), -q_range / 2, q_range / 2 - 1), scale
+
+
+def symmetric(x: jax.Array, bits: jax.Array | int, groups: int = 1, *,
+              noise: jax.Array | None = None, min_value: jax.Array | None = None,
+              max_value: jax.Array | None = None) -> jax.Array:
+    """``SymQuantizer`` / ``quantize_highbit(symmetric)``; ``min_value`` / ``max_value``:
+    a static range (activation quantization), one group."""
+    codes, scale = symmetric_codes(x, bits, groups, noise=noise, min_value=min_value,
+                                   max_value=max_value)
+    return (codes * scale).reshape(x.shape)
 
 
 def asymmetric(x: jax.Array, bits: jax.Array | int, groups: int = 1, *,
@@ -123,4 +133,5 @@ def topk_mask(scores: jax.Array, ratio: float) -> jax.Array:
     return mask.reshape(scores.shape)
 
 
-__all__ = ["asymmetric", "binary", "quantize", "symmetric", "ternary", "topk_mask"]
+__all__ = ["asymmetric", "binary", "quantize", "symmetric", "symmetric_codes", "ternary",
+           "topk_mask"]

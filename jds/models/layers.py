@@ -255,7 +255,8 @@ class ActQuantWeight:
 
     Attributes:
       base: the layer matrix (or another weight ``dense`` takes).
-      on: a traced bool: this layer is selected and the step has come.
+      on: a bool (traced, or a constant when every layer is on): this layer is selected
+        and the step has come.
       bits, kind: the quantizer (``jds.compression.quantizers``), static.
       n_in: the input dims the matrix contracts (one token's features span them all).
       range: this layer's static range (fp32 ``[2]``), or None (dynamic ranges).
