@@ -19,8 +19,11 @@
 #     bash scripts/gpu_session.sh accumulate         # ~4 min: issue 19, in-place accumulation
 # Each phase writes $OUT/<phase>.jsonl (one JSON object per result) and $OUT/<phase>.log,
 # and prints a short summary last. Record the figures, dated, in docs/benchmarks.md.
-# The per-run time limits add up to more than a session's 30 device minutes; they are
-# ceilings. In that order of priority: tests, attention, int8, decode, train125m, train1b.
+# A session has 15 device minutes in all (start-up, idle waits and every call counted), so
+# one or two calls: the per-run limits below are ceilings and add up to far more. Priority,
+# the open issues first: vsds (25), offload (21), accumulate (19); then the figures the
+# resolved issues still owe: tests, train125m, attention, int8, decode, train1b, profile,
+# lora. tests/test_gpu_session.py checks on CPU that every command here parses.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/jds_gpu_out}
