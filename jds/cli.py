@@ -200,8 +200,15 @@ def _estimate(args: argparse.Namespace, argv: list[str]) -> int:
         return devices
     from jds.profiling import memory_report as mr
 
+    memory = _size(args.device_memory or "80GiB")
+    if args.target is not None:  # XLA:GPU's compile for these cards (jds.partitioning.targets)
+        from jds.partitioning.targets import compile_only_devices, device_memory
+
+        devices = compile_only_devices(args.target, args.devices)
+        if args.device_memory is None:
+            memory = device_memory(args.target)
     if args.fit:
-        report = mr.fit_report(args.config, devices, _size(args.device_memory),
+        report = mr.fit_report(args.config, devices, memory,
                                seq_len=args.seq_len, candidates=args.candidates,
                                nodes=args.nodes, offload_optimizer=args.offload_optimizer)
         sys.stdout.write(json.dumps(report) + "\n" if args.json else mr.fit_text(report))
@@ -458,8 +465,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead: the largest llama preset whose compiled train step fits "
                    "--device-memory, per ZeRO stage, beside the formulas' and DeepSpeed's "
                    "answers (--model is not used)")
-    e.add_argument("--device-memory", default="80GiB",
-                   help="memory per device for --fit (e.g. 80GiB, 24GB)")
+    e.add_argument("--device-memory", default=None,
+                   help="memory per device for --fit (e.g. 80GiB, 24GB; default: the "
+                   "--target card's, else 80GiB)")
+    e.add_argument("--target", metavar="GPU",
+                   help="compile for --devices of these GPUs (h100, h200) with XLA:GPU instead "
+                   "of for simulated CPU devices (no GPU needed: pip install 'jds[aot-gpu]')")
     e.add_argument("--candidates", nargs="+", metavar="PRESET",
                    help="presets --fit tries (default: every llama preset)")
     e.set_defaults(func=_estimate)
@@ -662,9 +673,10 @@ def main(argv: list[str] | None = None) -> int:
             if isinstance(e, PeerFailureError):  # another process died: say so, don't hang
                 exit_after_peer_failure(e)
         if not isinstance(e, ValueError | FileNotFoundError | FileExistsError |
-                          FloatingPointError):
+                          FloatingPointError | ImportError):
             raise
-        # Config, data and checkpoint errors are written for people: show them plainly.
+        # Config, data and checkpoint errors, and a missing optional dependency (its
+        # message names the install), are written for people: show them plainly.
         print(f"jds {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -10,10 +10,13 @@ precision), the compiled peak (argument + temp + output - alias, from XLA's
 
     python scripts/bench_zero_peak.py                       # bf16 and fp32, stages 0-3
     python scripts/bench_zero_peak.py --precision bf16 --stages 3 --seq 2048
+    python scripts/bench_zero_peak.py --target h100         # XLA:GPU's compile, no GPU
 
 Nothing is materialised (``shapes_only``), so this runs on any host. On CPU, XLA computes
 16-bit dots and collectives in fp32, which adds fp32 copies a GPU would not make: the bf16
-figures here are an upper bound of a GPU's.
+figures there are an upper bound of a GPU's. ``--target h100`` (or ``h200``) compiles for
+8 compile-only GPUs with XLA:GPU instead (``jds.partitioning.targets``; needs
+``pip install 'jds[aot-gpu]'``, not a GPU).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ import sys
 if "jax" not in sys.modules and not os.environ.get("JAX_PLATFORMS", "").startswith(("cuda",
                                                                                      "tpu")):
     os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    if "--target" in sys.argv:  # compile-only GPUs: no CUDA backend to start here
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -34,6 +39,7 @@ from flax import nnx  # noqa: E402
 import jds  # noqa: E402
 from jds.models.llama import Llama, LlamaConfig  # noqa: E402
 from jds.partitioning.memory import compiled_memory  # noqa: E402
+from jds.partitioning.targets import TARGETS, compile_only_devices  # noqa: E402
 
 MODEL = dict(vocab_size=512, hidden_size=256, intermediate_size=768, num_hidden_layers=8,
              num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096)
@@ -65,18 +71,24 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=16, help="tokens per sequence")
     ap.add_argument("--accumulation", type=int, default=4)
     ap.add_argument("--remat", default="none", help="train.remat (none, full, ...)")
+    ap.add_argument("--target", choices=sorted(TARGETS), default=None,
+                    help="compile for 8 of these GPUs with XLA:GPU (no GPU needed)")
     args = ap.parse_args()
-    nd = jax.device_count()
+    devices = None if args.target is None else compile_only_devices(args.target, 8)
+    nd = jax.device_count() if devices is None else len(devices)
+    kind = (jax.devices()[0] if devices is None else devices[0]).device_kind
+    if devices is not None:
+        kind += " (compile-only)"
     for precision in args.precision or ["bf16", "fp32"]:
         for stage in args.stages:
             engine = jds.TrainEngine(lambda: Llama(LlamaConfig(**MODEL), rngs=nnx.Rngs(0)),
                                      config(stage, precision, args.accumulation, args.remat),
-                                     shapes_only=True)
+                                     shapes_only=True, devices=devices)
             psi = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(engine.state.params))
             m = compiled_memory(engine, args.seq)
             base = table(stage, precision, nd)
             print(json.dumps({
-                "device": f"{jax.devices()[0].device_kind} x{nd}", "stage": stage,
+                "device": f"{kind} x{nd}", "stage": stage,
                 "precision": precision, "params": psi, "seq": args.seq,
                 "accumulation": args.accumulation, "remat": args.remat,
                 "table_bytes_per_param": round(base, 3),

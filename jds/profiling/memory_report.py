@@ -24,7 +24,9 @@ re-runs the same command in a fresh ``python -m jds.cli`` process. The alternati
 ``jax.sharding.AbstractMesh``, lowers without devices but cannot be compiled, and the
 compiled ``memory_analysis()`` is the point. Memory numbers are the XLA CPU compiler's
 buffer assignment: state and argument bytes are exact for any backend; ``temp`` is close
-to, not equal to, what the GPU or TPU compiler assigns (different fusion decisions).
+to, not equal to, what the GPU or TPU compiler assigns (different fusion decisions). With
+``--target h100`` the step is compiled by XLA:GPU for compile-only H100s instead
+(``jds.partitioning.targets``), and the numbers are that compiler's.
 """
 
 from __future__ import annotations
@@ -287,9 +289,13 @@ def param_rows(engine: TrainEngine) -> list[ParamRow]:
 
 def _header(engine: TrainEngine, model: str) -> dict[str, Any]:
     layout = engine.zero_layout
+    device = engine.mesh.devices.flat[0]
     return {
         "model": model,
         "devices": int(engine.mesh.size),
+        # XLA CPU for simulated CPU devices; XLA:GPU for jds estimate --target's cards
+        "compiler": "XLA CPU" if device.platform == "cpu" else
+                    f"XLA:{device.platform.upper()} for {device.device_kind}",
         "mesh": {k: int(v) for k, v in engine.mesh.shape.items()},
         "precision": engine.config.precision,
         "stage": int(layout.stage),
@@ -675,7 +681,8 @@ def estimate_text(report: Mapping[str, Any]) -> str:
     else:
         lines += [
             "",
-            f"Compiled train step per device (XLA CPU, AOT; lowered in {c['lower_s']:.1f} s, "
+            f"Compiled train step per device ({r.get('compiler', 'XLA CPU')}, AOT; lowered "
+            f"in {c['lower_s']:.1f} s, "
             f"compiled in {c['compile_s']:.1f} s):",
             *_table(["argument", "output", "alias", "temp", "generated code", "host temp"],
                     [[_b(c[k]) for k in ("argument", "output", "alias", "temp",
