@@ -45,7 +45,7 @@ from jds.compression.weight_quantization import plan as quantization_plan
 from jds.config import Config, ConfigError
 from jds.distributed import init_distributed, peer_failure_guard
 from jds.host_env import release_free_heap
-from jds.kernels.platform import lowering_for
+from jds.kernels.platform import is_gpu, lowering_for
 from jds.lora.core import apply as lora_apply
 from jds.models import base
 from jds.models.adapters import is_adapted
@@ -194,6 +194,7 @@ class TrainEngine(EngineCheckpoints, EngineOffload):
             grads_reduced_in_backward=self.split.stacked and self.offload.params is None,
             accumulate_in_place=self.split.stacked and self.offload.params is None,
             update_outside=self.offload.nvme,
+            skip_by_select=is_gpu(self.mesh.devices.flat[0].platform),
         )
         self._step_cfg = step_cfg
         self._objective = base.make_objective(sp, self.loss, self.gather)

@@ -134,6 +134,29 @@ def test_fp16_overflow_skips_step_and_lowers_scale():
     assert {x.dtype for x in jax.tree.leaves(e.state.params)} == {jnp.dtype(jnp.float16)}
 
 
+def test_a_step_skipped_by_select_equals_one_skipped_by_cond(monkeypatch):
+    # GPUs skip a non-finite step with a select fused into the update (in place there);
+    # CPUs with a lax.cond: the same steps, skipped or applied, the same state after them
+    config = cfg(fp16={"enabled": True, "initial_scale_power": 24, "hysteresis": 1,
+                       "loss_scale_window": 1000})
+    b = batches(1)[0]
+
+    def run():
+        e = jds.initialize(model=make_model(), config=config)
+        return e, [e.train_batch({"input_ids": b}) for _ in range(6)]
+
+    e_cond, cond = run()
+    monkeypatch.setattr(jds.engine, "is_gpu", lambda platform: True)
+    e_select, select = run()
+    assert e_select._step_cfg.skip_by_select and not e_cond._step_cfg.skip_by_select
+    assert [o["skipped"] for o in cond] == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
+    np.testing.assert_equal(cond, select)  # grad_norm is NaN in a skipped step
+    for a, b_ in zip(jax.tree.leaves((e_cond.state.master, e_cond.state.opt_state)),
+                     jax.tree.leaves((e_select.state.master, e_select.state.opt_state)),
+                     strict=True):
+        np.testing.assert_array_equal(a, b_)
+
+
 def test_bad_batches_raise_clear_errors():
     e = jds.initialize(model=make_model(), config=cfg())
     with pytest.raises(ValueError, match="train_batch_size is 16"):
