@@ -22,9 +22,10 @@ tested this way.
 "tpu")``), but its memory analysis of the same steps reports 0-1 bytes/param of
 temporaries, less than the gradients alone: not offered until that is understood.
 
-The target configurations are XLA's ``GpuTargetConfig`` text for each card (as XLA's
-``gpu_specs`` hold them), from the cards' datasheets; the compile reads the SM count, the
-shared and register limits and the memory size, which are exact here.
+The target configurations are XLA's ``GpuTargetConfig`` text for each card (the form of
+XLA's ``gpu_specs``), filled in from the cards' datasheets (SXM parts; the H200's memory
+size is its usable 143,771 MiB). The compile reads the SM count, the shared-memory and
+register limits and the memory size; a card a user has may differ a little from these.
 """
 
 from __future__ import annotations
